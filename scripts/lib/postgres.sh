@@ -1,0 +1,95 @@
+# shellcheck shell=bash
+# PostgreSQL discovery shared by scripts/test, scripts/bench and scripts/with-postgres.
+#
+# find_postgres sets DATABASE_URL to a server whose database can create and drop test
+# databases, trying in order:
+#   1. DATABASE_URL, if set;
+#   2. a server on 127.0.0.1:${ARBITER_PG_PORT:-5432} as user postgres (trust auth);
+#   3. a throwaway cluster under target/pg, made with the local initdb/pg_ctl, started on a
+#      free port and stopped when the calling script exits;
+#   4. otherwise it fails, naming what to install.
+# ARBITER_PG_PORT exists so the fallback can be exercised while a server runs on 5432.
+
+pg_bin() {
+    # Debian keeps the server binaries off PATH.
+    local name=$1 dir
+    if command -v "$name" >/dev/null 2>&1; then command -v "$name"; return 0; fi
+    for dir in /usr/lib/postgresql/*/bin /usr/local/pgsql/bin /opt/homebrew/bin; do
+        if [ -x "$dir/$name" ]; then echo "$dir/$name"; return 0; fi
+    done
+    return 1
+}
+
+server_answers() {
+    local host=$1 port=$2
+    if command -v pg_isready >/dev/null 2>&1; then
+        pg_isready -q -h "$host" -p "$port" -U postgres -t 2
+    else
+        # No client tools: a TCP connect is the best we can do.
+        timeout 2 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null
+    fi
+}
+
+stop_throwaway_cluster() {
+    if [ -n "${ARBITER_PG_DATA:-}" ] && [ -f "$ARBITER_PG_DATA/postmaster.pid" ]; then
+        echo "postgres: stopping the throwaway cluster in $ARBITER_PG_DATA" >&2
+        as_pg_user "$(pg_bin pg_ctl)" -D "$ARBITER_PG_DATA" -m fast -w stop >/dev/null || true
+    fi
+}
+
+as_pg_user() {
+    # initdb and postgres refuse to run as root; run them as the postgres account then.
+    if [ "$(id -u)" = 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+start_throwaway_cluster() {
+    local initdb pg_ctl root port
+    initdb=$(pg_bin initdb) && pg_ctl=$(pg_bin pg_ctl) || return 1
+    if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+        echo "postgres: running as root without a 'postgres' account to run initdb as" >&2
+        return 1
+    fi
+    root="$(pwd)/target/pg"
+    ARBITER_PG_DATA="$root/data"
+    mkdir -p "$root"
+    [ "$(id -u)" = 0 ] && chown postgres "$root"
+    if [ ! -f "$ARBITER_PG_DATA/PG_VERSION" ]; then
+        as_pg_user "$initdb" -D "$ARBITER_PG_DATA" -U postgres --auth=trust -E UTF8 >"$root/initdb.log" 2>&1 || {
+            echo "postgres: initdb failed, see $root/initdb.log" >&2; return 1; }
+    fi
+    # A port nobody listens on, from a range unlikely to be in use.
+    for port in $(seq 55432 55482); do
+        server_answers 127.0.0.1 "$port" || break
+    done
+    as_pg_user "$pg_ctl" -D "$ARBITER_PG_DATA" -l "$root/server.log" -w -t 30 \
+        -o "-p $port -k $root -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null || {
+        echo "postgres: the throwaway cluster did not start, see $root/server.log" >&2; return 1; }
+    trap stop_throwaway_cluster EXIT
+    export ARBITER_PG_DATA
+    DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+    echo "postgres: started a throwaway cluster on port $port (data in $ARBITER_PG_DATA)" >&2
+}
+
+find_postgres() {
+    local port=${ARBITER_PG_PORT:-5432}
+    if [ -n "${DATABASE_URL:-}" ]; then
+        echo "postgres: using DATABASE_URL" >&2
+    elif server_answers 127.0.0.1 "$port"; then
+        DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+        echo "postgres: using the server on 127.0.0.1:$port" >&2
+    elif ! start_throwaway_cluster; then
+        cat >&2 <<'MSG'
+postgres: no PostgreSQL found. Either
+  - set DATABASE_URL to a server where this user may create databases, or
+  - run a server on 127.0.0.1:5432 accepting user postgres, or
+  - install PostgreSQL's server binaries (initdb, pg_ctl), e.g. `apt-get install postgresql`,
+    and this script starts a throwaway cluster under target/pg.
+MSG
+        return 1
+    fi
+    export DATABASE_URL
+}

@@ -1,0 +1,232 @@
+//! Errors: the public [`SessionError`] contract and the crate-internal [`StorageError`].
+//!
+//! # Invariant: opacity
+//! `Display` of a [`SessionError`] is sent to untrusted agents (HTTP error bodies), so it is a
+//! fixed string per variant and never contains a limit, a count, a tool name, an id or a
+//! storage detail. `Debug` keeps every field for structured logs. The nine variants of
+//! arbiter-session 0.0.48 keep their names, fields and `Display` strings exactly.
+
+use thiserror::Error;
+use uuid::Uuid;
+
+/// Errors from session operations.
+///
+/// Display impls are intentionally opaque: they appear in HTTP error responses sent to
+/// agents. Internal fields are preserved for structured logging via `Debug`.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The referenced session does not exist.
+    #[error("session not found")]
+    NotFound(Uuid),
+
+    /// The session has expired (time limit exceeded).
+    #[error("session expired")]
+    Expired(Uuid),
+
+    /// The session's call budget has been exhausted.
+    #[error("session budget exceeded")]
+    BudgetExceeded {
+        /// The session.
+        session_id: Uuid,
+        /// The session's call budget.
+        limit: u64,
+        /// Calls already made when the request was denied.
+        used: u64,
+    },
+
+    /// The requested tool is not in the session's authorized set.
+    #[error("tool not authorized in session")]
+    ToolNotAuthorized {
+        /// The session.
+        session_id: Uuid,
+        /// The first requested tool that is not authorized.
+        tool: String,
+    },
+
+    /// The session has already been closed.
+    #[error("session already closed")]
+    AlreadyClosed(Uuid),
+
+    /// The session's rate limit (calls per rate window) has been exceeded.
+    ///
+    /// The field keeps its historical name; the window is the session's
+    /// `rate_limit_window_secs`, one minute by convention.
+    #[error("session rate limit exceeded")]
+    RateLimited {
+        /// The session.
+        session_id: Uuid,
+        /// Calls allowed per rate window.
+        limit_per_minute: u64,
+    },
+
+    /// The presenting agent does not match the session's bound agent.
+    #[error("agent mismatch")]
+    AgentMismatch {
+        /// The session.
+        session_id: Uuid,
+        /// The agent the session is bound to.
+        expected: Uuid,
+        /// The agent that presented the session.
+        actual: Uuid,
+    },
+
+    /// Storage write-through failed after updating cache.
+    /// The session state in the cache is ahead of durable storage.
+    ///
+    /// The gateway must deny the call that got this error. The session is queued for
+    /// reconciliation; the call stays counted against the budget (the safe side).
+    #[error("storage write-through failed")]
+    StorageWriteThrough {
+        /// The session.
+        session_id: Uuid,
+        /// What failed, for logs only.
+        detail: String,
+    },
+
+    /// The agent has reached the maximum number of concurrent active sessions.
+    ///
+    /// P0: Per-agent session cap to prevent session multiplication attacks.
+    #[error("too many concurrent sessions")]
+    TooManySessions {
+        /// The agent.
+        agent_id: String,
+        /// The cap that was asked for.
+        max: u64,
+        /// Live sessions the agent had when the request was refused.
+        current: u64,
+    },
+
+    /// Storage could not be read, so the answer is unknown (never reported as
+    /// [`SessionError::NotFound`]). Nothing was changed.
+    #[error("session storage unavailable")]
+    StorageRead {
+        /// The session, when the read was about one.
+        session_id: Option<Uuid>,
+        /// What failed, for logs only.
+        detail: String,
+    },
+
+    /// The request was malformed (a create request out of bounds, an empty batch).
+    /// Nothing was written.
+    #[error("invalid session request")]
+    InvalidRequest {
+        /// Which field or rule was violated, for logs only.
+        reason: String,
+    },
+}
+
+/// HTTP status a gateway should answer with for `err`.
+///
+/// 404 not found, 408 expired, 429 budget / rate / too many sessions, 403 tool or agent,
+/// 410 closed, 503 storage, 400 invalid request.
+pub fn status_code_for_error(err: &SessionError) -> u16 {
+    match err {
+        SessionError::NotFound(_) => 404,
+        SessionError::Expired(_) => 408,
+        SessionError::BudgetExceeded { .. }
+        | SessionError::RateLimited { .. }
+        | SessionError::TooManySessions { .. } => 429,
+        SessionError::ToolNotAuthorized { .. } | SessionError::AgentMismatch { .. } => 403,
+        SessionError::AlreadyClosed(_) => 410,
+        SessionError::StorageWriteThrough { .. } | SessionError::StorageRead { .. } => 503,
+        SessionError::InvalidRequest { .. } => 400,
+    }
+}
+
+/// Name of the HTTP header that carries a session id.
+pub const SESSION_HEADER: &str = "X-Arbiter-Session";
+
+/// Parses the value of the [`SESSION_HEADER`] header: a UUID, optionally surrounded by
+/// whitespace. Anything else is `None`.
+pub fn parse_session_header(value: &str) -> Option<Uuid> {
+    let trimmed = value.trim();
+    // `Uuid::parse_str` also accepts braced and URN forms; a header carries the plain
+    // hyphenated or simple form only.
+    if trimmed.len() != 36 && trimmed.len() != 32 {
+        return None;
+    }
+    Uuid::parse_str(trimmed).ok()
+}
+
+/// A storage failure, typed so that callers (the store, the reconciler) decide from the
+/// kind, never from message text. Flattened into [`SessionError`] only at the public edge.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The database could not be reached or the statement did not complete (connection
+    /// lost, pool timeout, statement timeout). Worth retrying.
+    #[error("storage unavailable")]
+    Transient(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A named constraint or trigger refused the write. Not worth retrying as is.
+    #[error("constraint {name} refused the write")]
+    Constraint {
+        /// The constraint or trigger name (see the migrations).
+        name: String,
+        /// The database error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A stored row could not be turned into a session.
+    #[error("stored row is invalid: {0}")]
+    Decode(String),
+}
+
+impl From<sqlx::Error> for StorageError {
+    fn from(err: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &err
+            && let Some(name) = db.constraint()
+        {
+            return StorageError::Constraint {
+                name: name.to_owned(),
+                source: Box::new(err),
+            };
+        }
+        match err {
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+                StorageError::Decode(err.to_string())
+            }
+            other => StorageError::Transient(Box::new(other)),
+        }
+    }
+}
+
+/// Renders an error with its whole `source()` chain, for logs and `detail` fields.
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_accepts_uuid_with_surrounding_whitespace() {
+        let id = Uuid::new_v4();
+        assert_eq!(parse_session_header(&format!("  {id}\t")), Some(id));
+        assert_eq!(parse_session_header(&id.simple().to_string()), Some(id));
+    }
+
+    #[test]
+    fn header_rejects_anything_else() {
+        let id = Uuid::new_v4();
+        for bad in [
+            String::new(),
+            "   ".to_owned(),
+            "not-a-uuid".to_owned(),
+            format!("{{{id}}}"),
+            format!("urn:uuid:{id}"),
+            format!("{id} extra"),
+            format!("{id}{id}"),
+        ] {
+            assert_eq!(parse_session_header(&bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,51 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Consistency model
+//!
+//! * **Storage is the truth; the cache may only be ahead of it.** Every `Ok` from a
+//!   mutation is durable in storage when it returns. A mutation whose write failed returns
+//!   [`SessionError::StorageWriteThrough`]; its change stays in this process's cache (a
+//!   denied call stays counted, the safe side) and in the pending set until the reconciler
+//!   writes it.
+//! * **Budgets are exact across processes.** Writes are versioned; a process whose cache
+//!   is stale gets a conflict, reloads and decides again. The database refuses
+//!   `calls_made > call_budget` on its own.
+//! * **Reads may be stale across processes.** [`SessionStore::get`] answers from the cache;
+//!   a change made by another process is seen at this process's next mutation of that
+//!   session (which conflicts and reloads) or after the entry leaves the cache.
+//! * **Convergence.** Once storage is reachable, the pending set drains; merges are
+//!   monotonic (a terminal status wins, counters never decrease).
+
+pub mod audit;
+pub mod clock;
+pub mod error;
+pub mod model;
+pub mod policy;
+pub mod storage;
+mod store;
+
+pub use audit::{AuditEvent, EventKind};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{
+    SESSION_HEADER, SessionError, StorageError, parse_session_header, status_code_for_error,
+};
+pub use model::{CreateSessionRequest, DataSensitivity, SessionStatus, TaskSession};
+pub use sqlx::PgPool;
+pub use storage::{FaultyStorage, MemoryStorage, PgStorage, Storage};
+pub use store::{
+    DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_IDLE, DEFAULT_RECONCILE_INTERVAL, MAX_RECONCILE_BACKOFF,
+    ReconcileReport, SessionStore, SessionStoreBuilder, ShutdownReport, StoreStats,
+};
+
+/// The embedded migrations (`migrations/`). Run them with [`migrate`], or use
+/// `#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]` in tests.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Applies the embedded migrations to `pool`'s database. Safe to call from several
+/// processes at once (sqlx takes an advisory lock).
+///
+/// # Errors
+/// The migration error, if any.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}

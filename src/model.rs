@@ -1,0 +1,426 @@
+//! Session data: what a gateway asks for ([`CreateSessionRequest`]) and what the store keeps
+//! ([`TaskSession`]), with the validation limits of a create request.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, SubsecRound as _, Utc};
+use uuid::Uuid;
+
+use crate::error::SessionError;
+
+/// The tool or credential entry that authorizes every tool or credential.
+pub const WILDCARD: &str = "*";
+
+/// Bounds checked by [`CreateSessionRequest::validate`].
+pub mod limits {
+    use chrono::Duration;
+
+    /// Shortest time limit.
+    pub const MIN_TIME_LIMIT: Duration = Duration::seconds(1);
+    /// Longest time limit.
+    pub const MAX_TIME_LIMIT: Duration = Duration::hours(24);
+    /// Most entries in `authorized_tools` (and in `authorized_credentials`,
+    /// `delegation_chain_snapshot`).
+    pub const MAX_TOOLS: usize = 1024;
+    /// Longest tool, credential or delegation entry, in bytes.
+    pub const MAX_NAME_BYTES: usize = 256;
+    /// Longest declared intent, in bytes.
+    pub const MAX_INTENT_BYTES: usize = 4096;
+    /// Largest budget, rate limit or window: PostgreSQL stores them as `bigint`.
+    pub const MAX_COUNT: u64 = i64::MAX as u64;
+}
+
+/// Lifecycle of a session. Moves only from `Active` to `Closed` or `Expired`, never back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionStatus {
+    /// Usable while now is before `expires_at`.
+    Active,
+    /// Closed explicitly; never usable again.
+    Closed,
+    /// Marked expired after its time limit; never usable again.
+    Expired,
+}
+
+impl SessionStatus {
+    /// The name stored in PostgreSQL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Active => "active",
+            SessionStatus::Closed => "closed",
+            SessionStatus::Expired => "expired",
+        }
+    }
+}
+
+impl fmt::Display for SessionStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SessionStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(SessionStatus::Active),
+            "closed" => Ok(SessionStatus::Closed),
+            "expired" => Ok(SessionStatus::Expired),
+            other => Err(format!("unknown session status {other:?}")),
+        }
+    }
+}
+
+/// How sensitive the data a session may touch is, ordered from least to most sensitive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum DataSensitivity {
+    /// Public data.
+    #[default]
+    Public,
+    /// Internal data.
+    Internal,
+    /// Confidential data.
+    Confidential,
+    /// Restricted data.
+    Restricted,
+}
+
+impl DataSensitivity {
+    /// The name stored in PostgreSQL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataSensitivity::Public => "public",
+            DataSensitivity::Internal => "internal",
+            DataSensitivity::Confidential => "confidential",
+            DataSensitivity::Restricted => "restricted",
+        }
+    }
+}
+
+impl fmt::Display for DataSensitivity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DataSensitivity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "public" => Ok(DataSensitivity::Public),
+            "internal" => Ok(DataSensitivity::Internal),
+            "confidential" => Ok(DataSensitivity::Confidential),
+            "restricted" => Ok(DataSensitivity::Restricted),
+            other => Err(format!("unknown data sensitivity {other:?}")),
+        }
+    }
+}
+
+/// What a gateway asks for when it opens a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateSessionRequest {
+    /// The agent the session is bound to.
+    pub agent_id: Uuid,
+    /// Who delegated to the agent, outermost first, as it was at creation.
+    pub delegation_chain_snapshot: Vec<String>,
+    /// What the agent said it is doing, for audit.
+    pub declared_intent: String,
+    /// Tools the agent may call; `["*"]` allows every tool, an empty list none.
+    pub authorized_tools: Vec<String>,
+    /// Credentials the agent may use; same rule as tools.
+    pub authorized_credentials: Vec<String>,
+    /// How long the session lives, from 1 s to 24 h.
+    pub time_limit: Duration,
+    /// Total calls allowed, at least 1.
+    pub call_budget: u64,
+    /// Calls allowed per rate window; `None` means no rate limit.
+    pub rate_limit_per_minute: Option<u64>,
+    /// Length of the rate window in seconds, at least 1 (60 by convention).
+    pub rate_limit_window_secs: u64,
+    /// The most sensitive data the session may touch.
+    pub data_sensitivity_ceiling: DataSensitivity,
+}
+
+impl CreateSessionRequest {
+    /// A request with the given agent, tools, budget and time limit; no rate limit, a 60 s
+    /// window, no credentials, public data only. Adjust the pub fields as needed.
+    pub fn new(
+        agent_id: Uuid,
+        authorized_tools: impl IntoIterator<Item = impl Into<String>>,
+        call_budget: u64,
+        time_limit: Duration,
+    ) -> Self {
+        CreateSessionRequest {
+            agent_id,
+            delegation_chain_snapshot: Vec::new(),
+            declared_intent: String::new(),
+            authorized_tools: authorized_tools.into_iter().map(Into::into).collect(),
+            authorized_credentials: Vec::new(),
+            time_limit,
+            call_budget,
+            rate_limit_per_minute: None,
+            rate_limit_window_secs: 60,
+            data_sensitivity_ceiling: DataSensitivity::Public,
+        }
+    }
+
+    /// Checks every field against [`limits`]. Returns [`SessionError::InvalidRequest`] naming
+    /// the first violation.
+    pub fn validate(&self) -> Result<(), SessionError> {
+        use limits::*;
+        let invalid = |reason: String| Err(SessionError::InvalidRequest { reason });
+
+        if self.call_budget == 0 || self.call_budget > MAX_COUNT {
+            return invalid(format!("call_budget must be 1..={MAX_COUNT}"));
+        }
+        if self.time_limit < MIN_TIME_LIMIT || self.time_limit > MAX_TIME_LIMIT {
+            return invalid("time_limit must be from 1 s to 24 h".to_owned());
+        }
+        if self.rate_limit_window_secs == 0 || self.rate_limit_window_secs > MAX_COUNT {
+            return invalid(format!("rate_limit_window_secs must be 1..={MAX_COUNT}"));
+        }
+        if let Some(limit) = self.rate_limit_per_minute
+            && (limit == 0 || limit > MAX_COUNT)
+        {
+            return invalid(format!("rate_limit_per_minute must be 1..={MAX_COUNT}"));
+        }
+        if self.declared_intent.len() > MAX_INTENT_BYTES {
+            return invalid(format!("declared_intent exceeds {MAX_INTENT_BYTES} bytes"));
+        }
+        if self.declared_intent.contains('\0') {
+            return invalid("declared_intent contains NUL".to_owned());
+        }
+        for (field, names) in [
+            ("authorized_tools", &self.authorized_tools),
+            ("authorized_credentials", &self.authorized_credentials),
+            ("delegation_chain_snapshot", &self.delegation_chain_snapshot),
+        ] {
+            validate_names(field, names)?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_names(field: &str, names: &[String]) -> Result<(), SessionError> {
+    use limits::*;
+    let invalid = |reason: String| Err(SessionError::InvalidRequest { reason });
+    if names.len() > MAX_TOOLS {
+        return invalid(format!("{field} has more than {MAX_TOOLS} entries"));
+    }
+    // PostgreSQL text cannot hold NUL; refusing it here keeps the error a clear 400.
+    if let Some(index) = names.iter().position(|name| !is_valid_name(name)) {
+        return invalid(format!(
+            "{field}[{index}] must be 1..={MAX_NAME_BYTES} bytes without NUL"
+        ));
+    }
+    Ok(())
+}
+
+/// A task session: the terms it was created with and its current counters and status.
+///
+/// A `TaskSession` returned by the store is a snapshot; changing it changes nothing stored.
+/// The lists are shared (`Arc`), so a snapshot is cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TaskSession {
+    /// The session's id.
+    pub session_id: Uuid,
+    /// The agent the session is bound to.
+    pub agent_id: Uuid,
+    /// Who delegated to the agent, as at creation.
+    pub delegation_chain_snapshot: Arc<[String]>,
+    /// What the agent said it is doing.
+    pub declared_intent: Arc<str>,
+    /// Tools the agent may call; `["*"]` allows every tool.
+    pub authorized_tools: Arc<[String]>,
+    /// Credentials the agent may use; `["*"]` allows every credential.
+    pub authorized_credentials: Arc<[String]>,
+    /// How long the session lives (`expires_at - created_at`).
+    pub time_limit: Duration,
+    /// Total calls allowed.
+    pub call_budget: u64,
+    /// Calls counted so far.
+    pub calls_made: u64,
+    /// Calls allowed per rate window; `None` means no rate limit.
+    pub rate_limit_per_minute: Option<u64>,
+    /// Length of the rate window in seconds.
+    pub rate_limit_window_secs: u64,
+    /// Start of the current rate window; `None` before the first call.
+    pub rate_window_started_at: Option<DateTime<Utc>>,
+    /// Calls counted in the current rate window.
+    pub rate_window_calls: u64,
+    /// The most sensitive data the session may touch.
+    pub data_sensitivity_ceiling: DataSensitivity,
+    /// When the session was created.
+    pub created_at: DateTime<Utc>,
+    /// When the time limit runs out.
+    pub expires_at: DateTime<Utc>,
+    /// Lifecycle status.
+    pub status: SessionStatus,
+}
+
+impl TaskSession {
+    /// A fresh active session for a validated request, created at `now`.
+    pub(crate) fn from_request(
+        session_id: Uuid,
+        req: &CreateSessionRequest,
+        now: DateTime<Utc>,
+    ) -> Self {
+        // PostgreSQL keeps microseconds; rounding here makes a reloaded session equal the
+        // cached one. `now` comes from the store already truncated.
+        let expires_at = (now + req.time_limit).trunc_subsecs(6);
+        TaskSession {
+            session_id,
+            agent_id: req.agent_id,
+            delegation_chain_snapshot: req.delegation_chain_snapshot.as_slice().into(),
+            declared_intent: req.declared_intent.as_str().into(),
+            authorized_tools: req.authorized_tools.as_slice().into(),
+            authorized_credentials: req.authorized_credentials.as_slice().into(),
+            time_limit: expires_at - now,
+            call_budget: req.call_budget,
+            calls_made: 0,
+            rate_limit_per_minute: req.rate_limit_per_minute,
+            rate_limit_window_secs: req.rate_limit_window_secs,
+            rate_window_started_at: None,
+            rate_window_calls: 0,
+            data_sensitivity_ceiling: req.data_sensitivity_ceiling,
+            created_at: now,
+            expires_at,
+            status: SessionStatus::Active,
+        }
+    }
+
+    /// Whether the session may be used at `now`: active and before `expires_at`.
+    pub fn is_live(&self, now: DateTime<Utc>) -> bool {
+        self.status == SessionStatus::Active && now < self.expires_at
+    }
+
+    /// Whether `tool` is in the allow-list (or the list is `["*"]`).
+    pub fn is_tool_authorized(&self, tool: &str) -> bool {
+        list_authorizes(&self.authorized_tools, tool)
+    }
+
+    /// Whether the credential `reference` may be used; same rule as tools.
+    pub fn is_credential_authorized(&self, reference: &str) -> bool {
+        list_authorizes(&self.authorized_credentials, reference)
+    }
+
+    /// Whether data at `level` is at or below the session's ceiling.
+    pub fn allows_sensitivity(&self, level: DataSensitivity) -> bool {
+        level <= self.data_sensitivity_ceiling
+    }
+
+    /// Calls left in the budget.
+    pub fn calls_remaining(&self) -> u64 {
+        self.call_budget.saturating_sub(self.calls_made)
+    }
+}
+
+/// A name that could never be created as an allow-list entry (empty, too long, NUL) is
+/// authorized by nothing, not even `"*"`: it would otherwise reach the audit trail.
+fn list_authorizes(list: &[String], name: &str) -> bool {
+    is_valid_name(name) && list.iter().any(|entry| entry == WILDCARD || entry == name)
+}
+
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= limits::MAX_NAME_BYTES && !name.contains('\0')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> CreateSessionRequest {
+        CreateSessionRequest::new(Uuid::new_v4(), ["read"], 10, Duration::minutes(5))
+    }
+
+    #[test]
+    fn sensitivity_is_ordered() {
+        use DataSensitivity::*;
+        assert!(Public < Internal && Internal < Confidential && Confidential < Restricted);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for s in [
+            SessionStatus::Active,
+            SessionStatus::Closed,
+            SessionStatus::Expired,
+        ] {
+            assert_eq!(s.as_str().parse::<SessionStatus>(), Ok(s));
+        }
+        for d in [
+            DataSensitivity::Public,
+            DataSensitivity::Internal,
+            DataSensitivity::Confidential,
+            DataSensitivity::Restricted,
+        ] {
+            assert_eq!(d.as_str().parse::<DataSensitivity>(), Ok(d));
+        }
+        assert!("ACTIVE".parse::<SessionStatus>().is_err());
+    }
+
+    #[test]
+    fn wildcard_and_empty_lists() {
+        let now = Utc::now();
+        let mut req = request();
+        req.authorized_tools = vec!["*".into()];
+        req.authorized_credentials = vec![];
+        let s = TaskSession::from_request(Uuid::new_v4(), &req, now);
+        assert!(s.is_tool_authorized("anything"));
+        assert!(!s.is_tool_authorized(""));
+        assert!(!s.is_tool_authorized("nul\0"));
+        assert!(!s.is_tool_authorized(&"x".repeat(257)));
+        assert!(!s.is_credential_authorized("anything"));
+        req.authorized_credentials = vec!["vault:db".into()];
+        let s = TaskSession::from_request(Uuid::new_v4(), &req, now);
+        assert!(s.is_credential_authorized("vault:db"));
+        assert!(!s.is_credential_authorized("vault:other"));
+    }
+
+    #[test]
+    fn sensitivity_ceiling_is_inclusive() {
+        let mut req = request();
+        req.data_sensitivity_ceiling = DataSensitivity::Confidential;
+        let s = TaskSession::from_request(Uuid::new_v4(), &req, Utc::now());
+        assert!(s.allows_sensitivity(DataSensitivity::Internal));
+        assert!(s.allows_sensitivity(DataSensitivity::Confidential));
+        assert!(!s.allows_sensitivity(DataSensitivity::Restricted));
+    }
+
+    #[test]
+    fn validate_accepts_bounds_and_refuses_past_them() {
+        let ok = |f: &dyn Fn(&mut CreateSessionRequest)| {
+            let mut r = request();
+            f(&mut r);
+            r.validate().is_ok()
+        };
+        assert!(ok(&|_| {}));
+        assert!(ok(&|r| r.time_limit = limits::MIN_TIME_LIMIT));
+        assert!(ok(&|r| r.time_limit = limits::MAX_TIME_LIMIT));
+        assert!(ok(&|r| r.call_budget = limits::MAX_COUNT));
+        assert!(ok(&|r| r.authorized_tools = vec!["t".repeat(256); 1024]));
+        assert!(ok(&|r| r.declared_intent = "i".repeat(4096)));
+        assert!(ok(&|r| r.authorized_tools = vec![]));
+
+        assert!(!ok(&|r| r.call_budget = 0));
+        assert!(!ok(&|r| r.call_budget = u64::MAX));
+        assert!(!ok(&|r| r.time_limit = Duration::milliseconds(999)));
+        assert!(!ok(&|r| r.time_limit = Duration::seconds(-5)));
+        assert!(!ok(
+            &|r| r.time_limit = Duration::hours(24) + Duration::milliseconds(1)
+        ));
+        assert!(!ok(&|r| r.rate_limit_window_secs = 0));
+        assert!(!ok(&|r| r.rate_limit_per_minute = Some(0)));
+        assert!(!ok(&|r| r.rate_limit_per_minute = Some(u64::MAX)));
+        assert!(!ok(&|r| r.authorized_tools = vec![String::new()]));
+        assert!(!ok(&|r| r.authorized_tools = vec!["t".repeat(257)]));
+        assert!(!ok(&|r| r.authorized_tools = vec!["a\0b".into()]));
+        assert!(!ok(&|r| r.authorized_tools = vec!["t".into(); 1025]));
+        assert!(!ok(&|r| r.authorized_credentials = vec![String::new()]));
+        assert!(!ok(&|r| r.delegation_chain_snapshot = vec!["\0".into()]));
+        assert!(!ok(&|r| r.declared_intent = "i".repeat(4097)));
+        assert!(!ok(&|r| r.declared_intent = "nul\0".into()));
+    }
+}

@@ -1,0 +1,349 @@
+//! Pure policy: given a session, a request and `now`, the new state or the denial.
+//! No I/O and no clock reads, so every rule here is tested without a database or a sleep.
+//!
+//! # Invariant: check order
+//! A call is checked in this order, and the first failing check is the error reported:
+//! agent binding -> closed -> expired (status or time) -> budget -> tool allow-list -> rate
+//! window. A denied call consumes nothing: the input session is never modified, and a
+//! denial returns no new state. A batch is all-or-nothing: every tool is checked, and the
+//! budget and rate window must have room for the whole batch.
+
+use chrono::{DateTime, Duration, Utc};
+use uuid::Uuid;
+
+use crate::audit::EventKind;
+use crate::error::SessionError;
+use crate::model::{SessionStatus, TaskSession, limits};
+
+/// A state change the store can be asked for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Mutation<'a> {
+    /// Count one call per tool, all or nothing.
+    Use {
+        tools: &'a [&'a str],
+        agent: Option<Uuid>,
+    },
+    /// Close the session.
+    Close,
+    /// Mark the session expired if its time limit has passed (from `expire_due`).
+    Expire,
+}
+
+/// The outcome of deciding a mutation that is allowed.
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "moved once per call; boxing would add an allocation to the hot path"
+)]
+pub(crate) enum Decision {
+    /// Apply this new state and record this event.
+    Apply(TaskSession, EventKind),
+    /// Nothing to change (an `Expire` of a session that is not due).
+    Unchanged,
+}
+
+/// Decides `mutation` against `session` at `now`.
+pub(crate) fn decide(
+    session: &TaskSession,
+    mutation: Mutation<'_>,
+    now: DateTime<Utc>,
+) -> Result<Decision, SessionError> {
+    match mutation {
+        Mutation::Use { tools, agent } => decide_use(session, tools, agent, now).map(|next| {
+            let kind = if tools.len() == 1 {
+                EventKind::CallAllowed
+            } else {
+                EventKind::BatchAllowed
+            };
+            Decision::Apply(next, kind)
+        }),
+        Mutation::Close => match session.status {
+            SessionStatus::Closed => Err(SessionError::AlreadyClosed(session.session_id)),
+            SessionStatus::Expired => Err(SessionError::Expired(session.session_id)),
+            SessionStatus::Active => Ok(Decision::Apply(
+                with_status(session, SessionStatus::Closed),
+                EventKind::Closed,
+            )),
+        },
+        Mutation::Expire => Ok(
+            if session.status == SessionStatus::Active && now >= session.expires_at {
+                Decision::Apply(
+                    with_status(session, SessionStatus::Expired),
+                    EventKind::Expired,
+                )
+            } else {
+                Decision::Unchanged
+            },
+        ),
+    }
+}
+
+fn with_status(session: &TaskSession, status: SessionStatus) -> TaskSession {
+    TaskSession {
+        status,
+        ..session.clone()
+    }
+}
+
+fn decide_use(
+    session: &TaskSession,
+    tools: &[&str],
+    agent: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<TaskSession, SessionError> {
+    let id = session.session_id;
+    if tools.is_empty() || tools.len() > limits::MAX_TOOLS {
+        return Err(SessionError::InvalidRequest {
+            reason: format!("a batch needs 1..={} tools", limits::MAX_TOOLS),
+        });
+    }
+    if let Some(actual) = agent
+        && actual != session.agent_id
+    {
+        return Err(SessionError::AgentMismatch {
+            session_id: id,
+            expected: session.agent_id,
+            actual,
+        });
+    }
+    match session.status {
+        SessionStatus::Closed => return Err(SessionError::AlreadyClosed(id)),
+        SessionStatus::Expired => return Err(SessionError::Expired(id)),
+        SessionStatus::Active if now >= session.expires_at => {
+            return Err(SessionError::Expired(id));
+        }
+        SessionStatus::Active => {}
+    }
+    // `tools.len()` is at most `usize::MAX`, which fits u64 on every supported target.
+    let calls = tools.len() as u64;
+    let calls_made = session
+        .calls_made
+        .checked_add(calls)
+        .filter(|&after| after <= session.call_budget)
+        .ok_or(SessionError::BudgetExceeded {
+            session_id: id,
+            limit: session.call_budget,
+            used: session.calls_made,
+        })?;
+    if let Some(tool) = tools.iter().find(|tool| !session.is_tool_authorized(tool)) {
+        return Err(SessionError::ToolNotAuthorized {
+            session_id: id,
+            tool: (*tool).to_owned(),
+        });
+    }
+    let (window_started_at, window_calls) = current_window(session, now);
+    let window_calls = window_calls.saturating_add(calls);
+    if let Some(limit) = session.rate_limit_per_minute
+        && window_calls > limit
+    {
+        return Err(SessionError::RateLimited {
+            session_id: id,
+            limit_per_minute: limit,
+        });
+    }
+    Ok(TaskSession {
+        calls_made,
+        rate_window_started_at: Some(window_started_at),
+        rate_window_calls: window_calls,
+        ..session.clone()
+    })
+}
+
+/// The rate window a call at `now` falls in, and the calls already counted in it.
+///
+/// Windows are fixed: one starts at the first call after the previous one ended and lasts
+/// `rate_limit_window_secs`. A clock that moved backwards stays in the current window.
+fn current_window(session: &TaskSession, now: DateTime<Utc>) -> (DateTime<Utc>, u64) {
+    let window =
+        Duration::seconds(i64::try_from(session.rate_limit_window_secs).unwrap_or(i64::MAX));
+    match session.rate_window_started_at {
+        Some(started)
+            if now
+                < started
+                    .checked_add_signed(window)
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC) =>
+        {
+            (started, session.rate_window_calls)
+        }
+        _ => (now, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CreateSessionRequest;
+
+    fn session(tools: &[&str], budget: u64, rate: Option<u64>) -> (TaskSession, DateTime<Utc>) {
+        let now = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .map(|t| t.with_timezone(&Utc))
+            .expect("valid timestamp");
+        let mut req = CreateSessionRequest::new(
+            Uuid::new_v4(),
+            tools.iter().copied(),
+            budget,
+            Duration::minutes(10),
+        );
+        req.rate_limit_per_minute = rate;
+        (TaskSession::from_request(Uuid::new_v4(), &req, now), now)
+    }
+
+    fn use_tools(
+        s: &TaskSession,
+        tools: &[&str],
+        agent: Option<Uuid>,
+        now: DateTime<Utc>,
+    ) -> Result<TaskSession, SessionError> {
+        match decide(s, Mutation::Use { tools, agent }, now)? {
+            Decision::Apply(next, _) => Ok(next),
+            Decision::Unchanged => panic!("a use always changes state"),
+        }
+    }
+
+    #[test]
+    fn check_order_agent_first_then_closed_expired_budget_tool_rate() {
+        let (mut s, now) = session(&["read"], 1, Some(1));
+        s.calls_made = 1;
+        s.status = SessionStatus::Closed;
+        s.rate_window_started_at = Some(now);
+        s.rate_window_calls = 1;
+        let stranger = Some(Uuid::new_v4());
+        let late = s.expires_at;
+        let err = |s: &TaskSession, agent| use_tools(s, &["write"], agent, late).unwrap_err();
+
+        assert!(matches!(
+            err(&s, stranger),
+            SessionError::AgentMismatch { .. }
+        ));
+        assert!(matches!(err(&s, None), SessionError::AlreadyClosed(_)));
+        s.status = SessionStatus::Active;
+        assert!(matches!(err(&s, None), SessionError::Expired(_)));
+        let early = now;
+        let err = |s: &TaskSession| use_tools(s, &["write"], Some(s.agent_id), early).unwrap_err();
+        assert!(matches!(
+            err(&s),
+            SessionError::BudgetExceeded {
+                limit: 1,
+                used: 1,
+                ..
+            }
+        ));
+        s.calls_made = 0;
+        assert!(matches!(err(&s), SessionError::ToolNotAuthorized { tool, .. } if tool == "write"));
+        let e = use_tools(&s, &["read"], None, early).unwrap_err();
+        assert!(matches!(
+            e,
+            SessionError::RateLimited {
+                limit_per_minute: 1,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn expired_status_is_reported_even_before_expiry_time() {
+        let (mut s, now) = session(&["read"], 5, None);
+        s.status = SessionStatus::Expired;
+        assert!(matches!(
+            use_tools(&s, &["read"], None, now),
+            Err(SessionError::Expired(_))
+        ));
+    }
+
+    #[test]
+    fn wildcard_authorizes_every_tool_and_empty_list_none() {
+        let (s, now) = session(&["*"], 5, None);
+        assert!(use_tools(&s, &["anything", "else"], None, now).is_ok());
+        let (s, now) = session(&[], 5, None);
+        assert!(matches!(
+            use_tools(&s, &["anything"], None, now),
+            Err(SessionError::ToolNotAuthorized { .. })
+        ));
+    }
+
+    #[test]
+    fn batch_is_all_or_nothing() {
+        let (s, now) = session(&["a", "b"], 3, None);
+        assert!(matches!(
+            use_tools(&s, &["a", "x", "b"], None, now),
+            Err(SessionError::ToolNotAuthorized { tool, .. }) if tool == "x"
+        ));
+        assert!(matches!(
+            use_tools(&s, &["a", "b", "a", "b"], None, now),
+            Err(SessionError::BudgetExceeded {
+                limit: 3,
+                used: 0,
+                ..
+            })
+        ));
+        let next = use_tools(&s, &["a", "b", "a"], None, now).expect("fits");
+        assert_eq!(next.calls_made, 3);
+        assert_eq!(s.calls_made, 0, "the input is never modified");
+    }
+
+    #[test]
+    fn empty_batch_is_invalid() {
+        let (s, now) = session(&["a"], 3, None);
+        assert!(matches!(
+            use_tools(&s, &[], None, now),
+            Err(SessionError::InvalidRequest { .. })
+        ));
+    }
+
+    #[test]
+    fn rate_window_resets_after_its_length() {
+        let (mut s, now) = session(&["a"], 100, Some(2));
+        for _ in 0..2 {
+            s = use_tools(&s, &["a"], None, now).expect("within rate");
+        }
+        let almost = now + Duration::seconds(59);
+        assert!(matches!(
+            use_tools(&s, &["a"], None, almost),
+            Err(SessionError::RateLimited { .. })
+        ));
+        let next_window = now + Duration::seconds(60);
+        let s = use_tools(&s, &["a", "a"], None, next_window).expect("new window");
+        assert_eq!(s.rate_window_started_at, Some(next_window));
+        assert_eq!((s.calls_made, s.rate_window_calls), (4, 2));
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_rate_limit_is_refused_whole() {
+        let (s, now) = session(&["a"], 100, Some(2));
+        assert!(matches!(
+            use_tools(&s, &["a", "a", "a"], None, now),
+            Err(SessionError::RateLimited { .. })
+        ));
+    }
+
+    #[test]
+    fn close_and_expire_transitions() {
+        let (s, now) = session(&["a"], 1, None);
+        let Ok(Decision::Apply(closed, EventKind::Closed)) = decide(&s, Mutation::Close, now)
+        else {
+            panic!("an active session closes");
+        };
+        assert_eq!(closed.status, SessionStatus::Closed);
+        assert!(matches!(
+            decide(&closed, Mutation::Close, now),
+            Err(SessionError::AlreadyClosed(_))
+        ));
+        assert!(matches!(
+            decide(&s, Mutation::Expire, now),
+            Ok(Decision::Unchanged)
+        ));
+        assert!(matches!(
+            decide(&closed, Mutation::Expire, s.expires_at),
+            Ok(Decision::Unchanged)
+        ));
+        let Ok(Decision::Apply(expired, EventKind::Expired)) =
+            decide(&s, Mutation::Expire, s.expires_at)
+        else {
+            panic!("a due session expires");
+        };
+        assert!(matches!(
+            decide(&expired, Mutation::Close, now),
+            Err(SessionError::Expired(_))
+        ));
+    }
+}

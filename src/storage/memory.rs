@@ -1,0 +1,216 @@
+//! [`MemoryStorage`]: the storage contract kept in process memory, for unit tests and for
+//! embedding without a database. It keeps the same guards as the PostgreSQL schema, so a
+//! bug caught by a constraint there is caught here too.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
+use crate::audit::AuditEvent;
+use crate::error::StorageError;
+use crate::model::{SessionStatus, TaskSession};
+
+/// In-memory storage. Clones share the same data.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStorage {
+    inner: Arc<Mutex<Tables>>,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    sessions: HashMap<Uuid, Versioned>,
+    events: Vec<(Uuid, AuditEvent)>,
+}
+
+impl MemoryStorage {
+    /// Empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The audit events of `session_id`, oldest first.
+    pub fn events(&self, session_id: Uuid) -> Vec<AuditEvent> {
+        self.tables()
+            .events
+            .iter()
+            .filter(|(id, _)| *id == session_id)
+            .map(|(_, event)| event.clone())
+            .collect()
+    }
+
+    // The lock is never held across an await, and no code under it panics, so a poisoned
+    // lock still guards consistent data.
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn constraint(name: &str) -> StorageError {
+    StorageError::Constraint {
+        name: name.to_owned(),
+        source: format!("memory storage refused the write ({name})").into(),
+    }
+}
+
+impl Tables {
+    fn insert(
+        &mut self,
+        session: &TaskSession,
+        event: &AuditEvent,
+    ) -> Result<Version, StorageError> {
+        if self.sessions.contains_key(&session.session_id) {
+            return Err(constraint("sessions_pkey"));
+        }
+        self.sessions.insert(
+            session.session_id,
+            Versioned {
+                session: session.clone(),
+                version: 1,
+            },
+        );
+        self.events.push((session.session_id, event.clone()));
+        Ok(1)
+    }
+
+    fn update(
+        &mut self,
+        session: &TaskSession,
+        expected: Version,
+        events: &[AuditEvent],
+    ) -> Result<UpdateOutcome, StorageError> {
+        let Some(stored) = self.sessions.get_mut(&session.session_id) else {
+            return Ok(UpdateOutcome::Conflict);
+        };
+        if stored.version != expected {
+            return Ok(UpdateOutcome::Conflict);
+        }
+        if session.calls_made > stored.session.call_budget {
+            return Err(constraint("sessions_calls_within_budget"));
+        }
+        if stored.session.status != SessionStatus::Active && session.status != stored.session.status
+        {
+            return Err(constraint("sessions_status_monotonic"));
+        }
+        // Only the mutable state is written, as in PgStorage.
+        stored.session.calls_made = session.calls_made;
+        stored.session.rate_window_started_at = session.rate_window_started_at;
+        stored.session.rate_window_calls = session.rate_window_calls;
+        stored.session.status = session.status;
+        stored.version += 1;
+        let version = stored.version;
+        let id = session.session_id;
+        self.events.extend(events.iter().map(|e| (id, e.clone())));
+        Ok(UpdateOutcome::Applied(version))
+    }
+
+    fn count_live(&self, agent_id: Uuid, now: DateTime<Utc>) -> u64 {
+        let live = self
+            .sessions
+            .values()
+            .filter(|v| v.session.agent_id == agent_id && v.session.is_live(now))
+            .count();
+        u64::try_from(live).unwrap_or(u64::MAX)
+    }
+}
+
+impl Storage for MemoryStorage {
+    async fn load(&self, session_id: Uuid) -> Result<Option<Versioned>, StorageError> {
+        Ok(self.tables().sessions.get(&session_id).cloned())
+    }
+
+    async fn insert(
+        &self,
+        session: &TaskSession,
+        event: &AuditEvent,
+    ) -> Result<Version, StorageError> {
+        self.tables().insert(session, event)
+    }
+
+    async fn insert_if_under_cap(
+        &self,
+        session: &TaskSession,
+        event: &AuditEvent,
+        max: u64,
+        now: DateTime<Utc>,
+    ) -> Result<CapOutcome, StorageError> {
+        let mut tables = self.tables();
+        let current = tables.count_live(session.agent_id, now);
+        if current >= max {
+            return Ok(CapOutcome::AtCap { current });
+        }
+        tables.insert(session, event).map(CapOutcome::Created)
+    }
+
+    async fn update(
+        &self,
+        session: &TaskSession,
+        expected: Version,
+        events: &[AuditEvent],
+    ) -> Result<UpdateOutcome, StorageError> {
+        self.tables().update(session, expected, events)
+    }
+
+    async fn update_locked<F>(
+        &self,
+        session_id: Uuid,
+        decide: F,
+    ) -> Result<LockedUpdate, StorageError>
+    where
+        F: FnOnce(Versioned) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
+    {
+        // The table lock is the row lock: nothing interleaves between read and write.
+        let mut tables = self.tables();
+        let Some(fresh) = tables.sessions.get(&session_id).cloned() else {
+            return Ok(LockedUpdate::Missing);
+        };
+        let version = fresh.version;
+        match decide(fresh) {
+            None => Ok(LockedUpdate::Declined),
+            Some((next, events)) => match tables.update(&next, version, &events)? {
+                UpdateOutcome::Applied(version) => Ok(LockedUpdate::Applied(version)),
+                UpdateOutcome::Conflict => Ok(LockedUpdate::Missing),
+            },
+        }
+    }
+
+    async fn count_live_for_agent(
+        &self,
+        agent_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        Ok(self.tables().count_live(agent_id, now))
+    }
+
+    async fn active_for_agent(&self, agent_id: Uuid) -> Result<Vec<Uuid>, StorageError> {
+        Ok(self
+            .tables()
+            .sessions
+            .values()
+            .filter(|v| v.session.agent_id == agent_id && v.session.status == SessionStatus::Active)
+            .map(|v| v.session.session_id)
+            .collect())
+    }
+
+    async fn due_for_expiry(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Uuid>, StorageError> {
+        let tables = self.tables();
+        let mut due: Vec<&TaskSession> = tables
+            .sessions
+            .values()
+            .map(|v| &v.session)
+            .filter(|s| s.status == SessionStatus::Active && s.expires_at <= now)
+            .collect();
+        due.sort_by_key(|s| s.expires_at);
+        Ok(due
+            .into_iter()
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .map(|s| s.session_id)
+            .collect())
+    }
+}

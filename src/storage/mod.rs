@@ -1,0 +1,145 @@
+//! Durable storage behind the store: a small trait, [`PgStorage`] (the real one) and
+//! [`MemoryStorage`] (unit tests and a no-database mode) and [`FaultyStorage`]
+//! (deterministic failure injection around either).
+//!
+//! # Contract every implementation keeps
+//! * Every write is one atomic step that also appends its audit events: state and trail
+//!   never disagree.
+//! * [`Storage::update`] applies only when the stored version equals the expected one, and
+//!   every applied update advances the version. Anything else is [`UpdateOutcome::Conflict`].
+//! * `calls_made <= call_budget`, and a status never leaves closed or expired; a write that
+//!   would break either fails with [`StorageError::Constraint`].
+//! * [`Storage::update_locked`] reads and writes under a row lock: nothing interleaves.
+//! * [`Storage::insert_if_under_cap`] decides the cap atomically with the insert, across
+//!   every process sharing the storage.
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::audit::AuditEvent;
+use crate::error::StorageError;
+use crate::model::TaskSession;
+
+mod faulty;
+mod memory;
+mod postgres;
+
+pub use faulty::FaultyStorage;
+pub use memory::MemoryStorage;
+pub use postgres::PgStorage;
+
+/// The stored version of a session row. Advanced by every update.
+pub type Version = i64;
+
+/// A session as stored, with the version its next update must name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The stored session.
+    pub session: TaskSession,
+    /// Its stored version.
+    pub version: Version,
+}
+
+/// Result of a versioned update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    /// The row had the expected version; it now has this one.
+    Applied(Version),
+    /// The row changed meanwhile (or is gone); nothing was written.
+    Conflict,
+}
+
+/// Result of [`Storage::update_locked`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockedUpdate {
+    /// The decision's state was written; the row now has this version.
+    Applied(Version),
+    /// The decision wrote nothing (a denial, or nothing to change).
+    Declined,
+    /// The session does not exist (any more).
+    Missing,
+}
+
+/// Result of a capped insert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapOutcome {
+    /// Inserted with this version.
+    Created(Version),
+    /// Refused: the agent already had this many live sessions.
+    AtCap {
+        /// Live sessions the agent has.
+        current: u64,
+    },
+}
+
+/// Where sessions live durably. See the module documentation for the contract.
+pub trait Storage: Send + Sync + 'static {
+    /// Loads one session, `None` if it does not exist.
+    fn load(
+        &self,
+        session_id: Uuid,
+    ) -> impl Future<Output = Result<Option<Versioned>, StorageError>> + Send;
+
+    /// Inserts a new session with its `created` event.
+    fn insert(
+        &self,
+        session: &TaskSession,
+        event: &AuditEvent,
+    ) -> impl Future<Output = Result<Version, StorageError>> + Send;
+
+    /// Inserts a new session unless its agent already has `max` or more live sessions
+    /// (active and `now < expires_at`), deciding atomically across processes.
+    fn insert_if_under_cap(
+        &self,
+        session: &TaskSession,
+        event: &AuditEvent,
+        max: u64,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<CapOutcome, StorageError>> + Send;
+
+    /// Replaces the session's mutable state (counters, rate window, status) if the stored
+    /// version is `expected`, appending `events` in the same step.
+    fn update(
+        &self,
+        session: &TaskSession,
+        expected: Version,
+        events: &[AuditEvent],
+    ) -> impl Future<Output = Result<UpdateOutcome, StorageError>> + Send;
+
+    /// Loads the session locked against every other writer, asks `decide` for the new state
+    /// and its events given the fresh row, and writes them, all in one transaction.
+    ///
+    /// The store uses this after an optimistic [`Storage::update`] conflicted: because no
+    /// writer can slip in between the read and the write, a caller that lost a race once
+    /// is guaranteed to make progress, however hot the session is in other processes.
+    /// `decide` is called at most once; `None` writes nothing ([`LockedUpdate::Declined`]).
+    fn update_locked<F>(
+        &self,
+        session_id: Uuid,
+        decide: F,
+    ) -> impl Future<Output = Result<LockedUpdate, StorageError>> + Send
+    where
+        F: FnOnce(Versioned) -> Option<(TaskSession, Vec<AuditEvent>)> + Send;
+
+    /// Live sessions (active and `now < expires_at`) of `agent_id`.
+    fn count_live_for_agent(
+        &self,
+        agent_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send;
+
+    /// Ids of the sessions of `agent_id` whose status is active.
+    fn active_for_agent(
+        &self,
+        agent_id: Uuid,
+    ) -> impl Future<Output = Result<Vec<Uuid>, StorageError>> + Send;
+
+    /// Ids of up to `limit` active sessions whose `expires_at <= now`, earliest first.
+    fn due_for_expiry(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Uuid>, StorageError>> + Send;
+}

@@ -1,0 +1,440 @@
+//! [`PgStorage`]: sessions in PostgreSQL (schema `arbiter`, see `migrations/`).
+//!
+//! # Invariant: one statement per change
+//! Every state change is ONE statement: the row update (or insert) and its audit events are
+//! data-modifying CTEs of the same statement, so they commit or fail together, and the
+//! events are written only when the versioned `WHERE version = $expected` matched. A
+//! statement that matched no row is a conflict; the caller reloads and decides again.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
+use crate::audit::AuditEvent;
+use crate::error::StorageError;
+use crate::model::TaskSession;
+
+/// PostgreSQL storage. Cheap to clone (the pool is shared).
+///
+/// Run [`crate::MIGRATOR`] (or [`crate::migrate`]) on the database first.
+#[derive(Debug, Clone)]
+pub struct PgStorage {
+    pool: PgPool,
+}
+
+impl PgStorage {
+    /// Storage over `pool`.
+    ///
+    /// Size the pool for the gateway's concurrency and give it a short `acquire_timeout`:
+    /// sqlx's default of 30 s would stall every write-through while PostgreSQL is down.
+    pub fn new(pool: PgPool) -> Self {
+        PgStorage { pool }
+    }
+
+    /// The pool this storage uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// A `sessions` row as selected by [`PgStorage::load`].
+struct SessionRow {
+    session_id: Uuid,
+    agent_id: Uuid,
+    delegation_chain: Vec<String>,
+    declared_intent: String,
+    authorized_tools: Vec<String>,
+    authorized_credentials: Vec<String>,
+    call_budget: i64,
+    calls_made: i64,
+    rate_limit: Option<i64>,
+    rate_window_secs: i64,
+    rate_window_started_at: Option<DateTime<Utc>>,
+    rate_window_calls: i64,
+    data_sensitivity_ceiling: String,
+    status: String,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    version: i64,
+}
+
+impl TryFrom<SessionRow> for Versioned {
+    type Error = StorageError;
+
+    /// A row edited by hand may hold anything the constraints allow; decoding checks the
+    /// rest instead of panicking.
+    fn try_from(row: SessionRow) -> Result<Self, StorageError> {
+        let id = row.session_id;
+        let count = |name: &str, value: i64| {
+            u64::try_from(value)
+                .map_err(|_| StorageError::Decode(format!("session {id}: {name} is {value}")))
+        };
+        let session = TaskSession {
+            session_id: row.session_id,
+            agent_id: row.agent_id,
+            delegation_chain_snapshot: row.delegation_chain.into(),
+            declared_intent: row.declared_intent.into(),
+            authorized_tools: row.authorized_tools.into(),
+            authorized_credentials: row.authorized_credentials.into(),
+            time_limit: row.expires_at - row.created_at,
+            call_budget: count("call_budget", row.call_budget)?,
+            calls_made: count("calls_made", row.calls_made)?,
+            rate_limit_per_minute: row
+                .rate_limit
+                .map(|limit| count("rate_limit", limit))
+                .transpose()?,
+            rate_limit_window_secs: count("rate_window_secs", row.rate_window_secs)?,
+            rate_window_started_at: row.rate_window_started_at,
+            rate_window_calls: count("rate_window_calls", row.rate_window_calls)?,
+            data_sensitivity_ceiling: row
+                .data_sensitivity_ceiling
+                .parse()
+                .map_err(|e| StorageError::Decode(format!("session {id}: {e}")))?,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+            status: row
+                .status
+                .parse()
+                .map_err(|e| StorageError::Decode(format!("session {id}: {e}")))?,
+        };
+        Ok(Versioned {
+            session,
+            version: row.version,
+        })
+    }
+}
+
+/// An event as encoded for `jsonb_to_recordset` in [`PgStorage::update`]: one statement
+/// carries any number of events without a round trip each.
+#[derive(serde::Serialize)]
+struct EventJson<'a> {
+    kind: &'static str,
+    tools: &'a [String],
+    calls_made: i64,
+    rate_window_calls: i64,
+    status: &'static str,
+    occurred_at: DateTime<Utc>,
+    instance_id: Uuid,
+}
+
+impl<'a> From<&'a AuditEvent> for EventJson<'a> {
+    fn from(event: &'a AuditEvent) -> Self {
+        EventJson {
+            kind: event.kind.as_str(),
+            tools: &event.tools,
+            calls_made: to_bigint(event.calls_made),
+            rate_window_calls: to_bigint(event.rate_window_calls),
+            status: event.status.as_str(),
+            occurred_at: event.occurred_at,
+            instance_id: event.instance_id,
+        }
+    }
+}
+
+/// Counts are validated to fit `bigint` at creation and only grow up to the budget, so this
+/// never saturates for a session the store created; a saturated value would be refused by
+/// a CHECK constraint rather than wrap.
+fn to_bigint(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The advisory-lock key that serializes capped creates of one agent. Folding the UUID
+/// may collide for two agents; a collision only makes their creates wait on each other.
+fn agent_lock_key(agent_id: Uuid) -> i64 {
+    let (high, low) = agent_id.as_u64_pair();
+    i64::from_ne_bytes((high ^ low).to_ne_bytes())
+}
+
+/// Whether a load locks the row until the end of its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowLock {
+    None,
+    ForUpdate,
+}
+
+impl PgStorage {
+    async fn load_with(
+        executor: impl sqlx::PgExecutor<'_>,
+        session_id: Uuid,
+        lock: RowLock,
+    ) -> Result<Option<Versioned>, StorageError> {
+        // One statement per lock mode: the macros check literal SQL only.
+        let row = match lock {
+            // language=PostgreSQL
+            RowLock::None => {
+                sqlx::query_as!(
+                    SessionRow,
+                    r#"
+                    SELECT session_id, agent_id, delegation_chain, declared_intent,
+                           authorized_tools, authorized_credentials, call_budget, calls_made,
+                           rate_limit, rate_window_secs, rate_window_started_at,
+                           rate_window_calls, data_sensitivity_ceiling, status, created_at,
+                           expires_at, version
+                      FROM arbiter.sessions
+                     WHERE session_id = $1
+                    "#,
+                    session_id
+                )
+                .fetch_optional(executor)
+                .await?
+            }
+            // language=PostgreSQL
+            RowLock::ForUpdate => {
+                sqlx::query_as!(
+                    SessionRow,
+                    r#"
+                    SELECT session_id, agent_id, delegation_chain, declared_intent,
+                           authorized_tools, authorized_credentials, call_budget, calls_made,
+                           rate_limit, rate_window_secs, rate_window_started_at,
+                           rate_window_calls, data_sensitivity_ceiling, status, created_at,
+                           expires_at, version
+                      FROM arbiter.sessions
+                     WHERE session_id = $1
+                       FOR UPDATE
+                    "#,
+                    session_id
+                )
+                .fetch_optional(executor)
+                .await?
+            }
+        };
+        row.map(Versioned::try_from).transpose()
+    }
+
+    async fn count_live_with(
+        executor: impl sqlx::PgExecutor<'_>,
+        agent_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        // language=PostgreSQL
+        let live = sqlx::query_scalar!(
+            r#"
+            SELECT count(*) AS "live!"
+              FROM arbiter.sessions
+             WHERE agent_id = $1 AND status = 'active' AND expires_at > $2
+            "#,
+            agent_id,
+            now
+        )
+        .fetch_one(executor)
+        .await?;
+        // count(*) is never negative.
+        Ok(u64::try_from(live).unwrap_or(0))
+    }
+
+    async fn update_with(
+        executor: impl sqlx::PgExecutor<'_>,
+        s: &TaskSession,
+        expected: Version,
+        events: &[AuditEvent],
+    ) -> Result<UpdateOutcome, StorageError> {
+        let events: Vec<EventJson<'_>> = events.iter().map(EventJson::from).collect();
+        // language=PostgreSQL
+        let version = sqlx::query_scalar!(
+            r#"
+            WITH updated AS (
+                UPDATE arbiter.sessions
+                   SET calls_made = $3,
+                       rate_window_started_at = $4,
+                       rate_window_calls = $5,
+                       status = $6
+                 WHERE session_id = $1 AND version = $2
+                RETURNING session_id, agent_id, version
+            ), events AS (
+                INSERT INTO arbiter.session_events (
+                    session_id, agent_id, kind, tools, calls_made, rate_window_calls, status,
+                    session_version, occurred_at, instance_id)
+                SELECT u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
+                       e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id
+                  FROM updated u
+                 CROSS JOIN jsonb_to_recordset($7::jsonb) AS e(
+                       kind text, tools text[], calls_made bigint, rate_window_calls bigint,
+                       status text, occurred_at timestamptz, instance_id uuid)
+            )
+            SELECT version FROM updated
+            "#,
+            s.session_id,
+            expected,
+            to_bigint(s.calls_made),
+            s.rate_window_started_at,
+            to_bigint(s.rate_window_calls),
+            s.status.as_str(),
+            Json(&events) as _,
+        )
+        .fetch_optional(executor)
+        .await?;
+        Ok(match version {
+            Some(version) => UpdateOutcome::Applied(version),
+            None => UpdateOutcome::Conflict,
+        })
+    }
+
+    async fn insert_with(
+        executor: impl sqlx::PgExecutor<'_>,
+        s: &TaskSession,
+        event: &AuditEvent,
+    ) -> Result<Version, StorageError> {
+        // language=PostgreSQL
+        let version = sqlx::query_scalar!(
+            r#"
+            WITH inserted AS (
+                INSERT INTO arbiter.sessions (
+                    session_id, agent_id, delegation_chain, declared_intent, authorized_tools,
+                    authorized_credentials, call_budget, calls_made, rate_limit, rate_window_secs,
+                    rate_window_started_at, rate_window_calls, data_sensitivity_ceiling, status,
+                    created_at, expires_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                RETURNING session_id, agent_id, version
+            )
+            INSERT INTO arbiter.session_events (
+                session_id, agent_id, kind, tools, calls_made, rate_window_calls, status,
+                session_version, occurred_at, instance_id)
+            SELECT session_id, agent_id, $17, '{}', $8, $12, $14, version, $18, $19
+              FROM inserted
+            RETURNING session_version
+            "#,
+            s.session_id,
+            s.agent_id,
+            &s.delegation_chain_snapshot[..],
+            &*s.declared_intent,
+            &s.authorized_tools[..],
+            &s.authorized_credentials[..],
+            to_bigint(s.call_budget),
+            to_bigint(s.calls_made),
+            s.rate_limit_per_minute.map(to_bigint),
+            to_bigint(s.rate_limit_window_secs),
+            s.rate_window_started_at,
+            to_bigint(s.rate_window_calls),
+            s.data_sensitivity_ceiling.as_str(),
+            s.status.as_str(),
+            s.created_at,
+            s.expires_at,
+            event.kind.as_str(),
+            event.occurred_at,
+            event.instance_id,
+        )
+        .fetch_one(executor)
+        .await?;
+        Ok(version)
+    }
+}
+
+impl Storage for PgStorage {
+    async fn load(&self, session_id: Uuid) -> Result<Option<Versioned>, StorageError> {
+        Self::load_with(&self.pool, session_id, RowLock::None).await
+    }
+
+    async fn insert(
+        &self,
+        session: &TaskSession,
+        event: &AuditEvent,
+    ) -> Result<Version, StorageError> {
+        Self::insert_with(&self.pool, session, event).await
+    }
+
+    async fn insert_if_under_cap(
+        &self,
+        session: &TaskSession,
+        event: &AuditEvent,
+        max: u64,
+        now: DateTime<Utc>,
+    ) -> Result<CapOutcome, StorageError> {
+        // The transaction-scoped advisory lock makes count-then-insert atomic for this agent
+        // across every process; it is released by the commit (or by the rollback when the
+        // transaction is dropped on an error or a cancelled future).
+        let mut tx = self.pool.begin().await?;
+        // language=PostgreSQL
+        sqlx::query!(
+            "SELECT pg_advisory_xact_lock($1)",
+            agent_lock_key(session.agent_id)
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let current = Self::count_live_with(&mut *tx, session.agent_id, now).await?;
+        if current >= max {
+            return Ok(CapOutcome::AtCap { current });
+        }
+        let version = Self::insert_with(&mut *tx, session, event).await?;
+        tx.commit().await?;
+        Ok(CapOutcome::Created(version))
+    }
+
+    async fn update(
+        &self,
+        session: &TaskSession,
+        expected: Version,
+        events: &[AuditEvent],
+    ) -> Result<UpdateOutcome, StorageError> {
+        Self::update_with(&self.pool, session, expected, events).await
+    }
+
+    async fn update_locked<F>(
+        &self,
+        session_id: Uuid,
+        decide: F,
+    ) -> Result<LockedUpdate, StorageError>
+    where
+        F: FnOnce(Versioned) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
+    {
+        // Dropping `tx` on an early return (or a cancelled future) rolls back and releases
+        // the row lock.
+        let mut tx = self.pool.begin().await?;
+        let Some(fresh) = Self::load_with(&mut *tx, session_id, RowLock::ForUpdate).await? else {
+            return Ok(LockedUpdate::Missing);
+        };
+        let version = fresh.version;
+        let Some((next, events)) = decide(fresh) else {
+            return Ok(LockedUpdate::Declined);
+        };
+        let outcome = Self::update_with(&mut *tx, &next, version, &events).await?;
+        tx.commit().await?;
+        Ok(match outcome {
+            UpdateOutcome::Applied(version) => LockedUpdate::Applied(version),
+            // Cannot happen while the row lock is held; report the row as gone, not guess.
+            UpdateOutcome::Conflict => LockedUpdate::Missing,
+        })
+    }
+
+    async fn count_live_for_agent(
+        &self,
+        agent_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        Self::count_live_with(&self.pool, agent_id, now).await
+    }
+
+    async fn active_for_agent(&self, agent_id: Uuid) -> Result<Vec<Uuid>, StorageError> {
+        // language=PostgreSQL
+        let ids = sqlx::query_scalar!(
+            "SELECT session_id FROM arbiter.sessions WHERE agent_id = $1 AND status = 'active'",
+            agent_id
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
+    }
+
+    async fn due_for_expiry(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Uuid>, StorageError> {
+        // language=PostgreSQL
+        let ids = sqlx::query_scalar!(
+            r#"
+            SELECT session_id
+              FROM arbiter.sessions
+             WHERE status = 'active' AND expires_at <= $1
+             ORDER BY expires_at
+             LIMIT $2
+            "#,
+            now,
+            i64::from(limit)
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
+    }
+}

@@ -1,0 +1,700 @@
+//! [`SessionStore`]: the moka cache in front of a [`Storage`], with write-through,
+//! per-session serialization, the pending set and the reconciler.
+//!
+//! # Invariants owned here
+//! * **Write-through.** A mutation decides from the cached state, writes the new state and
+//!   its audit event in one versioned statement, and returns `Ok` only after storage
+//!   accepted it. After a version conflict it decides once more on the row read under a
+//!   row lock, so a newer row is never overwritten and a caller never starves.
+//! * **Budget.** Because every `Ok` is a versioned write over the state it was decided
+//!   from, and storage refuses `calls_made > call_budget`, the `Ok` calls of a session,
+//!   summed over every process, never exceed its budget or its rate window's limit.
+//! * **Cache ahead.** A write that failed leaves the new state in the cache (the call stays
+//!   counted: denied to the caller, but spent) and pins the slot in the pending set until
+//!   the reconciler or a later mutation makes it durable.
+//! * **Monotonic status.** Closed or expired never becomes active again, in the cache
+//!   (policy never reopens; merges keep the terminal status) or in storage (a trigger).
+//! * **Isolation.** Only a session's own async mutex is held across an await; the pending
+//!   set's lock is held for map operations only, and moka is lock-free for readers.
+//!
+//! # Concurrent calls on the same session
+//! They are serialized in this process by the slot's mutex, in arrival order (tokio's mutex
+//! is fair); across processes by the versioned write.
+
+mod pending;
+mod reconciler;
+mod slot;
+mod stats;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound as _, Utc};
+use moka::future::Cache;
+use uuid::Uuid;
+
+pub use reconciler::{ReconcileReport, ShutdownReport};
+pub use stats::StoreStats;
+
+use self::pending::PendingSet;
+use self::slot::{Slot, SlotState};
+use self::stats::Counters;
+use crate::audit::{AuditEvent, EventKind};
+use crate::clock::{Clock, SystemClock};
+use crate::error::{SessionError, StorageError, error_chain};
+use crate::model::{CreateSessionRequest, TaskSession};
+use crate::policy::{self, Decision, Mutation};
+use crate::storage::{CapOutcome, LockedUpdate, PgStorage, Storage, UpdateOutcome, Versioned};
+
+/// Default cache capacity, in sessions.
+pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
+/// Default time a cached session stays without being used. Pending sessions are pinned
+/// regardless.
+pub const DEFAULT_CACHE_IDLE: Duration = Duration::from_secs(300);
+/// Default first delay before the reconciler retries a pending session; it doubles on
+/// each failed pass up to [`MAX_RECONCILE_BACKOFF`].
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest delay between two reconciler passes while sessions are pending.
+pub const MAX_RECONCILE_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Sessions `expire_due` asks storage for at a time.
+const EXPIRE_BATCH: u32 = 512;
+
+/// Builds a [`SessionStore`]. Obtained from [`SessionStore::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct SessionStoreBuilder<S> {
+    storage: S,
+    cache_capacity: u64,
+    cache_idle: Duration,
+    clock: Arc<dyn Clock>,
+    reconcile_interval: Duration,
+    instance_id: Uuid,
+}
+
+impl<S: Storage> SessionStoreBuilder<S> {
+    /// Most sessions kept in the cache (default [`DEFAULT_CACHE_CAPACITY`]). Memory stays
+    /// bounded by this plus the pending set.
+    pub fn cache_capacity(mut self, sessions: u64) -> Self {
+        self.cache_capacity = sessions;
+        self
+    }
+
+    /// How long an unused session stays cached (default [`DEFAULT_CACHE_IDLE`]). This only
+    /// reclaims memory; whether a session is expired is always decided by the clock.
+    pub fn cache_idle(mut self, idle: Duration) -> Self {
+        self.cache_idle = idle;
+        self
+    }
+
+    /// The clock every decision reads (default [`SystemClock`]). Tests pass a
+    /// [`ManualClock`](crate::ManualClock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// First retry delay of the reconciler (default [`DEFAULT_RECONCILE_INTERVAL`]).
+    pub fn reconcile_interval(mut self, interval: Duration) -> Self {
+        self.reconcile_interval = interval;
+        self
+    }
+
+    /// The id this process writes into every audit event (default: random per store).
+    pub fn instance_id(mut self, instance_id: Uuid) -> Self {
+        self.instance_id = instance_id;
+        self
+    }
+
+    /// Builds the store. Starts no task: the reconciler runs only while sessions are
+    /// pending, so a store may be built outside a tokio runtime.
+    pub fn build(self) -> SessionStore<S> {
+        let counters = Arc::new(Counters::default());
+        let evictions = Arc::clone(&counters);
+        let cache = Cache::builder()
+            .max_capacity(self.cache_capacity)
+            .time_to_idle(self.cache_idle)
+            // Counting only: persistence never depends on this lazy listener.
+            .eviction_listener(move |_, _, cause| {
+                if cause.was_evicted() {
+                    Counters::bump(&evictions.evictions);
+                }
+            })
+            .build();
+        SessionStore {
+            inner: Arc::new_cyclic(|me| Inner {
+                storage: self.storage,
+                clock: self.clock,
+                cache,
+                pending: PendingSet::default(),
+                counters,
+                instance_id: self.instance_id,
+                reconcile_interval: self.reconcile_interval,
+                reconciler_running: AtomicBool::new(false),
+                me: me.clone(),
+            }),
+        }
+    }
+}
+
+/// Durable task sessions: a moka cache written through to a [`Storage`].
+///
+/// Cloning is shallow: clones share the cache, the pending set and the storage. The store
+/// is `Send + Sync` and its futures are `Send`, so gateways call it from any tokio task.
+///
+/// # Errors
+/// Every method returns a [`SessionError`]. A mutation that could not be made durable
+/// returns [`SessionError::StorageWriteThrough`]: deny that call; the store keeps it
+/// counted and reconciles. A failed read is [`SessionError::StorageRead`], never
+/// [`SessionError::NotFound`].
+#[derive(Debug)]
+pub struct SessionStore<S: Storage = PgStorage> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S: Storage> Clone for SessionStore<S> {
+    fn clone(&self) -> Self {
+        SessionStore {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+pub(crate) struct Inner<S> {
+    storage: S,
+    clock: Arc<dyn Clock>,
+    cache: Cache<Uuid, Arc<Slot>>,
+    pending: PendingSet,
+    counters: Arc<Counters>,
+    instance_id: Uuid,
+    reconcile_interval: Duration,
+    /// True while a reconciler task exists; it exits when the pending set drains, so an
+    /// idle store runs no background work.
+    reconciler_running: AtomicBool,
+    /// The store itself, for spawning the reconciler with a reference that does not keep
+    /// the store alive.
+    me: Weak<Inner<S>>,
+}
+
+impl<S> std::fmt::Debug for Inner<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStore")
+            .field("instance_id", &self.instance_id)
+            .field("cache_entries", &self.cache.entry_count())
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a cache miss could not produce a slot (moka shares it between coalesced loaders).
+#[derive(Debug)]
+enum LoadError {
+    NotFound,
+    Read(StorageError),
+}
+
+/// What a mutation did.
+struct Mutated {
+    session: TaskSession,
+    changed: bool,
+}
+
+impl Mutated {
+    fn unchanged(state: &SlotState) -> Self {
+        Mutated {
+            session: state.current.clone(),
+            changed: false,
+        }
+    }
+}
+
+/// What the decision inside a locked update was (the closure reports it through this).
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one lives on the stack of a conflicted mutation; boxing buys nothing"
+)]
+enum Locked {
+    NotReached,
+    Write(TaskSession, AuditEvent),
+    Unchanged,
+    Denied(SessionError),
+}
+
+impl SessionStore<PgStorage> {
+    /// A store over PostgreSQL with default options. Run [`crate::migrate`] first.
+    pub fn postgres(pool: sqlx::PgPool) -> Self {
+        SessionStore::new(PgStorage::new(pool))
+    }
+}
+
+impl<S: Storage> SessionStore<S> {
+    /// A store with default options.
+    pub fn new(storage: S) -> Self {
+        Self::builder(storage).build()
+    }
+
+    /// A builder over `storage`.
+    pub fn builder(storage: S) -> SessionStoreBuilder<S> {
+        SessionStoreBuilder {
+            storage,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+            cache_idle: DEFAULT_CACHE_IDLE,
+            clock: Arc::new(SystemClock),
+            reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
+            instance_id: Uuid::new_v4(),
+        }
+    }
+
+    /// The storage behind the store.
+    pub fn storage(&self) -> &S {
+        &self.inner.storage
+    }
+
+    /// The id this store writes into audit events.
+    pub fn instance_id(&self) -> Uuid {
+        self.inner.instance_id
+    }
+
+    /// Creates a session.
+    ///
+    /// # Errors
+    /// [`SessionError::InvalidRequest`] if the request is out of bounds (nothing written);
+    /// [`SessionError::StorageWriteThrough`] if the insert failed. A failed create is not
+    /// cached or retried: the caller got no session to use. (If the failure was ambiguous
+    /// and the insert did commit, the session exists unused until its time limit.)
+    pub async fn create(&self, req: CreateSessionRequest) -> Result<TaskSession, SessionError> {
+        req.validate()?;
+        let (session, event) = self.inner.new_session(&req);
+        match self.inner.storage.insert(&session, &event).await {
+            Ok(version) => Ok(self.inner.cache_created(session, version).await),
+            Err(err) => Err(self.inner.create_failed(session.session_id, &err)),
+        }
+    }
+
+    /// Creates a session unless its agent already has `max` live sessions (active and not
+    /// past their time limit), decided inside storage across every process.
+    ///
+    /// # Errors
+    /// [`SessionError::TooManySessions`] at the cap; otherwise as [`Self::create`].
+    pub async fn create_if_under_cap(
+        &self,
+        req: CreateSessionRequest,
+        max: u64,
+    ) -> Result<TaskSession, SessionError> {
+        req.validate()?;
+        let (session, event) = self.inner.new_session(&req);
+        let now = event.occurred_at;
+        match self
+            .inner
+            .storage
+            .insert_if_under_cap(&session, &event, max, now)
+            .await
+        {
+            Ok(CapOutcome::Created(version)) => {
+                Ok(self.inner.cache_created(session, version).await)
+            }
+            Ok(CapOutcome::AtCap { current }) => Err(SessionError::TooManySessions {
+                agent_id: req.agent_id.to_string(),
+                max,
+                current,
+            }),
+            Err(err) => Err(self.inner.create_failed(session.session_id, &err)),
+        }
+    }
+
+    /// Counts one call of `tool` against the session, if policy allows it.
+    ///
+    /// `agent` is the presenting agent; `None` skips the binding check, for trusted
+    /// internal callers only. Checks run in the order documented in [`crate::policy`]'s
+    /// module: agent, closed, expired, budget, tool, rate.
+    ///
+    /// # Errors
+    /// The policy denial (nothing consumed), [`SessionError::NotFound`],
+    /// [`SessionError::StorageRead`], or [`SessionError::StorageWriteThrough`] (deny the
+    /// call; it stays counted).
+    pub async fn use_session(
+        &self,
+        session_id: Uuid,
+        tool: &str,
+        agent: Option<Uuid>,
+    ) -> Result<TaskSession, SessionError> {
+        let tools = [tool];
+        self.inner
+            .mutate(
+                session_id,
+                Mutation::Use {
+                    tools: &tools,
+                    agent,
+                },
+            )
+            .await
+            .map(|m| m.session)
+    }
+
+    /// Counts one call per entry of `tools`, all or nothing: one unauthorized tool, or a
+    /// budget or window without room for all of them, consumes nothing. At most
+    /// [`limits::MAX_TOOLS`](crate::model::limits::MAX_TOOLS) tools; an empty batch is
+    /// [`SessionError::InvalidRequest`].
+    ///
+    /// # Errors
+    /// As [`Self::use_session`].
+    pub async fn use_session_batch(
+        &self,
+        session_id: Uuid,
+        tools: &[&str],
+        agent: Option<Uuid>,
+    ) -> Result<TaskSession, SessionError> {
+        self.inner
+            .mutate(session_id, Mutation::Use { tools, agent })
+            .await
+            .map(|m| m.session)
+    }
+
+    /// Closes the session. Closed is final.
+    ///
+    /// # Errors
+    /// [`SessionError::AlreadyClosed`], [`SessionError::Expired`] (already marked
+    /// expired), [`SessionError::NotFound`], or a storage error.
+    pub async fn close(&self, session_id: Uuid) -> Result<TaskSession, SessionError> {
+        self.inner
+            .mutate(session_id, Mutation::Close)
+            .await
+            .map(|m| m.session)
+    }
+
+    /// The session as this store knows it: the cached state (which may be ahead of
+    /// storage), loading it on a miss.
+    ///
+    /// # Errors
+    /// [`SessionError::NotFound`] or [`SessionError::StorageRead`].
+    pub async fn get(&self, session_id: Uuid) -> Result<TaskSession, SessionError> {
+        let slot = self.inner.slot(session_id).await?;
+        let state = slot.state.lock().await;
+        Ok(state.current.clone())
+    }
+
+    /// Live sessions (active, not past their time limit) of `agent_id`, counted in storage
+    /// across every process.
+    ///
+    /// # Errors
+    /// [`SessionError::StorageRead`].
+    pub async fn count_active_for_agent(&self, agent_id: Uuid) -> Result<u64, SessionError> {
+        let now = self.inner.now();
+        self.inner
+            .storage
+            .count_live_for_agent(agent_id, now)
+            .await
+            .map_err(|err| read_failed(None, &err))
+    }
+
+    /// Closes every active session of `agent_id`; returns how many this call closed.
+    ///
+    /// # Errors
+    /// [`SessionError::StorageRead`] if the sessions could not be listed. Otherwise every
+    /// session is attempted; if any close failed to write, the first such error is
+    /// returned after the others were closed.
+    pub async fn close_sessions_for_agent(&self, agent_id: Uuid) -> Result<usize, SessionError> {
+        let ids = self
+            .inner
+            .storage
+            .active_for_agent(agent_id)
+            .await
+            .map_err(|err| read_failed(None, &err))?;
+        let mut closed = 0;
+        let mut first_failure = None;
+        for id in ids {
+            match self.inner.mutate(id, Mutation::Close).await {
+                Ok(_) => closed += 1,
+                // Closed, expired or deleted meanwhile: nothing left to do for it.
+                Err(
+                    SessionError::AlreadyClosed(_)
+                    | SessionError::Expired(_)
+                    | SessionError::NotFound(_),
+                ) => {}
+                Err(err) => {
+                    first_failure.get_or_insert(err);
+                }
+            }
+        }
+        first_failure.map_or(Ok(closed), Err)
+    }
+
+    /// Marks every active session past its time limit as expired (nothing is deleted);
+    /// returns how many this call marked.
+    ///
+    /// # Errors
+    /// [`SessionError::StorageRead`] if due sessions could not be listed, or the first
+    /// [`SessionError::StorageWriteThrough`] (that session is pending and the reconciler
+    /// will write its expiry).
+    pub async fn expire_due(&self) -> Result<usize, SessionError> {
+        let mut expired = 0;
+        loop {
+            let now = self.inner.now();
+            let due = self
+                .inner
+                .storage
+                .due_for_expiry(now, EXPIRE_BATCH)
+                .await
+                .map_err(|err| read_failed(None, &err))?;
+            let batch_len = due.len();
+            let mut progressed = 0;
+            for id in due {
+                match self.inner.mutate(id, Mutation::Expire).await {
+                    Ok(m) if m.changed => progressed += 1,
+                    Ok(_) | Err(SessionError::NotFound(_)) => {}
+                    Err(err) => return Err(err),
+                }
+            }
+            expired += progressed;
+            // A short batch was the last one; a batch with no progress would come back
+            // unchanged (its sessions are ahead in this cache), so stop rather than spin.
+            if batch_len < EXPIRE_BATCH as usize || progressed == 0 {
+                return Ok(expired);
+            }
+        }
+    }
+
+    /// Counters for metrics. `cache_entries` lags until moka's housekeeping runs.
+    pub fn stats(&self) -> StoreStats {
+        let pending = u64::try_from(self.inner.pending.len()).unwrap_or(u64::MAX);
+        self.inner
+            .counters
+            .snapshot(self.inner.cache.entry_count(), pending)
+    }
+
+    /// Runs one reconciliation pass now, without waiting for the background task: tries to
+    /// write every pending session once.
+    pub async fn reconcile_now(&self) -> ReconcileReport {
+        self.inner.reconcile_pass().await
+    }
+
+    /// Flushes the pending set, retrying until it is empty or `within` has passed, and
+    /// reports the sessions it could not make durable. Call before the process exits;
+    /// the store remains usable afterwards.
+    pub async fn shutdown(&self, within: Duration) -> ShutdownReport {
+        self.inner.flush(within).await
+    }
+}
+
+fn read_failed(session_id: Option<Uuid>, err: &StorageError) -> SessionError {
+    let detail = error_chain(err);
+    tracing::warn!(session_id = ?session_id, error = %detail, "session storage read failed");
+    SessionError::StorageRead { session_id, detail }
+}
+
+impl<S: Storage> Inner<S> {
+    /// The clock's time at PostgreSQL's precision, so a reloaded session equals the cached
+    /// one.
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now().trunc_subsecs(6)
+    }
+
+    fn new_session(&self, req: &CreateSessionRequest) -> (TaskSession, AuditEvent) {
+        let now = self.now();
+        let session = TaskSession::from_request(Uuid::new_v4(), req, now);
+        let event = AuditEvent::new(
+            EventKind::Created,
+            Vec::new(),
+            &session,
+            now,
+            self.instance_id,
+        );
+        (session, event)
+    }
+
+    async fn cache_created(&self, session: TaskSession, version: i64) -> TaskSession {
+        let id = session.session_id;
+        let slot = Slot::new(Versioned {
+            session: session.clone(),
+            version,
+        });
+        self.cache.insert(id, slot).await;
+        session
+    }
+
+    fn create_failed(&self, session_id: Uuid, err: &StorageError) -> SessionError {
+        Counters::bump(&self.counters.write_failures);
+        let detail = error_chain(err);
+        tracing::warn!(%session_id, error = %detail, "session create was not made durable");
+        SessionError::StorageWriteThrough { session_id, detail }
+    }
+
+    /// The slot of `id`: from the cache, else the pending set, else storage. Concurrent
+    /// misses for one id share a single load.
+    async fn slot(&self, id: Uuid) -> Result<Arc<Slot>, SessionError> {
+        if let Some(slot) = self.cache.get(&id).await {
+            Counters::bump(&self.counters.cache_hits);
+            return Ok(slot);
+        }
+        Counters::bump(&self.counters.cache_misses);
+        self.cache
+            .try_get_with(id, async {
+                // Pinned slots first: storage may hold an older state than this process.
+                if let Some(slot) = self.pending.get(id) {
+                    return Ok(slot);
+                }
+                match self.storage.load(id).await {
+                    Ok(Some(stored)) => Ok(Slot::new(stored)),
+                    Ok(None) => Err(LoadError::NotFound),
+                    Err(err) => Err(LoadError::Read(err)),
+                }
+            })
+            .await
+            .map_err(|err| match &*err {
+                LoadError::NotFound => SessionError::NotFound(id),
+                LoadError::Read(err) => read_failed(Some(id), err),
+            })
+    }
+
+    /// Decides `mutation` against `current`: the new state and its audit event, `None` if
+    /// nothing changes, or the denial.
+    fn decide(
+        &self,
+        current: &TaskSession,
+        mutation: Mutation<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(TaskSession, AuditEvent)>, SessionError> {
+        let (next, kind) = match policy::decide(current, mutation, now)? {
+            Decision::Apply(next, kind) => (next, kind),
+            Decision::Unchanged => return Ok(None),
+        };
+        let tools = match mutation {
+            Mutation::Use { tools, .. } => tools.iter().map(|t| (*t).to_owned()).collect(),
+            Mutation::Close | Mutation::Expire => Vec::new(),
+        };
+        let event = AuditEvent::new(kind, tools, &next, now, self.instance_id);
+        Ok(Some((next, event)))
+    }
+
+    /// Decides and writes one mutation under the session's lock.
+    ///
+    /// First optimistically: decide from the cached state and write naming its version.
+    /// If another writer got there first (a conflict), decide once more on the row read
+    /// under a row lock ([`Storage::update_locked`]), which cannot lose a race: one
+    /// conflict at most per call, however hot the session is elsewhere.
+    ///
+    /// Async cancellation safety: the cached state changes only once the write's outcome
+    /// is known. If this future is dropped mid-write, the write may or may not have
+    /// committed; either way the slot still names the old version, so the next mutation
+    /// sees a conflict (if it committed) and reloads. No call is lost or double-counted.
+    async fn mutate(&self, id: Uuid, mutation: Mutation<'_>) -> Result<Mutated, SessionError> {
+        let slot = self.slot(id).await?;
+        let mut state = slot.state.lock().await;
+        let now = self.now();
+        let Some((next, event)) = self.decide(&state.current, mutation, now)? else {
+            return Ok(Mutated::unchanged(&state));
+        };
+        let events = state.events_with(&event);
+        match self
+            .storage
+            .update(&next, state.durable_version, &events)
+            .await
+        {
+            Ok(UpdateOutcome::Applied(version)) => {
+                return Ok(self.applied(id, &slot, &mut state, next, version));
+            }
+            Ok(UpdateOutcome::Conflict) => Counters::bump(&self.counters.conflicts),
+            Err(err) => {
+                return Err(self
+                    .write_failed(id, &slot, &mut state, next, event, &err)
+                    .await);
+            }
+        }
+
+        let mut decided = Locked::NotReached;
+        let locked = self
+            .storage
+            .update_locked(id, |fresh| {
+                state.rebase(fresh);
+                match self.decide(&state.current, mutation, now) {
+                    Ok(Some((next, event))) => {
+                        let events = state.events_with(&event).into_owned();
+                        decided = Locked::Write(next.clone(), event);
+                        Some((next, events))
+                    }
+                    Ok(None) => {
+                        decided = Locked::Unchanged;
+                        None
+                    }
+                    Err(denial) => {
+                        decided = Locked::Denied(denial);
+                        None
+                    }
+                }
+            })
+            .await;
+        match (locked, decided) {
+            (Ok(LockedUpdate::Missing), _) => Err(self.forget(id, &slot).await),
+            (Ok(LockedUpdate::Applied(version)), Locked::Write(next, _)) => {
+                Ok(self.applied(id, &slot, &mut state, next, version))
+            }
+            (Ok(_), Locked::Unchanged) => Ok(Mutated::unchanged(&state)),
+            (Ok(_), Locked::Denied(denial)) => Err(denial),
+            (Err(err), Locked::Write(next, event)) => Err(self
+                .write_failed(id, &slot, &mut state, next, event, &err)
+                .await),
+            // Failed before deciding (begin, or the locked read): nothing changed.
+            (Err(err), _) => Err(read_failed(Some(id), &err)),
+            (Ok(outcome), _) => Err(SessionError::StorageWriteThrough {
+                session_id: id,
+                detail: format!("storage broke the update_locked contract: {outcome:?}"),
+            }),
+        }
+    }
+
+    /// A write of `next` succeeded at `version`.
+    fn applied(
+        &self,
+        id: Uuid,
+        slot: &Arc<Slot>,
+        state: &mut SlotState,
+        next: TaskSession,
+        version: i64,
+    ) -> Mutated {
+        let was_ahead = state.is_ahead();
+        state.current = next;
+        state.mark_durable(version);
+        if was_ahead {
+            self.pending.remove(id, slot);
+        }
+        Mutated {
+            session: state.current.clone(),
+            changed: true,
+        }
+    }
+
+    /// The row is gone (deleted by retention while cached): forget it everywhere.
+    async fn forget(&self, id: Uuid, slot: &Arc<Slot>) -> SessionError {
+        self.cache.remove(&id).await;
+        self.pending.remove(id, slot);
+        SessionError::NotFound(id)
+    }
+
+    /// The write of `next` failed: the cache goes ahead (the change stays counted), the slot
+    /// is pinned in the pending set and in the cache, and the reconciler is started.
+    async fn write_failed(
+        &self,
+        id: Uuid,
+        slot: &Arc<Slot>,
+        state: &mut SlotState,
+        next: TaskSession,
+        event: AuditEvent,
+        err: &StorageError,
+    ) -> SessionError {
+        state.current = next;
+        state.unwritten.push(event);
+        Counters::bump(&self.counters.write_failures);
+        self.pending.insert(id, Arc::clone(slot));
+        // The cache may hold another slot for `id` (this one was evicted mid-write and a
+        // miss loaded the row again): the ahead state must be the one callers see.
+        self.cache.insert(id, Arc::clone(slot)).await;
+        let detail = error_chain(err);
+        tracing::warn!(session_id = %id, error = %detail, "write-through failed; cache is ahead of storage");
+        self.wake_reconciler();
+        SessionError::StorageWriteThrough {
+            session_id: id,
+            detail,
+        }
+    }
+}

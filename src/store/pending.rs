@@ -1,0 +1,60 @@
+//! The pending set: sessions whose cached state is ahead of storage.
+//!
+//! # Invariant: pinning
+//! A slot in this set is kept alive by the set itself, whatever the cache evicts, and a
+//! cache miss looks here before storage: loading the older durable row instead would hand
+//! an agent back budget it already spent. A slot leaves the set only once storage holds
+//! its state. The lock is a `std` mutex held for a map operation, never across an await.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use uuid::Uuid;
+
+use super::slot::Slot;
+
+#[derive(Debug, Default)]
+pub(crate) struct PendingSet {
+    slots: Mutex<HashMap<Uuid, Arc<Slot>>>,
+}
+
+impl PendingSet {
+    fn slots(&self) -> MutexGuard<'_, HashMap<Uuid, Arc<Slot>>> {
+        // No code panics while holding the lock, so a poisoned map is still consistent.
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn insert(&self, id: Uuid, slot: Arc<Slot>) {
+        self.slots().insert(id, slot);
+    }
+
+    pub(crate) fn get(&self, id: Uuid) -> Option<Arc<Slot>> {
+        self.slots().get(&id).cloned()
+    }
+
+    /// Removes `id` only if it still maps to `slot` (a newer slot may have replaced it).
+    pub(crate) fn remove(&self, id: Uuid, slot: &Arc<Slot>) {
+        let mut slots = self.slots();
+        if slots
+            .get(&id)
+            .is_some_and(|pinned| Arc::ptr_eq(pinned, slot))
+        {
+            slots.remove(&id);
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots().len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slots().is_empty()
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<(Uuid, Arc<Slot>)> {
+        self.slots()
+            .iter()
+            .map(|(id, slot)| (*id, Arc::clone(slot)))
+            .collect()
+    }
+}

@@ -1,0 +1,56 @@
+//! Counters behind [`StoreStats`](crate::StoreStats). Relaxed atomics: each counter is
+//! exact on its own, and a snapshot is not a consistent cut across counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of a store's counters, for metrics and for operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Sessions in the cache (moka's count, which lags until its housekeeping runs).
+    pub cache_entries: u64,
+    /// Lookups answered by the cache.
+    pub cache_hits: u64,
+    /// Lookups that went to the pending set or storage.
+    pub cache_misses: u64,
+    /// Sessions whose cached state is ahead of storage right now.
+    pub pending: u64,
+    /// Writes that failed and left the cache ahead (`StorageWriteThrough`).
+    pub write_failures: u64,
+    /// Versioned writes that found the row changed by someone else.
+    pub conflicts: u64,
+    /// Pending sessions the reconciler made durable.
+    pub reconciled: u64,
+    /// Sessions evicted from the cache (capacity or idle time).
+    pub evictions: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) cache_hits: AtomicU64,
+    pub(crate) cache_misses: AtomicU64,
+    pub(crate) write_failures: AtomicU64,
+    pub(crate) conflicts: AtomicU64,
+    pub(crate) reconciled: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, cache_entries: u64, pending: u64) -> StoreStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StoreStats {
+            cache_entries,
+            cache_hits: get(&self.cache_hits),
+            cache_misses: get(&self.cache_misses),
+            pending,
+            write_failures: get(&self.write_failures),
+            conflicts: get(&self.conflicts),
+            reconciled: get(&self.reconciled),
+            evictions: get(&self.evictions),
+        }
+    }
+}

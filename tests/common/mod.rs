@@ -1,0 +1,63 @@
+//! Shared helpers for the integration tests. Every database test runs under
+//! `#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]`: a fresh database per test,
+//! migrations applied, dropped afterwards.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::sync::Arc;
+
+use arbiter_session::{CreateSessionRequest, ManualClock, PgPool, PgStorage, SessionStore};
+use chrono::Duration;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+/// A request for `agent` with the given tools and budget, ten minutes long.
+pub fn request(agent: Uuid, tools: &[&str], budget: u64) -> CreateSessionRequest {
+    CreateSessionRequest::new(agent, tools.iter().copied(), budget, Duration::minutes(10))
+}
+
+/// A store over `pool` whose time is `clock`.
+pub fn store(pool: &PgPool, clock: &ManualClock) -> SessionStore {
+    SessionStore::builder(PgStorage::new(pool.clone()))
+        .clock(Arc::new(clock.clone()))
+        .build()
+}
+
+/// A second, independent pool on the same database: what another gateway process has.
+pub async fn other_process_pool(pool: &PgPool) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .expect("second pool connects")
+}
+
+/// The stored row's counters and status, read with plain SQL.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Row {
+    pub calls_made: i64,
+    pub rate_window_calls: i64,
+    pub status: String,
+    pub version: i64,
+}
+
+pub async fn row(pool: &PgPool, id: Uuid) -> Row {
+    sqlx::query_as!(
+        Row,
+        "SELECT calls_made, rate_window_calls, status, version FROM arbiter.sessions WHERE session_id = $1",
+        id
+    )
+    .fetch_one(pool)
+    .await
+    .expect("session row exists")
+}
+
+/// Audit event kinds of `id`, oldest first.
+pub async fn event_kinds(pool: &PgPool, id: Uuid) -> Vec<String> {
+    sqlx::query_scalar!(
+        "SELECT kind FROM arbiter.session_events WHERE session_id = $1 ORDER BY event_id",
+        id
+    )
+    .fetch_all(pool)
+    .await
+    .expect("events readable")
+}

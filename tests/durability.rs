@@ -1,0 +1,248 @@
+//! What PostgreSQL holds and defends: restart survival, several stores on one database,
+//! an operator's SQL, and the schema's own guards.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arbiter_session::{ManualClock, PgPool, SessionError, SessionStatus, SessionStore};
+use chrono::Duration;
+use common::{other_process_pool, request, row, store};
+use uuid::Uuid;
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn restart_keeps_counters_status_window_and_binding(pool: PgPool) {
+    let clock = ManualClock::starting_now();
+    let agent = Uuid::new_v4();
+    let (id, closed_id, before) = {
+        let first = store(&pool, &clock);
+        let mut req = request(agent, &["a", "b"], 10);
+        req.rate_limit_per_minute = Some(3);
+        let s = first.create(req).await.unwrap();
+        first
+            .use_session(s.session_id, "a", Some(agent))
+            .await
+            .unwrap();
+        clock.advance(Duration::milliseconds(1500));
+        let before = first
+            .use_session_batch(s.session_id, &["a", "b"], Some(agent))
+            .await
+            .unwrap();
+        let closed = first.create(request(agent, &["a"], 10)).await.unwrap();
+        first.close(closed.session_id).await.unwrap();
+        (s.session_id, closed.session_id, before)
+        // `first` is dropped here: a restart without shutdown.
+    };
+    let second = store(&pool, &clock);
+    let after = second.get(id).await.unwrap();
+    assert_eq!(
+        after, before,
+        "the reloaded session equals what the first store returned"
+    );
+    assert_eq!((after.calls_made, after.rate_window_calls), (3, 3));
+    assert!(matches!(
+        second.use_session(id, "a", Some(agent)).await,
+        Err(SessionError::RateLimited { .. })
+    ));
+    assert!(matches!(
+        second.use_session(id, "a", Some(Uuid::new_v4())).await,
+        Err(SessionError::AgentMismatch { .. })
+    ));
+    assert!(matches!(
+        second.use_session(closed_id, "a", None).await,
+        Err(SessionError::AlreadyClosed(_))
+    ));
+    clock.advance(Duration::minutes(1));
+    assert_eq!(
+        second
+            .use_session(id, "b", Some(agent))
+            .await
+            .unwrap()
+            .calls_made,
+        4
+    );
+}
+
+/// Two stores (two gateway processes: separate caches, separate pools) hammer one session.
+/// The race: both decide from their cached `calls_made`; only versioned writes keep the
+/// sum exact.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn two_stores_64_tasks_one_session_budget_is_exact(pool: PgPool) {
+    let a = SessionStore::postgres(other_process_pool(&pool).await);
+    let b = SessionStore::postgres(other_process_pool(&pool).await);
+    let id = a
+        .create(request(Uuid::new_v4(), &["t"], 100))
+        .await
+        .unwrap()
+        .session_id;
+    b.get(id).await.unwrap();
+    let oks = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for store in [a.clone(), b.clone()] {
+        for _ in 0..32 {
+            let (store, oks) = (store.clone(), Arc::clone(&oks));
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    match store.use_session(id, "t", None).await {
+                        Ok(_) => {
+                            oks.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(SessionError::BudgetExceeded { .. }) => return,
+                        Err(other) => panic!("unexpected {other:?}"),
+                    }
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(oks.load(Ordering::SeqCst), 100);
+    assert_eq!(row(&pool, id).await.calls_made, 100);
+    let allowed = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM arbiter.session_events WHERE session_id = $1 AND kind = 'call_allowed'"#,
+        id
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(allowed, 100);
+    assert_eq!(a.stats().pending + b.stats().pending, 0);
+}
+
+/// 20 concurrent capped creates for one agent across two stores: the cap is decided inside
+/// PostgreSQL, so exactly `max` succeed.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn two_stores_20_capped_creates_admit_exactly_3(pool: PgPool) {
+    let a = SessionStore::postgres(other_process_pool(&pool).await);
+    let b = SessionStore::postgres(other_process_pool(&pool).await);
+    let agent = Uuid::new_v4();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            store
+                .create_if_under_cap(request(agent, &["t"], 5), 3)
+                .await
+        }));
+    }
+    let (mut created, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => created += 1,
+            Err(SessionError::TooManySessions {
+                max: 3, current: 3, ..
+            }) => refused += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((created, refused), (3, 17));
+    assert_eq!(a.count_active_for_agent(agent).await.unwrap(), 3);
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn operator_sql_close_is_honoured_by_a_cached_store(pool: PgPool) {
+    let clock = ManualClock::starting_now();
+    let store = store(&pool, &clock);
+    let s = store
+        .create(request(Uuid::new_v4(), &["a"], 5))
+        .await
+        .unwrap();
+    store.use_session(s.session_id, "a", None).await.unwrap();
+    let before = row(&pool, s.session_id).await;
+    sqlx::query!(
+        "UPDATE arbiter.sessions SET status = 'closed' WHERE session_id = $1",
+        s.session_id
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        row(&pool, s.session_id).await.version,
+        before.version + 1,
+        "plain SQL advances the version"
+    );
+    assert!(matches!(
+        store.use_session(s.session_id, "a", None).await,
+        Err(SessionError::AlreadyClosed(_))
+    ));
+    assert_eq!(
+        store.get(s.session_id).await.unwrap().status,
+        SessionStatus::Closed
+    );
+    assert_eq!(row(&pool, s.session_id).await.calls_made, 1);
+    assert_eq!(store.stats().conflicts, 1);
+}
+
+/// The schema refuses what the library never does, whoever tries it.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn schema_guards_budget_status_and_audit_trail(pool: PgPool) {
+    let clock = ManualClock::starting_now();
+    let store = store(&pool, &clock);
+    let s = store
+        .create(request(Uuid::new_v4(), &["a"], 2))
+        .await
+        .unwrap();
+    let id = s.session_id;
+    let constraint = |err: sqlx::Error| match err {
+        sqlx::Error::Database(db) => db.constraint().map(str::to_owned),
+        _ => None,
+    };
+
+    let over = sqlx::query!(
+        "UPDATE arbiter.sessions SET calls_made = 3 WHERE session_id = $1",
+        id
+    )
+    .execute(&pool)
+    .await
+    .unwrap_err();
+    assert_eq!(
+        constraint(over).as_deref(),
+        Some("sessions_calls_within_budget")
+    );
+
+    store.close(id).await.unwrap();
+    let reopen = sqlx::query!(
+        "UPDATE arbiter.sessions SET status = 'active' WHERE session_id = $1",
+        id
+    )
+    .execute(&pool)
+    .await
+    .unwrap_err();
+    assert_eq!(
+        constraint(reopen).as_deref(),
+        Some("sessions_status_monotonic")
+    );
+
+    let edit = sqlx::query!(
+        "UPDATE arbiter.session_events SET kind = 'closed' WHERE session_id = $1",
+        id
+    )
+    .execute(&pool)
+    .await
+    .unwrap_err();
+    assert_eq!(
+        constraint(edit).as_deref(),
+        Some("session_events_append_only")
+    );
+    let delete = sqlx::query!(
+        "DELETE FROM arbiter.session_events WHERE session_id = $1",
+        id
+    )
+    .execute(&pool)
+    .await
+    .unwrap_err();
+    assert_eq!(
+        constraint(delete).as_deref(),
+        Some("session_events_append_only")
+    );
+    let truncate = sqlx::query!("TRUNCATE arbiter.session_events")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        constraint(truncate).as_deref(),
+        Some("session_events_append_only")
+    );
+}
