@@ -68,8 +68,8 @@ start_throwaway_cluster() {
     as_pg_user "$pg_ctl" -D "$ARBITER_PG_DATA" -l "$root/server.log" -w -t 30 \
         -o "-p $port -k $root -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null || {
         echo "postgres: the throwaway cluster did not start, see $root/server.log" >&2; return 1; }
+    # Not exported: only this script stops the cluster, never a child that inherits the URL.
     trap stop_throwaway_cluster EXIT
-    export ARBITER_PG_DATA
     DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
     echo "postgres: started a throwaway cluster on port $port (data in $ARBITER_PG_DATA)" >&2
 }
