@@ -77,6 +77,9 @@ CREATE TRIGGER sessions_version_advance
 
 CREATE TABLE arbiter.session_events (
     event_id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- Chosen by the writer. After a write whose outcome it did not learn (the commit may
+    -- have happened), the writer looks its keys up here, so a change is never applied twice.
+    event_key         uuid        NOT NULL,
     session_id        uuid        NOT NULL,
     agent_id          uuid        NOT NULL,
     kind              text        NOT NULL,
@@ -94,6 +97,7 @@ CREATE TABLE arbiter.session_events (
     -- The process that wrote the event (SessionStore instance id).
     instance_id       uuid        NOT NULL,
 
+    CONSTRAINT session_events_key_unique UNIQUE (event_key),
     CONSTRAINT session_events_kind_known CHECK (kind IN
         ('created', 'call_allowed', 'batch_allowed', 'closed', 'expired', 'reconciled'))
 );

@@ -51,6 +51,10 @@ impl fmt::Display for EventKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AuditEvent {
+    /// Unique key of the event (`session_events.event_key`). After a write whose outcome
+    /// was unknown, the store asks storage which keys landed, so an event (and the change
+    /// it records) is never applied twice.
+    pub key: Uuid,
     /// What happened.
     pub kind: EventKind,
     /// The tool(s) of a call or batch; empty otherwise.
@@ -77,6 +81,7 @@ impl AuditEvent {
         instance_id: Uuid,
     ) -> Self {
         AuditEvent {
+            key: Uuid::new_v4(),
             kind,
             tools,
             calls_made: after.calls_made,

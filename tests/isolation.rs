@@ -79,12 +79,17 @@ impl Storage for Instrumented {
         self.wait_if_stalled(s.session_id).await;
         self.inner.update(s, expected, events).await
     }
-    async fn update_locked<F>(&self, id: Uuid, decide: F) -> Result<LockedUpdate, StorageError>
+    async fn update_locked<F>(
+        &self,
+        id: Uuid,
+        keys: &[Uuid],
+        decide: F,
+    ) -> Result<LockedUpdate, StorageError>
     where
-        F: FnOnce(Versioned) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
+        F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
     {
         self.wait_if_stalled(id).await;
-        self.inner.update_locked(id, decide).await
+        self.inner.update_locked(id, keys, decide).await
     }
     async fn count_live_for_agent(&self, a: Uuid, now: DateTime<Utc>) -> Result<u64, StorageError> {
         self.inner.count_live_for_agent(a, now).await

@@ -136,13 +136,16 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     async fn update_locked<F>(
         &self,
         session_id: Uuid,
+        probe_keys: &[Uuid],
         decide: F,
     ) -> Result<LockedUpdate, StorageError>
     where
-        F: FnOnce(Versioned) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
+        F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
     {
         self.check_write()?;
-        self.inner.update_locked(session_id, decide).await
+        self.inner
+            .update_locked(session_id, probe_keys, decide)
+            .await
     }
 
     async fn count_live_for_agent(

@@ -2,7 +2,7 @@
 //! embedding without a database. It keeps the same guards as the PostgreSQL schema, so a
 //! bug caught by a constraint there is caught here too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use chrono::{DateTime, Utc};
@@ -23,6 +23,8 @@ pub struct MemoryStorage {
 struct Tables {
     sessions: HashMap<Uuid, Versioned>,
     events: Vec<(Uuid, AuditEvent)>,
+    /// Every stored event key, like the `session_events_key_unique` constraint.
+    event_keys: HashSet<Uuid>,
 }
 
 impl MemoryStorage {
@@ -64,6 +66,9 @@ impl Tables {
         if self.sessions.contains_key(&session.session_id) {
             return Err(constraint("sessions_pkey"));
         }
+        if !self.event_keys.insert(event.key) {
+            return Err(constraint("session_events_key_unique"));
+        }
         self.sessions.insert(
             session.session_id,
             Versioned {
@@ -94,6 +99,9 @@ impl Tables {
         {
             return Err(constraint("sessions_status_monotonic"));
         }
+        if events.iter().any(|new| self.event_keys.contains(&new.key)) {
+            return Err(constraint("session_events_key_unique"));
+        }
         // Only the mutable state is written, as in PgStorage.
         stored.session.calls_made = session.calls_made;
         stored.session.rate_window_started_at = session.rate_window_started_at;
@@ -102,6 +110,7 @@ impl Tables {
         stored.version += 1;
         let version = stored.version;
         let id = session.session_id;
+        self.event_keys.extend(events.iter().map(|e| e.key));
         self.events.extend(events.iter().map(|e| (id, e.clone())));
         Ok(UpdateOutcome::Applied(version))
     }
@@ -156,18 +165,24 @@ impl Storage for MemoryStorage {
     async fn update_locked<F>(
         &self,
         session_id: Uuid,
+        probe_keys: &[Uuid],
         decide: F,
     ) -> Result<LockedUpdate, StorageError>
     where
-        F: FnOnce(Versioned) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
+        F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
     {
         // The table lock is the row lock: nothing interleaves between read and write.
         let mut tables = self.tables();
         let Some(fresh) = tables.sessions.get(&session_id).cloned() else {
             return Ok(LockedUpdate::Missing);
         };
+        // Keys are unique across sessions, and the store probes only its own session's.
+        let landed = probe_keys
+            .iter()
+            .filter(|key| tables.event_keys.contains(key))
+            .count();
         let version = fresh.version;
-        match decide(fresh) {
+        match decide(fresh, landed) {
             None => Ok(LockedUpdate::Declined),
             Some((next, events)) => match tables.update(&next, version, &events)? {
                 UpdateOutcome::Applied(version) => Ok(LockedUpdate::Applied(version)),

@@ -111,6 +111,9 @@ pub trait Storage: Send + Sync + 'static {
     /// Loads the session locked against every other writer, asks `decide` for the new state
     /// and its events given the fresh row, and writes them, all in one transaction.
     ///
+    /// `decide` also gets how many of `probe_keys` are already stored as event keys: the
+    /// events of an earlier write whose outcome the caller never learned.
+    ///
     /// The store uses this after an optimistic [`Storage::update`] conflicted: because no
     /// writer can slip in between the read and the write, a caller that lost a race once
     /// is guaranteed to make progress, however hot the session is in other processes.
@@ -118,10 +121,11 @@ pub trait Storage: Send + Sync + 'static {
     fn update_locked<F>(
         &self,
         session_id: Uuid,
+        probe_keys: &[Uuid],
         decide: F,
     ) -> impl Future<Output = Result<LockedUpdate, StorageError>> + Send
     where
-        F: FnOnce(Versioned) -> Option<(TaskSession, Vec<AuditEvent>)> + Send;
+        F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send;
 
     /// Live sessions (active and `now < expires_at`) of `agent_id`.
     fn count_live_for_agent(

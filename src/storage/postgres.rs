@@ -110,6 +110,7 @@ impl TryFrom<SessionRow> for Versioned {
 /// carries any number of events without a round trip each.
 #[derive(serde::Serialize)]
 struct EventJson<'a> {
+    event_key: Uuid,
     kind: &'static str,
     tools: &'a [String],
     calls_made: i64,
@@ -122,6 +123,7 @@ struct EventJson<'a> {
 impl<'a> From<&'a AuditEvent> for EventJson<'a> {
     fn from(event: &'a AuditEvent) -> Self {
         EventJson {
+            event_key: event.key,
             kind: event.kind.as_str(),
             tools: &event.tools,
             calls_made: to_bigint(event.calls_made),
@@ -244,14 +246,15 @@ impl PgStorage {
                 RETURNING session_id, agent_id, version
             ), events AS (
                 INSERT INTO arbiter.session_events (
-                    session_id, agent_id, kind, tools, calls_made, rate_window_calls, status,
-                    session_version, occurred_at, instance_id)
-                SELECT u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
+                    event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+                    status, session_version, occurred_at, instance_id)
+                SELECT e.event_key, u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
                        e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id
                   FROM updated u
                  CROSS JOIN jsonb_to_recordset($7::jsonb) AS e(
-                       kind text, tools text[], calls_made bigint, rate_window_calls bigint,
-                       status text, occurred_at timestamptz, instance_id uuid)
+                       event_key uuid, kind text, tools text[], calls_made bigint,
+                       rate_window_calls bigint, status text, occurred_at timestamptz,
+                       instance_id uuid)
             )
             SELECT version FROM updated
             "#,
@@ -289,9 +292,9 @@ impl PgStorage {
                 RETURNING session_id, agent_id, version
             )
             INSERT INTO arbiter.session_events (
-                session_id, agent_id, kind, tools, calls_made, rate_window_calls, status,
-                session_version, occurred_at, instance_id)
-            SELECT session_id, agent_id, $17, '{}', $8, $12, $14, version, $18, $19
+                event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+                status, session_version, occurred_at, instance_id)
+            SELECT $20, session_id, agent_id, $17, '{}', $8, $12, $14, version, $18, $19
               FROM inserted
             RETURNING session_version
             "#,
@@ -314,6 +317,7 @@ impl PgStorage {
             event.kind.as_str(),
             event.occurred_at,
             event.instance_id,
+            event.key,
         )
         .fetch_one(executor)
         .await?;
@@ -373,10 +377,11 @@ impl Storage for PgStorage {
     async fn update_locked<F>(
         &self,
         session_id: Uuid,
+        probe_keys: &[Uuid],
         decide: F,
     ) -> Result<LockedUpdate, StorageError>
     where
-        F: FnOnce(Versioned) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
+        F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
     {
         // Dropping `tx` on an early return (or a cancelled future) rolls back and releases
         // the row lock.
@@ -384,8 +389,26 @@ impl Storage for PgStorage {
         let Some(fresh) = Self::load_with(&mut *tx, session_id, RowLock::ForUpdate).await? else {
             return Ok(LockedUpdate::Missing);
         };
+        let landed = if probe_keys.is_empty() {
+            0
+        } else {
+            // Under the row lock no event of this session can be added meanwhile.
+            // language=PostgreSQL
+            let landed = sqlx::query_scalar!(
+                r#"
+                SELECT count(*) AS "landed!"
+                  FROM arbiter.session_events
+                 WHERE event_key = ANY($1) AND session_id = $2
+                "#,
+                probe_keys,
+                session_id
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            usize::try_from(landed).unwrap_or(0)
+        };
         let version = fresh.version;
-        let Some((next, events)) = decide(fresh) else {
+        let Some((next, events)) = decide(fresh, landed) else {
             return Ok(LockedUpdate::Declined);
         };
         let outcome = Self::update_with(&mut *tx, &next, version, &events).await?;

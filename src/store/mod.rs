@@ -603,10 +603,11 @@ impl<S: Storage> Inner<S> {
         }
 
         let mut decided = Locked::NotReached;
+        let probe = state.unwritten_keys();
         let locked = self
             .storage
-            .update_locked(id, |fresh| {
-                state.rebase(fresh);
+            .update_locked(id, &probe, |fresh, landed| {
+                state.rebase(fresh, landed);
                 match self.decide(&state.current, mutation, now) {
                     Ok(Some((next, event))) => {
                         let events = state.events_with(&event).into_owned();

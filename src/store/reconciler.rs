@@ -129,10 +129,11 @@ impl<S: Storage> Inner<S> {
             Ok(UpdateOutcome::Conflict) => {
                 Counters::bump(&self.counters.conflicts);
                 let at = self.now();
+                let probe = state.unwritten_keys();
                 self.storage
-                    .update_locked(id, |fresh| {
-                        state.rebase(fresh);
-                        // The merge may have dropped every unwritten call (no room left).
+                    .update_locked(id, &probe, |fresh, landed| {
+                        state.rebase(fresh, landed);
+                        // Everything may have landed already, or no longer fit the budget.
                         state.is_ahead().then(|| {
                             let reconciled = state.reconciled_event(at, self.instance_id);
                             let events = state.events_with(&reconciled).into_owned();

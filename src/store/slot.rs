@@ -28,21 +28,22 @@ impl Slot {
 
 #[derive(Debug)]
 pub(crate) struct SlotState {
-    /// What this process believes: equal to `durable` unless a write failed, then ahead.
+    /// What this process believes: what storage holds at `durable_version`, plus the
+    /// changes of `unwritten` when a write failed.
     pub(crate) current: TaskSession,
-    /// The state as of `durable_version`, the base the next versioned write names.
-    pub(crate) durable: TaskSession,
+    /// The version the next versioned write names.
     pub(crate) durable_version: Version,
-    /// Events of the changes applied to `current` but not yet durable, oldest first.
-    /// Non-empty exactly when the slot is in the pending set.
+    /// Events of the changes applied to `current` but not known to be durable, oldest
+    /// first. Non-empty exactly when the slot is in the pending set. Every write attempt
+    /// carries all of them, so the ones that landed (an ambiguous failure that did commit)
+    /// are always a prefix.
     pub(crate) unwritten: Vec<AuditEvent>,
 }
 
 impl SlotState {
     pub(crate) fn new(stored: Versioned) -> Self {
         SlotState {
-            current: stored.session.clone(),
-            durable: stored.session,
+            current: stored.session,
             durable_version: stored.version,
             unwritten: Vec::new(),
         }
@@ -52,27 +53,28 @@ impl SlotState {
         !self.unwritten.is_empty()
     }
 
+    /// Keys of the unwritten events, to ask storage which of them landed.
+    pub(crate) fn unwritten_keys(&self) -> Vec<uuid::Uuid> {
+        self.unwritten.iter().map(|event| event.key).collect()
+    }
+
     /// A write of `current` (and every unwritten event) succeeded at `version`.
     pub(crate) fn mark_durable(&mut self, version: Version) {
-        self.durable = self.current.clone();
         self.durable_version = version;
         self.unwritten.clear();
     }
 
-    /// Storage holds `fresh`, newer than our base. Adopt it, carrying over what this
-    /// process counted but could not yet write, merged monotonically.
-    pub(crate) fn rebase(&mut self, fresh: Versioned) {
-        if self.is_ahead() {
-            let merged = merge(&fresh.session, &self.durable, &self.current);
-            trim_uncounted_calls(
-                &mut self.unwritten,
-                merged.calls_made - fresh.session.calls_made,
-            );
-            self.current = merged;
+    /// Storage holds `fresh`, newer than our version, and already contains the first
+    /// `landed` unwritten events (a write reported as failed that did commit). Adopt
+    /// `fresh`, re-applying on top of it only the changes that did not land.
+    pub(crate) fn rebase(&mut self, fresh: Versioned, landed: usize) {
+        let landed = std::cmp::min(landed, self.unwritten.len());
+        self.unwritten.drain(..landed);
+        self.current = if self.unwritten.is_empty() {
+            fresh.session
         } else {
-            self.current = fresh.session.clone();
-        }
-        self.durable = fresh.session;
+            merge(&fresh.session, &self.current, &mut self.unwritten)
+        };
         self.durable_version = fresh.version;
     }
 
@@ -104,73 +106,58 @@ impl SlotState {
     }
 }
 
-/// Merges the changes this process made (`base` -> `ahead`) into `fresh`, the newer state
-/// in storage.
+/// Re-applies the changes recorded by `unwritten` (which did not land) on top of `fresh`,
+/// the newer state in storage; `ahead` is the state this process had built from them.
 ///
 /// # Invariant: monotonic merge
-/// Status never leaves closed or expired (a terminal status in storage wins, ours applies
-/// only over active); counters never decrease (our increments are added to storage's),
-/// and never pass the budget or the window's limit: increments that no longer fit are
-/// dropped. They belong to calls that were denied (`StorageWriteThrough`) to the caller,
-/// so dropping them never takes back a call that got `Ok`.
-fn merge(fresh: &TaskSession, base: &TaskSession, ahead: &TaskSession) -> TaskSession {
-    let added = ahead.calls_made.saturating_sub(base.calls_made);
-    let calls_made = std::cmp::min(fresh.calls_made.saturating_add(added), fresh.call_budget);
-
-    let (window_started_at, window_calls) =
-        match (ahead.rate_window_started_at, fresh.rate_window_started_at) {
-            (Some(ours), Some(theirs)) if ours == theirs => {
-                let ours_added = if base.rate_window_started_at == Some(ours) {
-                    ahead
-                        .rate_window_calls
-                        .saturating_sub(base.rate_window_calls)
-                } else {
-                    ahead.rate_window_calls
-                };
-                (
-                    Some(ours),
-                    fresh.rate_window_calls.saturating_add(ours_added),
-                )
-            }
-            (Some(ours), theirs) if theirs.is_none_or(|theirs| ours > theirs) => {
-                (Some(ours), ahead.rate_window_calls)
-            }
-            _ => (fresh.rate_window_started_at, fresh.rate_window_calls),
+/// A terminal status in storage wins; ours applies only over active. Counters never
+/// decrease: each unwritten call is added to storage's count, in order, while it fits the
+/// budget. Calls that no longer fit are dropped with their events; they belong to calls
+/// that were denied (`StorageWriteThrough`) to the caller, so dropping them never takes
+/// back a call that got `Ok`. The events left are renumbered so the audit trail's counters
+/// follow the merged timeline.
+fn merge(fresh: &TaskSession, ahead: &TaskSession, unwritten: &mut Vec<AuditEvent>) -> TaskSession {
+    let mut calls = fresh.calls_made;
+    // The newer rate window wins; calls count toward it if they happened inside it.
+    let (window_started_at, mut window_calls) =
+        match (fresh.rate_window_started_at, ahead.rate_window_started_at) {
+            (theirs, Some(ours)) if theirs.is_none_or(|theirs| ours > theirs) => (Some(ours), 0),
+            (theirs, _) => (theirs, fresh.rate_window_calls),
         };
-    let window_calls = match fresh.rate_limit_per_minute {
-        Some(limit) => std::cmp::min(window_calls, limit),
-        None => window_calls,
-    };
-
-    let status = if fresh.status == SessionStatus::Active {
-        ahead.status
-    } else {
-        fresh.status
-    };
+    let window_limit = fresh.rate_limit_per_minute.unwrap_or(u64::MAX);
+    let mut status = fresh.status;
+    unwritten.retain_mut(|event| {
+        match event.kind {
+            EventKind::CallAllowed | EventKind::BatchAllowed => {
+                let n = event.tools.len() as u64;
+                match calls
+                    .checked_add(n)
+                    .filter(|&after| after <= fresh.call_budget)
+                {
+                    Some(after) => calls = after,
+                    None => return false,
+                }
+                if window_started_at.is_some_and(|start| event.occurred_at >= start) {
+                    window_calls = std::cmp::min(window_calls.saturating_add(n), window_limit);
+                }
+            }
+            EventKind::Closed | EventKind::Expired if status == SessionStatus::Active => {
+                status = event.status;
+            }
+            _ => {}
+        }
+        event.calls_made = calls;
+        event.rate_window_calls = window_calls;
+        event.status = status;
+        true
+    });
     TaskSession {
-        calls_made,
+        calls_made: calls,
         rate_window_started_at: window_started_at,
         rate_window_calls: window_calls,
         status,
         ..fresh.clone()
     }
-}
-
-/// Keeps only as many unwritten call events as the merge could still count (`room`
-/// calls), so the audit trail never records a call the row does not count.
-fn trim_uncounted_calls(events: &mut Vec<AuditEvent>, mut room: u64) {
-    events.retain(|event| match event.kind {
-        EventKind::CallAllowed | EventKind::BatchAllowed => {
-            let calls = event.tools.len() as u64;
-            if calls <= room {
-                room -= calls;
-                true
-            } else {
-                false
-            }
-        }
-        _ => true,
-    });
 }
 
 #[cfg(test)]
@@ -181,7 +168,7 @@ mod tests {
     use super::*;
     use crate::model::CreateSessionRequest;
 
-    fn base(budget: u64) -> TaskSession {
+    fn session(budget: u64) -> TaskSession {
         let req = CreateSessionRequest::new(Uuid::new_v4(), ["t"], budget, Duration::minutes(5));
         TaskSession::from_request(Uuid::new_v4(), &req, Utc::now())
     }
@@ -194,71 +181,106 @@ mod tests {
         }
     }
 
-    #[test]
-    fn merge_adds_our_increments_to_theirs() {
-        let b = with(&base(10), 2, SessionStatus::Active);
-        let merged = merge(
-            &with(&b, 5, SessionStatus::Active),
-            &b,
-            &with(&b, 4, SessionStatus::Active),
-        );
-        assert_eq!(merged.calls_made, 7);
+    fn call(s: &TaskSession, tools: usize) -> AuditEvent {
+        let kind = if tools == 1 {
+            EventKind::CallAllowed
+        } else {
+            EventKind::BatchAllowed
+        };
+        AuditEvent::new(
+            kind,
+            vec!["t".to_owned(); tools],
+            s,
+            Utc::now(),
+            Uuid::nil(),
+        )
+    }
+
+    fn slot(durable: &TaskSession, ahead: TaskSession, unwritten: Vec<AuditEvent>) -> SlotState {
+        let mut state = SlotState::new(Versioned {
+            session: durable.clone(),
+            version: 1,
+        });
+        state.current = ahead;
+        state.unwritten = unwritten;
+        state
+    }
+
+    fn fresh(session: TaskSession) -> Versioned {
+        Versioned {
+            session,
+            version: 7,
+        }
     }
 
     #[test]
-    fn merge_never_passes_budget_nor_reopens() {
-        let b = with(&base(6), 2, SessionStatus::Active);
-        let merged = merge(
-            &with(&b, 5, SessionStatus::Closed),
-            &b,
-            &with(&b, 4, SessionStatus::Active),
+    fn rebase_adds_unlanded_calls_to_storage_count() {
+        let s = with(&session(10), 2, SessionStatus::Active);
+        let mut state = slot(
+            &s,
+            with(&s, 5, SessionStatus::Active),
+            vec![call(&s, 1), call(&s, 2)],
         );
+        state.rebase(fresh(with(&s, 4, SessionStatus::Active)), 0);
+        assert_eq!(state.current.calls_made, 7);
+        assert_eq!(state.durable_version, 7);
+        let after: Vec<u64> = state.unwritten.iter().map(|e| e.calls_made).collect();
+        assert_eq!(after, [5, 7], "events renumbered on the merged timeline");
+    }
+
+    #[test]
+    fn rebase_skips_what_already_landed() {
+        let s = with(&session(10), 2, SessionStatus::Active);
+        let mut state = slot(
+            &s,
+            with(&s, 4, SessionStatus::Active),
+            vec![call(&s, 1), call(&s, 1)],
+        );
+        // Both calls committed although we were told otherwise; someone added one more.
+        state.rebase(fresh(with(&s, 5, SessionStatus::Active)), 2);
+        assert_eq!(state.current.calls_made, 5, "nothing is counted twice");
+        assert!(!state.is_ahead());
+    }
+
+    #[test]
+    fn rebase_never_passes_budget_nor_reopens() {
+        let s = with(&session(6), 2, SessionStatus::Active);
+        let mut state = slot(
+            &s,
+            with(&s, 5, SessionStatus::Active),
+            vec![call(&s, 1), call(&s, 2)],
+        );
+        state.rebase(fresh(with(&s, 5, SessionStatus::Closed)), 0);
         assert_eq!(
-            (merged.calls_made, merged.status),
+            (state.current.calls_made, state.current.status),
             (6, SessionStatus::Closed)
         );
-        let merged = merge(
-            &with(&b, 5, SessionStatus::Active),
-            &b,
-            &with(&b, 2, SessionStatus::Expired),
-        );
         assert_eq!(
-            (merged.calls_made, merged.status),
-            (5, SessionStatus::Expired)
+            state.unwritten.len(),
+            1,
+            "the batch that no longer fits is dropped"
         );
-        let merged = merge(
-            &with(&b, 5, SessionStatus::Expired),
-            &b,
-            &with(&b, 2, SessionStatus::Closed),
+
+        let closed = AuditEvent::new(
+            EventKind::Closed,
+            vec![],
+            &with(&s, 2, SessionStatus::Closed),
+            Utc::now(),
+            Uuid::nil(),
         );
+        let mut state = slot(&s, with(&s, 2, SessionStatus::Closed), vec![closed.clone()]);
+        state.rebase(fresh(with(&s, 3, SessionStatus::Active)), 0);
         assert_eq!(
-            merged.status,
+            (state.current.calls_made, state.current.status),
+            (3, SessionStatus::Closed)
+        );
+
+        let mut state = slot(&s, with(&s, 2, SessionStatus::Closed), vec![closed]);
+        state.rebase(fresh(with(&s, 3, SessionStatus::Expired)), 0);
+        assert_eq!(
+            state.current.status,
             SessionStatus::Expired,
             "storage's terminal status wins"
         );
-    }
-
-    #[test]
-    fn trim_drops_calls_that_no_longer_fit() {
-        let s = base(10);
-        let call = |n: usize| {
-            AuditEvent::new(
-                if n == 1 {
-                    EventKind::CallAllowed
-                } else {
-                    EventKind::BatchAllowed
-                },
-                vec!["t".to_owned(); n],
-                &s,
-                Utc::now(),
-                Uuid::nil(),
-            )
-        };
-        let closed = AuditEvent::new(EventKind::Closed, vec![], &s, Utc::now(), Uuid::nil());
-        let mut events = vec![call(1), call(2), closed.clone(), call(1)];
-        trim_uncounted_calls(&mut events, 2);
-        let kept: Vec<usize> = events.iter().map(|e| e.tools.len()).collect();
-        assert_eq!(kept, vec![1, 0, 1]);
-        assert_eq!(events[1], closed);
     }
 }
