@@ -7,7 +7,7 @@
 use std::error::Error;
 
 use arbiter_session::{
-    CreateSessionRequest, PgPool, SessionError, SessionStore, migrate, status_code_for_error,
+    CreateSessionRequest, PgStorage, SessionError, SessionStore, migrate, status_code_for_error,
 };
 use chrono::Duration;
 use uuid::Uuid;
@@ -28,9 +28,9 @@ fn show(what: &str, outcome: &Result<arbiter_session::TaskSession, SessionError>
 async fn main() -> Result<(), Box<dyn Error>> {
     let url = std::env::var("DATABASE_URL")
         .map_err(|_| "set DATABASE_URL, or run through scripts/with-postgres")?;
-    let pool = PgPool::connect(&url).await?;
-    migrate(&pool).await?;
-    let store = SessionStore::postgres(pool);
+    let storage = PgStorage::connect(&url).await?;
+    migrate(storage.pool()).await?;
+    let store = SessionStore::new(storage);
 
     let agent = Uuid::new_v4();
     let request =

@@ -170,6 +170,24 @@ pub enum StorageError {
     /// A stored row could not be turned into a session.
     #[error("stored row is invalid: {0}")]
     Decode(String),
+    /// Storage did not answer within the store's `storage_timeout` (a stalled network or
+    /// server). The operation may still complete on the server.
+    #[error("storage did not answer within {after:?}")]
+    TimedOut {
+        /// The deadline that passed.
+        after: std::time::Duration,
+    },
+}
+
+impl StorageError {
+    /// Whether the failure says nothing about the data (the database was unreachable or
+    /// slow), so that retrying later is the remedy.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Transient(_) | StorageError::TimedOut { .. }
+        )
+    }
 }
 
 impl From<sqlx::Error> for StorageError {

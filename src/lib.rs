@@ -33,8 +33,9 @@ pub use model::{CreateSessionRequest, DataSensitivity, SessionStatus, TaskSessio
 pub use sqlx::PgPool;
 pub use storage::{FaultyStorage, MemoryStorage, PgStorage, Storage};
 pub use store::{
-    DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_IDLE, DEFAULT_RECONCILE_INTERVAL, MAX_RECONCILE_BACKOFF,
-    ReconcileReport, SessionStore, SessionStoreBuilder, ShutdownReport, StoreStats,
+    DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_IDLE, DEFAULT_NEGATIVE_CAPACITY, DEFAULT_NEGATIVE_TTL,
+    DEFAULT_RECONCILE_INTERVAL, DEFAULT_STORAGE_TIMEOUT, MAX_RECONCILE_BACKOFF, ReconcileReport,
+    SessionStore, SessionStoreBuilder, ShutdownReport, StoreStats,
 };
 
 /// The embedded migrations (`migrations/`). Run them with [`migrate`], or use

@@ -2,10 +2,12 @@
 //! must fail deterministically (what a real outage cannot do on cue). Gateway authors can
 //! use it too, to test their handling of `StorageWriteThrough`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
@@ -20,12 +22,38 @@ pub struct FaultyStorage<S> {
     faults: Arc<Faults>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Faults {
     fail_writes: AtomicBool,
     fail_next_writes: AtomicU64,
+    commit_then_fail_next_writes: AtomicU64,
     fail_reads: AtomicBool,
+    /// `true` while writes hang; a write waits for it to turn `false`.
+    hang_writes: watch::Sender<bool>,
     injected: AtomicU64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            fail_writes: AtomicBool::new(false),
+            fail_next_writes: AtomicU64::new(0),
+            commit_then_fail_next_writes: AtomicU64::new(0),
+            fail_reads: AtomicBool::new(false),
+            hang_writes: watch::Sender::new(false),
+            injected: AtomicU64::new(0),
+        }
+    }
+}
+
+/// What an injected write fault does.
+enum WriteFault {
+    None,
+    /// Fail before reaching storage.
+    Fail,
+    /// Let the write commit, then report a failure: the ambiguous outcome of a connection
+    /// lost while the commit's answer was on its way.
+    CommitThenFail,
 }
 
 impl<S> FaultyStorage<S> {
@@ -52,6 +80,25 @@ impl<S> FaultyStorage<S> {
         self.faults.fail_next_writes.store(n, Ordering::SeqCst);
     }
 
+    /// Lets the next `n` writes commit, then reports each as failed: the caller cannot tell
+    /// whether its change is durable.
+    pub fn commit_then_fail_next_writes(&self, n: u64) {
+        self.faults
+            .commit_then_fail_next_writes
+            .store(n, Ordering::SeqCst);
+    }
+
+    /// Makes every write wait, without failing, until [`Self::release_writes`] or
+    /// [`Self::heal`]: a stalled server.
+    pub fn hang_writes(&self) {
+        self.faults.hang_writes.send_replace(true);
+    }
+
+    /// Lets hung writes (and later ones) proceed.
+    pub fn release_writes(&self) {
+        self.faults.hang_writes.send_replace(false);
+    }
+
     /// Fails every read (load, count, list) until [`Self::heal`].
     pub fn fail_reads(&self) {
         self.faults.fail_reads.store(true, Ordering::SeqCst);
@@ -61,7 +108,11 @@ impl<S> FaultyStorage<S> {
     pub fn heal(&self) {
         self.faults.fail_writes.store(false, Ordering::SeqCst);
         self.faults.fail_next_writes.store(0, Ordering::SeqCst);
+        self.faults
+            .commit_then_fail_next_writes
+            .store(0, Ordering::SeqCst);
         self.faults.fail_reads.store(false, Ordering::SeqCst);
+        self.release_writes();
     }
 
     /// How many operations have been failed so far.
@@ -69,17 +120,41 @@ impl<S> FaultyStorage<S> {
         self.faults.injected.load(Ordering::SeqCst)
     }
 
-    fn check_write(&self) -> Result<(), StorageError> {
+    /// Waits while writes hang, then decides this write's fault.
+    async fn write_fault(&self) -> WriteFault {
         let f = &self.faults;
-        let once = f
-            .fail_next_writes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if once || f.fail_writes.load(Ordering::SeqCst) {
-            f.injected.fetch_add(1, Ordering::SeqCst);
-            return Err(injected("write"));
+        let mut hang = f.hang_writes.subscribe();
+        // An error means the sender is gone, which cannot happen while `self` holds it.
+        let _ = hang.wait_for(|hanging| !hanging).await;
+        let take = |counter: &AtomicU64| {
+            counter
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        };
+        let fault = if take(&f.fail_next_writes) || f.fail_writes.load(Ordering::SeqCst) {
+            WriteFault::Fail
+        } else if take(&f.commit_then_fail_next_writes) {
+            WriteFault::CommitThenFail
+        } else {
+            return WriteFault::None;
+        };
+        f.injected.fetch_add(1, Ordering::SeqCst);
+        fault
+    }
+
+    /// Runs `write` under the injected write fault.
+    async fn write<T>(
+        &self,
+        write: impl Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        match self.write_fault().await {
+            WriteFault::None => write.await,
+            WriteFault::Fail => Err(injected("write")),
+            WriteFault::CommitThenFail => {
+                write.await?;
+                Err(injected("write (after commit)"))
+            }
         }
-        Ok(())
     }
 
     fn check_read(&self) -> Result<(), StorageError> {
@@ -106,8 +181,7 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         session: &TaskSession,
         event: &AuditEvent,
     ) -> Result<Version, StorageError> {
-        self.check_write()?;
-        self.inner.insert(session, event).await
+        self.write(self.inner.insert(session, event)).await
     }
 
     async fn insert_if_under_cap(
@@ -117,9 +191,7 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         max: u64,
         now: DateTime<Utc>,
     ) -> Result<CapOutcome, StorageError> {
-        self.check_write()?;
-        self.inner
-            .insert_if_under_cap(session, event, max, now)
+        self.write(self.inner.insert_if_under_cap(session, event, max, now))
             .await
     }
 
@@ -129,8 +201,8 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         expected: Version,
         events: &[AuditEvent],
     ) -> Result<UpdateOutcome, StorageError> {
-        self.check_write()?;
-        self.inner.update(session, expected, events).await
+        self.write(self.inner.update(session, expected, events))
+            .await
     }
 
     async fn update_locked<F>(
@@ -142,9 +214,7 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     where
         F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
     {
-        self.check_write()?;
-        self.inner
-            .update_locked(session_id, probe_keys, decide)
+        self.write(self.inner.update_locked(session_id, probe_keys, decide))
             .await
     }
 

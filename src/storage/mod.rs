@@ -28,7 +28,9 @@ mod postgres;
 
 pub use faulty::FaultyStorage;
 pub use memory::MemoryStorage;
-pub use postgres::PgStorage;
+pub use postgres::{
+    DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_STATEMENT_TIMEOUT, PgStorage,
+};
 
 /// The stored version of a session row. Advanced by every update.
 pub type Version = i64;

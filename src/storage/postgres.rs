@@ -4,10 +4,16 @@
 //! Every state change is ONE statement: the row update (or insert) and its audit events are
 //! data-modifying CTEs of the same statement, so they commit or fail together, and the
 //! events are written only when the versioned `WHERE version = $expected` matched. A
-//! statement that matched no row is a conflict; the caller reloads and decides again.
+//! statement that matched no row is a conflict; the caller then decides again through
+//! [`Storage::update_locked`], which reads the row `FOR UPDATE` and writes it in one
+//! transaction.
+
+use std::str::FromStr as _;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -24,13 +30,46 @@ pub struct PgStorage {
     pool: PgPool,
 }
 
+/// Default `max_connections` of [`PgStorage::pool_options`].
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+/// Default `acquire_timeout` of [`PgStorage::pool_options`].
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default server-side `statement_timeout` set by [`PgStorage::connect`].
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl PgStorage {
     /// Storage over `pool`.
     ///
-    /// Size the pool for the gateway's concurrency and give it a short `acquire_timeout`:
-    /// sqlx's default of 30 s would stall every write-through while PostgreSQL is down.
+    /// Build the pool from [`PgStorage::pool_options`] or give it a short
+    /// `acquire_timeout` yourself: sqlx's default of 30 s would stall every write-through
+    /// while PostgreSQL is unreachable.
     pub fn new(pool: PgPool) -> Self {
         PgStorage { pool }
+    }
+
+    /// Pool options suited to the write-through hot path: [`DEFAULT_MAX_CONNECTIONS`]
+    /// connections and an acquire timeout of [`DEFAULT_ACQUIRE_TIMEOUT`] (sqlx's default
+    /// is 30 s). Adjust before connecting.
+    pub fn pool_options() -> PgPoolOptions {
+        PgPoolOptions::new()
+            .max_connections(DEFAULT_MAX_CONNECTIONS)
+            .acquire_timeout(DEFAULT_ACQUIRE_TIMEOUT)
+    }
+
+    /// Connects to `url` with [`PgStorage::pool_options`] and a server-side
+    /// `statement_timeout` of [`DEFAULT_STATEMENT_TIMEOUT`], so a statement stuck on a lock
+    /// is cancelled by PostgreSQL itself.
+    ///
+    /// # Errors
+    /// The URL does not parse, or PostgreSQL cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+        let options = PgConnectOptions::from_str(url)?.options([(
+            "statement_timeout",
+            DEFAULT_STATEMENT_TIMEOUT.as_millis().to_string(),
+        )]);
+        Ok(PgStorage::new(
+            Self::pool_options().connect_with(options).await?,
+        ))
     }
 
     /// The pool this storage uses.

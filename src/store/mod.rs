@@ -21,6 +21,7 @@
 //! They are serialized in this process by the slot's mutex, in arrival order (tokio's mutex
 //! is fair); across processes by the versioned write.
 
+mod deadline;
 mod pending;
 mod reconciler;
 mod slot;
@@ -37,6 +38,7 @@ use uuid::Uuid;
 pub use reconciler::{ReconcileReport, ShutdownReport};
 pub use stats::StoreStats;
 
+use self::deadline::Deadline;
 use self::pending::PendingSet;
 use self::slot::{Slot, SlotState};
 use self::stats::Counters;
@@ -58,6 +60,13 @@ pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_millis(250);
 /// Longest delay between two reconciler passes while sessions are pending.
 pub const MAX_RECONCILE_BACKOFF: Duration = Duration::from_secs(10);
 
+/// Default deadline for one storage operation.
+pub const DEFAULT_STORAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default number of unknown session ids remembered.
+pub const DEFAULT_NEGATIVE_CAPACITY: u64 = 10_000;
+/// Default time an unknown session id is remembered.
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
+
 /// Sessions `expire_due` asks storage for at a time.
 const EXPIRE_BATCH: u32 = 512;
 
@@ -71,9 +80,30 @@ pub struct SessionStoreBuilder<S> {
     clock: Arc<dyn Clock>,
     reconcile_interval: Duration,
     instance_id: Uuid,
+    storage_timeout: Duration,
+    negative_capacity: u64,
+    negative_ttl: Duration,
 }
 
 impl<S: Storage> SessionStoreBuilder<S> {
+    /// Longest wait for any one storage operation (default [`DEFAULT_STORAGE_TIMEOUT`]),
+    /// connection acquisition included. Past it, a mutation returns `StorageWriteThrough`
+    /// (its change stays counted and pending) and a read returns `StorageRead`: a stalled
+    /// PostgreSQL never stalls the gateway for longer.
+    pub fn storage_timeout(mut self, timeout: Duration) -> Self {
+        self.storage_timeout = timeout;
+        self
+    }
+
+    /// Remember up to `capacity` ids found missing for `ttl` (defaults
+    /// [`DEFAULT_NEGATIVE_CAPACITY`] and [`DEFAULT_NEGATIVE_TTL`]), answering `NotFound`
+    /// for them without a storage round trip. A capacity of 0 disables it.
+    pub fn negative_cache(mut self, capacity: u64, ttl: Duration) -> Self {
+        self.negative_capacity = capacity;
+        self.negative_ttl = ttl;
+        self
+    }
+
     /// Most sessions kept in the cache (default [`DEFAULT_CACHE_CAPACITY`]). Memory stays
     /// bounded by this plus the pending set.
     pub fn cache_capacity(mut self, sessions: u64) -> Self {
@@ -124,7 +154,14 @@ impl<S: Storage> SessionStoreBuilder<S> {
             .build();
         SessionStore {
             inner: Arc::new_cyclic(|me| Inner {
-                storage: self.storage,
+                storage: Deadline {
+                    inner: self.storage,
+                    after: self.storage_timeout,
+                },
+                missing: Cache::builder()
+                    .max_capacity(self.negative_capacity)
+                    .time_to_live(self.negative_ttl)
+                    .build(),
                 clock: self.clock,
                 cache,
                 pending: PendingSet::default(),
@@ -162,7 +199,11 @@ impl<S: Storage> Clone for SessionStore<S> {
 }
 
 pub(crate) struct Inner<S> {
-    storage: S,
+    storage: Deadline<S>,
+    /// Ids recently found missing, so a flood of requests for unknown sessions costs one
+    /// load per id per `negative_ttl`, not one per request. Bounded; ids are random v4, so
+    /// an id is never created after it was looked up.
+    missing: Cache<Uuid, ()>,
     clock: Arc<dyn Clock>,
     cache: Cache<Uuid, Arc<Slot>>,
     pending: PendingSet,
@@ -243,12 +284,15 @@ impl<S: Storage> SessionStore<S> {
             clock: Arc::new(SystemClock),
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
             instance_id: Uuid::new_v4(),
+            storage_timeout: DEFAULT_STORAGE_TIMEOUT,
+            negative_capacity: DEFAULT_NEGATIVE_CAPACITY,
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
         }
     }
 
     /// The storage behind the store.
     pub fn storage(&self) -> &S {
-        &self.inner.storage
+        &self.inner.storage.inner
     }
 
     /// The id this store writes into audit events.
@@ -527,8 +571,13 @@ impl<S: Storage> Inner<S> {
             Counters::bump(&self.counters.cache_hits);
             return Ok(slot);
         }
+        if self.missing.contains_key(&id) {
+            Counters::bump(&self.counters.negative_hits);
+            return Err(SessionError::NotFound(id));
+        }
         Counters::bump(&self.counters.cache_misses);
-        self.cache
+        let loaded = self
+            .cache
             .try_get_with(id, async {
                 // Pinned slots first: storage may hold an older state than this process.
                 if let Some(slot) = self.pending.get(id) {
@@ -540,11 +589,17 @@ impl<S: Storage> Inner<S> {
                     Err(err) => Err(LoadError::Read(err)),
                 }
             })
-            .await
-            .map_err(|err| match &*err {
-                LoadError::NotFound => SessionError::NotFound(id),
-                LoadError::Read(err) => read_failed(Some(id), err),
-            })
+            .await;
+        match loaded {
+            Ok(slot) => Ok(slot),
+            Err(err) => match &*err {
+                LoadError::NotFound => {
+                    self.missing.insert(id, ()).await;
+                    Err(SessionError::NotFound(id))
+                }
+                LoadError::Read(err) => Err(read_failed(Some(id), err)),
+            },
+        }
     }
 
     /// Decides `mutation` against `current`: the new state and its audit event, `None` if

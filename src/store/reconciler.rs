@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::slot::Slot;
 use super::stats::Counters;
 use super::{Inner, MAX_RECONCILE_BACKOFF};
-use crate::error::{StorageError, error_chain};
+use crate::error::error_chain;
 use crate::storage::{LockedUpdate, Storage, UpdateOutcome};
 
 /// What one reconciliation pass did.
@@ -163,7 +163,7 @@ impl<S: Storage> Inner<S> {
                 self.cache.remove(&id).await;
                 Flush::Durable
             }
-            Err(err @ StorageError::Transient(_)) => {
+            Err(err) if err.is_transient() => {
                 tracing::debug!(session_id = %id, error = %error_chain(&err), "reconcile: storage unavailable");
                 Flush::Unavailable
             }

@@ -13,6 +13,8 @@ pub struct StoreStats {
     pub cache_hits: u64,
     /// Lookups that went to the pending set or storage.
     pub cache_misses: u64,
+    /// Lookups answered `NotFound` from the memory of recently missing ids.
+    pub negative_hits: u64,
     /// Sessions whose cached state is ahead of storage right now.
     pub pending: u64,
     /// Writes that failed and left the cache ahead (`StorageWriteThrough`).
@@ -29,6 +31,7 @@ pub struct StoreStats {
 pub(crate) struct Counters {
     pub(crate) cache_hits: AtomicU64,
     pub(crate) cache_misses: AtomicU64,
+    pub(crate) negative_hits: AtomicU64,
     pub(crate) write_failures: AtomicU64,
     pub(crate) conflicts: AtomicU64,
     pub(crate) reconciled: AtomicU64,
@@ -46,6 +49,7 @@ impl Counters {
             cache_entries,
             cache_hits: get(&self.cache_hits),
             cache_misses: get(&self.cache_misses),
+            negative_hits: get(&self.negative_hits),
             pending,
             write_failures: get(&self.write_failures),
             conflicts: get(&self.conflicts),

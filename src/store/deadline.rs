@@ -1,0 +1,103 @@
+//! A deadline on every storage operation the store makes, so that a stalled network or
+//! server turns into `StorageWriteThrough` / `StorageRead` in bounded time instead of a
+//! hang (a pool's acquire timeout covers only waiting for a connection).
+//!
+//! Async cancellation safety: a timed-out operation's future is dropped. A write may still
+//! commit on the server; the store treats it as a failure whose outcome is unknown (cache
+//! ahead, pending), and the event keys tell the reconciler whether it landed.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::audit::AuditEvent;
+use crate::error::StorageError;
+use crate::model::TaskSession;
+use crate::storage::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
+
+#[derive(Debug)]
+pub(crate) struct Deadline<S> {
+    pub(crate) inner: S,
+    pub(crate) after: Duration,
+}
+
+impl<S> Deadline<S> {
+    async fn run<T>(
+        &self,
+        operation: impl Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        tokio::time::timeout(self.after, operation)
+            .await
+            .unwrap_or(Err(StorageError::TimedOut { after: self.after }))
+    }
+}
+
+impl<S: Storage> Storage for Deadline<S> {
+    async fn load(&self, session_id: Uuid) -> Result<Option<Versioned>, StorageError> {
+        self.run(self.inner.load(session_id)).await
+    }
+
+    async fn insert(
+        &self,
+        session: &TaskSession,
+        event: &AuditEvent,
+    ) -> Result<Version, StorageError> {
+        self.run(self.inner.insert(session, event)).await
+    }
+
+    async fn insert_if_under_cap(
+        &self,
+        session: &TaskSession,
+        event: &AuditEvent,
+        max: u64,
+        now: DateTime<Utc>,
+    ) -> Result<CapOutcome, StorageError> {
+        self.run(self.inner.insert_if_under_cap(session, event, max, now))
+            .await
+    }
+
+    async fn update(
+        &self,
+        session: &TaskSession,
+        expected: Version,
+        events: &[AuditEvent],
+    ) -> Result<UpdateOutcome, StorageError> {
+        self.run(self.inner.update(session, expected, events)).await
+    }
+
+    async fn update_locked<F>(
+        &self,
+        session_id: Uuid,
+        probe_keys: &[Uuid],
+        decide: F,
+    ) -> Result<LockedUpdate, StorageError>
+    where
+        F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
+    {
+        self.run(self.inner.update_locked(session_id, probe_keys, decide))
+            .await
+    }
+
+    async fn count_live_for_agent(
+        &self,
+        agent_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        self.run(self.inner.count_live_for_agent(agent_id, now))
+            .await
+    }
+
+    async fn active_for_agent(&self, agent_id: Uuid) -> Result<Vec<Uuid>, StorageError> {
+        self.run(self.inner.active_for_agent(agent_id)).await
+    }
+
+    async fn due_for_expiry(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Uuid>, StorageError> {
+        self.run(self.inner.due_for_expiry(now, limit)).await
+    }
+}
