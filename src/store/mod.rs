@@ -680,6 +680,10 @@ impl<S: Storage> Inner<S> {
                 }
             })
             .await;
+        if !state.is_ahead() {
+            // The locked read showed that everything unwritten had landed after all.
+            self.unpin(id, &slot, &mut state);
+        }
         match (locked, decided) {
             (Ok(LockedUpdate::Missing), _) => Err(self.forget(id, &slot).await),
             (Ok(LockedUpdate::Applied(version)), Locked::Write(next, _)) => {
@@ -708,15 +712,20 @@ impl<S: Storage> Inner<S> {
         next: TaskSession,
         version: i64,
     ) -> Mutated {
-        let was_ahead = state.is_ahead();
         state.current = next;
         state.mark_durable(version);
-        if was_ahead {
-            self.pending.remove(id, slot);
-        }
+        self.unpin(id, slot, state);
         Mutated {
             session: state.current.clone(),
             changed: true,
+        }
+    }
+
+    /// Takes a slot whose state storage now holds out of the pending set.
+    pub(super) fn unpin(&self, id: Uuid, slot: &Arc<Slot>, state: &mut SlotState) {
+        if state.pinned {
+            state.pinned = false;
+            self.pending.remove(id, slot);
         }
     }
 
@@ -741,6 +750,7 @@ impl<S: Storage> Inner<S> {
         state.current = next;
         state.unwritten.push(event);
         Counters::bump(&self.counters.write_failures);
+        state.pinned = true;
         self.pending.insert(id, Arc::clone(slot));
         // The cache may hold another slot for `id` (this one was evicted mid-write and a
         // miss loaded the row again): the ahead state must be the one callers see.

@@ -115,7 +115,7 @@ impl<S: Storage> Inner<S> {
         let mut state = slot.state.lock().await;
         if !state.is_ahead() {
             // A mutation made it durable meanwhile.
-            self.pending.remove(id, slot);
+            self.unpin(id, slot, &mut state);
             return Flush::Durable;
         }
         let reconciled = state.reconciled_event(self.now(), self.instance_id);
@@ -147,18 +147,20 @@ impl<S: Storage> Inner<S> {
         match outcome {
             Ok(LockedUpdate::Applied(version)) => {
                 state.mark_durable(version);
-                self.pending.remove(id, slot);
+                self.unpin(id, slot, &mut state);
                 Counters::bump(&self.counters.reconciled);
                 tracing::info!(session_id = %id, "pending session reconciled");
                 Flush::Durable
             }
             Ok(LockedUpdate::Declined) => {
+                // The rebase found nothing left to write.
                 state.unwritten.clear();
-                self.pending.remove(id, slot);
+                self.unpin(id, slot, &mut state);
                 Flush::Durable
             }
             Ok(LockedUpdate::Missing) => {
                 tracing::warn!(session_id = %id, "reconcile: session row is gone; dropping its pending state");
+                state.pinned = false;
                 self.pending.remove(id, slot);
                 self.cache.remove(&id).await;
                 Flush::Durable

@@ -38,6 +38,9 @@ pub(crate) struct SlotState {
     /// carries all of them, so the ones that landed (an ambiguous failure that did commit)
     /// are always a prefix.
     pub(crate) unwritten: Vec<AuditEvent>,
+    /// Whether this slot is in the pending set. It can stay pinned after `unwritten`
+    /// emptied (a rebase found that everything landed) until the store unpins it.
+    pub(crate) pinned: bool,
 }
 
 impl SlotState {
@@ -46,6 +49,7 @@ impl SlotState {
             current: stored.session,
             durable_version: stored.version,
             unwritten: Vec::new(),
+            pinned: false,
         }
     }
 

@@ -61,3 +61,57 @@ pub async fn event_kinds(pool: &PgPool, id: Uuid) -> Vec<String> {
     .await
     .expect("events readable")
 }
+
+pub mod proxy;
+
+/// A proxy in front of the test database's server, and a pool that goes through it.
+/// The pool gives up acquiring after 1 s, so a refused network fails fast.
+pub async fn proxied_pool(pool: &PgPool) -> (proxy::FaultProxy, PgPool) {
+    let options = pool.connect_options();
+    let upstream = tokio::net::lookup_host((options.get_host(), options.get_port()))
+        .await
+        .expect("database host resolves")
+        .next()
+        .expect("database host has an address");
+    let proxy = proxy::FaultProxy::start(upstream).await;
+    let through = options
+        .as_ref()
+        .clone()
+        .host("127.0.0.1")
+        .port(proxy.addr().port());
+    let proxied = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(std::time::Duration::from_secs(1))
+        .connect_with(through)
+        .await
+        .expect("pool connects through the proxy");
+    (proxy, proxied)
+}
+
+/// Waits (bounded: a liveness check, not a speed one) until `store` has nothing pending.
+pub async fn drained<S: arbiter_session::Storage>(store: &SessionStore<S>) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store.stats().pending > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pending set did not drain within 30 s: {:?}",
+            store.stats()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Calls counted by the audit trail of `id` (one per tool of each call or batch event).
+pub async fn audited_calls(pool: &PgPool, id: Uuid) -> i64 {
+    sqlx::query_scalar!(
+        r#"
+        SELECT coalesce(sum(cardinality(tools)), 0) AS "calls!"
+          FROM arbiter.session_events
+         WHERE session_id = $1 AND kind IN ('call_allowed', 'batch_allowed')
+        "#,
+        id
+    )
+    .fetch_one(pool)
+    .await
+    .expect("events readable")
+}

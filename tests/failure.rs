@@ -1,0 +1,413 @@
+//! The failure campaign: a gateway may lose its database, its network or its process at
+//! any moment and still never over-spend a budget, never resurrect a closed session, and
+//! never report success for something that is not durable.
+//!
+//! Network failures go through a TCP proxy in front of the real PostgreSQL; outcomes that a
+//! network cannot produce on cue (a commit whose answer is lost, a write that hangs exactly
+//! once) use `FaultyStorage` around the real `PgStorage`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arbiter_session::{
+    FaultyStorage, ManualClock, PgPool, PgStorage, SessionError, SessionStatus, SessionStore,
+};
+use common::{audited_calls, drained, event_kinds, proxied_pool, request, row};
+use uuid::Uuid;
+
+/// A liveness bound for one call: generous, because it only proves there is no hang.
+const NO_HANG: Duration = Duration::from_secs(15);
+
+fn faulty(pool: &PgPool) -> FaultyStorage<PgStorage> {
+    FaultyStorage::new(PgStorage::new(pool.clone()))
+}
+
+/// PostgreSQL stalls (bytes stop flowing, nothing closes): the write gives up at the
+/// store's deadline with `StorageWriteThrough`, the cache stays ahead, the session is
+/// pending and counted; after healing, the reconciler makes the row equal the cache.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_stalled_network_is_write_through_then_reconciled(pool: PgPool) {
+    let (proxy, proxied) = proxied_pool(&pool).await;
+    let store = SessionStore::builder(PgStorage::new(proxied))
+        .storage_timeout(Duration::from_millis(500))
+        .reconcile_interval(Duration::from_millis(50))
+        .build();
+    let id = store
+        .create(request(Uuid::new_v4(), &["t"], 5))
+        .await
+        .unwrap()
+        .session_id;
+    store.use_session(id, "t", None).await.unwrap();
+
+    proxy.stall();
+    let failed = tokio::time::timeout(NO_HANG, store.use_session(id, "t", None))
+        .await
+        .expect("a stalled database never hangs the caller");
+    assert!(
+        matches!(failed, Err(SessionError::StorageWriteThrough { session_id, .. }) if session_id == id)
+    );
+    assert_eq!(store.get(id).await.unwrap().calls_made, 2, "cache ahead");
+    assert_eq!(row(&pool, id).await.calls_made, 1, "storage behind");
+    let stats = store.stats();
+    assert_eq!((stats.pending, stats.write_failures), (1, 1));
+
+    proxy.heal();
+    drained(&store).await;
+    assert_eq!(row(&pool, id).await.calls_made, 2);
+    assert_eq!(store.get(id).await.unwrap().calls_made, 2);
+    assert_eq!(audited_calls(&pool, id).await, 2);
+    assert_eq!(store.stats().reconciled, 1);
+}
+
+/// The network refuses every connection while several sessions are used: each call is
+/// `StorageWriteThrough`, and after healing every pending session drains and every row
+/// equals its cache.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_refused_network_drains_every_pending_session(pool: PgPool) {
+    let (proxy, proxied) = proxied_pool(&pool).await;
+    let store = SessionStore::builder(PgStorage::new(proxied))
+        .reconcile_interval(Duration::from_millis(50))
+        .build();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(
+            store
+                .create(request(Uuid::new_v4(), &["t"], 5))
+                .await
+                .unwrap()
+                .session_id,
+        );
+    }
+    proxy.refuse();
+    for id in &ids {
+        let failed = tokio::time::timeout(NO_HANG, store.use_session(*id, "t", None))
+            .await
+            .unwrap();
+        assert!(matches!(
+            failed,
+            Err(SessionError::StorageWriteThrough { .. })
+        ));
+    }
+    store.close(ids[0]).await.unwrap_err();
+    assert_eq!(store.stats().pending, 5);
+
+    proxy.heal();
+    drained(&store).await;
+    for id in &ids {
+        let cached = store.get(*id).await.unwrap();
+        let stored = row(&pool, *id).await;
+        assert_eq!(
+            (stored.calls_made, stored.status.as_str()),
+            (1, cached.status.as_str())
+        );
+        assert_eq!(cached.calls_made, 1);
+    }
+    assert_eq!(row(&pool, ids[0]).await.status, "closed");
+}
+
+/// A pending session is pinned: neither eviction (capacity 1, flooded) nor idle expiry
+/// lets a later `get` or `use_session` see the older stored row.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_pending_survives_eviction_and_idle_expiry(pool: PgPool) {
+    let storage = faulty(&pool);
+    let store = SessionStore::builder(storage.clone())
+        .cache_capacity(1)
+        .cache_idle(Duration::from_millis(20))
+        .reconcile_interval(Duration::from_secs(3600))
+        .build();
+    let id = store
+        .create(request(Uuid::new_v4(), &["t"], 3))
+        .await
+        .unwrap()
+        .session_id;
+    storage.fail_next_writes(1);
+    store.use_session(id, "t", None).await.unwrap_err();
+    for _ in 0..50 {
+        let other = store
+            .create(request(Uuid::new_v4(), &["t"], 3))
+            .await
+            .unwrap();
+        store.get(other.session_id).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        store.get(id).await.unwrap().calls_made,
+        1,
+        "never the older row"
+    );
+    assert_eq!(
+        store.use_session(id, "t", None).await.unwrap().calls_made,
+        2
+    );
+    assert_eq!(row(&pool, id).await.calls_made, 2);
+    assert_eq!(store.stats().pending, 0);
+}
+
+/// Conflict during reconciliation: while store A's change is pending, store B uses the
+/// session and closes it. A's merge is monotonic (closed stays closed, counters add up)
+/// and the trail records the reconciliation.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_reconcile_conflict_merges_monotonically(pool: PgPool) {
+    let storage = faulty(&pool);
+    let a = SessionStore::builder(storage.clone())
+        .reconcile_interval(Duration::from_secs(3600))
+        .build();
+    let b = SessionStore::postgres(common::other_process_pool(&pool).await);
+    let id = a
+        .create(request(Uuid::new_v4(), &["t"], 10))
+        .await
+        .unwrap()
+        .session_id;
+    a.use_session(id, "t", None).await.unwrap();
+    storage.fail_writes();
+    a.use_session_batch(id, &["t", "t"], None)
+        .await
+        .unwrap_err();
+    assert_eq!(a.get(id).await.unwrap().calls_made, 3);
+
+    b.use_session(id, "t", None).await.unwrap();
+    b.close(id).await.unwrap();
+
+    storage.heal();
+    assert_eq!(a.reconcile_now().await.still_pending, 0);
+    let merged = a.get(id).await.unwrap();
+    assert_eq!(
+        (merged.calls_made, merged.status),
+        (4, SessionStatus::Closed)
+    );
+    let stored = row(&pool, id).await;
+    assert_eq!((stored.calls_made, stored.status.as_str()), (4, "closed"));
+    assert_eq!(audited_calls(&pool, id).await, 4);
+    assert_eq!(
+        event_kinds(&pool, id).await,
+        [
+            "created",
+            "call_allowed",
+            "call_allowed",
+            "closed",
+            "batch_allowed",
+            "reconciled"
+        ]
+    );
+    assert!(a.stats().conflicts >= 1);
+}
+
+/// The ambiguous commit: the statement commits but the caller is told it failed. Neither
+/// the reconciler nor the next call counts it twice, and it is not lost.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_ambiguous_commit_is_counted_exactly_once(pool: PgPool) {
+    let storage = faulty(&pool);
+    let store = SessionStore::builder(storage.clone())
+        .reconcile_interval(Duration::from_secs(3600))
+        .build();
+    let id = store
+        .create(request(Uuid::new_v4(), &["t"], 10))
+        .await
+        .unwrap()
+        .session_id;
+
+    // Resolved by the reconciler.
+    storage.commit_then_fail_next_writes(1);
+    store.use_session(id, "t", None).await.unwrap_err();
+    assert_eq!(row(&pool, id).await.calls_made, 1, "it did commit");
+    assert_eq!(store.reconcile_now().await.still_pending, 0);
+    assert_eq!(row(&pool, id).await.calls_made, 1);
+    assert_eq!(store.get(id).await.unwrap().calls_made, 1);
+
+    // Resolved by the next call.
+    storage.commit_then_fail_next_writes(1);
+    store
+        .use_session_batch(id, &["t", "t"], None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        store.use_session(id, "t", None).await.unwrap().calls_made,
+        4
+    );
+    assert_eq!(row(&pool, id).await.calls_made, 4);
+    assert_eq!(audited_calls(&pool, id).await, 4);
+    assert_eq!(store.stats().pending, 0);
+
+    // Ambiguous twice in a row, then the reconciler.
+    storage.commit_then_fail_next_writes(2);
+    store.use_session(id, "t", None).await.unwrap_err();
+    store.use_session(id, "t", None).await.unwrap_err();
+    assert_eq!(store.reconcile_now().await.still_pending, 0);
+    assert_eq!(row(&pool, id).await.calls_made, 6);
+    assert_eq!(audited_calls(&pool, id).await, 6);
+}
+
+/// A process that dies with changes pending (dropped without shutdown): a new store sees
+/// the durable state; what is lost are only the increments of calls that were denied.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_process_death_loses_only_denied_calls(pool: PgPool) {
+    let storage = faulty(&pool);
+    let id;
+    let mut ok = 0;
+    {
+        let dying = SessionStore::builder(storage.clone())
+            .reconcile_interval(Duration::from_secs(3600))
+            .build();
+        id = dying
+            .create(request(Uuid::new_v4(), &["t"], 10))
+            .await
+            .unwrap()
+            .session_id;
+        for _ in 0..3 {
+            dying.use_session(id, "t", None).await.unwrap();
+            ok += 1;
+        }
+        storage.fail_writes();
+        for _ in 0..2 {
+            assert!(matches!(
+                dying.use_session(id, "t", None).await,
+                Err(SessionError::StorageWriteThrough { .. })
+            ));
+        }
+        assert_eq!(dying.get(id).await.unwrap().calls_made, 5);
+    }
+    storage.heal();
+    let reborn = SessionStore::postgres(pool.clone());
+    assert_eq!(reborn.get(id).await.unwrap().calls_made, ok);
+    assert_eq!(row(&pool, id).await.calls_made, 3);
+}
+
+/// A write that hangs holds only its own session, and gives up at the deadline.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_hung_write_gives_up_at_the_deadline(pool: PgPool) {
+    let storage = faulty(&pool);
+    let store = SessionStore::builder(storage.clone())
+        .storage_timeout(Duration::from_millis(200))
+        .reconcile_interval(Duration::from_secs(3600))
+        .build();
+    let id = store
+        .create(request(Uuid::new_v4(), &["t"], 10))
+        .await
+        .unwrap()
+        .session_id;
+    storage.hang_writes();
+    let failed = tokio::time::timeout(NO_HANG, store.use_session(id, "t", None))
+        .await
+        .unwrap();
+    assert!(
+        matches!(failed, Err(SessionError::StorageWriteThrough { detail, .. }) if detail.contains("within"))
+    );
+    storage.release_writes();
+    assert_eq!(store.reconcile_now().await.still_pending, 0);
+    assert_eq!(row(&pool, id).await.calls_made, 1);
+}
+
+/// PostgreSQL kills every connection of the database, three times, while 8 tasks use 4
+/// sessions. The store recovers without a restart, and each session's row counts exactly
+/// the calls that got `Ok` plus those that got `StorageWriteThrough` (counted, then
+/// reconciled, or committed unbeknownst to the caller, counted once either way).
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_server_side_connection_kills_mid_load(pool: PgPool) {
+    let store = SessionStore::builder(PgStorage::new(common::other_process_pool(&pool).await))
+        .reconcile_interval(Duration::from_millis(20))
+        .build();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(
+            store
+                .create(request(Uuid::new_v4(), &["t"], 100_000))
+                .await
+                .unwrap()
+                .session_id,
+        );
+    }
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let (store, id) = (store.clone(), ids[worker % ids.len()]);
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut counted) = (0i64, 0i64);
+            for _ in 0..150 {
+                match store.use_session(id, "t", None).await {
+                    Ok(_) => ok += 1,
+                    Err(SessionError::StorageWriteThrough { .. }) => counted += 1,
+                    Err(SessionError::StorageRead { .. }) => {}
+                    Err(other) => panic!("unexpected {other:?}"),
+                }
+            }
+            (id, ok, counted)
+        }));
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        sqlx::query!(
+            r#"SELECT count(pg_terminate_backend(pid)) AS "killed!"
+                 FROM pg_stat_activity
+                WHERE datname = current_database() AND pid <> pg_backend_pid()"#
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    }
+    let mut expected: HashMap<Uuid, (i64, i64)> = HashMap::new();
+    for task in tasks {
+        let (id, ok, counted) = task.await.unwrap();
+        let entry = expected.entry(id).or_default();
+        entry.0 += ok;
+        entry.1 += counted;
+    }
+    drained(&store).await;
+    for id in &ids {
+        let (ok, counted) = expected[id];
+        let stored = row(&pool, *id).await.calls_made;
+        assert_eq!(
+            stored,
+            ok + counted,
+            "session {id}: ok {ok}, write-through {counted}"
+        );
+        assert_eq!(audited_calls(&pool, *id).await, stored);
+    }
+    // And the store works on without a restart.
+    assert!(store.use_session(ids[0], "t", None).await.is_ok());
+}
+
+/// Unknown ids are `NotFound`, and asking for the same unknown ids again and again costs
+/// one storage lookup per id, not one per request.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_unknown_ids_are_negatively_cached(pool: PgPool) {
+    let store = SessionStore::postgres(pool);
+    let unknown: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
+    for _ in 0..100 {
+        for id in &unknown {
+            assert!(
+                matches!(store.use_session(*id, "t", None).await, Err(SessionError::NotFound(missing)) if missing == *id)
+            );
+        }
+    }
+    let stats = store.stats();
+    assert_eq!((stats.cache_misses, stats.negative_hits), (10, 990));
+}
+
+/// A flushing shutdown returns what it could not flush, and flushes once storage is back.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_shutdown_reports_then_flushes(pool: PgPool) {
+    let clock = ManualClock::starting_now();
+    let storage = faulty(&pool);
+    let store = SessionStore::builder(storage.clone())
+        .clock(Arc::new(clock))
+        .reconcile_interval(Duration::from_secs(3600))
+        .build();
+    let id = store
+        .create(request(Uuid::new_v4(), &["t"], 3))
+        .await
+        .unwrap()
+        .session_id;
+    storage.fail_writes();
+    store.use_session(id, "t", None).await.unwrap_err();
+    store.close(id).await.unwrap_err();
+    let report = tokio::time::timeout(NO_HANG, store.shutdown(Duration::from_millis(100)))
+        .await
+        .unwrap();
+    assert_eq!(report.unflushed, [id]);
+    storage.heal();
+    assert!(store.shutdown(Duration::from_secs(5)).await.is_clean());
+    let stored = row(&pool, id).await;
+    assert_eq!((stored.calls_made, stored.status.as_str()), (1, "closed"));
+}
