@@ -28,8 +28,11 @@ pub mod limits {
     pub const MAX_NAME_BYTES: usize = 256;
     /// Longest declared intent, in bytes.
     pub const MAX_INTENT_BYTES: usize = 4096;
-    /// Largest budget, rate limit or window: PostgreSQL stores them as `bigint`.
+    /// Largest budget or rate limit: PostgreSQL stores them as `bigint`.
     pub const MAX_COUNT: u64 = i64::MAX as u64;
+    /// Longest rate window, in seconds: a window longer than the longest session is
+    /// meaningless.
+    pub const MAX_RATE_WINDOW_SECS: u64 = 24 * 60 * 60;
 }
 
 /// Lifecycle of a session. Moves only from `Active` to `Closed` or `Expired`, never back.
@@ -177,8 +180,10 @@ impl CreateSessionRequest {
         if self.time_limit < MIN_TIME_LIMIT || self.time_limit > MAX_TIME_LIMIT {
             return invalid("time_limit must be from 1 s to 24 h".to_owned());
         }
-        if self.rate_limit_window_secs == 0 || self.rate_limit_window_secs > MAX_COUNT {
-            return invalid(format!("rate_limit_window_secs must be 1..={MAX_COUNT}"));
+        if self.rate_limit_window_secs == 0 || self.rate_limit_window_secs > MAX_RATE_WINDOW_SECS {
+            return invalid(format!(
+                "rate_limit_window_secs must be 1..={MAX_RATE_WINDOW_SECS}"
+            ));
         }
         if let Some(limit) = self.rate_limit_per_minute
             && (limit == 0 || limit > MAX_COUNT)
@@ -400,6 +405,12 @@ mod tests {
         assert!(ok(&|r| r.time_limit = limits::MIN_TIME_LIMIT));
         assert!(ok(&|r| r.time_limit = limits::MAX_TIME_LIMIT));
         assert!(ok(&|r| r.call_budget = limits::MAX_COUNT));
+        assert!(ok(
+            &|r| r.rate_limit_window_secs = limits::MAX_RATE_WINDOW_SECS
+        ));
+        assert!(!ok(
+            &|r| r.rate_limit_window_secs = limits::MAX_RATE_WINDOW_SECS + 1
+        ));
         assert!(ok(&|r| r.authorized_tools = vec!["t".repeat(256); 1024]));
         assert!(ok(&|r| r.declared_intent = "i".repeat(4096)));
         assert!(ok(&|r| r.authorized_tools = vec![]));

@@ -154,17 +154,15 @@ fn decide_use(
 /// Windows are fixed: one starts at the first call after the previous one ended and lasts
 /// `rate_limit_window_secs`. A clock that moved backwards stays in the current window.
 fn current_window(session: &TaskSession, now: DateTime<Utc>) -> (DateTime<Utc>, u64) {
-    let window =
-        Duration::seconds(i64::try_from(session.rate_limit_window_secs).unwrap_or(i64::MAX));
+    // A stored row may hold any window a CHECK allows; one too long to represent simply
+    // never ends.
+    let window_end = i64::try_from(session.rate_limit_window_secs)
+        .ok()
+        .and_then(Duration::try_seconds)
+        .and_then(|window| session.rate_window_started_at?.checked_add_signed(window))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
     match session.rate_window_started_at {
-        Some(started)
-            if now
-                < started
-                    .checked_add_signed(window)
-                    .unwrap_or(DateTime::<Utc>::MAX_UTC) =>
-        {
-            (started, session.rate_window_calls)
-        }
+        Some(started) if now < window_end => (started, session.rate_window_calls),
         _ => (now, 0),
     }
 }
@@ -312,6 +310,17 @@ mod tests {
         let (s, now) = session(&["a"], 100, Some(2));
         assert!(matches!(
             use_tools(&s, &["a", "a", "a"], None, now),
+            Err(SessionError::RateLimited { .. })
+        ));
+    }
+
+    #[test]
+    fn an_unrepresentable_window_never_ends_and_never_panics() {
+        let (mut s, now) = session(&["a"], 100, Some(1));
+        s.rate_limit_window_secs = u64::MAX;
+        let s = use_tools(&s, &["a"], None, now).expect("first call");
+        assert!(matches!(
+            use_tools(&s, &["a"], None, now + Duration::minutes(9)),
             Err(SessionError::RateLimited { .. })
         ));
     }

@@ -1,0 +1,344 @@
+//! Bad input at the boundary: every field of a create request at and past its limits, and
+//! hostile tool names and batches at call time. Past a limit: `InvalidRequest` (or a
+//! denial) and nothing written. At a limit: accepted and stored faithfully.
+
+mod common;
+
+use arbiter_session::model::limits;
+use arbiter_session::{
+    CreateSessionRequest, PgPool, SessionError, SessionStore, parse_session_header,
+};
+use chrono::Duration;
+use common::{request, row};
+use uuid::Uuid;
+
+async fn stored_rows(pool: &PgPool) -> (i64, i64) {
+    let sessions = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM arbiter.sessions"#)
+        .fetch_one(pool)
+        .await
+        .expect("count readable");
+    let events = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM arbiter.session_events"#)
+        .fetch_one(pool)
+        .await
+        .expect("count readable");
+    (sessions, events)
+}
+
+fn base() -> CreateSessionRequest {
+    request(Uuid::new_v4(), &["t"], 5)
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn bad_input_past_every_limit_is_refused_and_writes_nothing(pool: PgPool) {
+    let store = SessionStore::postgres(pool.clone());
+    let huge = "x".repeat(1 << 20);
+    let cases: Vec<(&str, CreateSessionRequest)> = vec![
+        (
+            "budget 0",
+            CreateSessionRequest {
+                call_budget: 0,
+                ..base()
+            },
+        ),
+        (
+            "budget past bigint",
+            CreateSessionRequest {
+                call_budget: limits::MAX_COUNT + 1,
+                ..base()
+            },
+        ),
+        (
+            "budget u64::MAX",
+            CreateSessionRequest {
+                call_budget: u64::MAX,
+                ..base()
+            },
+        ),
+        (
+            "time limit 0",
+            CreateSessionRequest {
+                time_limit: Duration::zero(),
+                ..base()
+            },
+        ),
+        (
+            "time limit negative",
+            CreateSessionRequest {
+                time_limit: Duration::seconds(-60),
+                ..base()
+            },
+        ),
+        (
+            "time limit 999 ms",
+            CreateSessionRequest {
+                time_limit: Duration::milliseconds(999),
+                ..base()
+            },
+        ),
+        (
+            "time limit 24 h + 1 ms",
+            CreateSessionRequest {
+                time_limit: Duration::hours(24) + Duration::milliseconds(1),
+                ..base()
+            },
+        ),
+        (
+            "time limit max",
+            CreateSessionRequest {
+                time_limit: Duration::MAX,
+                ..base()
+            },
+        ),
+        (
+            "time limit min",
+            CreateSessionRequest {
+                time_limit: Duration::MIN,
+                ..base()
+            },
+        ),
+        (
+            "window 0",
+            CreateSessionRequest {
+                rate_limit_window_secs: 0,
+                ..base()
+            },
+        ),
+        (
+            "window u64::MAX",
+            CreateSessionRequest {
+                rate_limit_window_secs: u64::MAX,
+                ..base()
+            },
+        ),
+        (
+            "rate 0",
+            CreateSessionRequest {
+                rate_limit_per_minute: Some(0),
+                ..base()
+            },
+        ),
+        (
+            "rate u64::MAX",
+            CreateSessionRequest {
+                rate_limit_per_minute: Some(u64::MAX),
+                ..base()
+            },
+        ),
+        (
+            "intent 4 KiB + 1",
+            CreateSessionRequest {
+                declared_intent: "i".repeat(4097),
+                ..base()
+            },
+        ),
+        (
+            "intent 1 MiB",
+            CreateSessionRequest {
+                declared_intent: huge.clone(),
+                ..base()
+            },
+        ),
+        (
+            "intent NUL",
+            CreateSessionRequest {
+                declared_intent: "a\0b".into(),
+                ..base()
+            },
+        ),
+        (
+            "tool empty",
+            CreateSessionRequest {
+                authorized_tools: vec![String::new()],
+                ..base()
+            },
+        ),
+        (
+            "tool 257 bytes",
+            CreateSessionRequest {
+                authorized_tools: vec!["t".repeat(257)],
+                ..base()
+            },
+        ),
+        (
+            "tool 1 MiB",
+            CreateSessionRequest {
+                authorized_tools: vec![huge.clone()],
+                ..base()
+            },
+        ),
+        (
+            "tool NUL",
+            CreateSessionRequest {
+                authorized_tools: vec!["re\0ad".into()],
+                ..base()
+            },
+        ),
+        (
+            "1025 tools",
+            CreateSessionRequest {
+                authorized_tools: vec!["t".into(); 1025],
+                ..base()
+            },
+        ),
+        (
+            "a million tools",
+            CreateSessionRequest {
+                authorized_tools: (0..1_000_000).map(|i| format!("tool{i}")).collect(),
+                ..base()
+            },
+        ),
+        (
+            "credential NUL",
+            CreateSessionRequest {
+                authorized_credentials: vec!["\0".into()],
+                ..base()
+            },
+        ),
+        (
+            "credential empty",
+            CreateSessionRequest {
+                authorized_credentials: vec![String::new()],
+                ..base()
+            },
+        ),
+        (
+            "delegation 1 MiB",
+            CreateSessionRequest {
+                delegation_chain_snapshot: vec![huge.clone()],
+                ..base()
+            },
+        ),
+        (
+            "delegation 1025",
+            CreateSessionRequest {
+                delegation_chain_snapshot: vec!["d".into(); 1025],
+                ..base()
+            },
+        ),
+    ];
+    for (what, req) in cases {
+        assert!(
+            matches!(
+                store.create(req.clone()).await,
+                Err(SessionError::InvalidRequest { .. })
+            ),
+            "create: {what}"
+        );
+        assert!(
+            matches!(
+                store.create_if_under_cap(req, 10).await,
+                Err(SessionError::InvalidRequest { .. })
+            ),
+            "create_if_under_cap: {what}"
+        );
+    }
+    assert_eq!(stored_rows(&pool).await, (0, 0));
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn bad_input_at_every_limit_is_stored_faithfully(pool: PgPool) {
+    let store = SessionStore::postgres(pool.clone());
+    let name = |i: usize| format!("{i:0>256}");
+    let req = CreateSessionRequest {
+        call_budget: limits::MAX_COUNT,
+        time_limit: limits::MAX_TIME_LIMIT,
+        rate_limit_per_minute: Some(limits::MAX_COUNT),
+        rate_limit_window_secs: limits::MAX_RATE_WINDOW_SECS,
+        declared_intent: "é".repeat(limits::MAX_INTENT_BYTES / 2),
+        authorized_tools: (0..limits::MAX_TOOLS).map(name).collect(),
+        authorized_credentials: (0..limits::MAX_TOOLS).map(name).collect(),
+        delegation_chain_snapshot: (0..limits::MAX_TOOLS).map(name).collect(),
+        ..base()
+    };
+    let created = store.create(req.clone()).await.unwrap();
+    let reloaded = SessionStore::postgres(pool.clone())
+        .get(created.session_id)
+        .await
+        .unwrap();
+    assert_eq!(reloaded, created);
+    assert_eq!(reloaded.authorized_tools.len(), limits::MAX_TOOLS);
+    assert_eq!(reloaded.call_budget, limits::MAX_COUNT);
+    let last = name(limits::MAX_TOOLS - 1);
+    assert_eq!(
+        store
+            .use_session(created.session_id, &last, None)
+            .await
+            .unwrap()
+            .calls_made,
+        1
+    );
+
+    let shortest = CreateSessionRequest {
+        time_limit: limits::MIN_TIME_LIMIT,
+        ..base()
+    };
+    let s = store.create(shortest).await.unwrap();
+    assert_eq!(s.expires_at - s.created_at, Duration::seconds(1));
+}
+
+/// What an agent sends at call time: under a wildcard session, a tool name that could
+/// never be an allow-list entry is not authorized (it would otherwise reach the audit
+/// trail); batches must have 1..=1024 tools. None of it writes anything.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn bad_input_hostile_tool_names_and_batches_write_nothing(pool: PgPool) {
+    let store = SessionStore::postgres(pool.clone());
+    let id = store
+        .create(request(Uuid::new_v4(), &["*"], 5000))
+        .await
+        .unwrap()
+        .session_id;
+    let before = row(&pool, id).await;
+    let huge = "x".repeat(1 << 20);
+    for tool in ["", "nul\0byte", &"t".repeat(257), &huge] {
+        assert!(
+            matches!(
+                store.use_session(id, tool, None).await,
+                Err(SessionError::ToolNotAuthorized { .. })
+            ),
+            "tool of {} bytes",
+            tool.len()
+        );
+    }
+    let too_many = vec!["t"; 1025];
+    assert!(matches!(
+        store.use_session_batch(id, &too_many, None).await,
+        Err(SessionError::InvalidRequest { .. })
+    ));
+    assert!(matches!(
+        store.use_session_batch(id, &[], None).await,
+        Err(SessionError::InvalidRequest { .. })
+    ));
+    assert_eq!(row(&pool, id).await, before);
+    assert_eq!(
+        store
+            .use_session_batch(id, &vec!["t"; 1024], None)
+            .await
+            .unwrap()
+            .calls_made,
+        1024
+    );
+}
+
+/// A malformed session header never reaches the store; an unknown id is `NotFound`.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn bad_input_malformed_or_unknown_session_ids(pool: PgPool) {
+    let store = SessionStore::postgres(pool);
+    for header in [
+        "",
+        "42",
+        "'; DROP TABLE arbiter.sessions; --",
+        "00000000-0000-0000-0000-00000000000g",
+    ] {
+        assert_eq!(parse_session_header(header), None, "{header:?}");
+    }
+    let unknown = parse_session_header(" 6f1c2a8e-3b7d-4c59-9a0e-2d4f8b1c7e55 ").unwrap();
+    assert!(matches!(store.get(unknown).await, Err(SessionError::NotFound(id)) if id == unknown));
+    assert!(matches!(
+        store.use_session(unknown, "t", None).await,
+        Err(SessionError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.close(unknown).await,
+        Err(SessionError::NotFound(_))
+    ));
+}
