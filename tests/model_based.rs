@@ -1,0 +1,287 @@
+//! Model-based property test: random sequences of create / use / batch / close / expire
+//! across two stores sharing one PostgreSQL database, with write faults injected and
+//! healed at random. After a final heal and flush, invariants 1–4 of DESIGN §4 are checked
+//! against a reference model of what every answer promised:
+//!
+//! 1. Budget: `ok <= calls_made <= budget`, and `calls_made <= ok + uncertain` (a call is
+//!    counted only if it was attempted and not denied by policy).
+//! 2. Durability: every `Ok` is in the row (`calls_made >= ok`; an acknowledged close is
+//!    closed).
+//! 3. Monotonic status: once a store answered closed or expired, the row is not active.
+//! 4. Convergence: both pending sets drain; no cache is ahead of storage afterwards; the
+//!    audit trail counts exactly `calls_made`.
+//!
+//! The default run is short (`ARBITER_PROPTEST_CASES`, default 12, raises it); each case
+//! uses fresh sessions in one database made for the test and dropped afterwards.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use arbiter_session::{
+    FaultyStorage, ManualClock, PgPool, PgStorage, SessionError, SessionStatus, SessionStore,
+};
+use chrono::Duration;
+use common::{audited_calls, request, row};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+const SESSIONS: usize = 3;
+const BUDGET: u64 = 6;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Use {
+        store: usize,
+        session: usize,
+        calls: usize,
+    },
+    Close {
+        store: usize,
+        session: usize,
+    },
+    Expire {
+        store: usize,
+    },
+    FailNextWrites {
+        store: usize,
+        n: u64,
+    },
+    CommitThenFail {
+        store: usize,
+        n: u64,
+    },
+    FailAllWrites {
+        store: usize,
+    },
+    Heal {
+        store: usize,
+    },
+    Advance {
+        secs: i64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let store = 0..2usize;
+    let session = 0..SESSIONS;
+    prop_oneof![
+        6 => (store.clone(), session.clone(), 1..=3usize)
+            .prop_map(|(store, session, calls)| Op::Use { store, session, calls }),
+        1 => (store.clone(), session).prop_map(|(store, session)| Op::Close { store, session }),
+        1 => store.clone().prop_map(|store| Op::Expire { store }),
+        1 => (store.clone(), 1..=3u64).prop_map(|(store, n)| Op::FailNextWrites { store, n }),
+        1 => (store.clone(), 1..=2u64).prop_map(|(store, n)| Op::CommitThenFail { store, n }),
+        1 => store.clone().prop_map(|store| Op::FailAllWrites { store }),
+        2 => store.prop_map(|store| Op::Heal { store }),
+        1 => (0..40i64).prop_map(|secs| Op::Advance { secs }),
+    ]
+}
+
+/// What the answers promised about one session.
+#[derive(Debug, Default, Clone)]
+struct Promised {
+    ok: u64,
+    uncertain: u64,
+    closed_acked: bool,
+    saw_terminal: bool,
+}
+
+type Store = SessionStore<FaultyStorage<PgStorage>>;
+
+async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
+    let clock = ManualClock::starting_now();
+    let faults = [
+        FaultyStorage::new(PgStorage::new(pool.clone())),
+        FaultyStorage::new(PgStorage::new(pool.clone())),
+    ];
+    let stores: Vec<Store> = faults
+        .iter()
+        .map(|f| {
+            SessionStore::builder(f.clone())
+                .clock(Arc::new(clock.clone()))
+                .reconcile_interval(StdDuration::from_secs(3600))
+                .build()
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for _ in 0..SESSIONS {
+        let mut req = request(Uuid::new_v4(), &["t"], BUDGET);
+        req.time_limit = Duration::seconds(60);
+        ids.push(stores[0].create(req).await.expect("create").session_id);
+    }
+    let mut promised = vec![Promised::default(); SESSIONS];
+
+    for op in ops {
+        match *op {
+            Op::Use {
+                store,
+                session,
+                calls,
+            } => {
+                let tools = vec!["t"; calls];
+                let p = &mut promised[session];
+                match stores[store]
+                    .use_session_batch(ids[session], &tools, None)
+                    .await
+                {
+                    Ok(_) => p.ok += calls as u64,
+                    Err(SessionError::StorageWriteThrough { .. }) => p.uncertain += calls as u64,
+                    // Closed is a status; `Expired` may only mean the time limit passed.
+                    Err(SessionError::AlreadyClosed(_)) => p.saw_terminal = true,
+                    Err(
+                        SessionError::Expired(_)
+                        | SessionError::BudgetExceeded { .. }
+                        | SessionError::StorageRead { .. },
+                    ) => {}
+                    Err(other) => prop_assert!(false, "unexpected {other:?}"),
+                }
+            }
+            Op::Close { store, session } => {
+                let p = &mut promised[session];
+                match stores[store].close(ids[session]).await {
+                    Ok(_) => {
+                        p.closed_acked = true;
+                        p.saw_terminal = true;
+                    }
+                    Err(SessionError::AlreadyClosed(_) | SessionError::Expired(_)) => {
+                        p.saw_terminal = true;
+                    }
+                    Err(
+                        SessionError::StorageWriteThrough { .. } | SessionError::StorageRead { .. },
+                    ) => {}
+                    Err(other) => prop_assert!(false, "unexpected {other:?}"),
+                }
+            }
+            Op::Expire { store } => match stores[store].expire_due().await {
+                Ok(_) | Err(SessionError::StorageWriteThrough { .. }) => {}
+                Err(other) => prop_assert!(false, "unexpected {other:?}"),
+            },
+            Op::FailNextWrites { store, n } => faults[store].fail_next_writes(n),
+            Op::CommitThenFail { store, n } => faults[store].commit_then_fail_next_writes(n),
+            Op::FailAllWrites { store } => faults[store].fail_writes(),
+            Op::Heal { store } => faults[store].heal(),
+            Op::Advance { secs } => clock.advance(Duration::seconds(secs)),
+        }
+    }
+
+    for (store, fault) in stores.iter().zip(&faults) {
+        fault.heal();
+        let report = store.shutdown(StdDuration::from_secs(10)).await;
+        prop_assert!(report.is_clean(), "not flushed: {report:?}");
+        prop_assert_eq!(store.stats().pending, 0);
+    }
+    for (session, p) in promised.iter().enumerate() {
+        let id = ids[session];
+        let stored = row(pool, id).await;
+        let calls = u64::try_from(stored.calls_made).expect("non-negative");
+        prop_assert!(calls <= BUDGET, "{id}: {calls} calls over budget");
+        prop_assert!(
+            p.ok <= calls,
+            "{id}: an Ok call is missing: {p:?}, row {stored:?}"
+        );
+        prop_assert!(
+            calls <= p.ok + p.uncertain,
+            "{id}: counted a call never made: {p:?}, row {stored:?}"
+        );
+        if p.closed_acked {
+            prop_assert_eq!(stored.status.as_str(), "closed");
+        }
+        if p.saw_terminal {
+            prop_assert!(
+                stored.status != "active",
+                "{id}: terminal status lost: {stored:?}"
+            );
+        }
+        prop_assert_eq!(audited_calls(pool, id).await, stored.calls_made);
+        for store in &stores {
+            let cached = store.get(id).await.expect("get");
+            prop_assert!(
+                cached.calls_made <= calls,
+                "{id}: a cache is ahead after convergence"
+            );
+            if cached.status != SessionStatus::Active {
+                prop_assert!(
+                    stored.status != "active",
+                    "{id}: cache terminal, row active"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A database for this test alone, dropped afterwards (even when a case fails).
+struct ScratchDatabase {
+    admin: PgPool,
+    name: String,
+    pool: PgPool,
+}
+
+impl ScratchDatabase {
+    async fn create() -> Self {
+        let url = std::env::var("DATABASE_URL").expect(
+            "DATABASE_URL must point at PostgreSQL (scripts/test sets it); this test never skips",
+        );
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .expect("connect");
+        let name = format!("arbiter_model_{}", Uuid::new_v4().simple());
+        // DDL takes no bind parameters; the name is ours, not input.
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .expect("create scratch database");
+        let options = admin.connect_options().as_ref().clone().database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .expect("connect scratch database");
+        arbiter_session::migrate(&pool).await.expect("migrate");
+        ScratchDatabase { admin, name, pool }
+    }
+
+    async fn drop_database(self) {
+        self.pool.close().await;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&self.admin)
+        .await
+        .expect("drop scratch database");
+    }
+}
+
+#[test]
+fn model_based_two_stores_with_faults_keep_invariants() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let db = runtime.block_on(ScratchDatabase::create());
+    let cases = std::env::var("ARBITER_PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(12);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 200,
+        ..Config::default()
+    });
+    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+        runtime.block_on(run_case(&db.pool, &ops))
+    });
+    runtime.block_on(db.drop_database());
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+}
