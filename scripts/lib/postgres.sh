@@ -93,3 +93,10 @@ MSG
     fi
     export DATABASE_URL
 }
+
+# database_url_for NAME: DATABASE_URL with its database replaced by NAME (query kept).
+database_url_for() {
+    local base=${DATABASE_URL%%\?*}
+    local query=${DATABASE_URL#"$base"}
+    echo "${base%/*}/$1$query"
+}
