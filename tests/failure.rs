@@ -108,6 +108,39 @@ async fn failure_refused_network_drains_every_pending_session(pool: PgPool) {
     assert_eq!(row(&pool, ids[0]).await.status, "closed");
 }
 
+/// Every connection is cut while idle, and again in the middle of a call: the pool notices
+/// dead connections and the store carries on without a restart, counting exactly.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_cut_connections_recover_without_restart(pool: PgPool) {
+    let (proxy, proxied) = proxied_pool(&pool).await;
+    let store = SessionStore::builder(PgStorage::new(proxied))
+        .reconcile_interval(Duration::from_millis(20))
+        .build();
+    let id = store
+        .create(request(Uuid::new_v4(), &["t"], 100))
+        .await
+        .unwrap()
+        .session_id;
+    let (mut ok, mut counted) = (0, 0);
+    for round in 0..20 {
+        if round % 5 == 0 {
+            proxy.cut();
+        }
+        match store.use_session(id, "t", None).await {
+            Ok(_) => ok += 1,
+            Err(SessionError::StorageWriteThrough { .. }) => counted += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    drained(&store).await;
+    assert!(
+        ok >= 16,
+        "only the calls on a freshly cut connection may fail: {ok} ok"
+    );
+    assert_eq!(row(&pool, id).await.calls_made, ok + counted);
+    assert!(proxy.accepted() > 1, "the pool reconnected");
+}
+
 /// A pending session is pinned: neither eviction (capacity 1, flooded) nor idle expiry
 /// lets a later `get` or `use_session` see the older stored row.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
