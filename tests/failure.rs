@@ -40,6 +40,7 @@ async fn failure_stalled_network_is_write_through_then_reconciled(pool: PgPool) 
         .await
         .unwrap()
         .session_id;
+    common::wait_listening(&store).await;
     store.use_session(id, "t", None).await.unwrap();
 
     proxy.stall();
@@ -80,6 +81,10 @@ async fn failure_refused_network_drains_every_pending_session(pool: PgPool) {
                 .unwrap()
                 .session_id,
         );
+    }
+    common::wait_listening(&store).await;
+    for id in &ids {
+        store.get(*id).await.unwrap();
     }
     proxy.refuse();
     for id in &ids {

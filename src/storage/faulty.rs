@@ -171,6 +171,10 @@ fn injected(what: &str) -> StorageError {
 }
 
 impl<S: Storage> Storage for FaultyStorage<S> {
+    fn change_feed(&self) -> Option<Box<dyn super::ChangeFeed>> {
+        self.inner.change_feed()
+    }
+
     async fn load(&self, session_id: Uuid) -> Result<Option<Versioned>, StorageError> {
         self.check_read()?;
         self.inner.load(session_id).await

@@ -14,6 +14,7 @@
 //!   every process sharing the storage.
 
 use std::future::Future;
+use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -24,10 +25,12 @@ use crate::model::TaskSession;
 
 mod faulty;
 mod memory;
+mod notify;
 mod postgres;
 
 pub use faulty::FaultyStorage;
 pub use memory::MemoryStorage;
+pub use notify::{PgChangeFeed, STATUS_CHANNEL};
 pub use postgres::{
     DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_STATEMENT_TIMEOUT, PgStorage,
 };
@@ -76,8 +79,31 @@ pub enum CapOutcome {
     },
 }
 
+/// What a [`ChangeFeed`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The status of this session changed (closed or expired, by anyone).
+    Session(Uuid),
+    /// The feed (re)connected: changes made meanwhile may have been missed, so every cached
+    /// session should be considered stale.
+    Reset,
+}
+
+/// Status changes made by any writer, for cache invalidation across processes.
+pub trait ChangeFeed: Send + 'static {
+    /// Waits for the next change. Never fails: a feed that loses its connection reconnects
+    /// with backoff by itself and then reports [`Change::Reset`].
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Change> + Send + '_>>;
+}
+
 /// Where sessions live durably. See the module documentation for the contract.
 pub trait Storage: Send + Sync + 'static {
+    /// A feed of status changes made by any process, if this storage has one (the default
+    /// has none: a store over it sees other writers' changes only at its next write).
+    fn change_feed(&self) -> Option<Box<dyn ChangeFeed>> {
+        None
+    }
+
     /// Loads one session, `None` if it does not exist.
     fn load(
         &self,

@@ -365,6 +365,10 @@ impl PgStorage {
 }
 
 impl Storage for PgStorage {
+    fn change_feed(&self) -> Option<Box<dyn super::ChangeFeed>> {
+        Some(Box::new(super::PgChangeFeed::new(self.pool.clone())))
+    }
+
     async fn load(&self, session_id: Uuid) -> Result<Option<Versioned>, StorageError> {
         Self::load_with(&self.pool, session_id, RowLock::None).await
     }

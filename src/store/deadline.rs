@@ -35,6 +35,10 @@ impl<S> Deadline<S> {
 }
 
 impl<S: Storage> Storage for Deadline<S> {
+    fn change_feed(&self) -> Option<Box<dyn crate::storage::ChangeFeed>> {
+        self.inner.change_feed()
+    }
+
     async fn load(&self, session_id: Uuid) -> Result<Option<Versioned>, StorageError> {
         self.run(self.inner.load(session_id)).await
     }

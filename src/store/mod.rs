@@ -22,6 +22,7 @@
 //! is fair); across processes by the versioned write.
 
 mod deadline;
+mod invalidation;
 mod pending;
 mod reconciler;
 mod slot;
@@ -33,6 +34,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use moka::future::Cache;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 pub use reconciler::{ReconcileReport, ShutdownReport};
@@ -83,6 +85,7 @@ pub struct SessionStoreBuilder<S> {
     storage_timeout: Duration,
     negative_capacity: u64,
     negative_ttl: Duration,
+    listen_for_changes: bool,
 }
 
 impl<S: Storage> SessionStoreBuilder<S> {
@@ -92,6 +95,15 @@ impl<S: Storage> SessionStoreBuilder<S> {
     /// PostgreSQL never stalls the gateway for longer.
     pub fn storage_timeout(mut self, timeout: Duration) -> Self {
         self.storage_timeout = timeout;
+        self
+    }
+
+    /// Whether to listen to the storage's change feed (default `true`; PostgreSQL's is
+    /// LISTEN/NOTIFY, one connection per store) and drop sessions whose status another
+    /// process or an operator changed. Without it, such a change is seen at this store's
+    /// next write of the session (a version conflict) or when the entry leaves the cache.
+    pub fn listen_for_changes(mut self, listen: bool) -> Self {
+        self.listen_for_changes = listen;
         self
     }
 
@@ -170,6 +182,9 @@ impl<S: Storage> SessionStoreBuilder<S> {
                 reconcile_interval: self.reconcile_interval,
                 reconciler_running: AtomicBool::new(false),
                 me: me.clone(),
+                listen_for_changes: self.listen_for_changes,
+                listener_started: AtomicBool::new(false),
+                dropped: watch::Sender::new(()),
             }),
         }
     }
@@ -213,9 +228,13 @@ pub(crate) struct Inner<S> {
     /// True while a reconciler task exists; it exits when the pending set drains, so an
     /// idle store runs no background work.
     reconciler_running: AtomicBool,
-    /// The store itself, for spawning the reconciler with a reference that does not keep
+    /// The store itself, for spawning background tasks with a reference that does not keep
     /// the store alive.
     me: Weak<Inner<S>>,
+    listen_for_changes: bool,
+    listener_started: AtomicBool,
+    /// Dropped with the store; its receivers tell background tasks to stop.
+    dropped: watch::Sender<()>,
 }
 
 impl<S> std::fmt::Debug for Inner<S> {
@@ -287,6 +306,7 @@ impl<S: Storage> SessionStore<S> {
             storage_timeout: DEFAULT_STORAGE_TIMEOUT,
             negative_capacity: DEFAULT_NEGATIVE_CAPACITY,
             negative_ttl: DEFAULT_NEGATIVE_TTL,
+            listen_for_changes: true,
         }
     }
 
@@ -548,6 +568,7 @@ impl<S: Storage> Inner<S> {
     }
 
     async fn cache_created(&self, session: TaskSession, version: i64) -> TaskSession {
+        self.ensure_listener();
         let id = session.session_id;
         let slot = Slot::new(Versioned {
             session: session.clone(),
@@ -567,6 +588,7 @@ impl<S: Storage> Inner<S> {
     /// The slot of `id`: from the cache, else the pending set, else storage. Concurrent
     /// misses for one id share a single load.
     async fn slot(&self, id: Uuid) -> Result<Arc<Slot>, SessionError> {
+        self.ensure_listener();
         if let Some(slot) = self.cache.get(&id).await {
             Counters::bump(&self.counters.cache_hits);
             return Ok(slot);

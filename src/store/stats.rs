@@ -1,7 +1,7 @@
 //! Counters behind [`StoreStats`](crate::StoreStats). Relaxed atomics: each counter is
 //! exact on its own, and a snapshot is not a consistent cut across counters.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// A snapshot of a store's counters, for metrics and for operators.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -25,6 +25,12 @@ pub struct StoreStats {
     pub reconciled: u64,
     /// Sessions evicted from the cache (capacity or idle time).
     pub evictions: u64,
+    /// Sessions dropped from the cache because their status changed elsewhere.
+    pub invalidations: u64,
+    /// Times the change feed reconnected (and the whole cache was dropped).
+    pub listener_reconnects: u64,
+    /// Whether the change feed has connected (and the store is invalidating from it).
+    pub listening: bool,
 }
 
 #[derive(Debug, Default)]
@@ -36,6 +42,9 @@ pub(crate) struct Counters {
     pub(crate) conflicts: AtomicU64,
     pub(crate) reconciled: AtomicU64,
     pub(crate) evictions: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) listener_reconnects: AtomicU64,
+    pub(crate) listening: AtomicBool,
 }
 
 impl Counters {
@@ -55,6 +64,9 @@ impl Counters {
             conflicts: get(&self.conflicts),
             reconciled: get(&self.reconciled),
             evictions: get(&self.evictions),
+            invalidations: get(&self.invalidations),
+            listener_reconnects: get(&self.listener_reconnects),
+            listening: self.listening.load(Ordering::Relaxed),
         }
     }
 }

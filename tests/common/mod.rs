@@ -115,3 +115,16 @@ pub async fn audited_calls(pool: &PgPool, id: Uuid) -> i64 {
     .await
     .expect("events readable")
 }
+
+/// Waits until `store`'s change feed has connected (its first use started it). The
+/// connect-time reset empties the cache, so tests that need a warm cache fill it after.
+pub async fn wait_listening<S: arbiter_session::Storage>(store: &SessionStore<S>) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !store.stats().listening {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "listener never connected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

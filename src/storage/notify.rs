@@ -1,0 +1,94 @@
+//! [`PgChangeFeed`]: LISTEN on the channel that the `sessions_status_notify` trigger
+//! notifies, so every store drops sessions whose status another process (or an operator's
+//! SQL) changed.
+//!
+//! NOTIFYs sent while the listening connection is down are lost (PostgreSQL does not queue
+//! them for a listener that is gone), so every (re)connection reports [`Change::Reset`]:
+//! the store then treats its whole cache as stale.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use uuid::Uuid;
+
+use super::{Change, ChangeFeed};
+use crate::error::error_chain;
+
+/// The channel the migrations' trigger notifies, with a session id as payload.
+pub const STATUS_CHANNEL: &str = "arbiter_session_status";
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A LISTEN connection taken from (and configured like) a pool, reconnecting with backoff.
+#[derive(Debug)]
+pub struct PgChangeFeed {
+    pool: PgPool,
+    listener: Option<PgListener>,
+    backoff: Duration,
+}
+
+impl PgChangeFeed {
+    /// A feed that will listen with the connection options of `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        PgChangeFeed {
+            pool,
+            listener: None,
+            backoff: FIRST_BACKOFF,
+        }
+    }
+
+    async fn next_change(&mut self) -> Change {
+        loop {
+            let Some(listener) = self.listener.as_mut() else {
+                match connect(&self.pool).await {
+                    Ok(listener) => {
+                        self.listener = Some(listener);
+                        self.backoff = FIRST_BACKOFF;
+                        return Change::Reset;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %error_chain(&err), retry_in = ?self.backoff, "change feed: cannot listen");
+                        tokio::time::sleep(self.backoff).await;
+                        self.backoff = std::cmp::min(self.backoff * 2, MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            };
+            match listener.try_recv().await {
+                Ok(Some(notification)) => match Uuid::parse_str(notification.payload()) {
+                    Ok(id) => return Change::Session(id),
+                    Err(_) => tracing::warn!(
+                        payload = notification.payload(),
+                        "change feed: ignoring a payload that is not a session id"
+                    ),
+                },
+                // The connection dropped; sqlx reconnects at the next call, and whatever was
+                // notified in between is gone.
+                Ok(None) => {
+                    tracing::info!("change feed: connection lost, reconnecting");
+                    self.listener = None;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %error_chain(&err), "change feed: listener failed, reconnecting");
+                    self.listener = None;
+                }
+            }
+        }
+    }
+}
+
+async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(STATUS_CHANNEL).await?;
+    Ok(listener)
+}
+
+impl ChangeFeed for PgChangeFeed {
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Change> + Send + '_>> {
+        Box::pin(self.next_change())
+    }
+}
