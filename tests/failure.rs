@@ -184,14 +184,16 @@ async fn failure_pending_survives_eviction_and_idle_expiry(pool: PgPool) {
     assert_eq!(store.stats().pending, 0);
 }
 
-/// Conflict during reconciliation: while store A's change is pending, store B uses the
-/// session and closes it. A's merge is monotonic (closed stays closed, counters add up)
-/// and the trail records the reconciliation.
+/// Conflict during reconciliation: while store A's changes are pending, store B changes
+/// the row. A's merge is monotonic: its calls add to B's while the session is active; once
+/// B has closed it, closed wins and A's pending call is dropped (it was denied to its
+/// caller); the trail records each reconciliation.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn failure_reconcile_conflict_merges_monotonically(pool: PgPool) {
     let storage = faulty(&pool);
     let a = SessionStore::builder(storage.clone())
         .reconcile_interval(Duration::from_secs(3600))
+        .listen_for_changes(false)
         .build();
     let b = SessionStore::postgres(common::other_process_pool(&pool).await);
     let id = a
@@ -200,15 +202,25 @@ async fn failure_reconcile_conflict_merges_monotonically(pool: PgPool) {
         .unwrap()
         .session_id;
     a.use_session(id, "t", None).await.unwrap();
+
     storage.fail_writes();
     a.use_session_batch(id, &["t", "t"], None)
         .await
         .unwrap_err();
     assert_eq!(a.get(id).await.unwrap().calls_made, 3);
-
     b.use_session(id, "t", None).await.unwrap();
-    b.close(id).await.unwrap();
+    storage.heal();
+    assert_eq!(a.reconcile_now().await.still_pending, 0);
+    assert_eq!(
+        a.get(id).await.unwrap().calls_made,
+        4,
+        "ours added to theirs"
+    );
+    assert_eq!(row(&pool, id).await.calls_made, 4);
 
+    storage.fail_writes();
+    a.use_session(id, "t", None).await.unwrap_err();
+    b.close(id).await.unwrap();
     storage.heal();
     assert_eq!(a.reconcile_now().await.still_pending, 0);
     let merged = a.get(id).await.unwrap();
@@ -225,12 +237,13 @@ async fn failure_reconcile_conflict_merges_monotonically(pool: PgPool) {
             "created",
             "call_allowed",
             "call_allowed",
-            "closed",
             "batch_allowed",
+            "reconciled",
+            "closed",
             "reconciled"
         ]
     );
-    assert!(a.stats().conflicts >= 1);
+    assert_eq!(a.stats().reconciled, 2);
 }
 
 /// The ambiguous commit: the statement commits but the caller is told it failed. Neither

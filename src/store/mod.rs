@@ -684,6 +684,8 @@ impl<S: Storage> Inner<S> {
         let locked = self
             .storage
             .update_locked(id, &probe, |fresh, landed| {
+                // Dropped calls were denied to their callers; this call's own event (if
+                // any) carries the merged counters.
                 state.rebase(fresh, landed);
                 match self.decide(&state.current, mutation, now) {
                     Ok(Some((next, event))) => {

@@ -132,9 +132,11 @@ impl<S: Storage> Inner<S> {
                 let probe = state.unwritten_keys();
                 self.storage
                     .update_locked(id, &probe, |fresh, landed| {
-                        state.rebase(fresh, landed);
-                        // Everything may have landed already, or no longer fit the budget.
-                        state.is_ahead().then(|| {
+                        let dropped = state.rebase(fresh, landed);
+                        // Everything may have landed already (nothing to write). If the merge
+                        // dropped calls (no room left, or the session was closed meanwhile),
+                        // the `reconciled` event still records that it happened.
+                        (state.is_ahead() || dropped > 0).then(|| {
                             let reconciled = state.reconciled_event(at, self.instance_id);
                             let events = state.events_with(&reconciled).into_owned();
                             (state.current.clone(), events)

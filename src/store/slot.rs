@@ -70,16 +70,19 @@ impl SlotState {
 
     /// Storage holds `fresh`, newer than our version, and already contains the first
     /// `landed` unwritten events (a write reported as failed that did commit). Adopt
-    /// `fresh`, re-applying on top of it only the changes that did not land.
-    pub(crate) fn rebase(&mut self, fresh: Versioned, landed: usize) {
+    /// `fresh`, re-applying on top of it only the changes that did not land. Returns how
+    /// many unwritten events the merge had to drop.
+    pub(crate) fn rebase(&mut self, fresh: Versioned, landed: usize) -> usize {
         let landed = std::cmp::min(landed, self.unwritten.len());
         self.unwritten.drain(..landed);
+        let before = self.unwritten.len();
         self.current = if self.unwritten.is_empty() {
             fresh.session
         } else {
             merge(&fresh.session, &self.current, &mut self.unwritten)
         };
         self.durable_version = fresh.version;
+        before - self.unwritten.len()
     }
 
     /// The events a write of the current state must carry: every unwritten one, then
@@ -116,10 +119,11 @@ impl SlotState {
 /// # Invariant: monotonic merge
 /// A terminal status in storage wins; ours applies only over active. Counters never
 /// decrease: each unwritten call is added to storage's count, in order, while it fits the
-/// budget. Calls that no longer fit are dropped with their events; they belong to calls
-/// that were denied (`StorageWriteThrough`) to the caller, so dropping them never takes
-/// back a call that got `Ok`. The events left are renumbered so the audit trail's counters
-/// follow the merged timeline.
+/// budget and the session is still active. Calls that no longer fit, or that would land in
+/// a session closed or expired meanwhile, are dropped with their events: a closed session
+/// never gains a call, even in the audit trail. Every unwritten call was answered
+/// `StorageWriteThrough` (denied), so dropping one never takes back a call that got `Ok`.
+/// The events left are renumbered so the trail's counters follow the merged timeline.
 fn merge(fresh: &TaskSession, ahead: &TaskSession, unwritten: &mut Vec<AuditEvent>) -> TaskSession {
     let mut calls = fresh.calls_made;
     // The newer rate window wins; calls count toward it if they happened inside it.
@@ -133,6 +137,9 @@ fn merge(fresh: &TaskSession, ahead: &TaskSession, unwritten: &mut Vec<AuditEven
     unwritten.retain_mut(|event| {
         match event.kind {
             EventKind::CallAllowed | EventKind::BatchAllowed => {
+                if status != SessionStatus::Active {
+                    return false;
+                }
                 let n = event.tools.len() as u64;
                 match calls
                     .checked_add(n)
@@ -254,16 +261,22 @@ mod tests {
             with(&s, 5, SessionStatus::Active),
             vec![call(&s, 1), call(&s, 2)],
         );
-        state.rebase(fresh(with(&s, 5, SessionStatus::Closed)), 0);
-        assert_eq!(
-            (state.current.calls_made, state.current.status),
-            (6, SessionStatus::Closed)
-        );
+        state.rebase(fresh(with(&s, 5, SessionStatus::Active)), 0);
+        assert_eq!(state.current.calls_made, 6);
         assert_eq!(
             state.unwritten.len(),
             1,
             "the batch that no longer fits is dropped"
         );
+
+        let mut state = slot(&s, with(&s, 3, SessionStatus::Active), vec![call(&s, 1)]);
+        state.rebase(fresh(with(&s, 2, SessionStatus::Closed)), 0);
+        assert_eq!(
+            (state.current.calls_made, state.current.status),
+            (2, SessionStatus::Closed),
+            "a closed session gains no call"
+        );
+        assert!(state.unwritten.is_empty());
 
         let closed = AuditEvent::new(
             EventKind::Closed,
