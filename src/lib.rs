@@ -10,9 +10,11 @@
 //! * **Budgets are exact across processes.** Writes are versioned; a process whose cache
 //!   is stale gets a conflict, reloads and decides again. The database refuses
 //!   `calls_made > call_budget` on its own.
-//! * **Reads may be stale across processes.** [`SessionStore::get`] answers from the cache;
-//!   a change made by another process is seen at this process's next mutation of that
-//!   session (which conflicts and reloads) or after the entry leaves the cache.
+//! * **Reads are fresh on a best-effort basis across processes.** [`SessionStore::get`]
+//!   answers from the cache. A status change made by another process (or by SQL) reaches
+//!   it through LISTEN/NOTIFY, usually within milliseconds; any other change is seen at
+//!   this process's next mutation of that session (a version conflict) or after the entry
+//!   leaves the cache. No decision depends on that freshness.
 //! * **Convergence.** Once storage is reachable, the pending set drains; merges are
 //!   monotonic (a terminal status wins, counters never decrease).
 

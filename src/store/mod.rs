@@ -1,21 +1,17 @@
-//! [`SessionStore`]: the moka cache in front of a [`Storage`], with write-through,
-//! per-session serialization, the pending set and the reconciler.
+//! [`SessionStore`]: the moka cache in front of a [`Storage`], with write-through
+//! (`write_through`), per-session serialization (`slot`), the pending set (`pending`), the
+//! reconciler (`reconciler`), cache invalidation (`invalidation`) and a deadline on every
+//! storage operation (`deadline`). Each of those modules states its own invariant.
 //!
 //! # Invariants owned here
-//! * **Write-through.** A mutation decides from the cached state, writes the new state and
-//!   its audit event in one versioned statement, and returns `Ok` only after storage
-//!   accepted it. After a version conflict it decides once more on the row read under a
-//!   row lock, so a newer row is never overwritten and a caller never starves.
-//! * **Budget.** Because every `Ok` is a versioned write over the state it was decided
-//!   from, and storage refuses `calls_made > call_budget`, the `Ok` calls of a session,
-//!   summed over every process, never exceed its budget or its rate window's limit.
-//! * **Cache ahead.** A write that failed leaves the new state in the cache (the call stays
-//!   counted: denied to the caller, but spent) and pins the slot in the pending set until
-//!   the reconciler or a later mutation makes it durable.
+//! * **Budget.** Every `Ok` is a versioned write over the state it was decided from, and
+//!   storage refuses `calls_made > call_budget`, so the `Ok` calls of a session, summed over
+//!   every process, never exceed its budget or its rate window's limit.
 //! * **Monotonic status.** Closed or expired never becomes active again, in the cache
 //!   (policy never reopens; merges keep the terminal status) or in storage (a trigger).
 //! * **Isolation.** Only a session's own async mutex is held across an await; the pending
-//!   set's lock is held for map operations only, and moka is lock-free for readers.
+//!   set's lock is held for map operations only, and a cache lookup never waits for
+//!   another session.
 //!
 //! # Concurrent calls on the same session
 //! They are serialized in this process by the slot's mutex, in arrival order (tokio's mutex
@@ -27,6 +23,7 @@ mod pending;
 mod reconciler;
 mod slot;
 mod stats;
+mod write_through;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Weak};
@@ -42,14 +39,14 @@ pub use stats::StoreStats;
 
 use self::deadline::Deadline;
 use self::pending::PendingSet;
-use self::slot::{Slot, SlotState};
+use self::slot::Slot;
 use self::stats::Counters;
 use crate::audit::{AuditEvent, EventKind};
 use crate::clock::{Clock, SystemClock};
 use crate::error::{SessionError, StorageError, error_chain};
 use crate::model::{CreateSessionRequest, TaskSession};
-use crate::policy::{self, Decision, Mutation};
-use crate::storage::{CapOutcome, LockedUpdate, PgStorage, Storage, UpdateOutcome, Versioned};
+use crate::policy::Mutation;
+use crate::storage::{CapOutcome, PgStorage, Storage, Versioned};
 
 /// Default cache capacity, in sessions.
 pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
@@ -252,33 +249,6 @@ impl<S> std::fmt::Debug for Inner<S> {
 enum LoadError {
     NotFound,
     Read(StorageError),
-}
-
-/// What a mutation did.
-struct Mutated {
-    session: TaskSession,
-    changed: bool,
-}
-
-impl Mutated {
-    fn unchanged(state: &SlotState) -> Self {
-        Mutated {
-            session: state.current.clone(),
-            changed: false,
-        }
-    }
-}
-
-/// What the decision inside a locked update was (the closure reports it through this).
-#[allow(
-    clippy::large_enum_variant,
-    reason = "one lives on the stack of a conflicted mutation; boxing buys nothing"
-)]
-enum Locked {
-    NotReached,
-    Write(TaskSession, AuditEvent),
-    Unchanged,
-    Denied(SessionError),
 }
 
 impl SessionStore<PgStorage> {
@@ -621,170 +591,6 @@ impl<S: Storage> Inner<S> {
                 }
                 LoadError::Read(err) => Err(read_failed(Some(id), err)),
             },
-        }
-    }
-
-    /// Decides `mutation` against `current`: the new state and its audit event, `None` if
-    /// nothing changes, or the denial.
-    fn decide(
-        &self,
-        current: &TaskSession,
-        mutation: Mutation<'_>,
-        now: DateTime<Utc>,
-    ) -> Result<Option<(TaskSession, AuditEvent)>, SessionError> {
-        let (next, kind) = match policy::decide(current, mutation, now)? {
-            Decision::Apply(next, kind) => (next, kind),
-            Decision::Unchanged => return Ok(None),
-        };
-        let tools = match mutation {
-            Mutation::Use { tools, .. } => tools.iter().map(|t| (*t).to_owned()).collect(),
-            Mutation::Close | Mutation::Expire => Vec::new(),
-        };
-        let event = AuditEvent::new(kind, tools, &next, now, self.instance_id);
-        Ok(Some((next, event)))
-    }
-
-    /// Decides and writes one mutation under the session's lock.
-    ///
-    /// First optimistically: decide from the cached state and write naming its version.
-    /// If another writer got there first (a conflict), decide once more on the row read
-    /// under a row lock ([`Storage::update_locked`]), which cannot lose a race: one
-    /// conflict at most per call, however hot the session is elsewhere.
-    ///
-    /// Async cancellation safety: the cached state changes only once the write's outcome
-    /// is known. If this future is dropped mid-write, the write may or may not have
-    /// committed; either way the slot still names the old version, so the next mutation
-    /// sees a conflict (if it committed) and reloads. No call is lost or double-counted.
-    async fn mutate(&self, id: Uuid, mutation: Mutation<'_>) -> Result<Mutated, SessionError> {
-        let slot = self.slot(id).await?;
-        let mut state = slot.state.lock().await;
-        let now = self.now();
-        let Some((next, event)) = self.decide(&state.current, mutation, now)? else {
-            return Ok(Mutated::unchanged(&state));
-        };
-        let events = state.events_with(&event);
-        match self
-            .storage
-            .update(&next, state.durable_version, &events)
-            .await
-        {
-            Ok(UpdateOutcome::Applied(version)) => {
-                return Ok(self.applied(id, &slot, &mut state, next, version));
-            }
-            Ok(UpdateOutcome::Conflict) => Counters::bump(&self.counters.conflicts),
-            Err(err) => {
-                return Err(self
-                    .write_failed(id, &slot, &mut state, next, event, &err)
-                    .await);
-            }
-        }
-
-        let mut decided = Locked::NotReached;
-        let probe = state.unwritten_keys();
-        let locked = self
-            .storage
-            .update_locked(id, &probe, |fresh, landed| {
-                // Dropped calls were denied to their callers; this call's own event (if
-                // any) carries the merged counters.
-                state.rebase(fresh, landed);
-                match self.decide(&state.current, mutation, now) {
-                    Ok(Some((next, event))) => {
-                        let events = state.events_with(&event).into_owned();
-                        decided = Locked::Write(next.clone(), event);
-                        Some((next, events))
-                    }
-                    Ok(None) => {
-                        decided = Locked::Unchanged;
-                        None
-                    }
-                    Err(denial) => {
-                        decided = Locked::Denied(denial);
-                        None
-                    }
-                }
-            })
-            .await;
-        if !state.is_ahead() {
-            // The locked read showed that everything unwritten had landed after all.
-            self.unpin(id, &slot, &mut state);
-        }
-        match (locked, decided) {
-            (Ok(LockedUpdate::Missing), _) => Err(self.forget(id, &slot).await),
-            (Ok(LockedUpdate::Applied(version)), Locked::Write(next, _)) => {
-                Ok(self.applied(id, &slot, &mut state, next, version))
-            }
-            (Ok(_), Locked::Unchanged) => Ok(Mutated::unchanged(&state)),
-            (Ok(_), Locked::Denied(denial)) => Err(denial),
-            (Err(err), Locked::Write(next, event)) => Err(self
-                .write_failed(id, &slot, &mut state, next, event, &err)
-                .await),
-            // Failed before deciding (begin, or the locked read): nothing changed.
-            (Err(err), _) => Err(read_failed(Some(id), &err)),
-            (Ok(outcome), _) => Err(SessionError::StorageWriteThrough {
-                session_id: id,
-                detail: format!("storage broke the update_locked contract: {outcome:?}"),
-            }),
-        }
-    }
-
-    /// A write of `next` succeeded at `version`.
-    fn applied(
-        &self,
-        id: Uuid,
-        slot: &Arc<Slot>,
-        state: &mut SlotState,
-        next: TaskSession,
-        version: i64,
-    ) -> Mutated {
-        state.current = next;
-        state.mark_durable(version);
-        self.unpin(id, slot, state);
-        Mutated {
-            session: state.current.clone(),
-            changed: true,
-        }
-    }
-
-    /// Takes a slot whose state storage now holds out of the pending set.
-    pub(super) fn unpin(&self, id: Uuid, slot: &Arc<Slot>, state: &mut SlotState) {
-        if state.pinned {
-            state.pinned = false;
-            self.pending.remove(id, slot);
-        }
-    }
-
-    /// The row is gone (deleted by retention while cached): forget it everywhere.
-    async fn forget(&self, id: Uuid, slot: &Arc<Slot>) -> SessionError {
-        self.cache.remove(&id).await;
-        self.pending.remove(id, slot);
-        SessionError::NotFound(id)
-    }
-
-    /// The write of `next` failed: the cache goes ahead (the change stays counted), the slot
-    /// is pinned in the pending set and in the cache, and the reconciler is started.
-    async fn write_failed(
-        &self,
-        id: Uuid,
-        slot: &Arc<Slot>,
-        state: &mut SlotState,
-        next: TaskSession,
-        event: AuditEvent,
-        err: &StorageError,
-    ) -> SessionError {
-        state.current = next;
-        state.unwritten.push(event);
-        Counters::bump(&self.counters.write_failures);
-        state.pinned = true;
-        self.pending.insert(id, Arc::clone(slot));
-        // The cache may hold another slot for `id` (this one was evicted mid-write and a
-        // miss loaded the row again): the ahead state must be the one callers see.
-        self.cache.insert(id, Arc::clone(slot)).await;
-        let detail = error_chain(err);
-        tracing::warn!(session_id = %id, error = %detail, "write-through failed; cache is ahead of storage");
-        self.wake_reconciler();
-        SessionError::StorageWriteThrough {
-            session_id: id,
-            detail,
         }
     }
 }
