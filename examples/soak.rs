@@ -83,6 +83,23 @@ struct SessionTally {
     last_ok_started_ms: u64,
 }
 
+impl WorkerReport {
+    /// Adds `other`'s counts to this report.
+    fn absorb(&mut self, other: WorkerReport) {
+        self.operations += other.operations;
+        self.unflushed += other.unflushed;
+        for (id, t) in other.sessions {
+            let sum = self.sessions.entry(id).or_default();
+            sum.ok += t.ok;
+            sum.write_through += t.write_through;
+            sum.last_ok_started_ms = std::cmp::max(sum.last_ok_started_ms, t.last_ok_started_ms);
+        }
+        for (reason, n) in other.denials {
+            *self.denials.entry(reason).or_default() += n;
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -172,17 +189,7 @@ async fn worker(
     }
     let mut total = WorkerReport::default();
     for task in tasks {
-        let report = task.await?;
-        total.operations += report.operations;
-        for (id, t) in report.sessions {
-            let sum = total.sessions.entry(id).or_default();
-            sum.ok += t.ok;
-            sum.write_through += t.write_through;
-            sum.last_ok_started_ms = std::cmp::max(sum.last_ok_started_ms, t.last_ok_started_ms);
-        }
-        for (reason, n) in report.denials {
-            *total.denials.entry(reason).or_default() += n;
-        }
+        total.absorb(task.await?);
     }
     total.unflushed = store
         .shutdown(Duration::from_secs(30))
@@ -324,17 +331,7 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
             continue;
         }
         let report: WorkerReport = serde_json::from_str(out.lines().last().unwrap_or_default())?;
-        total.operations += report.operations;
-        total.unflushed += report.unflushed;
-        for (id, t) in report.sessions {
-            let sum = total.sessions.entry(id).or_default();
-            sum.ok += t.ok;
-            sum.write_through += t.write_through;
-            sum.last_ok_started_ms = std::cmp::max(sum.last_ok_started_ms, t.last_ok_started_ms);
-        }
-        for (reason, n) in report.denials {
-            *total.denials.entry(reason).or_default() += n;
-        }
+        total.absorb(report);
     }
 
     total.unflushed += parent_unflushed;

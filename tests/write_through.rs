@@ -1,5 +1,6 @@
 //! Write-through failure, the pending set and reconciliation, with failures injected by
-//! `FaultyStorage` around the real `PgStorage` (the thorough campaign has its own suite).
+//! `FaultyStorage` around the real `PgStorage`. The thorough campaign (eviction, idle
+//! expiry, shutdown, ambiguous commits, network faults) is tests/failure.rs.
 
 mod common;
 
@@ -12,7 +13,6 @@ use uuid::Uuid;
 
 fn faulty_store(
     pool: &PgPool,
-    capacity: u64,
 ) -> (
     SessionStore<FaultyStorage<PgStorage>>,
     FaultyStorage<PgStorage>,
@@ -20,7 +20,6 @@ fn faulty_store(
     let faulty = FaultyStorage::new(PgStorage::new(pool.clone()));
     let store = SessionStore::builder(faulty.clone())
         .clock(Arc::new(ManualClock::starting_now()))
-        .cache_capacity(capacity)
         // Long enough that only reconcile_now() reconciles in these tests.
         .reconcile_interval(Duration::from_secs(3600))
         .build();
@@ -29,7 +28,7 @@ fn faulty_store(
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn write_failure_keeps_cache_ahead_then_reconciles(pool: PgPool) {
-    let (store, faulty) = faulty_store(&pool, 100);
+    let (store, faulty) = faulty_store(&pool);
     let s = store
         .create(request(Uuid::new_v4(), &["a"], 5))
         .await
@@ -67,7 +66,7 @@ async fn write_failure_keeps_cache_ahead_then_reconciles(pool: PgPool) {
 /// The next successful mutation carries the unwritten change with it.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn a_later_mutation_makes_the_ahead_state_durable(pool: PgPool) {
-    let (store, faulty) = faulty_store(&pool, 100);
+    let (store, faulty) = faulty_store(&pool);
     let id = store
         .create(request(Uuid::new_v4(), &["a"], 2))
         .await
@@ -89,50 +88,6 @@ async fn a_later_mutation_makes_the_ahead_state_durable(pool: PgPool) {
     );
 }
 
-/// A pending session is pinned: with a cache of one entry flooded by other sessions, the
-/// ahead state is still what `get` and `use_session` see, never the older row.
-#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
-async fn pending_session_survives_eviction(pool: PgPool) {
-    let (store, faulty) = faulty_store(&pool, 1);
-    let id = store
-        .create(request(Uuid::new_v4(), &["a"], 3))
-        .await
-        .unwrap()
-        .session_id;
-    faulty.fail_next_writes(1);
-    assert!(store.use_session(id, "a", None).await.is_err());
-    for _ in 0..20 {
-        let other = store
-            .create(request(Uuid::new_v4(), &["a"], 3))
-            .await
-            .unwrap();
-        store.get(other.session_id).await.unwrap();
-    }
-    assert_eq!(store.get(id).await.unwrap().calls_made, 1);
-    assert_eq!(
-        store.use_session(id, "a", None).await.unwrap().calls_made,
-        2
-    );
-    assert_eq!(row(&pool, id).await.calls_made, 2);
-}
-
-#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
-async fn shutdown_flushes_or_reports_what_it_could_not(pool: PgPool) {
-    let (store, faulty) = faulty_store(&pool, 100);
-    let id = store
-        .create(request(Uuid::new_v4(), &["a"], 3))
-        .await
-        .unwrap()
-        .session_id;
-    faulty.fail_writes();
-    assert!(store.close(id).await.is_err());
-    let report = store.shutdown(Duration::from_millis(50)).await;
-    assert_eq!(report.unflushed, [id]);
-    faulty.heal();
-    assert!(store.shutdown(Duration::from_secs(5)).await.is_clean());
-    assert_eq!(row(&pool, id).await.status, "closed");
-}
-
 /// Without `reconcile_now`, the background reconciler drains the pending set by itself.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn background_reconciler_drains_pending(pool: PgPool) {
@@ -147,13 +102,6 @@ async fn background_reconciler_drains_pending(pool: PgPool) {
         .session_id;
     faulty.fail_next_writes(1);
     assert!(store.use_session(id, "a", None).await.is_err());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.stats().pending > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "reconciler did not drain in 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::drained(&store).await;
     assert_eq!(row(&pool, id).await.calls_made, 1);
 }
