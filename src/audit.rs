@@ -6,7 +6,8 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::model::{SessionStatus, TaskSession};
+use crate::error::SessionError;
+use crate::model::{SessionStatus, TaskSession, limits};
 
 /// What a state change was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -25,6 +26,8 @@ pub enum EventKind {
     /// The reconciler merged a cache state that was ahead of storage into a row that had
     /// changed meanwhile.
     Reconciled,
+    /// A call was denied (see [`AuditEvent::reason`]). Changes no state.
+    Denied,
 }
 
 impl EventKind {
@@ -37,6 +40,7 @@ impl EventKind {
             EventKind::Closed => "closed",
             EventKind::Expired => "expired",
             EventKind::Reconciled => "reconciled",
+            EventKind::Denied => "denied",
         }
     }
 }
@@ -44,6 +48,62 @@ impl EventKind {
 impl fmt::Display for EventKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Why a call was denied, as recorded in `session_events.reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DenialReason {
+    /// Presented by another agent than the session's.
+    AgentMismatch,
+    /// The session is closed.
+    Closed,
+    /// The session is expired (status or time limit).
+    Expired,
+    /// No budget left for the call(s).
+    Budget,
+    /// A tool is not in the allow-list.
+    Tool,
+    /// The rate window is full.
+    Rate,
+    /// Counted but not made durable: the caller got `StorageWriteThrough`.
+    WriteThrough,
+    /// The request was malformed (an empty or oversized batch).
+    Invalid,
+}
+
+impl DenialReason {
+    /// The name stored in PostgreSQL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenialReason::AgentMismatch => "agent_mismatch",
+            DenialReason::Closed => "closed",
+            DenialReason::Expired => "expired",
+            DenialReason::Budget => "budget",
+            DenialReason::Tool => "tool",
+            DenialReason::Rate => "rate",
+            DenialReason::WriteThrough => "write_through",
+            DenialReason::Invalid => "invalid",
+        }
+    }
+
+    /// The reason for a call denied with `err`; `None` for errors that say nothing about the
+    /// session (not found, a failed read), which are not recorded.
+    pub fn of(err: &SessionError) -> Option<Self> {
+        Some(match err {
+            SessionError::AgentMismatch { .. } => DenialReason::AgentMismatch,
+            SessionError::AlreadyClosed(_) => DenialReason::Closed,
+            SessionError::Expired(_) => DenialReason::Expired,
+            SessionError::BudgetExceeded { .. } => DenialReason::Budget,
+            SessionError::ToolNotAuthorized { .. } => DenialReason::Tool,
+            SessionError::RateLimited { .. } => DenialReason::Rate,
+            SessionError::StorageWriteThrough { .. } => DenialReason::WriteThrough,
+            SessionError::InvalidRequest { .. } => DenialReason::Invalid,
+            SessionError::NotFound(_)
+            | SessionError::StorageRead { .. }
+            | SessionError::TooManySessions { .. } => return None,
+        })
     }
 }
 
@@ -69,6 +129,8 @@ pub struct AuditEvent {
     pub occurred_at: DateTime<Utc>,
     /// The store instance that wrote it.
     pub instance_id: Uuid,
+    /// Why the call was denied; `Some` exactly for [`EventKind::Denied`].
+    pub reason: Option<DenialReason>,
 }
 
 impl AuditEvent {
@@ -89,6 +151,51 @@ impl AuditEvent {
             status: after.status,
             occurred_at,
             instance_id,
+            reason: None,
         }
     }
+
+    /// The event recording that a call of `tools` was denied for `reason`, with the
+    /// session's counters as they stood.
+    pub(crate) fn denied(
+        reason: DenialReason,
+        tools: Vec<String>,
+        session: &TaskSession,
+        occurred_at: DateTime<Utc>,
+        instance_id: Uuid,
+    ) -> Self {
+        AuditEvent {
+            reason: Some(reason),
+            ..AuditEvent::new(EventKind::Denied, tools, session, occurred_at, instance_id)
+        }
+    }
+}
+
+/// A denied call waiting to be recorded: its event and the session it was about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Denial {
+    /// The session the call presented.
+    pub session_id: Uuid,
+    /// The agent the session is bound to.
+    pub agent_id: Uuid,
+    /// The `denied` event.
+    pub event: AuditEvent,
+}
+
+/// The tools of a denied call as they can be stored: an agent may send anything, so a name
+/// that could never be an allow-list entry (empty, too long, NUL) is replaced by a marker,
+/// and an oversized batch keeps its first [`limits::MAX_TOOLS`] names.
+pub(crate) fn recordable_tools(tools: &[&str]) -> Vec<String> {
+    tools
+        .iter()
+        .take(limits::MAX_TOOLS)
+        .map(|tool| {
+            if crate::model::is_valid_name(tool) {
+                (*tool).to_owned()
+            } else {
+                format!("<invalid name of {} bytes>", tool.len())
+            }
+        })
+        .collect()
 }

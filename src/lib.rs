@@ -26,7 +26,7 @@ pub mod policy;
 pub mod storage;
 mod store;
 
-pub use audit::{AuditEvent, EventKind};
+pub use audit::{AuditEvent, Denial, DenialReason, EventKind};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{
     SESSION_HEADER, SessionError, StorageError, parse_session_header, status_code_for_error,
@@ -35,9 +35,10 @@ pub use model::{CreateSessionRequest, DataSensitivity, SessionStatus, TaskSessio
 pub use sqlx::PgPool;
 pub use storage::{FaultyStorage, MemoryStorage, PgStorage, Storage};
 pub use store::{
-    DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_IDLE, DEFAULT_NEGATIVE_CAPACITY, DEFAULT_NEGATIVE_TTL,
-    DEFAULT_RECONCILE_INTERVAL, DEFAULT_STORAGE_TIMEOUT, MAX_RECONCILE_BACKOFF, ReconcileReport,
-    SessionStore, SessionStoreBuilder, ShutdownReport, StoreStats,
+    DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_IDLE, DEFAULT_DENIAL_BUFFER, DEFAULT_NEGATIVE_CAPACITY,
+    DEFAULT_NEGATIVE_TTL, DEFAULT_RECONCILE_INTERVAL, DEFAULT_STORAGE_TIMEOUT,
+    MAX_RECONCILE_BACKOFF, ReconcileReport, SessionStore, SessionStoreBuilder, ShutdownReport,
+    StoreStats,
 };
 
 /// The embedded migrations (`migrations/`). Run them with [`migrate`], or use

@@ -328,7 +328,7 @@ fn list_authorizes(list: &[String], name: &str) -> bool {
     is_valid_name(name) && list.iter().any(|entry| entry == WILDCARD || entry == name)
 }
 
-fn is_valid_name(name: &str) -> bool {
+pub(crate) fn is_valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= limits::MAX_NAME_BYTES && !name.contains('\0')
 }
 

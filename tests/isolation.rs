@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use arbiter_session::storage::{CapOutcome, LockedUpdate, UpdateOutcome, Version, Versioned};
 use arbiter_session::{
-    AuditEvent, MemoryStorage, SessionError, SessionStore, Storage, StorageError, TaskSession,
+    AuditEvent, Denial, MemoryStorage, SessionError, SessionStore, Storage, StorageError,
+    TaskSession,
 };
 use chrono::{DateTime, Utc};
 use common::request;
@@ -90,6 +91,9 @@ impl Storage for Instrumented {
     {
         self.wait_if_stalled(id).await;
         self.inner.update_locked(id, keys, decide).await
+    }
+    async fn record_denials(&self, denials: &[Denial]) -> Result<(), StorageError> {
+        self.inner.record_denials(denials).await
     }
     async fn count_live_for_agent(&self, a: Uuid, now: DateTime<Utc>) -> Result<u64, StorageError> {
         self.inner.count_live_for_agent(a, now).await

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
 use crate::model::TaskSession;
 
@@ -220,6 +220,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     {
         self.write(self.inner.update_locked(session_id, probe_keys, decide))
             .await
+    }
+
+    async fn record_denials(&self, denials: &[Denial]) -> Result<(), StorageError> {
+        self.write(self.inner.record_denials(denials)).await
     }
 
     async fn count_live_for_agent(

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
 use crate::model::{SessionStatus, TaskSession};
 
@@ -189,6 +189,23 @@ impl Storage for MemoryStorage {
                 UpdateOutcome::Conflict => Ok(LockedUpdate::Missing),
             },
         }
+    }
+
+    async fn record_denials(&self, denials: &[Denial]) -> Result<(), StorageError> {
+        let mut tables = self.tables();
+        if denials
+            .iter()
+            .any(|d| tables.event_keys.contains(&d.event.key))
+        {
+            return Err(constraint("session_events_key_unique"));
+        }
+        for denial in denials {
+            tables.event_keys.insert(denial.event.key);
+            tables
+                .events
+                .push((denial.session_id, denial.event.clone()));
+        }
+        Ok(())
     }
 
     async fn count_live_for_agent(

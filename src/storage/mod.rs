@@ -19,7 +19,7 @@ use std::pin::Pin;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
 use crate::model::TaskSession;
 
@@ -154,6 +154,13 @@ pub trait Storage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<LockedUpdate, StorageError>> + Send
     where
         F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send;
+
+    /// Appends denial events (kind [`EventKind::Denied`](crate::EventKind::Denied)), in
+    /// one statement for the whole batch. They change no session.
+    fn record_denials(
+        &self,
+        denials: &[Denial],
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
     /// Live sessions (active and `now < expires_at`) of `agent_id`.
     fn count_live_for_agent(

@@ -18,7 +18,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, Denial, DenialReason};
 use crate::error::StorageError;
 use crate::model::TaskSession;
 
@@ -170,6 +170,27 @@ impl<'a> From<&'a AuditEvent> for EventJson<'a> {
             status: event.status.as_str(),
             occurred_at: event.occurred_at,
             instance_id: event.instance_id,
+        }
+    }
+}
+
+/// A denial as encoded for `jsonb_to_recordset` in [`PgStorage::record_denials`].
+#[derive(serde::Serialize)]
+struct DenialJson<'a> {
+    session_id: Uuid,
+    agent_id: Uuid,
+    #[serde(flatten)]
+    event: EventJson<'a>,
+    reason: Option<&'static str>,
+}
+
+impl<'a> From<&'a Denial> for DenialJson<'a> {
+    fn from(denial: &'a Denial) -> Self {
+        DenialJson {
+            session_id: denial.session_id,
+            agent_id: denial.agent_id,
+            event: EventJson::from(&denial.event),
+            reason: denial.event.reason.map(DenialReason::as_str),
         }
     }
 }
@@ -335,7 +356,7 @@ impl PgStorage {
                 status, session_version, occurred_at, instance_id)
             SELECT $20, session_id, agent_id, $17, '{}', $8, $12, $14, version, $18, $19
               FROM inserted
-            RETURNING session_version
+            RETURNING session_version AS "session_version!"
             "#,
             s.session_id,
             s.agent_id,
@@ -461,6 +482,28 @@ impl Storage for PgStorage {
             // Cannot happen while the row lock is held; report the row as gone, not guess.
             UpdateOutcome::Conflict => LockedUpdate::Missing,
         })
+    }
+
+    async fn record_denials(&self, denials: &[Denial]) -> Result<(), StorageError> {
+        let rows: Vec<DenialJson<'_>> = denials.iter().map(DenialJson::from).collect();
+        // language=PostgreSQL
+        sqlx::query!(
+            r#"
+            INSERT INTO arbiter.session_events (
+                event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+                status, session_version, occurred_at, instance_id, reason)
+            SELECT d.event_key, d.session_id, d.agent_id, 'denied', d.tools, d.calls_made,
+                   d.rate_window_calls, d.status, NULL, d.occurred_at, d.instance_id, d.reason
+              FROM jsonb_to_recordset($1::jsonb) AS d(
+                   event_key uuid, session_id uuid, agent_id uuid, tools text[],
+                   calls_made bigint, rate_window_calls bigint, status text,
+                   occurred_at timestamptz, instance_id uuid, reason text)
+            "#,
+            Json(&rows) as _,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn count_live_for_agent(

@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
 use crate::model::TaskSession;
 use crate::storage::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
@@ -82,6 +82,10 @@ impl<S: Storage> Storage for Deadline<S> {
     {
         self.run(self.inner.update_locked(session_id, probe_keys, decide))
             .await
+    }
+
+    async fn record_denials(&self, denials: &[Denial]) -> Result<(), StorageError> {
+        self.run(self.inner.record_denials(denials)).await
     }
 
     async fn count_live_for_agent(

@@ -18,6 +18,7 @@
 //! is fair); across processes by the versioned write.
 
 mod deadline;
+mod denials;
 mod invalidation;
 mod pending;
 mod reconciler;
@@ -38,6 +39,7 @@ pub use reconciler::{ReconcileReport, ShutdownReport};
 pub use stats::StoreStats;
 
 use self::deadline::Deadline;
+use self::denials::DenialBuffer;
 use self::pending::PendingSet;
 use self::slot::Slot;
 use self::stats::Counters;
@@ -61,6 +63,8 @@ pub const MAX_RECONCILE_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Default deadline for one storage operation.
 pub const DEFAULT_STORAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound of the buffer of denied calls waiting to be recorded.
+pub const DEFAULT_DENIAL_BUFFER: usize = 10_000;
 /// Default number of unknown session ids remembered.
 pub const DEFAULT_NEGATIVE_CAPACITY: u64 = 10_000;
 /// Default time an unknown session id is remembered.
@@ -83,6 +87,7 @@ pub struct SessionStoreBuilder<S> {
     negative_capacity: u64,
     negative_ttl: Duration,
     listen_for_changes: bool,
+    denial_buffer: usize,
 }
 
 impl<S: Storage> SessionStoreBuilder<S> {
@@ -101,6 +106,14 @@ impl<S: Storage> SessionStoreBuilder<S> {
     /// next write of the session (a version conflict) or when the entry leaves the cache.
     pub fn listen_for_changes(mut self, listen: bool) -> Self {
         self.listen_for_changes = listen;
+        self
+    }
+
+    /// Most denied calls waiting to be recorded (default [`DEFAULT_DENIAL_BUFFER`]). Denials
+    /// are written in batches off the hot path; past this bound they are dropped and
+    /// counted in `stats().denials_dropped`.
+    pub fn denial_buffer(mut self, denials: usize) -> Self {
+        self.denial_buffer = denials;
         self
     }
 
@@ -182,6 +195,8 @@ impl<S: Storage> SessionStoreBuilder<S> {
                 listen_for_changes: self.listen_for_changes,
                 listener_started: AtomicBool::new(false),
                 dropped: watch::Sender::new(()),
+                denials: DenialBuffer::new(self.denial_buffer),
+                denial_flusher_running: AtomicBool::new(false),
             }),
         }
     }
@@ -232,6 +247,9 @@ pub(crate) struct Inner<S> {
     listener_started: AtomicBool,
     /// Dropped with the store; its receivers tell background tasks to stop.
     dropped: watch::Sender<()>,
+    denials: DenialBuffer,
+    /// True while the denial flusher task exists; it exits when the buffer is empty.
+    denial_flusher_running: AtomicBool,
 }
 
 impl<S> std::fmt::Debug for Inner<S> {
@@ -277,6 +295,7 @@ impl<S: Storage> SessionStore<S> {
             negative_capacity: DEFAULT_NEGATIVE_CAPACITY,
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             listen_for_changes: true,
+            denial_buffer: DEFAULT_DENIAL_BUFFER,
         }
     }
 

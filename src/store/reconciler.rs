@@ -36,12 +36,14 @@ pub struct ShutdownReport {
     /// Sessions whose cached state is still ahead of storage: their last changes are lost
     /// if the process exits now (only calls that were denied with `StorageWriteThrough`).
     pub unflushed: Vec<Uuid>,
+    /// Denied calls still waiting to be recorded in the audit trail.
+    pub unrecorded_denials: usize,
 }
 
 impl ShutdownReport {
-    /// Whether every pending session was flushed.
+    /// Whether every pending session and every denial was flushed.
     pub fn is_clean(&self) -> bool {
-        self.unflushed.is_empty()
+        self.unflushed.is_empty() && self.unrecorded_denials == 0
     }
 }
 
@@ -81,19 +83,21 @@ impl<S: Storage> Inner<S> {
         }
     }
 
-    /// Passes until the pending set is empty or `within` has passed.
+    /// Passes (and denial flushes) until nothing is pending or `within` has passed.
     pub(super) async fn flush(&self, within: Duration) -> super::ShutdownReport {
         let deadline = Instant::now() + within;
         let mut delay = self.reconcile_interval;
         loop {
             let report = tokio::time::timeout_at(deadline, self.reconcile_pass()).await;
+            // Denials after sessions: a reconciled write-through is what some of them record.
+            let denials = tokio::time::timeout_at(deadline, self.flush_denials_once()).await;
             let done = matches!(
                 report,
                 Ok(ReconcileReport {
                     still_pending: 0,
                     ..
                 })
-            );
+            ) && matches!(denials, Ok(true));
             if done || Instant::now() + delay >= deadline {
                 break;
             }
@@ -106,7 +110,10 @@ impl<S: Storage> Inner<S> {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
-        ShutdownReport { unflushed }
+        ShutdownReport {
+            unflushed,
+            unrecorded_denials: self.denials.len(),
+        }
     }
 
     /// Writes one pending slot's state (with its unwritten events and a `reconciled`

@@ -31,6 +31,10 @@ pub struct StoreStats {
     pub listener_reconnects: u64,
     /// Whether the change feed has connected (and the store is invalidating from it).
     pub listening: bool,
+    /// Denied calls written to the audit trail.
+    pub denials_recorded: u64,
+    /// Denied calls not recorded because the denial buffer was full.
+    pub denials_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +49,8 @@ pub(crate) struct Counters {
     pub(crate) invalidations: AtomicU64,
     pub(crate) listener_reconnects: AtomicU64,
     pub(crate) listening: AtomicBool,
+    pub(crate) denials_recorded: AtomicU64,
+    pub(crate) denials_dropped: AtomicU64,
 }
 
 impl Counters {
@@ -67,6 +73,8 @@ impl Counters {
             invalidations: get(&self.invalidations),
             listener_reconnects: get(&self.listener_reconnects),
             listening: self.listening.load(Ordering::Relaxed),
+            denials_recorded: get(&self.denials_recorded),
+            denials_dropped: get(&self.denials_dropped),
         }
     }
 }

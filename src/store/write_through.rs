@@ -72,7 +72,8 @@ impl<S: Storage> Inner<S> {
         Ok(Some((next, event)))
     }
 
-    /// Decides and writes one mutation under the session's lock.
+    /// Decides and writes one mutation under the session's lock, and records a denied
+    /// call in the denial log.
     ///
     /// First optimistically: decide from the cached state and write naming its version.
     /// If another writer got there first (a conflict), decide once more on the row read
@@ -90,9 +91,24 @@ impl<S: Storage> Inner<S> {
     ) -> Result<Mutated, SessionError> {
         let slot = self.slot(id).await?;
         let mut state = slot.state.lock().await;
+        let result = self.mutate_locked(id, &slot, &mut state, mutation).await;
+        if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
+            self.record_denial(&state.current, tools, err);
+        }
+        result
+    }
+
+    /// [`Self::mutate`] with the session's lock held.
+    async fn mutate_locked(
+        &self,
+        id: Uuid,
+        slot: &Arc<Slot>,
+        state: &mut SlotState,
+        mutation: Mutation<'_>,
+    ) -> Result<Mutated, SessionError> {
         let now = self.now();
         let Some((next, event)) = self.decide(&state.current, mutation, now)? else {
-            return Ok(Mutated::unchanged(&state));
+            return Ok(Mutated::unchanged(state));
         };
         let events = state.events_with(&event);
         match self
@@ -101,13 +117,11 @@ impl<S: Storage> Inner<S> {
             .await
         {
             Ok(UpdateOutcome::Applied(version)) => {
-                return Ok(self.applied(id, &slot, &mut state, next, version));
+                return Ok(self.applied(id, slot, state, next, version));
             }
             Ok(UpdateOutcome::Conflict) => Counters::bump(&self.counters.conflicts),
             Err(err) => {
-                return Err(self
-                    .write_failed(id, &slot, &mut state, next, event, &err)
-                    .await);
+                return Err(self.write_failed(id, slot, state, next, event, &err).await);
             }
         }
 
@@ -138,18 +152,18 @@ impl<S: Storage> Inner<S> {
             .await;
         if !state.is_ahead() {
             // The locked read showed that everything unwritten had landed after all.
-            self.unpin(id, &slot, &mut state);
+            self.unpin(id, slot, state);
         }
         match (locked, decided) {
-            (Ok(LockedUpdate::Missing), _) => Err(self.forget(id, &slot).await),
+            (Ok(LockedUpdate::Missing), _) => Err(self.forget(id, slot).await),
             (Ok(LockedUpdate::Applied(version)), Locked::Write(next, _)) => {
-                Ok(self.applied(id, &slot, &mut state, next, version))
+                Ok(self.applied(id, slot, state, next, version))
             }
-            (Ok(_), Locked::Unchanged) => Ok(Mutated::unchanged(&state)),
+            (Ok(_), Locked::Unchanged) => Ok(Mutated::unchanged(state)),
             (Ok(_), Locked::Denied(denial)) => Err(denial),
-            (Err(err), Locked::Write(next, event)) => Err(self
-                .write_failed(id, &slot, &mut state, next, event, &err)
-                .await),
+            (Err(err), Locked::Write(next, event)) => {
+                Err(self.write_failed(id, slot, state, next, event, &err).await)
+            }
             // Failed before deciding (begin, or the locked read): nothing changed.
             (Err(err), _) => Err(read_failed(Some(id), &err)),
             (Ok(outcome), _) => Err(SessionError::StorageWriteThrough {

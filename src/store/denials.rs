@@ -1,0 +1,166 @@
+//! Denied calls, recorded off the hot path.
+//!
+//! # Invariant: bounded, never silent
+//! A denial is pushed into a bounded buffer (a `std` mutex held for a push, never across an
+//! await) and a background task writes the buffer in batches, one statement each. When the
+//! buffer is full the denial is dropped and counted (`stats().denials_dropped`) and logged;
+//! when a batch cannot be written it goes back into the buffer (within its bound) for the
+//! next flush. `shutdown` flushes what is left.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use super::Inner;
+use crate::audit::{AuditEvent, Denial, DenialReason, recordable_tools};
+use crate::error::{SessionError, error_chain};
+use crate::model::TaskSession;
+use crate::storage::Storage;
+
+/// How often the flusher writes buffered denials.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// Most denials in one statement.
+const FLUSH_BATCH: usize = 1000;
+
+#[derive(Debug)]
+pub(crate) struct DenialBuffer {
+    denials: Mutex<Vec<Denial>>,
+    capacity: usize,
+}
+
+impl DenialBuffer {
+    pub(crate) fn new(capacity: usize) -> Self {
+        DenialBuffer {
+            denials: Mutex::new(Vec::new()),
+            capacity,
+        }
+    }
+
+    fn denials(&self) -> MutexGuard<'_, Vec<Denial>> {
+        // Nothing panics under this lock, so a poisoned buffer is still consistent.
+        self.denials.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a denial; `false` if the buffer is full.
+    fn push(&self, denial: Denial) -> bool {
+        let mut denials = self.denials();
+        if denials.len() >= self.capacity {
+            return false;
+        }
+        denials.push(denial);
+        true
+    }
+
+    /// Takes up to one batch, oldest first.
+    fn take_batch(&self) -> Vec<Denial> {
+        let mut denials = self.denials();
+        let n = std::cmp::min(denials.len(), FLUSH_BATCH);
+        denials.drain(..n).collect()
+    }
+
+    /// Puts a batch that could not be written back in front, as far as the bound allows;
+    /// returns how many did not fit.
+    fn restore(&self, batch: Vec<Denial>) -> usize {
+        let mut denials = self.denials();
+        let room = self.capacity.saturating_sub(denials.len());
+        let kept = std::cmp::min(room, batch.len());
+        let lost = batch.len() - kept;
+        denials.splice(0..0, batch.into_iter().take(kept));
+        lost
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.denials().len()
+    }
+}
+
+impl<S: Storage> Inner<S> {
+    /// Records that a call of `tools` on `session` was denied with `err`, if `err` is a
+    /// denial worth recording.
+    pub(super) fn record_denial(&self, session: &TaskSession, tools: &[&str], err: &SessionError) {
+        let Some(reason) = DenialReason::of(err) else {
+            return;
+        };
+        let denial = Denial {
+            session_id: session.session_id,
+            agent_id: session.agent_id,
+            event: AuditEvent::denied(
+                reason,
+                recordable_tools(tools),
+                session,
+                self.now(),
+                self.instance_id,
+            ),
+        };
+        if self.denials.push(denial) {
+            self.start_denial_flusher();
+        } else {
+            self.dropped_denials(1);
+        }
+    }
+
+    fn dropped_denials(&self, n: usize) {
+        let n = u64::try_from(n).unwrap_or(u64::MAX);
+        let before = self
+            .counters
+            .denials_dropped
+            .fetch_add(n, Ordering::Relaxed);
+        // The first loss and then one in a thousand: loud enough, without flooding the log.
+        if before == 0 || before / 1000 != (before + n) / 1000 {
+            tracing::warn!(
+                dropped_total = before + n,
+                "denial buffer full: denied calls are not all being recorded"
+            );
+        }
+    }
+
+    fn start_denial_flusher(&self) {
+        if !self.denial_flusher_running.swap(true, Ordering::AcqRel) {
+            tokio::spawn(flush_denials(self.me.clone()));
+        }
+    }
+
+    /// Writes buffered denials until the buffer is empty or a write fails; returns whether
+    /// it emptied the buffer.
+    pub(super) async fn flush_denials_once(&self) -> bool {
+        loop {
+            let batch = self.denials.take_batch();
+            if batch.is_empty() {
+                return true;
+            }
+            let n = u64::try_from(batch.len()).unwrap_or(u64::MAX);
+            match self.storage.record_denials(&batch).await {
+                Ok(()) => {
+                    self.counters
+                        .denials_recorded
+                        .fetch_add(n, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    tracing::debug!(error = %error_chain(&err), "denials not recorded yet");
+                    let lost = self.denials.restore(batch);
+                    if lost > 0 {
+                        self.dropped_denials(lost);
+                    }
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// The background flusher: runs while denials are buffered, then exits.
+async fn flush_denials<S: Storage>(store: Weak<Inner<S>>) {
+    loop {
+        tokio::time::sleep(FLUSH_EVERY).await;
+        let Some(inner) = store.upgrade() else { return };
+        inner.flush_denials_once().await;
+        if inner.denials.len() == 0 {
+            inner.denial_flusher_running.store(false, Ordering::Release);
+            // A denial pushed between the check and the store starts no new task; take it.
+            if inner.denials.len() == 0 || inner.denial_flusher_running.swap(true, Ordering::AcqRel)
+            {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The audit trail: denied calls are recorded off the hot path, for every reason, with the
+//! session, agent, tools, counters and instance; overflow is counted, never silent.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arbiter_session::{FaultyStorage, ManualClock, PgPool, PgStorage, SessionStore};
+use chrono::Duration as TimeDelta;
+use common::request;
+use uuid::Uuid;
+
+#[derive(Debug, PartialEq, Eq)]
+struct DeniedRow {
+    reason: Option<String>,
+    tools: Vec<String>,
+    agent_id: Uuid,
+    instance_id: Uuid,
+    calls_made: i64,
+}
+
+async fn denied(pool: &PgPool, id: Uuid) -> Vec<DeniedRow> {
+    sqlx::query_as!(
+        DeniedRow,
+        "SELECT reason, tools, agent_id, instance_id, calls_made
+           FROM arbiter.session_events
+          WHERE session_id = $1 AND kind = 'denied'
+          ORDER BY occurred_at, event_id",
+        id
+    )
+    .fetch_all(pool)
+    .await
+    .expect("events readable")
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn audit_every_denial_reason_is_recorded(pool: PgPool) {
+    let clock = ManualClock::starting_now();
+    let storage = FaultyStorage::new(PgStorage::new(pool.clone()));
+    let instance = Uuid::new_v4();
+    let store = SessionStore::builder(storage.clone())
+        .clock(Arc::new(clock.clone()))
+        .instance_id(instance)
+        .reconcile_interval(Duration::from_secs(3600))
+        .build();
+    let agent = Uuid::new_v4();
+    let mut req = request(agent, &["a", "b"], 3);
+    req.rate_limit_per_minute = Some(2);
+    let id = store.create(req).await.unwrap().session_id;
+
+    let use_ = |tools: &'static [&'static str], who: Uuid| {
+        let store = store.clone();
+        async move { store.use_session_batch(id, tools, Some(who)).await }
+    };
+    use_(&["a"], Uuid::new_v4()).await.unwrap_err(); // agent_mismatch
+    use_(&["a", "x"], agent).await.unwrap_err(); // tool
+    use_(&[], agent).await.unwrap_err(); // invalid
+    use_(&["a", "b"], agent).await.unwrap(); // 2 calls, window full
+    use_(&["a"], agent).await.unwrap_err(); // rate
+    clock.advance(TimeDelta::minutes(1));
+    storage.fail_next_writes(1);
+    use_(&["b"], agent).await.unwrap_err(); // write_through (counted: 3 of 3)
+    use_(&["a"], agent).await.unwrap_err(); // budget
+    store.close(id).await.unwrap();
+    use_(&["a"], agent).await.unwrap_err(); // closed
+
+    assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+    let rows = denied(&pool, id).await;
+    let reasons: Vec<&str> = rows.iter().filter_map(|r| r.reason.as_deref()).collect();
+    assert_eq!(
+        reasons,
+        [
+            "agent_mismatch",
+            "tool",
+            "invalid",
+            "rate",
+            "write_through",
+            "budget",
+            "closed"
+        ]
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r.agent_id == agent && r.instance_id == instance)
+    );
+    assert_eq!(rows[1].tools, ["a", "x"]);
+    assert_eq!(
+        rows[4].calls_made, 3,
+        "counters as they stood: the write-through call counted"
+    );
+    assert_eq!(store.stats().denials_recorded, 7);
+
+    let expired = store
+        .create(request(agent, &["a"], 3))
+        .await
+        .unwrap()
+        .session_id;
+    clock.advance(TimeDelta::minutes(10));
+    store.use_session(expired, "a", None).await.unwrap_err();
+    assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+    assert_eq!(
+        denied(&pool, expired).await[0].reason.as_deref(),
+        Some("expired")
+    );
+}
+
+/// An agent may send anything as a tool name; what is recorded is always storable.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn audit_hostile_tool_names_are_recorded_safely(pool: PgPool) {
+    let store = SessionStore::postgres(pool.clone());
+    let id = store
+        .create(request(Uuid::new_v4(), &["*"], 3))
+        .await
+        .unwrap()
+        .session_id;
+    let huge = "x".repeat(1 << 20);
+    store.use_session(id, "nul\0byte", None).await.unwrap_err();
+    store.use_session(id, &huge, None).await.unwrap_err();
+    store
+        .use_session_batch(id, &vec!["t"; 5000], None)
+        .await
+        .unwrap_err();
+    assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+    let rows = denied(&pool, id).await;
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0].tools, ["<invalid name of 8 bytes>"]);
+    assert_eq!(rows[1].tools, ["<invalid name of 1048576 bytes>"]);
+    assert_eq!(
+        rows[2].tools.len(),
+        1024,
+        "an oversized batch keeps its first 1024 names"
+    );
+}
+
+/// With storage refusing writes and a buffer of 2, denials beyond the bound are dropped and
+/// counted; the buffered ones are written once storage is back.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn audit_denial_overflow_is_counted_not_silent(pool: PgPool) {
+    let storage = FaultyStorage::new(PgStorage::new(pool.clone()));
+    let store = SessionStore::builder(storage.clone())
+        .denial_buffer(2)
+        .reconcile_interval(Duration::from_secs(3600))
+        .build();
+    let id = store
+        .create(request(Uuid::new_v4(), &["a"], 3))
+        .await
+        .unwrap()
+        .session_id;
+    storage.fail_writes();
+    for _ in 0..5 {
+        store.use_session(id, "nope", None).await.unwrap_err();
+    }
+    let report = store.shutdown(Duration::from_millis(100)).await;
+    assert_eq!(report.unrecorded_denials, 2);
+    assert_eq!(store.stats().denials_dropped, 3);
+    storage.heal();
+    assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+    assert_eq!(denied(&pool, id).await.len(), 2);
+    assert_eq!(store.stats().denials_recorded, 2);
+}
