@@ -115,7 +115,9 @@ impl<S: Storage> Inner<S> {
     }
 
     fn start_denial_flusher(&self) {
-        if !self.denial_flusher_running.swap(true, Ordering::AcqRel) {
+        if !self.denial_flusher_running.load(Ordering::Relaxed)
+            && !self.denial_flusher_running.swap(true, Ordering::AcqRel)
+        {
             tokio::spawn(flush_denials(self.me.clone()));
         }
     }

@@ -21,7 +21,12 @@ impl<S: Storage> Inner<S> {
     /// Starts the listener task the first time the store is used inside a runtime, if
     /// enabled and the storage has a change feed.
     pub(super) fn ensure_listener(&self) {
-        if !self.listen_for_changes || self.listener_started.swap(true, Ordering::AcqRel) {
+        // Called on every lookup: a plain load keeps the common case free of writes to a
+        // shared cache line.
+        if !self.listen_for_changes
+            || self.listener_started.load(Ordering::Relaxed)
+            || self.listener_started.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let Some(feed) = self.storage.change_feed() else {

@@ -417,7 +417,8 @@ impl<S: Storage> SessionStore<S> {
     }
 
     /// The session as this store knows it: the cached state (which may be ahead of
-    /// storage), loading it on a miss.
+    /// storage), loading it on a miss. It waits for a mutation of the same session that is
+    /// in flight (at most `storage_timeout`), so it reads its own writes.
     ///
     /// # Errors
     /// [`SessionError::NotFound`] or [`SessionError::StorageRead`].
