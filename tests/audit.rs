@@ -39,10 +39,9 @@ async fn audit_every_denial_reason_is_recorded(pool: PgPool) {
     let clock = ManualClock::starting_now();
     let storage = FaultyStorage::new(PgStorage::new(pool.clone()));
     let instance = Uuid::new_v4();
-    let store = SessionStore::builder(storage.clone())
+    let store = common::manual_reconcile(storage.clone())
         .clock(Arc::new(clock.clone()))
         .instance_id(instance)
-        .reconcile_interval(Duration::from_secs(3600))
         .build();
     let agent = Uuid::new_v4();
     let mut req = request(agent, &["a", "b"], 3);
@@ -138,9 +137,8 @@ async fn audit_hostile_tool_names_are_recorded_safely(pool: PgPool) {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn audit_denial_overflow_is_counted_not_silent(pool: PgPool) {
     let storage = FaultyStorage::new(PgStorage::new(pool.clone()));
-    let store = SessionStore::builder(storage.clone())
+    let store = common::manual_reconcile(storage.clone())
         .denial_buffer(2)
-        .reconcile_interval(Duration::from_secs(3600))
         .build();
     let id = store
         .create(request(Uuid::new_v4(), &["a"], 3))

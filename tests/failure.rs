@@ -151,10 +151,9 @@ async fn failure_cut_connections_recover_without_restart(pool: PgPool) {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn failure_pending_survives_eviction_and_idle_expiry(pool: PgPool) {
     let storage = faulty(&pool);
-    let store = SessionStore::builder(storage.clone())
+    let store = common::manual_reconcile(storage.clone())
         .cache_capacity(1)
         .cache_idle(Duration::from_millis(20))
-        .reconcile_interval(Duration::from_secs(3600))
         .build();
     let id = store
         .create(request(Uuid::new_v4(), &["t"], 3))
@@ -191,8 +190,7 @@ async fn failure_pending_survives_eviction_and_idle_expiry(pool: PgPool) {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn failure_reconcile_conflict_merges_monotonically(pool: PgPool) {
     let storage = faulty(&pool);
-    let a = SessionStore::builder(storage.clone())
-        .reconcile_interval(Duration::from_secs(3600))
+    let a = common::manual_reconcile(storage.clone())
         .listen_for_changes(false)
         .build();
     let b = SessionStore::postgres(common::other_process_pool(&pool).await);
@@ -251,9 +249,7 @@ async fn failure_reconcile_conflict_merges_monotonically(pool: PgPool) {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn failure_ambiguous_commit_is_counted_exactly_once(pool: PgPool) {
     let storage = faulty(&pool);
-    let store = SessionStore::builder(storage.clone())
-        .reconcile_interval(Duration::from_secs(3600))
-        .build();
+    let store = common::manual_reconcile(storage.clone()).build();
     let id = store
         .create(request(Uuid::new_v4(), &["t"], 10))
         .await
@@ -299,9 +295,7 @@ async fn failure_process_death_loses_only_denied_calls(pool: PgPool) {
     let id;
     let mut ok = 0;
     {
-        let dying = SessionStore::builder(storage.clone())
-            .reconcile_interval(Duration::from_secs(3600))
-            .build();
+        let dying = common::manual_reconcile(storage.clone()).build();
         id = dying
             .create(request(Uuid::new_v4(), &["t"], 10))
             .await
@@ -330,9 +324,8 @@ async fn failure_process_death_loses_only_denied_calls(pool: PgPool) {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn failure_hung_write_gives_up_at_the_deadline(pool: PgPool) {
     let storage = faulty(&pool);
-    let store = SessionStore::builder(storage.clone())
+    let store = common::manual_reconcile(storage.clone())
         .storage_timeout(Duration::from_millis(200))
-        .reconcile_interval(Duration::from_secs(3600))
         .build();
     let id = store
         .create(request(Uuid::new_v4(), &["t"], 10))
@@ -441,9 +434,8 @@ async fn failure_unknown_ids_are_negatively_cached(pool: PgPool) {
 async fn failure_shutdown_reports_then_flushes(pool: PgPool) {
     let clock = ManualClock::starting_now();
     let storage = faulty(&pool);
-    let store = SessionStore::builder(storage.clone())
+    let store = common::manual_reconcile(storage.clone())
         .clock(Arc::new(clock))
-        .reconcile_interval(Duration::from_secs(3600))
         .build();
     let id = store
         .create(request(Uuid::new_v4(), &["t"], 3))

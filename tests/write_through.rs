@@ -18,10 +18,8 @@ fn faulty_store(
     FaultyStorage<PgStorage>,
 ) {
     let faulty = FaultyStorage::new(PgStorage::new(pool.clone()));
-    let store = SessionStore::builder(faulty.clone())
+    let store = common::manual_reconcile(faulty.clone())
         .clock(Arc::new(ManualClock::starting_now()))
-        // Long enough that only reconcile_now() reconciles in these tests.
-        .reconcile_interval(Duration::from_secs(3600))
         .build();
     (store, faulty)
 }

@@ -128,3 +128,11 @@ pub async fn wait_listening<S: arbiter_session::Storage>(store: &SessionStore<S>
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// A builder whose reconciler only runs when told (`reconcile_now`, `shutdown`): its
+/// background retry waits an hour, so every step of a failure test is deterministic.
+pub fn manual_reconcile<S: arbiter_session::Storage>(
+    storage: S,
+) -> arbiter_session::SessionStoreBuilder<S> {
+    SessionStore::builder(storage).reconcile_interval(std::time::Duration::from_secs(3600))
+}
