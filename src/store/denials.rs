@@ -72,6 +72,10 @@ impl DenialBuffer {
     pub(crate) fn len(&self) -> usize {
         self.denials().len()
     }
+
+    fn is_empty(&self) -> bool {
+        self.denials().is_empty()
+    }
 }
 
 impl<S: Storage> Inner<S> {
@@ -156,10 +160,10 @@ async fn flush_denials<S: Storage>(store: Weak<Inner<S>>) {
         tokio::time::sleep(FLUSH_EVERY).await;
         let Some(inner) = store.upgrade() else { return };
         inner.flush_denials_once().await;
-        if inner.denials.len() == 0 {
+        if inner.denials.is_empty() {
             inner.denial_flusher_running.store(false, Ordering::Release);
             // A denial pushed between the check and the store starts no new task; take it.
-            if inner.denials.len() == 0 || inner.denial_flusher_running.swap(true, Ordering::AcqRel)
+            if inner.denials.is_empty() || inner.denial_flusher_running.swap(true, Ordering::AcqRel)
             {
                 return;
             }

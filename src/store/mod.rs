@@ -523,9 +523,9 @@ impl<S: Storage> SessionStore<S> {
         self.inner.reconcile_pass().await
     }
 
-    /// Flushes the pending set, retrying until it is empty or `within` has passed, and
-    /// reports the sessions it could not make durable. Call before the process exits;
-    /// the store remains usable afterwards.
+    /// Flushes the pending set and the buffered denials, retrying until both are empty or
+    /// `within` has passed, and reports what it could not make durable. Call before the
+    /// process exits; the store remains usable afterwards.
     pub async fn shutdown(&self, within: Duration) -> ShutdownReport {
         self.inner.flush(within).await
     }

@@ -169,9 +169,7 @@ impl<S: Storage> Inner<S> {
             }
             Ok(LockedUpdate::Missing) => {
                 tracing::warn!(session_id = %id, "reconcile: session row is gone; dropping its pending state");
-                state.pinned = false;
-                self.pending.remove(id, slot);
-                self.cache.remove(&id).await;
+                self.forget(id, slot, &mut state).await;
                 Flush::Durable
             }
             Err(err) if err.is_transient() => {

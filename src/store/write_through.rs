@@ -155,7 +155,10 @@ impl<S: Storage> Inner<S> {
             self.unpin(id, slot, state);
         }
         match (locked, decided) {
-            (Ok(LockedUpdate::Missing), _) => Err(self.forget(id, slot).await),
+            (Ok(LockedUpdate::Missing), _) => {
+                self.forget(id, slot, state).await;
+                Err(SessionError::NotFound(id))
+            }
             (Ok(LockedUpdate::Applied(version)), Locked::Write(next, _)) => {
                 Ok(self.applied(id, slot, state, next, version))
             }
@@ -199,11 +202,12 @@ impl<S: Storage> Inner<S> {
         }
     }
 
-    /// The row is gone (deleted by retention while cached): forget it everywhere.
-    async fn forget(&self, id: Uuid, slot: &Arc<Slot>) -> SessionError {
-        self.cache.remove(&id).await;
+    /// The row is gone (deleted by retention while cached): forget it everywhere, pending
+    /// changes included (there is no row left to reconcile them into).
+    pub(super) async fn forget(&self, id: Uuid, slot: &Arc<Slot>, state: &mut SlotState) {
+        state.pinned = false;
         self.pending.remove(id, slot);
-        SessionError::NotFound(id)
+        self.cache.remove(&id).await;
     }
 
     /// The write of `next` failed: the cache goes ahead (the change stays counted), the slot
