@@ -68,5 +68,13 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "use search after close",
         &store.use_session(id, "search", Some(agent)).await,
     );
+
+    // Denials are recorded off the hot path; shutdown flushes them (and any pending write).
+    let report = store.shutdown(std::time::Duration::from_secs(5)).await;
+    println!(
+        "shutdown: {} unflushed, {} unrecorded denials",
+        report.unflushed.len(),
+        report.unrecorded_denials
+    );
     Ok(())
 }

@@ -19,14 +19,18 @@
 //!   monotonic (a terminal status wins, counters never decrease).
 
 pub mod audit;
+pub mod chain;
 pub mod clock;
 pub mod error;
 pub mod model;
 pub mod policy;
+pub mod report;
+pub mod retention;
 pub mod storage;
 mod store;
 
 pub use audit::{AuditEvent, Denial, DenialReason, EventKind};
+pub use chain::{verify_all_audit_chains, verify_audit_chain};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{
     SESSION_HEADER, SessionError, StorageError, parse_session_header, status_code_for_error,

@@ -157,3 +157,82 @@ async fn audit_denial_overflow_is_counted_not_silent(pool: PgPool) {
     assert_eq!(denied(&pool, id).await.len(), 2);
     assert_eq!(store.stats().denials_recorded, 2);
 }
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn audit_chain_verifies_and_finds_the_first_edited_row(pool: PgPool) {
+    use arbiter_session::chain::{LinkProblem, verify_all_audit_chains, verify_audit_chain};
+    let data = common::known_dataset(&pool).await;
+
+    // Computed by PostgreSQL at insert, recomputed here: both encodings agree.
+    let all = verify_all_audit_chains(&pool).await.unwrap();
+    assert!(all.is_intact(), "{all:?}");
+    assert_eq!((all.sessions, all.events), (3, 9));
+    let s1 = verify_audit_chain(&pool, data.s1).await.unwrap();
+    assert_eq!(s1.events, 4);
+    let head: Vec<u8> = sqlx::query_scalar(
+        "SELECT hash FROM arbiter.session_events WHERE session_id = $1 AND kind <> 'denied' ORDER BY event_id DESC LIMIT 1",
+    )
+    .bind(data.s1)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(s1.head.map(|d| d.0.to_vec()), Some(head));
+
+    // A superuser lowers a counter in the middle of S1's trail.
+    let second: i64 = sqlx::query_scalar(
+        "SELECT event_id FROM arbiter.session_events WHERE session_id = $1 ORDER BY event_id OFFSET 1 LIMIT 1",
+    )
+    .bind(data.s1)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    common::tamper(
+        &pool,
+        &format!("UPDATE arbiter.session_events SET calls_made = 0 WHERE event_id = {second}"),
+    )
+    .await;
+    let s1 = verify_audit_chain(&pool, data.s1).await.unwrap();
+    let link = s1.broken.expect("the edit is found");
+    assert_eq!(
+        (link.event_id, link.problem),
+        (second, LinkProblem::ContentMismatch)
+    );
+    assert_eq!(s1.head, None);
+
+    // Deleting an event of S3 breaks the link of its successor.
+    let s3_events: Vec<i64> = sqlx::query_scalar(
+        "SELECT event_id FROM arbiter.session_events WHERE session_id = $1 AND kind <> 'denied' ORDER BY event_id",
+    )
+    .bind(data.s3)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    common::tamper(
+        &pool,
+        &format!(
+            "DELETE FROM arbiter.session_events WHERE event_id = {}",
+            s3_events[1]
+        ),
+    )
+    .await;
+    let all = verify_all_audit_chains(&pool).await.unwrap();
+    // Reported in session id order.
+    let broken: Vec<_> = all
+        .broken
+        .iter()
+        .map(|l| (l.session_id, l.event_id, l.problem))
+        .collect();
+    let mut expected = vec![
+        (data.s1, second, LinkProblem::ContentMismatch),
+        (data.s3, s3_events[2], LinkProblem::PredecessorMismatch),
+    ];
+    expected.sort_by_key(|link| link.0);
+    assert_eq!(broken, expected);
+    // S2 is untouched and still verifies.
+    assert!(
+        verify_audit_chain(&pool, data.s2)
+            .await
+            .unwrap()
+            .is_intact()
+    );
+}

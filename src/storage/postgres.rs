@@ -311,10 +311,14 @@ impl PgStorage {
                 SELECT e.event_key, u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
                        e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id
                   FROM updated u
-                 CROSS JOIN jsonb_to_recordset($7::jsonb) AS e(
+                 CROSS JOIN ROWS FROM (jsonb_to_recordset($7::jsonb) AS (
                        event_key uuid, kind text, tools text[], calls_made bigint,
                        rate_window_calls bigint, status text, occurred_at timestamptz,
-                       instance_id uuid)
+                       instance_id uuid)) WITH ORDINALITY AS e(
+                       event_key, kind, tools, calls_made, rate_window_calls, status,
+                       occurred_at, instance_id, position)
+                 -- In order: event ids, and so the audit chain, follow the events' order.
+                 ORDER BY e.position
             )
             SELECT version FROM updated
             "#,

@@ -136,3 +136,135 @@ pub fn manual_reconcile<S: arbiter_session::Storage>(
 ) -> arbiter_session::SessionStoreBuilder<S> {
     SessionStore::builder(storage).reconcile_interval(std::time::Duration::from_secs(3600))
 }
+
+/// A small audit trail with known content, for the reporting tests: three sessions of two
+/// agents over two UTC days in March 2026 (long over by the time the views look at them).
+///
+/// * S1 (agent A, budget 3, tools search/fetch), 2026-03-01 10:00: search, batch
+///   [search, fetch], search (denied: budget); closed at 10:05.
+/// * S2 (agent A, budget 10, tools search, 10 min), 2026-03-02 09:00: search presented by
+///   agent B (denied: agent_mismatch), rm (denied: tool), search; never closed, so expired.
+/// * S3 (agent B, budget 2, tools *), 2026-03-02 12:00: fetch; closed; fetch (denied: closed).
+pub struct Dataset {
+    pub agent_a: Uuid,
+    pub agent_b: Uuid,
+    pub s1: Uuid,
+    pub s2: Uuid,
+    pub s3: Uuid,
+}
+
+pub const AGENT_A: Uuid = Uuid::from_u128(0xa);
+pub const AGENT_B: Uuid = Uuid::from_u128(0xb);
+
+pub async fn known_dataset(pool: &PgPool) -> Dataset {
+    use chrono::TimeZone as _;
+    let at = |day: u32, hour: u32, minute: u32| {
+        chrono::Utc
+            .with_ymd_and_hms(2026, 3, day, hour, minute, 0)
+            .single()
+            .expect("valid time")
+    };
+    let clock = ManualClock::new(at(1, 10, 0));
+    let store = store(pool, &clock);
+
+    let s1 = store
+        .create(request(AGENT_A, &["search", "fetch"], 3))
+        .await
+        .expect("create s1")
+        .session_id;
+    store
+        .use_session(s1, "search", Some(AGENT_A))
+        .await
+        .expect("search");
+    store
+        .use_session_batch(s1, &["search", "fetch"], Some(AGENT_A))
+        .await
+        .expect("batch");
+    store
+        .use_session(s1, "search", Some(AGENT_A))
+        .await
+        .expect_err("budget spent");
+    clock.set(at(1, 10, 5));
+    store.close(s1).await.expect("close s1");
+
+    clock.set(at(2, 9, 0));
+    let s2 = store
+        .create(request(AGENT_A, &["search"], 10))
+        .await
+        .expect("create s2")
+        .session_id;
+    store
+        .use_session(s2, "search", Some(AGENT_B))
+        .await
+        .expect_err("wrong agent");
+    store
+        .use_session(s2, "rm", Some(AGENT_A))
+        .await
+        .expect_err("tool not allowed");
+    store
+        .use_session(s2, "search", Some(AGENT_A))
+        .await
+        .expect("search");
+
+    clock.set(at(2, 12, 0));
+    let s3 = store
+        .create(request(AGENT_B, &["*"], 2))
+        .await
+        .expect("create s3")
+        .session_id;
+    store
+        .use_session(s3, "fetch", Some(AGENT_B))
+        .await
+        .expect("fetch");
+    store.close(s3).await.expect("close s3");
+    store
+        .use_session(s3, "fetch", Some(AGENT_B))
+        .await
+        .expect_err("closed");
+
+    let report = store.shutdown(std::time::Duration::from_secs(5)).await;
+    assert!(report.unflushed.is_empty() && report.unrecorded_denials == 0);
+    Dataset {
+        agent_a: AGENT_A,
+        agent_b: AGENT_B,
+        s1,
+        s2,
+        s3,
+    }
+}
+
+/// A URL for the database `pool` is connected to (a `#[sqlx::test]` database), for the
+/// command-line tool: `DATABASE_URL` with its database name replaced.
+pub async fn database_url(pool: &PgPool) -> String {
+    let name: String = sqlx::query_scalar!(r#"SELECT current_database() AS "name!""#)
+        .fetch_one(pool)
+        .await
+        .expect("database name");
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for the tests");
+    let (before_query, query) = match base.split_once('?') {
+        Some((url, query)) => (url.to_owned(), format!("?{query}")),
+        None => (base.clone(), String::new()),
+    };
+    let server = before_query
+        .rsplit_once('/')
+        .map(|(server, _)| server)
+        .filter(|server| server.ends_with(|c: char| c != '/'))
+        .unwrap_or(&before_query);
+    format!("{server}/{name}{query}")
+}
+
+/// Edits the audit trail the way a superuser could: with the append-only trigger disabled.
+pub async fn tamper(pool: &PgPool, sql: &str) {
+    let mut tx = pool.begin().await.expect("begin");
+    for statement in [
+        "ALTER TABLE arbiter.session_events DISABLE TRIGGER session_events_append_only",
+        sql,
+        "ALTER TABLE arbiter.session_events ENABLE TRIGGER session_events_append_only",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut *tx)
+            .await
+            .expect(statement);
+    }
+    tx.commit().await.expect("commit");
+}

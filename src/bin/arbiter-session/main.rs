@@ -1,0 +1,313 @@
+//! `arbiter-session`: the operator's command-line tool over an arbiter-session database.
+//!
+//! A thin shell over the library (`arbiter_session::{migrate, report, chain, retention}`):
+//! it parses arguments, connects to `DATABASE_URL`, prints, and turns every failure into
+//! one line on stderr and a non-zero exit.
+
+use std::process::ExitCode;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use arbiter_session::chain::{self, ChainSummary, SessionChain};
+use arbiter_session::report::{self, Format, ReportFilter};
+use arbiter_session::retention::{self, EventRetention};
+use chrono::{DateTime, NaiveDate, Utc};
+use clap::{Parser, Subcommand, ValueEnum};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::{Connection as _, PgPool};
+use uuid::Uuid;
+
+/// Exit status when `verify` finds a broken chain (errors exit with 1, usage errors with 2).
+const EXIT_TAMPERED: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "arbiter-session",
+    version,
+    about = "Operate an arbiter-session database: migrate, inspect, report, verify, purge",
+    after_help = "Exit status: 0 on success, 1 on an error (one line on stderr), \
+                  2 on a usage error, 3 when `verify` finds a broken audit chain."
+)]
+struct Cli {
+    /// PostgreSQL URL of the database holding the `arbiter` schema.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply the library's migrations (safe to run from several processes at once).
+    Migrate,
+    /// Show one session and its whole audit trail.
+    Inspect {
+        /// The session id.
+        session_id: Uuid,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// Print a report from the reporting views.
+    Report {
+        /// Which report.
+        report: ReportKind,
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<Uuid>,
+        /// Only from this UTC day on (YYYY-MM-DD).
+        #[arg(long)]
+        since: Option<NaiveDate>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// Verify the audit hash chain of one session, or of every session.
+    Verify {
+        /// Only this session (prints its head hash, to keep elsewhere).
+        #[arg(long)]
+        session: Option<Uuid>,
+    },
+    /// Delete sessions that ended before a date (never a live one); keeps their audit
+    /// events unless --events is given.
+    Purge {
+        /// The cutoff: YYYY-MM-DD (midnight UTC) or an RFC 3339 timestamp.
+        #[arg(long, value_parser = parse_cutoff)]
+        before: DateTime<Utc>,
+        /// Also delete the events of deleted sessions recorded before the cutoff.
+        #[arg(long)]
+        events: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ReportKind {
+    /// Per-session budget use, status, duration and denials.
+    Utilization,
+    /// Per-agent activity per day: sessions opened, calls allowed, denials by reason.
+    Agents,
+    /// Calls per tool per day.
+    Tools,
+    /// Denials per reason per day.
+    Denials,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    /// Aligned columns.
+    Table,
+    /// CSV with a header line.
+    Csv,
+    /// A JSON array.
+    Json,
+}
+
+impl From<OutputFormat> for Format {
+    fn from(format: OutputFormat) -> Self {
+        match format {
+            OutputFormat::Table => Format::Table,
+            OutputFormat::Csv => Format::Csv,
+            OutputFormat::Json => Format::Json,
+        }
+    }
+}
+
+fn parse_cutoff(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(day) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    DateTime::parse_from_rfc3339(text)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|_| "expected YYYY-MM-DD or an RFC 3339 timestamp".to_owned())
+}
+
+/// A failure, already phrased for the operator.
+struct Failure(String);
+
+impl<E: std::error::Error> From<E> for Failure {
+    fn from(err: E) -> Self {
+        let mut text = err.to_string();
+        let mut source = err.source();
+        while let Some(cause) = source {
+            // Many errors already print their source; say each thing once.
+            let cause_text = cause.to_string();
+            if !text.contains(&cause_text) {
+                text.push_str(": ");
+                text.push_str(&cause_text);
+            }
+            source = cause.source();
+        }
+        Failure(text)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(Failure::from(err)),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(failure) => fail(failure),
+    }
+}
+
+fn fail(Failure(text): Failure) -> ExitCode {
+    // One line, whatever the error's own formatting.
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    eprintln!("arbiter-session: error: {line}");
+    ExitCode::FAILURE
+}
+
+async fn connect(url: &str) -> Result<PgPool, Failure> {
+    let cannot = |err: sqlx::Error| {
+        Failure(format!(
+            "cannot connect to DATABASE_URL: {}",
+            Failure::from(err).0
+        ))
+    };
+    let options = PgConnectOptions::from_str(url).map_err(cannot)?;
+    // One direct connection first: a pool retries until its timeout and then reports only
+    // that it timed out, where the operator needs "connection refused" or "no such role".
+    PgConnection::connect_with(&options)
+        .await
+        .map_err(cannot)?
+        .close()
+        .await
+        .map_err(cannot)?;
+    Ok(PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options))
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    let pool = connect(&cli.database_url).await?;
+    match cli.command {
+        Command::Migrate => {
+            arbiter_session::migrate(&pool).await?;
+            let applied = arbiter_session::MIGRATOR.iter().count();
+            println!("schema arbiter is up to date ({applied} migrations)");
+        }
+        Command::Inspect { session_id, format } => inspect(&pool, session_id, format).await?,
+        Command::Report {
+            report,
+            agent,
+            since,
+            format,
+        } => {
+            let filter = ReportFilter { agent, since };
+            let format = Format::from(format);
+            let text = match report {
+                ReportKind::Utilization => {
+                    report::render(&report::utilization(&pool, filter).await?, format)?
+                }
+                ReportKind::Agents => {
+                    report::render(&report::agent_activity(&pool, filter).await?, format)?
+                }
+                ReportKind::Tools => {
+                    report::render(&report::tool_usage(&pool, filter).await?, format)?
+                }
+                ReportKind::Denials => {
+                    report::render(&report::denials(&pool, filter).await?, format)?
+                }
+            };
+            print!("{text}");
+        }
+        Command::Verify { session: Some(id) } => {
+            let verdict = chain::verify_audit_chain(&pool, id).await?;
+            return Ok(print_session_verdict(&verdict));
+        }
+        Command::Verify { session: None } => {
+            let summary = chain::verify_all_audit_chains(&pool).await?;
+            return Ok(print_summary(&summary));
+        }
+        Command::Purge { before, events } => {
+            let retention = if events {
+                EventRetention::Delete
+            } else {
+                EventRetention::Keep
+            };
+            let purged = retention::purge_before(&pool, before, retention).await?;
+            println!(
+                "purged {} sessions and {} events that ended before {}",
+                purged.sessions,
+                purged.events,
+                before.to_rfc3339()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn inspect(pool: &PgPool, id: Uuid, format: OutputFormat) -> Result<(), Failure> {
+    let session = report::session(pool, id).await?;
+    let events = report::session_events(pool, id).await?;
+    if session.is_none() && events.is_empty() {
+        return Err(Failure(format!("session {id} not found")));
+    }
+    match format {
+        OutputFormat::Json => {
+            let both = serde_json::json!({ "session": session, "events": events });
+            println!("{}", serde_json::to_string_pretty(&both)?);
+        }
+        OutputFormat::Table | OutputFormat::Csv => {
+            match &session {
+                Some(session) if matches!(format, OutputFormat::Table) => {
+                    print!("{}", session.render_fields());
+                    println!();
+                }
+                Some(_) => {}
+                None => eprintln!("session {id}: the row was purged; its events remain"),
+            }
+            print!("{}", report::render(&events, format.into())?);
+        }
+    }
+    Ok(())
+}
+
+fn print_session_verdict(verdict: &SessionChain) -> ExitCode {
+    match (&verdict.broken, verdict.head) {
+        (Some(link), _) => {
+            println!("BROKEN {link}");
+            ExitCode::from(EXIT_TAMPERED)
+        }
+        (None, Some(head)) => {
+            println!(
+                "ok: session {} has {} chained events; head {head}",
+                verdict.session_id, verdict.events
+            );
+            ExitCode::SUCCESS
+        }
+        (None, None) => {
+            println!("ok: session {} has no chained events", verdict.session_id);
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn print_summary(summary: &ChainSummary) -> ExitCode {
+    for link in &summary.broken {
+        println!("BROKEN {link}");
+    }
+    if summary.is_intact() {
+        println!(
+            "ok: {} sessions, {} chained events, every chain intact",
+            summary.sessions, summary.events
+        );
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "{} of {} sessions have a broken audit chain ({} chained events checked)",
+            summary.broken.len(),
+            summary.sessions,
+            summary.events
+        );
+        ExitCode::from(EXIT_TAMPERED)
+    }
+}

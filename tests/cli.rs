@@ -1,0 +1,239 @@
+//! The `arbiter-session` command-line tool, run as a process against a real database:
+//! migrate, inspect, report (table, CSV, JSON), verify (intact and tampered), purge, and
+//! one-line errors with a non-zero exit.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use arbiter_session::PgPool;
+use common::{AGENT_A, known_dataset};
+
+/// Runs the tool with `DATABASE_URL = url`.
+fn cli(url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_arbiter-session"))
+        .args(args)
+        .env("DATABASE_URL", url)
+        .output()
+        .expect("the binary runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A failure is one line on stderr, nothing on stdout, and exit status 1.
+fn assert_one_line_error(output: &Output, expected: &str) {
+    let err = stderr(output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("arbiter-session: error: "), "{err}");
+    assert!(err.contains(expected), "{err}");
+    assert_eq!(stdout(output), "");
+}
+
+#[sqlx::test(migrations = false)]
+async fn cli_migrates_an_empty_database(pool: PgPool) {
+    let url = common::database_url(&pool).await;
+    for _ in 0..2 {
+        let out = cli(&url, &["migrate"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(
+            stdout(&out),
+            "schema arbiter is up to date (6 migrations)\n"
+        );
+    }
+    let views = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM pg_views WHERE schemaname = 'arbiter'"#
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("views readable");
+    assert_eq!(views, 4);
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn cli_reports_in_every_format(pool: PgPool) {
+    known_dataset(&pool).await;
+    let url = common::database_url(&pool).await;
+
+    let out = cli(&url, &["report", "tools"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "day         tool    allowed  denied  agents  sessions\n\
+         2026-03-01  fetch         1       0       1         1\n\
+         2026-03-01  search        2       1       1         1\n\
+         2026-03-02  fetch         1       1       1         1\n\
+         2026-03-02  rm            0       1       1         1\n\
+         2026-03-02  search        1       1       1         1\n"
+    );
+
+    let a = AGENT_A.to_string();
+    let out = cli(
+        &url,
+        &[
+            "report",
+            "agents",
+            "--agent",
+            &a,
+            "--since",
+            "2026-03-02",
+            "--format",
+            "csv",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "day,agent_id,opened,allowed,denied,agent_mismatch,closed,expired,budget,tool,rate,write_through,invalid\r\n\
+             2026-03-02,{a},1,1,2,1,0,0,0,1,0,0,0\r\n"
+        )
+    );
+
+    let out = cli(&url, &["report", "denials", "--format", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(
+        json,
+        serde_json::json!([
+            {"day": "2026-03-01", "reason": "budget", "denials": 1, "agents": 1, "sessions": 1},
+            {"day": "2026-03-02", "reason": "agent_mismatch", "denials": 1, "agents": 1, "sessions": 1},
+            {"day": "2026-03-02", "reason": "closed", "denials": 1, "agents": 1, "sessions": 1},
+            {"day": "2026-03-02", "reason": "tool", "denials": 1, "agents": 1, "sessions": 1},
+        ])
+    );
+
+    let out = cli(&url, &["report", "utilization", "--agent", &a]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with("session_id "), "{text}");
+    assert!(
+        lines[1].contains(" closed ") && lines[1].contains(" 100.0 "),
+        "{text}"
+    );
+    assert!(
+        lines[2].contains(" expired ") && lines[2].contains(" 10.0 "),
+        "{text}"
+    );
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn cli_inspects_and_verifies_and_finds_tampering(pool: PgPool) {
+    let data = known_dataset(&pool).await;
+    let url = common::database_url(&pool).await;
+    let s1 = data.s1.to_string();
+
+    let out = cli(&url, &["inspect", &s1]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("session_id           {s1}")),
+        "{text}"
+    );
+    let kinds: Vec<&str> = text
+        .lines()
+        .skip_while(|line| !line.starts_with("event_id"))
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "call_allowed",
+            "batch_allowed",
+            "denied",
+            "closed"
+        ],
+        "{text}"
+    );
+
+    let out = cli(&url, &["verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "ok: 3 sessions, 9 chained events, every chain intact\n"
+    );
+    let out = cli(&url, &["verify", "--session", &s1]);
+    assert!(stdout(&out).starts_with(&format!("ok: session {s1} has 4 chained events; head ")));
+
+    common::tamper(
+        &pool,
+        &format!(
+            "UPDATE arbiter.session_events SET tools = '{{fetch}}' \
+              WHERE session_id = '{s1}' AND kind = 'call_allowed'"
+        ),
+    )
+    .await;
+    let out = cli(&url, &["verify"]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!("BROKEN session {s1} event ")),
+        "{text}"
+    );
+    assert!(
+        text.contains("(call_allowed): hash does not match the row"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("1 of 3 sessions have a broken audit chain (7 chained events checked)\n"),
+        "{text}"
+    );
+    let out = cli(&url, &["verify", "--session", &data.s2.to_string()]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn cli_purges_and_fails_in_one_line(pool: PgPool) {
+    known_dataset(&pool).await;
+    let url = common::database_url(&pool).await;
+
+    assert_one_line_error(
+        &cli(&url, &["purge", "--before", "2999-01-01"]),
+        "purge cutoff 2999-01-01 00:00:00 UTC is in the future",
+    );
+    // Nothing ended before the data set's first day (ends are judged by the database's
+    // clock: `updated_at`, written when the row last changed).
+    let out = cli(&url, &["purge", "--before", "2026-03-01"]);
+    assert_eq!(
+        stdout(&out),
+        "purged 0 sessions and 0 events that ended before 2026-03-01T00:00:00+00:00\n"
+    );
+    let now = sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(&pool)
+        .await
+        .expect("now");
+    let out = cli(&url, &["purge", "--before", &now.to_rfc3339(), "--events"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "purged 3 sessions and 13 events that ended before {}\n",
+            now.to_rfc3339()
+        )
+    );
+    assert_one_line_error(
+        &cli(&url, &["inspect", &uuid::Uuid::nil().to_string()]),
+        "session 00000000-0000-0000-0000-000000000000 not found",
+    );
+    assert_one_line_error(
+        &cli("postgres://postgres@127.0.0.1:1/none", &["verify"]),
+        "cannot connect to DATABASE_URL",
+    );
+    assert_one_line_error(
+        &cli("not a url", &["verify"]),
+        "cannot connect to DATABASE_URL",
+    );
+    // Usage errors are clap's: exit status 2 and a hint.
+    let out = cli(&url, &["report", "nonsense"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,444 @@
+//! The reporting views on a known data set (exact rows), the indexes that keep one
+//! session and one agent's day off a sequential scan, the report rendering, and retention.
+
+mod common;
+
+use arbiter_session::PgPool;
+use arbiter_session::report::{self, Format, ReportFilter};
+use arbiter_session::retention::{self, EventRetention, PurgeError};
+use chrono::{NaiveDate, Utc};
+use common::{AGENT_A, AGENT_B, known_dataset};
+use uuid::Uuid;
+
+fn day(d: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(2026, 3, d).expect("valid day")
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn session_utilization_view_has_exact_rows(pool: PgPool) {
+    let data = known_dataset(&pool).await;
+    let rows = sqlx::query!(
+        r#"SELECT session_id AS "session_id!", agent_id AS "agent_id!", status AS "status!",
+                  call_budget AS "call_budget!", calls_made AS "calls_made!",
+                  budget_used_pct::text AS "pct!", budget_exhausted AS "exhausted!",
+                  to_char(created_at AT TIME ZONE 'UTC', 'MM-DD HH24:MI') AS "created!",
+                  to_char(ended_at AT TIME ZONE 'UTC', 'MM-DD HH24:MI') AS "ended!",
+                  duration::text AS "duration!", denials AS "denials!"
+             FROM arbiter.session_utilization ORDER BY created_at"#
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let got: Vec<_> = rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.session_id,
+                r.agent_id,
+                r.status,
+                r.call_budget,
+                r.calls_made,
+                r.pct,
+                r.exhausted,
+                r.created,
+                r.ended,
+                r.duration,
+                r.denials,
+            )
+        })
+        .collect();
+    let row = |id,
+               agent,
+               status: &str,
+               budget,
+               used,
+               pct: &str,
+               exhausted,
+               created: &str,
+               ended: &str,
+               duration: &str,
+               denials| {
+        (
+            id,
+            agent,
+            status.to_owned(),
+            budget,
+            used,
+            pct.to_owned(),
+            exhausted,
+            created.to_owned(),
+            ended.to_owned(),
+            duration.to_owned(),
+            denials,
+        )
+    };
+    assert_eq!(
+        got,
+        vec![
+            row(
+                data.s1,
+                AGENT_A,
+                "closed",
+                3,
+                3,
+                "100.0",
+                true,
+                "03-01 10:00",
+                "03-01 10:05",
+                "00:05:00",
+                1
+            ),
+            row(
+                data.s2,
+                AGENT_A,
+                "expired",
+                10,
+                1,
+                "10.0",
+                false,
+                "03-02 09:00",
+                "03-02 09:10",
+                "00:10:00",
+                2
+            ),
+            row(
+                data.s3,
+                AGENT_B,
+                "closed",
+                2,
+                1,
+                "50.0",
+                false,
+                "03-02 12:00",
+                "03-02 12:00",
+                "00:00:00",
+                1
+            ),
+        ]
+    );
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn agent_daily_activity_view_has_exact_rows(pool: PgPool) {
+    known_dataset(&pool).await;
+    let rows = report::agent_activity(&pool, ReportFilter::default())
+        .await
+        .unwrap();
+    let got: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.agent_id,
+                r.day,
+                r.sessions_opened,
+                r.calls_allowed,
+                r.calls_denied,
+                [
+                    r.denied_agent_mismatch,
+                    r.denied_closed,
+                    r.denied_expired,
+                    r.denied_budget,
+                    r.denied_tool,
+                    r.denied_rate,
+                    r.denied_write_through,
+                    r.denied_invalid,
+                ],
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (AGENT_A, day(1), 1, 3, 1, [0, 0, 0, 1, 0, 0, 0, 0]),
+            (AGENT_A, day(2), 1, 1, 2, [1, 0, 0, 0, 1, 0, 0, 0]),
+            (AGENT_B, day(2), 1, 1, 1, [0, 1, 0, 0, 0, 0, 0, 0]),
+        ]
+    );
+    let b_only = report::agent_activity(
+        &pool,
+        ReportFilter {
+            agent: Some(AGENT_B),
+            since: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(b_only.len(), 1);
+    assert_eq!(b_only[0].agent_id, AGENT_B);
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn tool_and_denial_views_have_exact_rows(pool: PgPool) {
+    known_dataset(&pool).await;
+    let tools = sqlx::query!(
+        r#"SELECT day AS "day!", agent_id AS "agent_id!", tool AS "tool!",
+                  calls_allowed AS "allowed!", calls_denied AS "denied!", sessions AS "sessions!"
+             FROM arbiter.tool_daily_usage ORDER BY day, agent_id, tool"#
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let tools: Vec<_> = tools
+        .into_iter()
+        .map(|r| (r.day, r.agent_id, r.tool, r.allowed, r.denied, r.sessions))
+        .collect();
+    let t = |d, agent, tool: &str, allowed, denied| {
+        (day(d), agent, tool.to_owned(), allowed, denied, 1)
+    };
+    assert_eq!(
+        tools,
+        vec![
+            t(1, AGENT_A, "fetch", 1, 0),
+            t(1, AGENT_A, "search", 2, 1),
+            t(2, AGENT_A, "rm", 0, 1),
+            t(2, AGENT_A, "search", 1, 1),
+            t(2, AGENT_B, "fetch", 1, 1),
+        ]
+    );
+
+    let denials = sqlx::query!(
+        r#"SELECT day AS "day!", agent_id AS "agent_id!", reason AS "reason!",
+                  denials AS "denials!", sessions AS "sessions!"
+             FROM arbiter.denials_by_reason ORDER BY day, agent_id, reason"#
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let denials: Vec<_> = denials
+        .into_iter()
+        .map(|r| (r.day, r.agent_id, r.reason, r.denials, r.sessions))
+        .collect();
+    let d = |n, agent, reason: &str| (day(n), agent, reason.to_owned(), 1, 1);
+    assert_eq!(
+        denials,
+        vec![
+            d(1, AGENT_A, "budget"),
+            d(2, AGENT_A, "agent_mismatch"),
+            d(2, AGENT_A, "tool"),
+            d(2, AGENT_B, "closed"),
+        ]
+    );
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn reports_render_exactly(pool: PgPool) {
+    known_dataset(&pool).await;
+    let all = ReportFilter::default();
+    let tools = report::tool_usage(&pool, all).await.unwrap();
+    assert_eq!(
+        report::render(&tools, Format::Table).unwrap(),
+        "day         tool    allowed  denied  agents  sessions\n\
+         2026-03-01  fetch         1       0       1         1\n\
+         2026-03-01  search        2       1       1         1\n\
+         2026-03-02  fetch         1       1       1         1\n\
+         2026-03-02  rm            0       1       1         1\n\
+         2026-03-02  search        1       1       1         1\n"
+    );
+    let since_2nd = ReportFilter {
+        agent: None,
+        since: Some(day(2)),
+    };
+    let denials = report::denials(&pool, since_2nd).await.unwrap();
+    assert_eq!(
+        report::render(&denials, Format::Csv).unwrap(),
+        "day,reason,denials,agents,sessions\r\n\
+         2026-03-02,agent_mismatch,1,1,1\r\n\
+         2026-03-02,closed,1,1,1\r\n\
+         2026-03-02,tool,1,1,1\r\n"
+    );
+    let utilization = report::utilization(&pool, all).await.unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&report::render(&utilization, Format::Json).unwrap()).unwrap();
+    assert_eq!(json[0]["budget_used_pct"], 100.0);
+    assert_eq!(json[1]["status"], "expired");
+    assert_eq!(json[2]["duration_secs"], 0);
+    assert_eq!(json.as_array().map(Vec::len), Some(3));
+}
+
+/// With sequential scans priced out, a plan that still scans `session_events`
+/// sequentially has no index to use.
+async fn plan(pool: &PgPool, query: &str) -> String {
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query!("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await
+        .expect("set enable_seqscan");
+    // EXPLAIN of a query built at run time cannot be a checked macro.
+    let lines: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {query}"))
+        .fetch_all(&mut *tx)
+        .await
+        .expect("explain");
+    lines.join("\n")
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn one_session_and_one_agent_day_are_found_by_index(pool: PgPool) {
+    let data = known_dataset(&pool).await;
+    let a = AGENT_A;
+    let s = data.s2;
+    for query in [
+        format!("SELECT * FROM arbiter.session_events WHERE session_id = '{s}' ORDER BY event_id"),
+        format!("SELECT * FROM arbiter.session_utilization WHERE session_id = '{s}'"),
+        format!(
+            "SELECT * FROM arbiter.agent_daily_activity WHERE agent_id = '{a}' AND day = '2026-03-02'"
+        ),
+        format!(
+            "SELECT * FROM arbiter.tool_daily_usage WHERE agent_id = '{a}' AND day = '2026-03-02'"
+        ),
+        format!(
+            "SELECT * FROM arbiter.denials_by_reason WHERE agent_id = '{a}' AND day = '2026-03-02'"
+        ),
+        format!("SELECT * FROM arbiter.session_utilization WHERE agent_id = '{a}'"),
+    ] {
+        let plan = plan(&pool, &query).await;
+        assert!(!plan.contains("Seq Scan"), "{query}\n{plan}");
+        assert!(plan.contains("Index"), "{query}\n{plan}");
+    }
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn purge_deletes_only_ended_sessions_and_events_only_when_asked(pool: PgPool) {
+    let data = known_dataset(&pool).await;
+    // A live session: created now, ten minutes long.
+    let clock = arbiter_session::ManualClock::starting_now();
+    let live = common::store(&pool, &clock)
+        .create(common::request(Uuid::new_v4(), &["x"], 1))
+        .await
+        .unwrap()
+        .session_id;
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let events_before = count("SELECT count(*) FROM arbiter.session_events").await;
+
+    let future = retention::purge_before(
+        &pool,
+        Utc::now() + chrono::Duration::hours(1),
+        EventRetention::Delete,
+    )
+    .await;
+    assert!(
+        matches!(future, Err(PurgeError::CutoffInFuture { .. })),
+        "{future:?}"
+    );
+
+    // Everything of the data set ended before now; the live session did not.
+    let now = sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let kept = retention::purge_before(&pool, now, EventRetention::Keep)
+        .await
+        .unwrap();
+    assert_eq!((kept.sessions, kept.events), (3, 0));
+    let ids = sqlx::query_scalar!("SELECT session_id FROM arbiter.sessions")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ids, vec![live]);
+    assert_eq!(
+        count("SELECT count(*) FROM arbiter.session_events").await,
+        events_before
+    );
+    // The activity views still answer from the kept trail (three agent-days of the data
+    // set, and today's of the live session's agent).
+    assert_eq!(
+        report::agent_activity(&pool, ReportFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+
+    let deleted = retention::purge_before(&pool, now, EventRetention::Delete)
+        .await
+        .unwrap();
+    assert_eq!(deleted.sessions, 0);
+    let live_events = count("SELECT count(*) FROM arbiter.session_events WHERE session_id NOT IN (SELECT session_id FROM arbiter.sessions)").await;
+    assert_eq!(live_events, 0);
+    assert_eq!(
+        u64::try_from(events_before).unwrap() - deleted.events,
+        u64::try_from(count("SELECT count(*) FROM arbiter.session_events").await).unwrap()
+    );
+    // The data set wrote 4 + 2 + 3 state-changing events and 4 denials.
+    assert_eq!(deleted.events, 13);
+    let live_trail = report::session_events(&pool, live).await.unwrap();
+    assert_eq!(live_trail.len(), 1);
+    for gone in [data.s1, data.s2, data.s3] {
+        assert!(
+            report::session_events(&pool, gone)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn deletion_outside_purge_is_refused(pool: PgPool) {
+    let data = known_dataset(&pool).await;
+    let clock = arbiter_session::ManualClock::starting_now();
+    let live = common::store(&pool, &clock)
+        .create(common::request(Uuid::new_v4(), &["x"], 1))
+        .await
+        .unwrap()
+        .session_id;
+    for sql in [
+        format!(
+            "DELETE FROM arbiter.sessions WHERE session_id = '{}'",
+            data.s1
+        ),
+        format!(
+            "DELETE FROM arbiter.session_events WHERE session_id = '{}'",
+            data.s1
+        ),
+        "TRUNCATE arbiter.sessions CASCADE".to_owned(),
+        "TRUNCATE arbiter.session_events".to_owned(),
+    ] {
+        let err = sqlx::query(&sql).execute(&pool).await.expect_err(&sql);
+        assert!(
+            err.to_string().contains("purge_before") || err.to_string().contains("append-only"),
+            "{sql}: {err}"
+        );
+    }
+    // Setting purge_before's switches by hand allows only what a purge would delete: never
+    // a live session, never an event of a session that still exists.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('arbiter.purge_cutoff', now()::text, true), set_config('arbiter.purge_events', 'on', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = sqlx::query(&format!(
+        "DELETE FROM arbiter.sessions WHERE session_id = '{live}'"
+    ))
+    .execute(&mut *tx)
+    .await
+    .expect_err("a live session is never deleted");
+    assert!(err.to_string().contains("once it is over"), "{err}");
+    drop(tx);
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('arbiter.purge_cutoff', now()::text, true), set_config('arbiter.purge_events', 'on', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = sqlx::query(&format!(
+        "DELETE FROM arbiter.session_events WHERE session_id = '{}'",
+        data.s1
+    ))
+    .execute(&mut *tx)
+    .await
+    .expect_err("events of an existing session stay");
+    assert!(err.to_string().contains("append-only"), "{err}");
+    drop(tx);
+    let sessions: i64 = sqlx::query_scalar("SELECT count(*) FROM arbiter.sessions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sessions, 4);
+}
