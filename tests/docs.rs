@@ -1,0 +1,47 @@
+//! docs/reporting.md promises that its SQL runs as written: every ```sql block is run here
+//! against a database holding the known data set.
+
+mod common;
+
+use arbiter_session::PgPool;
+use sqlx::Row as _;
+
+fn sql_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```sql") => current = Some(String::new()),
+            (Some(_), "```") => blocks.extend(current.take()),
+            (Some(block), text) => {
+                block.push_str(text);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    assert!(current.is_none(), "an unterminated ```sql block");
+    blocks
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
+    common::known_dataset(&pool).await;
+    let guide = include_str!("../docs/reporting.md");
+    let blocks = sql_blocks(guide);
+    assert_eq!(blocks.len(), 10, "the guide answers ten questions");
+    let mut rows = Vec::new();
+    for sql in &blocks {
+        // The guide's SQL is text meant to be pasted; it cannot be a checked macro.
+        let result = sqlx::query(sql).fetch_all(&pool).await;
+        let result = result.unwrap_or_else(|err| panic!("{sql}\nfails: {err}"));
+        rows.push(result);
+    }
+    // On the data set: S1 ran out of budget; agent A's 2026-03-02 had one active hour;
+    // every one of the three sessions has a chain head.
+    assert_eq!(rows[1].len(), 1);
+    assert_eq!(rows[8].len(), 1);
+    assert_eq!(rows[8][0].get::<i64, _>("calls"), 1);
+    assert_eq!(rows[8][0].get::<i64, _>("denied"), 2);
+    assert_eq!(rows[9].len(), 3);
+}
