@@ -375,6 +375,12 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
         }
     }
 
+    // Four processes writing the same sessions while connections die: every chain intact.
+    let chains = arbiter_session::verify_all_audit_chains(&pool).await?;
+    for link in &chains.broken {
+        failures.push(format!("audit chain broken: {link}"));
+    }
+
     let denials = total
         .denials
         .iter()
@@ -383,7 +389,7 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
         .join(" ");
     println!(
         "soak: {} processes x {} tasks, {} sessions, {:.1} s: {} operations, {} calls ok, {} write-through; \
-         denials {}; faults: {} closes, {} connection kills; {}",
+         denials {}; faults: {} closes, {} connection kills; {} chained events verified; {}",
         options.processes,
         options.tasks,
         options.sessions,
@@ -398,6 +404,7 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
         },
         closed_at.len(),
         kills,
+        chains.events,
         if failures.is_empty() {
             "all checks passed".to_owned()
         } else {
