@@ -134,8 +134,10 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
-    /// The event recording that `after` is the state following `kind`.
-    pub(crate) fn new(
+    /// The event recording that `after` is the state following `kind`, with a fresh key.
+    /// For [`Storage`](crate::Storage) implementations and their tests; the store makes
+    /// its own.
+    pub fn new(
         kind: EventKind,
         tools: Vec<String>,
         after: &TaskSession,

@@ -1,0 +1,410 @@
+//! The benchmark behind `scripts/bench` (run it through the script: release build, a
+//! freshly migrated scratch database). Prints a table for people and, as its last line, one
+//! JSON object with every figure and the ratios the README reports.
+//!
+//! `limit` is the single statement one un-batched `use_session` sends (the row update and
+//! its audit row, one commit), issued straight through `Storage::update` on a pool of the
+//! same size; every other figure goes through a `SessionStore`.
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arbiter_session::{
+    AuditEvent, CreateSessionRequest, EventKind, PgStorage, SessionStore, Storage, SystemClock,
+    migrate,
+};
+use chrono::Utc;
+use serde::Serialize;
+use uuid::Uuid;
+
+struct Options {
+    quick: bool,
+    /// Seconds per throughput measurement.
+    secs: f64,
+    /// Sessions stored for the startup figure.
+    stored_sessions: i64,
+    /// Distinct `get`s for the memory figure, and the cache capacity then.
+    distinct_gets: usize,
+    rss_cache_capacity: u64,
+}
+
+impl Options {
+    fn parse() -> Result<Self, String> {
+        let mut quick = false;
+        for arg in std::env::args().skip(1) {
+            match arg.as_str() {
+                "--quick" => quick = true,
+                other => return Err(format!("unknown argument {other:?} (expected --quick)")),
+            }
+        }
+        Ok(if quick {
+            Options {
+                quick,
+                secs: 1.0,
+                stored_sessions: 100_000,
+                distinct_gets: 100_000,
+                rss_cache_capacity: 10_000,
+            }
+        } else {
+            Options {
+                quick,
+                secs: 5.0,
+                stored_sessions: 1_000_000,
+                distinct_gets: 1_000_000,
+                rss_cache_capacity: 100_000,
+            }
+        })
+    }
+}
+
+/// One figure: throughput and latency percentiles.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Figure {
+    ops_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Runs `tasks` concurrent loops of `op(task)` for `secs` and measures every call.
+async fn measure<F, Fut>(tasks: usize, secs: f64, op: F) -> Result<Figure, Box<dyn Error>>
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(tasks);
+    for task in 0..tasks {
+        let op = op.clone();
+        handles.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(4096);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                op(task).await?;
+                latencies.push(u32::try_from(t.elapsed().as_nanos()).unwrap_or(u32::MAX));
+            }
+            Ok::<_, String>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for handle in handles {
+        all.extend(handle.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(figure(all, elapsed))
+}
+
+fn figure(mut latencies_ns: Vec<u32>, elapsed: f64) -> Figure {
+    latencies_ns.sort_unstable();
+    let pick = |q: f64| {
+        if latencies_ns.is_empty() {
+            return 0.0;
+        }
+        let index = ((latencies_ns.len() - 1) as f64 * q).round() as usize;
+        f64::from(latencies_ns[index]) / 1000.0
+    };
+    Figure {
+        ops_per_s: latencies_ns.len() as f64 / elapsed,
+        p50_us: pick(0.50),
+        p99_us: pick(0.99),
+    }
+}
+
+fn request(budget: u64) -> CreateSessionRequest {
+    CreateSessionRequest::new(
+        Uuid::new_v4(),
+        ["search", "fetch"],
+        budget,
+        chrono::Duration::hours(4),
+    )
+}
+
+const BIG_BUDGET: u64 = 1_000_000_000;
+
+async fn sessions(store: &SessionStore, n: usize) -> Result<Vec<Uuid>, Box<dyn Error>> {
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(store.create(request(BIG_BUDGET)).await?.session_id);
+    }
+    Ok(ids)
+}
+
+fn store(storage: &PgStorage) -> SessionStore {
+    SessionStore::builder(storage.clone())
+        .clock(Arc::new(SystemClock))
+        .build()
+}
+
+/// `limit` at `tasks`: each task owns a session and sends the write-through statement
+/// itself, one commit per call.
+async fn limit(storage: &PgStorage, tasks: usize, secs: f64) -> Result<Figure, Box<dyn Error>> {
+    let creator = store(storage);
+    let ids = sessions(&creator, tasks).await?;
+    let mut states = Vec::new();
+    for id in &ids {
+        let stored = storage.load(*id).await?.ok_or("session just created")?;
+        states.push(tokio::sync::Mutex::new(stored));
+    }
+    let states = Arc::new(states);
+    let storage = storage.clone();
+    let instance = Uuid::new_v4();
+    measure(tasks, secs, move |task| {
+        let states = Arc::clone(&states);
+        let storage = storage.clone();
+        async move {
+            let mut stored = states[task].lock().await;
+            let mut next = stored.session.clone();
+            next.calls_made += 1;
+            let event = AuditEvent::new(
+                EventKind::CallAllowed,
+                vec!["search".to_owned()],
+                &next,
+                Utc::now(),
+                instance,
+            );
+            match storage.update(&next, stored.version, &[event]).await {
+                Ok(arbiter_session::storage::UpdateOutcome::Applied(version)) => {
+                    stored.session = next;
+                    stored.version = version;
+                    Ok(())
+                }
+                other => Err(format!("limit write: {other:?}")),
+            }
+        }
+    })
+    .await
+}
+
+/// `use_session` through the store, `tasks` tasks over `sessions` sessions.
+async fn use_session(
+    storage: &PgStorage,
+    tasks: usize,
+    sessions_n: usize,
+    secs: f64,
+) -> Result<Figure, Box<dyn Error>> {
+    let store = store(storage);
+    let ids = Arc::new(sessions(&store, sessions_n).await?);
+    measure(tasks, secs, move |task| {
+        let store = store.clone();
+        let ids = Arc::clone(&ids);
+        async move {
+            let id = ids[task % ids.len()];
+            store
+                .use_session(id, "search", None)
+                .await
+                .map(drop)
+                .map_err(|e| format!("use_session: {e:?}"))
+        }
+    })
+    .await
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    let options = Options::parse()?;
+    let url = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL (scripts/bench does)")?;
+    let storage = PgStorage::connect(&url).await?;
+    migrate(storage.pool()).await?;
+    let secs = options.secs;
+    let mut figures: BTreeMap<String, Figure> = BTreeMap::new();
+    let mut record = |name: &str, figure: Figure| {
+        eprintln!(
+            "{name:<24} {:>12.0} ops/s  p50 {:>9.1} µs  p99 {:>9.1} µs",
+            figure.ops_per_s, figure.p50_us, figure.p99_us
+        );
+        figures.insert(name.to_owned(), figure);
+    };
+
+    for tasks in [1, 16, 64] {
+        record(&format!("limit_{tasks}"), limit(&storage, tasks, secs).await?);
+    }
+    for tasks in [1, 16, 64] {
+        record(
+            &format!("use_distinct_{tasks}"),
+            use_session(&storage, tasks, tasks, secs).await?,
+        );
+    }
+    record("use_hot_64", use_session(&storage, 64, 1, secs).await?);
+
+    let creator = store(&storage);
+    let c = creator.clone();
+    record(
+        "create",
+        measure(16, secs, move |_| {
+            let c = c.clone();
+            async move { c.create(request(10)).await.map(drop).map_err(|e| format!("{e:?}")) }
+        })
+        .await?,
+    );
+    let c = creator.clone();
+    record(
+        "create_if_under_cap",
+        measure(16, secs, move |_| {
+            let c = c.clone();
+            async move {
+                c.create_if_under_cap(request(10), 1_000)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("{e:?}"))
+            }
+        })
+        .await?,
+    );
+
+    // Answered from the cache: a cached get, an unauthorized tool, a closed session.
+    let cached = creator.create(request(10)).await?.session_id;
+    let closed = creator.create(request(10)).await?.session_id;
+    creator.close(closed).await?;
+    creator.get(closed).await?;
+    let c = creator.clone();
+    record(
+        "get_cached",
+        measure(2, secs, move |_| {
+            let c = c.clone();
+            async move { c.get(cached).await.map(drop).map_err(|e| format!("{e:?}")) }
+        })
+        .await?,
+    );
+    let c = creator.clone();
+    record(
+        "deny_tool_cached",
+        measure(2, secs, move |_| {
+            let c = c.clone();
+            async move {
+                match c.use_session(cached, "not_allowed", None).await {
+                    Err(arbiter_session::SessionError::ToolNotAuthorized { .. }) => Ok(()),
+                    other => Err(format!("expected a tool denial, got {other:?}")),
+                }
+            }
+        })
+        .await?,
+    );
+    let c = creator.clone();
+    record(
+        "deny_closed_cached",
+        measure(2, secs, move |_| {
+            let c = c.clone();
+            async move {
+                match c.use_session(closed, "search", None).await {
+                    Err(arbiter_session::SessionError::AlreadyClosed(_)) => Ok(()),
+                    other => Err(format!("expected a closed denial, got {other:?}")),
+                }
+            }
+        })
+        .await?,
+    );
+
+    // Many stored sessions: inserted with plain SQL (no audit rows needed to be loaded).
+    let filler = Instant::now();
+    sqlx::query!(
+        r#"
+        INSERT INTO arbiter.sessions (
+            session_id, agent_id, delegation_chain, declared_intent, authorized_tools,
+            authorized_credentials, call_budget, rate_window_secs, data_sensitivity_ceiling,
+            created_at, expires_at)
+        SELECT gen_random_uuid(), gen_random_uuid(), '{}', 'bench', '{search}', '{}', 10, 60,
+               'internal', now(), now() + interval '4 hours'
+          FROM generate_series(1, $1::bigint)
+        "#,
+        options.stored_sessions
+    )
+    .execute(storage.pool())
+    .await?;
+    eprintln!(
+        "(stored {} sessions in {:.1} s)",
+        options.stored_sessions,
+        filler.elapsed().as_secs_f64()
+    );
+    let ids: Vec<Uuid> = sqlx::query_scalar!(
+        "SELECT session_id FROM arbiter.sessions WHERE declared_intent = 'bench' LIMIT $1",
+        i64::try_from(options.distinct_gets)?
+    )
+    .fetch_all(storage.pool())
+    .await?;
+
+    // Startup: a new pool and store over the full table, to the first successful call.
+    let started = Instant::now();
+    let fresh = SessionStore::new(PgStorage::connect(&url).await?);
+    fresh.use_session(ids[0], "search", None).await?;
+    let startup_ms = started.elapsed().as_secs_f64() * 1000.0;
+    eprintln!("{:<24} {startup_ms:>12.1} ms", "startup");
+    drop(fresh);
+
+    // Cold gets, then memory after every id was read once through a bounded cache.
+    let cold_store = SessionStore::builder(storage.clone())
+        .cache_capacity(options.rss_cache_capacity)
+        .build();
+    let ids = Arc::new(ids);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let (s, i, n) = (cold_store.clone(), Arc::clone(&ids), Arc::clone(&next));
+    record(
+        "get_cold",
+        measure(16, secs.min(2.0), move |_| {
+            let (s, i, n) = (s.clone(), Arc::clone(&i), Arc::clone(&n));
+            async move {
+                let k = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % i.len();
+                s.get(i[k]).await.map(drop).map_err(|e| format!("{e:?}"))
+            }
+        })
+        .await?,
+    );
+    let read = Instant::now();
+    let mut handles = Vec::new();
+    for task in 0..16 {
+        let (s, i) = (cold_store.clone(), Arc::clone(&ids));
+        handles.push(tokio::spawn(async move {
+            for k in (task..i.len()).step_by(16) {
+                s.get(i[k]).await.map_err(|e| format!("{e:?}"))?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for handle in handles {
+        handle.await??;
+    }
+    let rss = rss_mib();
+    eprintln!(
+        "{:<24} {rss:>12.1} MiB after {} distinct gets in {:.1} s (cache capacity {})",
+        "rss",
+        ids.len(),
+        read.elapsed().as_secs_f64(),
+        options.rss_cache_capacity
+    );
+
+    let ratio = |a: &str, b: &str| {
+        figures
+            .get(a)
+            .zip(figures.get(b))
+            .map_or(0.0, |(a, b)| a.ops_per_s / b.ops_per_s)
+    };
+    let summary = serde_json::json!({
+        "date": Utc::now().format("%Y-%m-%d").to_string(),
+        "quick": options.quick,
+        "figures": figures,
+        "startup_ms": startup_ms,
+        "stored_sessions": options.stored_sessions,
+        "rss_mib": rss,
+        "distinct_gets": ids.len(),
+        "ratio_distinct_64": ratio("use_distinct_64", "limit_64"),
+        "ratio_distinct_16": ratio("use_distinct_16", "limit_16"),
+        "ratio_hot_64": ratio("use_hot_64", "use_distinct_1"),
+    });
+    println!("{summary}");
+    Ok(())
+}
