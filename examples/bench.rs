@@ -232,7 +232,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     };
 
     for tasks in [1, 16, 64] {
-        record(&format!("limit_{tasks}"), limit(&storage, tasks, secs).await?);
+        record(
+            &format!("limit_{tasks}"),
+            limit(&storage, tasks, secs).await?,
+        );
     }
     for tasks in [1, 16, 64] {
         record(
@@ -248,7 +251,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "create",
         measure(16, secs, move |_| {
             let c = c.clone();
-            async move { c.create(request(10)).await.map(drop).map_err(|e| format!("{e:?}")) }
+            async move {
+                c.create(request(10))
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("{e:?}"))
+            }
         })
         .await?,
     );

@@ -6,9 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arbiter_session::{ManualClock, PgPool, SessionError, SessionStatus, SessionStore};
+use arbiter_session::{ManualClock, PgPool, PgStorage, SessionError, SessionStatus, SessionStore};
 use chrono::Duration;
-use common::{other_process_pool, request, row, store};
+use common::{event_kinds, other_process_pool, request, row, store};
 use uuid::Uuid;
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
@@ -249,5 +249,78 @@ async fn schema_guards_budget_status_and_audit_trail(pool: PgPool) {
     assert_eq!(
         constraint(truncate).as_deref(),
         Some("session_events_append_only")
+    );
+}
+
+/// A group commit that carries the same session twice (two cache slots for one id, after
+/// an invalidation) applies one write and reports the other as a conflict: never one
+/// version, or one budget, for two writers.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn group_commit_with_one_session_twice_applies_one(pool: PgPool) {
+    use arbiter_session::storage::{BatchUpdate, UpdateOutcome};
+    use arbiter_session::{AuditEvent, EventKind, Storage};
+    let storage = PgStorage::new(pool.clone());
+    let store = SessionStore::new(storage.clone());
+    let one = store
+        .create(request(Uuid::new_v4(), &["t"], 10))
+        .await
+        .unwrap();
+    let other = store
+        .create(request(Uuid::new_v4(), &["t"], 10))
+        .await
+        .unwrap();
+    let stored = storage.load(one.session_id).await.unwrap().unwrap();
+    let mut plus_one = stored.session.clone();
+    plus_one.calls_made = 1;
+    let mut plus_five = stored.session.clone();
+    plus_five.calls_made = 5;
+    let mut other_next = other.clone();
+    other_next.calls_made = 1;
+    let event = |after| {
+        vec![AuditEvent::new(
+            EventKind::CallAllowed,
+            vec!["t".into()],
+            after,
+            chrono::Utc::now(),
+            Uuid::new_v4(),
+        )]
+    };
+    let (e1, e5, eo) = (event(&plus_one), event(&plus_five), event(&other_next));
+    let batch = [
+        BatchUpdate {
+            session: &plus_one,
+            expected: stored.version,
+            events: &e1,
+        },
+        BatchUpdate {
+            session: &other_next,
+            expected: stored.version,
+            events: &eo,
+        },
+        BatchUpdate {
+            session: &plus_five,
+            expected: stored.version,
+            events: &e5,
+        },
+    ];
+    let outcomes = storage.update_many(&batch).await.unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            UpdateOutcome::Applied(stored.version + 1),
+            UpdateOutcome::Applied(stored.version + 1),
+            UpdateOutcome::Conflict
+        ]
+    );
+    assert_eq!(row(&pool, one.session_id).await.calls_made, 1);
+    assert_eq!(
+        event_kinds(&pool, one.session_id).await,
+        ["created", "call_allowed"]
+    );
+    assert!(
+        arbiter_session::verify_all_audit_chains(&pool)
+            .await
+            .unwrap()
+            .is_intact()
     );
 }

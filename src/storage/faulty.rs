@@ -175,6 +175,18 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.inner.change_feed()
     }
 
+    fn batches_writes(&self) -> bool {
+        self.inner.batches_writes()
+    }
+
+    /// A batch is one write: a fault fails (or commits and then fails) all of it.
+    async fn update_many(
+        &self,
+        batch: &[super::BatchUpdate<'_>],
+    ) -> Result<Vec<UpdateOutcome>, StorageError> {
+        self.write(self.inner.update_many(batch)).await
+    }
+
     async fn load(&self, session_id: Uuid) -> Result<Option<Versioned>, StorageError> {
         self.check_read()?;
         self.inner.load(session_id).await

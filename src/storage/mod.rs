@@ -56,6 +56,17 @@ pub enum UpdateOutcome {
     Conflict,
 }
 
+/// One versioned update of a batch (see [`Storage::update_many`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchUpdate<'a> {
+    /// The session's new state.
+    pub session: &'a TaskSession,
+    /// The version the stored row must have.
+    pub expected: Version,
+    /// The events to append with it, in order.
+    pub events: &'a [AuditEvent],
+}
+
 /// Result of [`Storage::update_locked`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockedUpdate {
@@ -135,6 +146,36 @@ pub trait Storage: Send + Sync + 'static {
         expected: Version,
         events: &[AuditEvent],
     ) -> impl Future<Output = Result<UpdateOutcome, StorageError>> + Send;
+
+    /// Whether [`Storage::update_many`] writes a batch in one step. The store groups
+    /// concurrent writes only then; otherwise each goes out on its own through
+    /// [`Storage::update`] (grouping would only make one write wait for another).
+    fn batches_writes(&self) -> bool {
+        false
+    }
+
+    /// Several versioned updates of distinct sessions at once: a group commit. Each has
+    /// its own version check and its own outcome, in the order given; an `Err` means none
+    /// is known to have been written (the storage may still have written some: callers
+    /// treat it as a write whose outcome is unknown).
+    ///
+    /// The default sends them one by one through [`Storage::update`]; [`PgStorage`] sends
+    /// one statement and one commit for the whole batch.
+    fn update_many(
+        &self,
+        batch: &[BatchUpdate<'_>],
+    ) -> impl Future<Output = Result<Vec<UpdateOutcome>, StorageError>> + Send {
+        async move {
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for update in batch {
+                outcomes.push(
+                    self.update(update.session, update.expected, update.events)
+                        .await?,
+                );
+            }
+            Ok(outcomes)
+        }
+    }
 
     /// Loads the session locked against every other writer, asks `decide` for the new state
     /// and its events given the fresh row, and writes them, all in one transaction.

@@ -17,7 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
+use super::{BatchUpdate, CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
 use crate::audit::{AuditEvent, Denial, DenialReason};
 use crate::error::StorageError;
 use crate::model::TaskSession;
@@ -172,6 +172,25 @@ impl<'a> From<&'a AuditEvent> for EventJson<'a> {
             instance_id: event.instance_id,
         }
     }
+}
+
+/// One session's new state in a batch, as encoded for [`PgStorage::update_many`].
+#[derive(serde::Serialize)]
+struct StateJson {
+    session_id: Uuid,
+    expected: Version,
+    calls_made: i64,
+    rate_window_started_at: Option<DateTime<Utc>>,
+    rate_window_calls: i64,
+    status: &'static str,
+}
+
+/// An event of a batch, tagged with its session.
+#[derive(serde::Serialize)]
+struct BatchEventJson<'a> {
+    session_id: Uuid,
+    #[serde(flatten)]
+    event: EventJson<'a>,
 }
 
 /// A denial as encoded for `jsonb_to_recordset` in [`PgStorage::record_denials`].
@@ -338,6 +357,97 @@ impl PgStorage {
         })
     }
 
+    /// [`Storage::update_many`] for a batch of distinct sessions: one statement.
+    async fn update_batch_with(
+        pool: &PgPool,
+        batch: &[BatchUpdate<'_>],
+    ) -> Result<Vec<UpdateOutcome>, StorageError> {
+        let states: Vec<StateJson> = batch
+            .iter()
+            .map(|u| StateJson {
+                session_id: u.session.session_id,
+                expected: u.expected,
+                calls_made: to_bigint(u.session.calls_made),
+                rate_window_started_at: u.session.rate_window_started_at,
+                rate_window_calls: to_bigint(u.session.rate_window_calls),
+                status: u.session.status.as_str(),
+            })
+            .collect();
+        let events: Vec<BatchEventJson<'_>> = batch
+            .iter()
+            .flat_map(|u| {
+                u.events.iter().map(|event| BatchEventJson {
+                    session_id: u.session.session_id,
+                    event: EventJson::from(event),
+                })
+            })
+            .collect();
+        // One statement, one commit. The rows are locked first, skipping any row another
+        // transaction holds: a batch never waits on a lock (so one session stalled
+        // elsewhere cannot hold up the others in its batch, and batches cannot deadlock).
+        // Then each row is updated only where its own version matches, and only the
+        // updated sessions get their events. A session missing from the result was
+        // skipped or changed meanwhile: a conflict, which its caller resolves alone under
+        // the row lock (`update_locked`).
+        // language=PostgreSQL
+        let applied = sqlx::query!(
+            r#"
+            WITH input AS (
+                SELECT * FROM jsonb_to_recordset($1::jsonb) AS i(
+                    session_id uuid, expected bigint, calls_made bigint,
+                    rate_window_started_at timestamptz, rate_window_calls bigint, status text)
+            ), locked AS (
+                SELECT s.session_id
+                  FROM arbiter.sessions s
+                 WHERE s.session_id IN (SELECT session_id FROM input)
+                   FOR UPDATE SKIP LOCKED
+            ), updated AS (
+                UPDATE arbiter.sessions s
+                   SET calls_made = i.calls_made,
+                       rate_window_started_at = i.rate_window_started_at,
+                       rate_window_calls = i.rate_window_calls,
+                       status = i.status
+                  FROM input i, locked l
+                 WHERE s.session_id = i.session_id AND l.session_id = i.session_id
+                   AND s.version = i.expected
+                RETURNING s.session_id, s.agent_id, s.version
+            ), events AS (
+                INSERT INTO arbiter.session_events (
+                    event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+                    status, session_version, occurred_at, instance_id)
+                SELECT e.event_key, u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
+                       e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id
+                  FROM updated u
+                  JOIN ROWS FROM (jsonb_to_recordset($2::jsonb) AS (
+                       session_id uuid, event_key uuid, kind text, tools text[],
+                       calls_made bigint, rate_window_calls bigint, status text,
+                       occurred_at timestamptz, instance_id uuid)) WITH ORDINALITY AS e(
+                       session_id, event_key, kind, tools, calls_made, rate_window_calls,
+                       status, occurred_at, instance_id, position)
+                    ON e.session_id = u.session_id
+                 -- In order: each session's chain follows its events' order.
+                 ORDER BY e.position
+            )
+            SELECT session_id AS "session_id!", version AS "version!" FROM updated
+            "#,
+            Json(&states) as _,
+            Json(&events) as _,
+        )
+        .fetch_all(pool)
+        .await?;
+        Ok(batch
+            .iter()
+            .map(|u| {
+                applied
+                    .iter()
+                    .find(|row| row.session_id == u.session.session_id)
+                    .map_or(UpdateOutcome::Conflict, |row| {
+                        UpdateOutcome::Applied(row.version)
+                    })
+            })
+            .collect())
+    }
+
     async fn insert_with(
         executor: impl sqlx::PgExecutor<'_>,
         s: &TaskSession,
@@ -440,6 +550,49 @@ impl Storage for PgStorage {
         events: &[AuditEvent],
     ) -> Result<UpdateOutcome, StorageError> {
         Self::update_with(&self.pool, session, expected, events).await
+    }
+
+    fn batches_writes(&self) -> bool {
+        true
+    }
+
+    async fn update_many(
+        &self,
+        batch: &[BatchUpdate<'_>],
+    ) -> Result<Vec<UpdateOutcome>, StorageError> {
+        if let [one] = batch {
+            // Alone, the plain statement: cheaper to plan, and the same as no batching.
+            return Ok(vec![
+                Self::update_with(&self.pool, one.session, one.expected, one.events).await?,
+            ]);
+        }
+        // The statement joins rows to sessions by id, so a session may appear in it once:
+        // a second write of the same session (two cache slots for one id, after an
+        // invalidation) would share the first one's outcome and version. Later writes of
+        // an id already in the batch go out afterwards, one by one, and conflict or apply
+        // on their own versions.
+        let mut seen = std::collections::HashSet::with_capacity(batch.len());
+        if !batch.iter().all(|u| seen.insert(u.session.session_id)) {
+            let mut seen = std::collections::HashSet::with_capacity(batch.len());
+            let (first, again): (Vec<_>, Vec<_>) = batch
+                .iter()
+                .enumerate()
+                .partition(|(_, u)| seen.insert(u.session.session_id));
+            let firsts: Vec<BatchUpdate<'_>> = first.iter().map(|(_, u)| **u).collect();
+            let mut outcomes = vec![UpdateOutcome::Conflict; batch.len()];
+            for ((index, _), outcome) in first
+                .iter()
+                .zip(Self::update_batch_with(&self.pool, &firsts).await?)
+            {
+                outcomes[*index] = outcome;
+            }
+            for (index, u) in again {
+                outcomes[index] =
+                    Self::update_with(&self.pool, u.session, u.expected, u.events).await?;
+            }
+            return Ok(outcomes);
+        }
+        Self::update_batch_with(&self.pool, batch).await
     }
 
     async fn update_locked<F>(

@@ -15,7 +15,9 @@ use uuid::Uuid;
 use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
 use crate::model::TaskSession;
-use crate::storage::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
+use crate::storage::{
+    BatchUpdate, CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned,
+};
 
 #[derive(Debug)]
 pub(crate) struct Deadline<S> {
@@ -41,6 +43,17 @@ impl<S: Storage> Storage for Deadline<S> {
 
     async fn load(&self, session_id: Uuid) -> Result<Option<Versioned>, StorageError> {
         self.run(self.inner.load(session_id)).await
+    }
+
+    fn batches_writes(&self) -> bool {
+        self.inner.batches_writes()
+    }
+
+    async fn update_many(
+        &self,
+        batch: &[BatchUpdate<'_>],
+    ) -> Result<Vec<UpdateOutcome>, StorageError> {
+        self.run(self.inner.update_many(batch)).await
     }
 
     async fn insert(

@@ -19,6 +19,7 @@
 
 mod deadline;
 mod denials;
+mod group_commit;
 mod invalidation;
 mod pending;
 mod reconciler;
@@ -197,6 +198,7 @@ impl<S: Storage> SessionStoreBuilder<S> {
                 dropped: watch::Sender::new(()),
                 denials: DenialBuffer::new(self.denial_buffer),
                 denial_flusher_running: AtomicBool::new(false),
+                commits: group_commit::GroupCommit::default(),
             }),
         }
     }
@@ -250,6 +252,8 @@ pub(crate) struct Inner<S> {
     denials: DenialBuffer,
     /// True while the denial flusher task exists; it exits when the buffer is empty.
     denial_flusher_running: AtomicBool,
+    /// Writes waiting for the next group commit.
+    commits: group_commit::GroupCommit,
 }
 
 impl<S> std::fmt::Debug for Inner<S> {

@@ -126,7 +126,7 @@ impl<S: Storage> Inner<S> {
             return Flush::Durable;
         }
         let reconciled = state.reconciled_event(self.now(), self.instance_id);
-        let events = state.events_with(&reconciled);
+        let events = state.events_with(std::slice::from_ref(&reconciled));
         let outcome = match self
             .storage
             .update(&state.current, state.durable_version, &events)
@@ -145,7 +145,9 @@ impl<S: Storage> Inner<S> {
                         // the `reconciled` event still records that it happened.
                         (state.is_ahead() || dropped > 0).then(|| {
                             let reconciled = state.reconciled_event(at, self.instance_id);
-                            let events = state.events_with(&reconciled).into_owned();
+                            let events = state
+                                .events_with(std::slice::from_ref(&reconciled))
+                                .into_owned();
                             (state.current.clone(), events)
                         })
                     })

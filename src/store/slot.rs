@@ -11,18 +11,40 @@ use crate::audit::{AuditEvent, EventKind};
 use crate::model::{SessionStatus, TaskSession};
 use crate::storage::{Version, Versioned};
 
+use super::write_through::Queued;
+
 /// A cache entry. Shared by the cache and, while its state is ahead of storage, by the
 /// pending set, which pins it: eviction from the cache drops only the cache's reference.
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) state: Mutex<SlotState>,
+    /// Mutations waiting for whoever holds `state` next (see `write_through`'s combining).
+    /// Locked only to push or drain, never across an await.
+    queue: std::sync::Mutex<Vec<Queued>>,
 }
 
 impl Slot {
     pub(crate) fn new(stored: Versioned) -> Arc<Self> {
         Arc::new(Slot {
             state: Mutex::new(SlotState::new(stored)),
+            queue: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    pub(crate) fn enqueue(&self, queued: Queued) {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(queued);
+    }
+
+    pub(crate) fn drain(&self) -> Vec<Queued> {
+        std::mem::take(
+            &mut *self
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 }
 
@@ -86,14 +108,14 @@ impl SlotState {
     }
 
     /// The events a write of the current state must carry: every unwritten one, then
-    /// `event`. Borrowed in the common case where nothing is unwritten.
-    pub(crate) fn events_with<'a>(&'a self, event: &'a AuditEvent) -> Cow<'a, [AuditEvent]> {
+    /// `events`. Borrowed in the common case where nothing is unwritten.
+    pub(crate) fn events_with<'a>(&'a self, events: &'a [AuditEvent]) -> Cow<'a, [AuditEvent]> {
         if self.unwritten.is_empty() {
-            Cow::Borrowed(std::slice::from_ref(event))
+            Cow::Borrowed(events)
         } else {
-            let mut events = self.unwritten.clone();
-            events.push(event.clone());
-            Cow::Owned(events)
+            let mut all = self.unwritten.clone();
+            all.extend_from_slice(events);
+            Cow::Owned(all)
         }
     }
 

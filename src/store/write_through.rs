@@ -1,5 +1,5 @@
-//! Write-through: one mutation of one session, decided and made durable under the
-//! session's lock.
+//! Write-through: mutations of one session, decided and made durable under the session's
+//! lock, combined when they queue up.
 //!
 //! # Invariant: write-through
 //! A mutation decides from the cached state and writes the new state with its audit event
@@ -8,10 +8,19 @@
 //! under a row lock ([`Storage::update_locked`]), so a newer row is never overwritten and
 //! a caller never starves behind a hot writer elsewhere. A write that fails leaves the new
 //! state in the cache (the change stays counted) and pins the slot in the pending set.
+//!
+//! # Combining
+//! Mutations that find the session's lock taken wait in the slot's queue; whoever takes
+//! the lock next decides every queued mutation in arrival order against the evolving state
+//! and writes them as ONE row update carrying one event each, then answers each caller.
+//! So 64 callers on one hot session cost a handful of commits, not 64, and every decision
+//! still sees the effect of the ones before it. The writes of different sessions share a
+//! commit too ([`super::group_commit`]).
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::Inner;
@@ -30,25 +39,94 @@ pub(super) struct Mutated {
     pub(super) changed: bool,
 }
 
-impl Mutated {
-    fn unchanged(state: &SlotState) -> Self {
-        Mutated {
-            session: state.current.clone(),
-            changed: false,
+/// A mutation's decision within a combined round, before the write's outcome is known.
+enum Decided {
+    /// Changed the session; the state right after it.
+    Changed(TaskSession),
+    /// Nothing to change; the state it saw.
+    Unchanged(TaskSession),
+    /// Denied by the policy: nothing consumed.
+    Denied(SessionError),
+}
+
+/// Every mutation of a round decided in order: the final state and the events to write.
+struct Round {
+    next: TaskSession,
+    events: Vec<AuditEvent>,
+    decided: Vec<Decided>,
+}
+
+impl Round {
+    fn changes(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// The callers' results once the round's write succeeded (or there was none).
+    fn answers(self) -> Vec<Result<Mutated, SessionError>> {
+        self.decided
+            .into_iter()
+            .map(|decided| match decided {
+                Decided::Changed(session) => Ok(Mutated {
+                    session,
+                    changed: true,
+                }),
+                Decided::Unchanged(session) => Ok(Mutated {
+                    session,
+                    changed: false,
+                }),
+                Decided::Denied(err) => Err(err),
+            })
+            .collect()
+    }
+}
+
+/// A mutation waiting in a slot's queue for whoever holds the session's lock.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    mutation: OwnedMutation,
+    reply: oneshot::Sender<Result<Mutated, SessionError>>,
+}
+
+impl std::fmt::Debug for Mutated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mutated")
+            .field("session_id", &self.session.session_id)
+            .field("changed", &self.changed)
+            .finish()
+    }
+}
+
+/// A [`Mutation`] that owns its tools, to wait in a queue.
+#[derive(Debug)]
+enum OwnedMutation {
+    Use {
+        tools: Vec<String>,
+        agent: Option<Uuid>,
+    },
+    Close,
+    Expire,
+}
+
+impl OwnedMutation {
+    fn new(mutation: Mutation<'_>) -> Self {
+        match mutation {
+            Mutation::Use { tools, agent } => OwnedMutation::Use {
+                tools: tools.iter().map(|t| (*t).to_owned()).collect(),
+                agent,
+            },
+            Mutation::Close => OwnedMutation::Close,
+            Mutation::Expire => OwnedMutation::Expire,
         }
     }
 }
 
-/// What the decision inside a locked update was (the closure reports it through this).
-#[allow(
-    clippy::large_enum_variant,
-    reason = "one lives on the stack of a conflicted mutation; boxing buys nothing"
-)]
-enum Locked {
-    NotReached,
-    Write(TaskSession, AuditEvent),
-    Unchanged,
-    Denied(SessionError),
+/// The caller's answer did not arrive: the session's lock holder that took its mutation
+/// was cancelled mid-write. The write may or may not have committed.
+fn abandoned(id: Uuid) -> SessionError {
+    SessionError::StorageWriteThrough {
+        session_id: id,
+        detail: "the mutation's writer was cancelled; its outcome is unknown".to_owned(),
+    }
 }
 
 impl<S: Storage> Inner<S> {
@@ -72,82 +150,167 @@ impl<S: Storage> Inner<S> {
         Ok(Some((next, event)))
     }
 
-    /// Decides and writes one mutation under the session's lock, and records a denied
-    /// call in the denial log.
+    /// Decides `mutations` in order, each against the state the ones before it left.
+    fn decide_all(
+        &self,
+        start: &TaskSession,
+        mutations: &[Mutation<'_>],
+        now: DateTime<Utc>,
+    ) -> Round {
+        let mut next = start.clone();
+        let mut events = Vec::new();
+        let decided = mutations
+            .iter()
+            .map(|mutation| match self.decide(&next, *mutation, now) {
+                Ok(Some((changed, event))) => {
+                    next = changed;
+                    events.push(event);
+                    Decided::Changed(next.clone())
+                }
+                Ok(None) => Decided::Unchanged(next.clone()),
+                Err(denial) => Decided::Denied(denial),
+            })
+            .collect();
+        Round {
+            next,
+            events,
+            decided,
+        }
+    }
+
+    /// Decides and writes one mutation, and records a denied call in the denial log.
     ///
-    /// First optimistically: decide from the cached state and write naming its version.
-    /// If another writer got there first (a conflict), decide once more on the row read
-    /// under a row lock ([`Storage::update_locked`]), which cannot lose a race: one
-    /// conflict at most per call, however hot the session is elsewhere.
+    /// If the session's lock is free, the mutation runs at once. Otherwise it waits in the
+    /// slot's queue until the lock holder (or this caller, once it gets the lock) decides
+    /// it together with the other queued ones (see the module documentation).
     ///
-    /// Async cancellation safety: the cached state changes only once the write's outcome
-    /// is known. If this future is dropped mid-write, the write may or may not have
-    /// committed; either way the slot still names the old version, so the next mutation
-    /// sees a conflict (if it committed) and reloads. No call is lost or double-counted.
+    /// Async cancellation safety: the cached state changes only once a write's outcome is
+    /// known. If the lock holder's future is dropped mid-write, the write may or may not
+    /// have committed; either way the slot still names the old version, so the next
+    /// mutation sees a conflict (if it committed) and reloads. No call is lost or
+    /// double-counted; the callers whose mutations it carried get `StorageWriteThrough`.
     pub(super) async fn mutate(
         &self,
         id: Uuid,
         mutation: Mutation<'_>,
     ) -> Result<Mutated, SessionError> {
         let slot = self.slot(id).await?;
-        let mut state = slot.state.lock().await;
-        let result = self.mutate_locked(id, &slot, &mut state, mutation).await;
-        if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
-            self.record_denial(&state.current, tools, err);
+        if let Ok(mut state) = slot.state.try_lock() {
+            let mut results = self.mutate_locked(id, &slot, &mut state, &[mutation]).await;
+            let result = results.pop().unwrap_or_else(|| Err(abandoned(id)));
+            if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
+                self.record_denial(&state.current, tools, err);
+            }
+            return result;
         }
-        result
+        let (reply, mut answer) = oneshot::channel();
+        slot.enqueue(Queued {
+            mutation: OwnedMutation::new(mutation),
+            reply,
+        });
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut answer => return result.unwrap_or_else(|_| Err(abandoned(id))),
+                mut state = slot.state.lock() => {
+                    // Serve everything queued, this caller's mutation included unless an
+                    // earlier holder already took it (then its answer is on the way).
+                    let queued = slot.drain();
+                    if !queued.is_empty() {
+                        self.mutate_queued(id, &slot, &mut state, queued).await;
+                    }
+                }
+            }
+        }
     }
 
-    /// [`Self::mutate`] with the session's lock held.
+    /// Decides and writes `queued` as one round, and answers each caller.
+    async fn mutate_queued(
+        &self,
+        id: Uuid,
+        slot: &Arc<Slot>,
+        state: &mut SlotState,
+        queued: Vec<Queued>,
+    ) {
+        let (owned, replies): (Vec<OwnedMutation>, Vec<_>) =
+            queued.into_iter().map(|q| (q.mutation, q.reply)).unzip();
+        let tools: Vec<Vec<&str>> = owned
+            .iter()
+            .map(|m| match m {
+                OwnedMutation::Use { tools, .. } => tools.iter().map(String::as_str).collect(),
+                OwnedMutation::Close | OwnedMutation::Expire => Vec::new(),
+            })
+            .collect();
+        let mutations: Vec<Mutation<'_>> = owned
+            .iter()
+            .zip(&tools)
+            .map(|(m, tools)| match m {
+                OwnedMutation::Use { agent, .. } => Mutation::Use {
+                    tools,
+                    agent: *agent,
+                },
+                OwnedMutation::Close => Mutation::Close,
+                OwnedMutation::Expire => Mutation::Expire,
+            })
+            .collect();
+        let results = self.mutate_locked(id, slot, state, &mutations).await;
+        for ((reply, mutation), result) in replies.into_iter().zip(&mutations).zip(results) {
+            if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
+                self.record_denial(&state.current, tools, err);
+            }
+            // A caller that gave up no longer listens.
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Decides `mutations` in order and writes them as one update, with the session's lock
+    /// held. One result per mutation, in order.
+    ///
+    /// First optimistically: decide from the cached state and write naming its version.
+    /// If another writer got there first (a conflict), decide once more on the row read
+    /// under a row lock ([`Storage::update_locked`]), which cannot lose a race: one
+    /// conflict at most per round, however hot the session is elsewhere.
     async fn mutate_locked(
         &self,
         id: Uuid,
         slot: &Arc<Slot>,
         state: &mut SlotState,
-        mutation: Mutation<'_>,
-    ) -> Result<Mutated, SessionError> {
+        mutations: &[Mutation<'_>],
+    ) -> Vec<Result<Mutated, SessionError>> {
         let now = self.now();
-        let Some((next, event)) = self.decide(&state.current, mutation, now)? else {
-            return Ok(Mutated::unchanged(state));
-        };
-        let events = state.events_with(&event);
+        let round = self.decide_all(&state.current, mutations, now);
+        if !round.changes() {
+            return round.answers();
+        }
+        let events = state.events_with(&round.events).into_owned();
         match self
-            .storage
-            .update(&next, state.durable_version, &events)
+            .write(round.next.clone(), state.durable_version, events)
             .await
         {
             Ok(UpdateOutcome::Applied(version)) => {
-                return Ok(self.applied(id, slot, state, next, version));
+                return self.applied(id, slot, state, round, version);
             }
             Ok(UpdateOutcome::Conflict) => Counters::bump(&self.counters.conflicts),
-            Err(err) => {
-                return Err(self.write_failed(id, slot, state, next, event, &err).await);
-            }
+            Err(err) => return self.write_failed(id, slot, state, round, &err).await,
         }
 
-        let mut decided = Locked::NotReached;
+        let mut decided = None;
         let probe = state.unwritten_keys();
         let locked = self
             .storage
             .update_locked(id, &probe, |fresh, landed| {
-                // Dropped calls were denied to their callers; this call's own event (if
-                // any) carries the merged counters.
+                // Dropped calls were denied to their callers; this round's events (if any)
+                // carry the merged counters.
                 state.rebase(fresh, landed);
-                match self.decide(&state.current, mutation, now) {
-                    Ok(Some((next, event))) => {
-                        let events = state.events_with(&event).into_owned();
-                        decided = Locked::Write(next.clone(), event);
-                        Some((next, events))
-                    }
-                    Ok(None) => {
-                        decided = Locked::Unchanged;
-                        None
-                    }
-                    Err(denial) => {
-                        decided = Locked::Denied(denial);
-                        None
-                    }
-                }
+                let round = self.decide_all(&state.current, mutations, now);
+                let write = round.changes().then(|| {
+                    (
+                        round.next.clone(),
+                        state.events_with(&round.events).into_owned(),
+                    )
+                });
+                decided = Some(round);
+                write
             })
             .await;
         if !state.is_ahead() {
@@ -157,41 +320,48 @@ impl<S: Storage> Inner<S> {
         match (locked, decided) {
             (Ok(LockedUpdate::Missing), _) => {
                 self.forget(id, slot, state).await;
-                Err(SessionError::NotFound(id))
+                mutations
+                    .iter()
+                    .map(|_| Err(SessionError::NotFound(id)))
+                    .collect()
             }
-            (Ok(LockedUpdate::Applied(version)), Locked::Write(next, _)) => {
-                Ok(self.applied(id, slot, state, next, version))
+            (Ok(LockedUpdate::Applied(version)), Some(round)) if round.changes() => {
+                self.applied(id, slot, state, round, version)
             }
-            (Ok(_), Locked::Unchanged) => Ok(Mutated::unchanged(state)),
-            (Ok(_), Locked::Denied(denial)) => Err(denial),
-            (Err(err), Locked::Write(next, event)) => {
-                Err(self.write_failed(id, slot, state, next, event, &err).await)
+            (Ok(LockedUpdate::Declined), Some(round)) if !round.changes() => round.answers(),
+            (Err(err), Some(round)) if round.changes() => {
+                self.write_failed(id, slot, state, round, &err).await
             }
             // Failed before deciding (begin, or the locked read): nothing changed.
-            (Err(err), _) => Err(read_failed(Some(id), &err)),
-            (Ok(outcome), _) => Err(SessionError::StorageWriteThrough {
-                session_id: id,
-                detail: format!("storage broke the update_locked contract: {outcome:?}"),
-            }),
+            (Err(err), _) => mutations
+                .iter()
+                .map(|_| Err(read_failed(Some(id), &err)))
+                .collect(),
+            (Ok(outcome), _) => mutations
+                .iter()
+                .map(|_| {
+                    Err(SessionError::StorageWriteThrough {
+                        session_id: id,
+                        detail: format!("storage broke the update_locked contract: {outcome:?}"),
+                    })
+                })
+                .collect(),
         }
     }
 
-    /// A write of `next` succeeded at `version`.
+    /// The round's write succeeded at `version`.
     fn applied(
         &self,
         id: Uuid,
         slot: &Arc<Slot>,
         state: &mut SlotState,
-        next: TaskSession,
+        round: Round,
         version: i64,
-    ) -> Mutated {
-        state.current = next;
+    ) -> Vec<Result<Mutated, SessionError>> {
+        state.current = round.next.clone();
         state.mark_durable(version);
         self.unpin(id, slot, state);
-        Mutated {
-            session: state.current.clone(),
-            changed: true,
-        }
+        round.answers()
     }
 
     /// Takes a slot whose state storage now holds out of the pending set.
@@ -210,19 +380,19 @@ impl<S: Storage> Inner<S> {
         self.cache.remove(&id).await;
     }
 
-    /// The write of `next` failed: the cache goes ahead (the change stays counted), the slot
-    /// is pinned in the pending set and in the cache, and the reconciler is started.
+    /// The round's write failed: the cache goes ahead (its changes stay counted), the slot
+    /// is pinned in the pending set and in the cache, and the reconciler is started. Every
+    /// mutation that changed the session is answered `StorageWriteThrough`.
     async fn write_failed(
         &self,
         id: Uuid,
         slot: &Arc<Slot>,
         state: &mut SlotState,
-        next: TaskSession,
-        event: AuditEvent,
+        round: Round,
         err: &StorageError,
-    ) -> SessionError {
-        state.current = next;
-        state.unwritten.push(event);
+    ) -> Vec<Result<Mutated, SessionError>> {
+        state.current = round.next;
+        state.unwritten.extend(round.events);
         Counters::bump(&self.counters.write_failures);
         state.pinned = true;
         self.pending.insert(id, Arc::clone(slot));
@@ -232,9 +402,20 @@ impl<S: Storage> Inner<S> {
         let detail = error_chain(err);
         tracing::warn!(session_id = %id, error = %detail, "write-through failed; cache is ahead of storage");
         self.wake_reconciler();
-        SessionError::StorageWriteThrough {
-            session_id: id,
-            detail,
-        }
+        round
+            .decided
+            .into_iter()
+            .map(|decided| match decided {
+                Decided::Changed(_) => Err(SessionError::StorageWriteThrough {
+                    session_id: id,
+                    detail: detail.clone(),
+                }),
+                Decided::Unchanged(session) => Ok(Mutated {
+                    session,
+                    changed: false,
+                }),
+                Decided::Denied(err) => Err(err),
+            })
+            .collect()
     }
 }
