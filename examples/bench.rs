@@ -221,6 +221,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let url = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL (scripts/bench does)")?;
     let storage = PgStorage::connect(&url).await?;
     migrate(storage.pool()).await?;
+    if std::env::var_os("ARBITER_BENCH_PROFILE_NO_CHAIN").is_some() {
+        // Profiling aid only: what the audit hash chain costs per event.
+        sqlx::raw_sql(
+            "ALTER TABLE arbiter.session_events DROP CONSTRAINT session_events_chained_unless_denied;
+             ALTER TABLE arbiter.session_events DISABLE TRIGGER session_events_chain;",
+        )
+        .execute(storage.pool())
+        .await?;
+    }
     let secs = options.secs;
     let mut figures: BTreeMap<String, Figure> = BTreeMap::new();
     let mut record = |name: &str, figure: Figure| {

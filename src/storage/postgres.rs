@@ -560,12 +560,6 @@ impl Storage for PgStorage {
         &self,
         batch: &[BatchUpdate<'_>],
     ) -> Result<Vec<UpdateOutcome>, StorageError> {
-        if let [one] = batch {
-            // Alone, the plain statement: cheaper to plan, and the same as no batching.
-            return Ok(vec![
-                Self::update_with(&self.pool, one.session, one.expected, one.events).await?,
-            ]);
-        }
         // The statement joins rows to sessions by id, so a session may appear in it once:
         // a second write of the same session (two cache slots for one id, after an
         // invalidation) would share the first one's outcome and version. Later writes of
