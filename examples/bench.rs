@@ -202,6 +202,25 @@ async fn use_session(
     .await
 }
 
+/// Stores `n` sessions with plain SQL (no audit rows: only loading them is measured).
+async fn fill(storage: &PgStorage, n: i64) -> Result<(), Box<dyn Error>> {
+    sqlx::query!(
+        r#"
+        INSERT INTO arbiter.sessions (
+            session_id, agent_id, delegation_chain, declared_intent, authorized_tools,
+            authorized_credentials, call_budget, rate_window_secs, data_sensitivity_ceiling,
+            created_at, expires_at)
+        SELECT gen_random_uuid(), gen_random_uuid(), '{}', 'bench', '{search}', '{}', 10, 60,
+               'internal', now(), now() + interval '4 hours'
+          FROM generate_series(1, $1::bigint)
+        "#,
+        n
+    )
+    .execute(storage.pool())
+    .await?;
+    Ok(())
+}
+
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -329,20 +348,13 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     // Many stored sessions: inserted with plain SQL (no audit rows needed to be loaded).
     let filler = Instant::now();
-    sqlx::query!(
-        r#"
-        INSERT INTO arbiter.sessions (
-            session_id, agent_id, delegation_chain, declared_intent, authorized_tools,
-            authorized_credentials, call_budget, rate_window_secs, data_sensitivity_ceiling,
-            created_at, expires_at)
-        SELECT gen_random_uuid(), gen_random_uuid(), '{}', 'bench', '{search}', '{}', 10, 60,
-               'internal', now(), now() + interval '4 hours'
-          FROM generate_series(1, $1::bigint)
-        "#,
-        options.stored_sessions
-    )
-    .execute(storage.pool())
-    .await?;
+    // In chunks: each statement stays well inside the pool's statement timeout.
+    let mut left = options.stored_sessions;
+    while left > 0 {
+        let chunk = std::cmp::min(left, 100_000);
+        left -= chunk;
+        fill(&storage, chunk).await?;
+    }
     eprintln!(
         "(stored {} sessions in {:.1} s)",
         options.stored_sessions,
