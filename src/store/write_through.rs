@@ -215,7 +215,9 @@ impl<S: Storage> Inner<S> {
                 mut state = slot.state.lock() => {
                     // Serve everything queued, this caller's mutation included unless an
                     // earlier holder already took it (then its answer is on the way).
-                    let queued = slot.drain();
+                    let mut queued = slot.drain();
+                    // A caller that gave up while queued made no call: do not count it.
+                    queued.retain(|q| !q.reply.is_closed());
                     if !queued.is_empty() {
                         self.mutate_queued(id, &slot, &mut state, queued).await;
                     }
