@@ -324,3 +324,63 @@ async fn group_commit_with_one_session_twice_applies_one(pool: PgPool) {
             .is_intact()
     );
 }
+
+/// Rows locked by another transaction (another process mid-write, an operator's open
+/// transaction) hold up writes of their sessions only: the group commit skips locked rows,
+/// so the other sessions' writes are never stuck behind them. Three locked sessions: more
+/// than the group commit's lanes, so a statement that waited for a lock would block them.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn rows_locked_elsewhere_hold_up_only_their_sessions(pool: PgPool) {
+    // Each waiting session holds a connection while it waits for its row (under
+    // update_locked): the pool needs room for them, the listener and the free writes.
+    let pool8 = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let store = SessionStore::postgres(pool8);
+    let free = store
+        .create(request(Uuid::new_v4(), &["t"], 5))
+        .await
+        .unwrap();
+    let mut locked = Vec::new();
+    for _ in 0..3 {
+        locked.push(
+            store
+                .create(request(Uuid::new_v4(), &["t"], 5))
+                .await
+                .unwrap()
+                .session_id,
+        );
+    }
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query!(
+        "SELECT version FROM arbiter.sessions WHERE session_id = ANY($1) FOR UPDATE",
+        &locked[..]
+    )
+    .fetch_all(&mut *holder)
+    .await
+    .unwrap();
+    let waiting: Vec<_> = locked
+        .iter()
+        .map(|&id| {
+            let store = store.clone();
+            tokio::spawn(async move { store.use_session(id, "t", None).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Liveness, not speed: while the locks are held, other sessions keep writing.
+    tokio::time::timeout(std::time::Duration::from_secs(3), async {
+        for _ in 0..3 {
+            store.use_session(free.session_id, "t", None).await.unwrap();
+        }
+    })
+    .await
+    .expect("writes of other sessions never wait for a row locked elsewhere");
+    assert!(waiting.iter().all(|w| !w.is_finished()));
+    holder.commit().await.unwrap();
+    for w in waiting {
+        assert_eq!(w.await.unwrap().unwrap().calls_made, 1);
+    }
+    assert_eq!(row(&pool, free.session_id).await.calls_made, 3);
+}

@@ -357,6 +357,64 @@ impl PgStorage {
         })
     }
 
+    /// [`Self::update_with`] for a write alone in its group commit: the same statement,
+    /// except that a row locked by another transaction is skipped (a conflict, resolved
+    /// by the caller under `update_locked`) instead of waited for, like the batch
+    /// statement's rows.
+    async fn update_unless_locked_with(
+        executor: impl sqlx::PgExecutor<'_>,
+        s: &TaskSession,
+        expected: Version,
+        events: &[AuditEvent],
+    ) -> Result<UpdateOutcome, StorageError> {
+        let events: Vec<EventJson<'_>> = events.iter().map(EventJson::from).collect();
+        // language=PostgreSQL
+        let version = sqlx::query_scalar!(
+            r#"
+            WITH updated AS (
+                UPDATE arbiter.sessions
+                   SET calls_made = $3,
+                       rate_window_started_at = $4,
+                       rate_window_calls = $5,
+                       status = $6
+                 WHERE session_id = $1 AND version = $2
+                   AND session_id = (SELECT l.session_id FROM arbiter.sessions l
+                                      WHERE l.session_id = $1 FOR UPDATE SKIP LOCKED)
+                RETURNING session_id, agent_id, version
+            ), events AS (
+                INSERT INTO arbiter.session_events (
+                    event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+                    status, session_version, occurred_at, instance_id)
+                SELECT e.event_key, u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
+                       e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id
+                  FROM updated u
+                 CROSS JOIN ROWS FROM (jsonb_to_recordset($7::jsonb) AS (
+                       event_key uuid, kind text, tools text[], calls_made bigint,
+                       rate_window_calls bigint, status text, occurred_at timestamptz,
+                       instance_id uuid)) WITH ORDINALITY AS e(
+                       event_key, kind, tools, calls_made, rate_window_calls, status,
+                       occurred_at, instance_id, position)
+                 -- In order: event ids, and so the audit chain, follow the events' order.
+                 ORDER BY e.position
+            )
+            SELECT version FROM updated
+            "#,
+            s.session_id,
+            expected,
+            to_bigint(s.calls_made),
+            s.rate_window_started_at,
+            to_bigint(s.rate_window_calls),
+            s.status.as_str(),
+            Json(&events) as _,
+        )
+        .fetch_optional(executor)
+        .await?;
+        Ok(match version {
+            Some(version) => UpdateOutcome::Applied(version),
+            None => UpdateOutcome::Conflict,
+        })
+    }
+
     /// [`Storage::update_many`] for a batch of distinct sessions: one statement.
     async fn update_batch_with(
         pool: &PgPool,
@@ -560,6 +618,17 @@ impl Storage for PgStorage {
         &self,
         batch: &[BatchUpdate<'_>],
     ) -> Result<Vec<UpdateOutcome>, StorageError> {
+        if let [alone] = batch {
+            return Ok(vec![
+                Self::update_unless_locked_with(
+                    &self.pool,
+                    alone.session,
+                    alone.expected,
+                    alone.events,
+                )
+                .await?,
+            ]);
+        }
         // The statement joins rows to sessions by id, so a session may appear in it once:
         // a second write of the same session (two cache slots for one id, after an
         // invalidation) would share the first one's outcome and version. Later writes of
