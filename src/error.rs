@@ -209,13 +209,18 @@ impl From<sqlx::Error> for StorageError {
     }
 }
 
-/// Renders an error with its whole `source()` chain, for logs and `detail` fields.
-pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+/// Renders an error with its whole `source()` chain on one line, for logs, `detail`
+/// fields and the command-line tool. Many errors already print their source in their own
+/// message; a cause whose text is already there is not repeated.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         source = cause.source();
     }
     out

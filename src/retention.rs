@@ -24,7 +24,7 @@ pub enum EventRetention {
 }
 
 /// What a purge deleted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PurgeReport {
     /// Sessions deleted.
     pub sessions: u64,

@@ -380,6 +380,19 @@ async fn purge_deletes_only_ended_sessions_and_events_only_when_asked(pool: PgPo
     }
 }
 
+/// A transaction with purge_before's switches set by hand (cutoff now, events on).
+async fn purge_switches_on(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query!(
+        "SELECT set_config('arbiter.purge_cutoff', now()::text, true) AS cutoff,
+                set_config('arbiter.purge_events', 'on', true) AS events"
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("set the purge switches");
+    tx
+}
+
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn deletion_outside_purge_is_refused(pool: PgPool) {
     let data = known_dataset(&pool).await;
@@ -409,11 +422,7 @@ async fn deletion_outside_purge_is_refused(pool: PgPool) {
     }
     // Setting purge_before's switches by hand allows only what a purge would delete: never
     // a live session, never an event of a session that still exists.
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SELECT set_config('arbiter.purge_cutoff', now()::text, true), set_config('arbiter.purge_events', 'on', true)")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let mut tx = purge_switches_on(&pool).await;
     let err = sqlx::query(&format!(
         "DELETE FROM arbiter.sessions WHERE session_id = '{live}'"
     ))
@@ -422,11 +431,7 @@ async fn deletion_outside_purge_is_refused(pool: PgPool) {
     .expect_err("a live session is never deleted");
     assert!(err.to_string().contains("once it is over"), "{err}");
     drop(tx);
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SELECT set_config('arbiter.purge_cutoff', now()::text, true), set_config('arbiter.purge_events', 'on', true)")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let mut tx = purge_switches_on(&pool).await;
     let err = sqlx::query(&format!(
         "DELETE FROM arbiter.session_events WHERE session_id = '{}'",
         data.s1

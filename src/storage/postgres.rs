@@ -3,10 +3,15 @@
 //! # Invariant: one statement per change
 //! Every state change is ONE statement: the row update (or insert) and its audit events are
 //! data-modifying CTEs of the same statement, so they commit or fail together, and the
-//! events are written only when the versioned `WHERE version = $expected` matched. A
-//! statement that matched no row is a conflict; the caller then decides again through
-//! [`Storage::update_locked`], which reads the row `FOR UPDATE` and writes it in one
-//! transaction.
+//! events are written only when the versioned `WHERE version = $expected` matched.
+//!
+//! # Invariant: an optimistic write never waits for a lock
+//! [`Storage::update`] and [`Storage::update_many`] skip a row another transaction holds
+//! (`FOR UPDATE SKIP LOCKED`) and report it as a conflict, like a row that changed. So a
+//! session stalled elsewhere holds up no group commit, and batches cannot deadlock. The
+//! caller of a conflict decides again through [`Storage::update_locked`], the one write
+//! that waits: it reads the row `FOR UPDATE` and writes it in one transaction (its own
+//! lock does not make it skip its row).
 
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -322,62 +327,6 @@ impl PgStorage {
                        rate_window_calls = $5,
                        status = $6
                  WHERE session_id = $1 AND version = $2
-                RETURNING session_id, agent_id, version
-            ), events AS (
-                INSERT INTO arbiter.session_events (
-                    event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
-                    status, session_version, occurred_at, instance_id)
-                SELECT e.event_key, u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
-                       e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id
-                  FROM updated u
-                 CROSS JOIN ROWS FROM (jsonb_to_recordset($7::jsonb) AS (
-                       event_key uuid, kind text, tools text[], calls_made bigint,
-                       rate_window_calls bigint, status text, occurred_at timestamptz,
-                       instance_id uuid)) WITH ORDINALITY AS e(
-                       event_key, kind, tools, calls_made, rate_window_calls, status,
-                       occurred_at, instance_id, position)
-                 -- In order: event ids, and so the audit chain, follow the events' order.
-                 ORDER BY e.position
-            )
-            SELECT version FROM updated
-            "#,
-            s.session_id,
-            expected,
-            to_bigint(s.calls_made),
-            s.rate_window_started_at,
-            to_bigint(s.rate_window_calls),
-            s.status.as_str(),
-            Json(&events) as _,
-        )
-        .fetch_optional(executor)
-        .await?;
-        Ok(match version {
-            Some(version) => UpdateOutcome::Applied(version),
-            None => UpdateOutcome::Conflict,
-        })
-    }
-
-    /// [`Self::update_with`] for a write alone in its group commit: the same statement,
-    /// except that a row locked by another transaction is skipped (a conflict, resolved
-    /// by the caller under `update_locked`) instead of waited for, like the batch
-    /// statement's rows.
-    async fn update_unless_locked_with(
-        executor: impl sqlx::PgExecutor<'_>,
-        s: &TaskSession,
-        expected: Version,
-        events: &[AuditEvent],
-    ) -> Result<UpdateOutcome, StorageError> {
-        let events: Vec<EventJson<'_>> = events.iter().map(EventJson::from).collect();
-        // language=PostgreSQL
-        let version = sqlx::query_scalar!(
-            r#"
-            WITH updated AS (
-                UPDATE arbiter.sessions
-                   SET calls_made = $3,
-                       rate_window_started_at = $4,
-                       rate_window_calls = $5,
-                       status = $6
-                 WHERE session_id = $1 AND version = $2
                    AND session_id = (SELECT l.session_id FROM arbiter.sessions l
                                       WHERE l.session_id = $1 FOR UPDATE SKIP LOCKED)
                 RETURNING session_id, agent_id, version
@@ -441,12 +390,9 @@ impl PgStorage {
             })
             .collect();
         // One statement, one commit. The rows are locked first, skipping any row another
-        // transaction holds: a batch never waits on a lock (so one session stalled
-        // elsewhere cannot hold up the others in its batch, and batches cannot deadlock).
-        // Then each row is updated only where its own version matches, and only the
-        // updated sessions get their events. A session missing from the result was
-        // skipped or changed meanwhile: a conflict, which its caller resolves alone under
-        // the row lock (`update_locked`).
+        // transaction holds (see the module's invariant). Then each row is updated only
+        // where its own version matches, and only the updated sessions get their events.
+        // A session missing from the result was skipped or changed meanwhile: a conflict.
         // language=PostgreSQL
         let applied = sqlx::query!(
             r#"
@@ -620,13 +566,7 @@ impl Storage for PgStorage {
     ) -> Result<Vec<UpdateOutcome>, StorageError> {
         if let [alone] = batch {
             return Ok(vec![
-                Self::update_unless_locked_with(
-                    &self.pool,
-                    alone.session,
-                    alone.expected,
-                    alone.events,
-                )
-                .await?,
+                Self::update_with(&self.pool, alone.session, alone.expected, alone.events).await?,
             ]);
         }
         // The statement joins rows to sessions by id, so a session may appear in it once:
@@ -635,27 +575,26 @@ impl Storage for PgStorage {
         // an id already in the batch go out afterwards, one by one, and conflict or apply
         // on their own versions.
         let mut seen = std::collections::HashSet::with_capacity(batch.len());
-        if !batch.iter().all(|u| seen.insert(u.session.session_id)) {
-            let mut seen = std::collections::HashSet::with_capacity(batch.len());
-            let (first, again): (Vec<_>, Vec<_>) = batch
-                .iter()
-                .enumerate()
-                .partition(|(_, u)| seen.insert(u.session.session_id));
-            let firsts: Vec<BatchUpdate<'_>> = first.iter().map(|(_, u)| **u).collect();
-            let mut outcomes = vec![UpdateOutcome::Conflict; batch.len()];
-            for ((index, _), outcome) in first
-                .iter()
-                .zip(Self::update_batch_with(&self.pool, &firsts).await?)
-            {
-                outcomes[*index] = outcome;
-            }
-            for (index, u) in again {
-                outcomes[index] =
-                    Self::update_with(&self.pool, u.session, u.expected, u.events).await?;
-            }
-            return Ok(outcomes);
+        let (first, again): (Vec<_>, Vec<_>) = batch
+            .iter()
+            .enumerate()
+            .partition(|(_, u)| seen.insert(u.session.session_id));
+        if again.is_empty() {
+            return Self::update_batch_with(&self.pool, batch).await;
         }
-        Self::update_batch_with(&self.pool, batch).await
+        let firsts: Vec<BatchUpdate<'_>> = first.iter().map(|(_, u)| **u).collect();
+        let mut outcomes = vec![UpdateOutcome::Conflict; batch.len()];
+        for ((index, _), outcome) in first
+            .iter()
+            .zip(Self::update_batch_with(&self.pool, &firsts).await?)
+        {
+            outcomes[*index] = outcome;
+        }
+        for (index, u) in again {
+            outcomes[index] =
+                Self::update_with(&self.pool, u.session, u.expected, u.events).await?;
+        }
+        Ok(outcomes)
     }
 
     async fn update_locked<F>(

@@ -81,17 +81,18 @@ impl GroupCommit {
 }
 
 impl<S: Storage> Inner<S> {
-    /// Writes `session` (naming `expected`) with `events` in the next group commit.
+    /// Writes `session` (naming `expected`) with `events` in the next group commit. Only
+    /// a write that waits for a batch is copied (it outlives its caller's borrow there).
     pub(super) async fn write(
         &self,
-        session: TaskSession,
+        session: &TaskSession,
         expected: Version,
-        events: Vec<AuditEvent>,
+        events: &[AuditEvent],
     ) -> WriteOutcome {
         if !self.storage.batches_writes() {
             return self
                 .storage
-                .update(&session, expected, &events)
+                .update(session, expected, events)
                 .await
                 .map_err(Arc::new);
         }
@@ -99,9 +100,9 @@ impl<S: Storage> Inner<S> {
         if self.commits.is_idle() && self.commits.claim_lane() {
             let lane = Lane { store: self };
             let alone = [BatchUpdate {
-                session: &session,
+                session,
                 expected,
-                events: &events,
+                events,
             }];
             let outcome = match self.storage.update_many(&alone).await {
                 Ok(outcomes) => outcomes.into_iter().next().ok_or_else(|| {
@@ -120,9 +121,9 @@ impl<S: Storage> Inner<S> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(Write {
-                session,
+                session: session.clone(),
                 expected,
-                events,
+                events: events.to_vec(),
                 reply,
             });
         self.start_flusher();

@@ -49,16 +49,17 @@ enum Decided {
     Denied(SessionError),
 }
 
-/// Every mutation of a round decided in order: the final state and the events to write.
+/// Every mutation of a round decided in order: the final state (if any mutation changed
+/// the session) and the events to write.
 struct Round {
-    next: TaskSession,
+    next: Option<TaskSession>,
     events: Vec<AuditEvent>,
     decided: Vec<Decided>,
 }
 
 impl Round {
     fn changes(&self) -> bool {
-        !self.events.is_empty()
+        self.next.is_some()
     }
 
     /// The callers' results once the round's write succeeded (or there was none).
@@ -157,18 +158,20 @@ impl<S: Storage> Inner<S> {
         mutations: &[Mutation<'_>],
         now: DateTime<Utc>,
     ) -> Round {
-        let mut next = start.clone();
+        let mut next: Option<TaskSession> = None;
         let mut events = Vec::new();
         let decided = mutations
             .iter()
-            .map(|mutation| match self.decide(&next, *mutation, now) {
-                Ok(Some((changed, event))) => {
-                    next = changed;
-                    events.push(event);
-                    Decided::Changed(next.clone())
+            .map(|mutation| {
+                let current = next.as_ref().unwrap_or(start);
+                match self.decide(current, *mutation, now) {
+                    Ok(Some((changed, event))) => {
+                        events.push(event);
+                        Decided::Changed(next.insert(changed).clone())
+                    }
+                    Ok(None) => Decided::Unchanged(current.clone()),
+                    Err(denial) => Decided::Denied(denial),
                 }
-                Ok(None) => Decided::Unchanged(next.clone()),
-                Err(denial) => Decided::Denied(denial),
             })
             .collect();
         Round {
@@ -281,14 +284,17 @@ impl<S: Storage> Inner<S> {
     ) -> Vec<Result<Mutated, SessionError>> {
         let now = self.now();
         let round = self.decide_all(&state.current, mutations, now);
-        if !round.changes() {
+        let Some(next) = &round.next else {
             return round.answers();
-        }
-        let events = state.events_with(&round.events).into_owned();
-        match self
-            .write(round.next.clone(), state.durable_version, events)
-            .await
-        {
+        };
+        let written = self
+            .write(
+                next,
+                state.durable_version,
+                &state.events_with(&round.events),
+            )
+            .await;
+        match written {
             Ok(UpdateOutcome::Applied(version)) => {
                 return self.applied(id, slot, state, round, version);
             }
@@ -305,12 +311,10 @@ impl<S: Storage> Inner<S> {
                 // carry the merged counters.
                 state.rebase(fresh, landed);
                 let round = self.decide_all(&state.current, mutations, now);
-                let write = round.changes().then(|| {
-                    (
-                        round.next.clone(),
-                        state.events_with(&round.events).into_owned(),
-                    )
-                });
+                let write = round
+                    .next
+                    .clone()
+                    .map(|next| (next, state.events_with(&round.events).into_owned()));
                 decided = Some(round);
                 write
             })
@@ -357,10 +361,12 @@ impl<S: Storage> Inner<S> {
         id: Uuid,
         slot: &Arc<Slot>,
         state: &mut SlotState,
-        round: Round,
+        mut round: Round,
         version: i64,
     ) -> Vec<Result<Mutated, SessionError>> {
-        state.current = round.next.clone();
+        if let Some(next) = round.next.take() {
+            state.current = next;
+        }
         state.mark_durable(version);
         self.unpin(id, slot, state);
         round.answers()
@@ -393,7 +399,9 @@ impl<S: Storage> Inner<S> {
         round: Round,
         err: &StorageError,
     ) -> Vec<Result<Mutated, SessionError>> {
-        state.current = round.next;
+        if let Some(next) = round.next {
+            state.current = next;
+        }
         state.unwritten.extend(round.events);
         Counters::bump(&self.counters.write_failures);
         state.pinned = true;

@@ -125,20 +125,9 @@ fn parse_cutoff(text: &str) -> Result<DateTime<Utc>, String> {
 /// A failure, already phrased for the operator.
 struct Failure(String);
 
-impl<E: std::error::Error> From<E> for Failure {
+impl<E: std::error::Error + 'static> From<E> for Failure {
     fn from(err: E) -> Self {
-        let mut text = err.to_string();
-        let mut source = err.source();
-        while let Some(cause) = source {
-            // Many errors already print their source; say each thing once.
-            let cause_text = cause.to_string();
-            if !text.contains(&cause_text) {
-                text.push_str(": ");
-                text.push_str(&cause_text);
-            }
-            source = cause.source();
-        }
-        Failure(text)
+        Failure(arbiter_session::error::error_chain(&err))
     }
 }
 
