@@ -68,8 +68,39 @@ struct Figure {
     p99_us: f64,
 }
 
-/// Runs `tasks` concurrent loops of `op(task)` for `secs` and measures every call.
-async fn measure<F, Fut>(tasks: usize, secs: f64, op: F) -> Result<Figure, Box<dyn Error>>
+/// Every call's latency in one or more measurements, and the time they took.
+#[derive(Default)]
+struct Sample {
+    latencies_ns: Vec<u32>,
+    elapsed_s: f64,
+}
+
+impl Sample {
+    fn add(&mut self, other: Sample) {
+        self.latencies_ns.extend(other.latencies_ns);
+        self.elapsed_s += other.elapsed_s;
+    }
+
+    fn figure(mut self) -> Figure {
+        self.latencies_ns.sort_unstable();
+        let latencies = &self.latencies_ns;
+        let pick = |q: f64| {
+            if latencies.is_empty() {
+                return 0.0;
+            }
+            let index = ((latencies.len() - 1) as f64 * q).round() as usize;
+            f64::from(latencies[index]) / 1000.0
+        };
+        Figure {
+            ops_per_s: latencies.len() as f64 / self.elapsed_s,
+            p50_us: pick(0.50),
+            p99_us: pick(0.99),
+        }
+    }
+}
+
+/// Runs `tasks` concurrent loops of `op(task)` for `secs` and records every call.
+async fn sample<F, Fut>(tasks: usize, secs: f64, op: F) -> Result<Sample, Box<dyn Error>>
 where
     F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send,
@@ -89,29 +120,54 @@ where
             Ok::<_, String>(latencies)
         }));
     }
-    let mut all = Vec::new();
+    let mut latencies_ns = Vec::new();
     for handle in handles {
-        all.extend(handle.await??);
+        latencies_ns.extend(handle.await??);
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    Ok(figure(all, elapsed))
+    Ok(Sample {
+        latencies_ns,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
 }
 
-fn figure(mut latencies_ns: Vec<u32>, elapsed: f64) -> Figure {
-    latencies_ns.sort_unstable();
-    let pick = |q: f64| {
-        if latencies_ns.is_empty() {
-            return 0.0;
-        }
-        let index = ((latencies_ns.len() - 1) as f64 * q).round() as usize;
-        f64::from(latencies_ns[index]) / 1000.0
-    };
-    Figure {
-        ops_per_s: latencies_ns.len() as f64 / elapsed,
-        p50_us: pick(0.50),
-        p99_us: pick(0.99),
-    }
+/// [`sample`] as a figure.
+async fn measure<F, Fut>(tasks: usize, secs: f64, op: F) -> Result<Figure, Box<dyn Error>>
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    Ok(sample(tasks, secs, op).await?.figure())
 }
+
+/// How many alternating slices a comparison is measured in.
+const SLICES: u32 = 5;
+
+/// Measures `a` and `b` at `tasks` for `secs` each, in alternating slices, so that drift
+/// in the database (autovacuum, checkpoints, a growing event table) weighs on both alike
+/// instead of on whichever ran second.
+async fn compare<A, FA, B, FB>(
+    tasks: usize,
+    secs: f64,
+    a: A,
+    b: B,
+) -> Result<(Figure, Figure), Box<dyn Error>>
+where
+    A: Fn(usize) -> FA + Clone + Send + Sync + 'static,
+    FA: Future<Output = Result<(), String>> + Send,
+    B: Fn(usize) -> FB + Clone + Send + Sync + 'static,
+    FB: Future<Output = Result<(), String>> + Send,
+{
+    let slice = secs / f64::from(SLICES);
+    let (mut sample_a, mut sample_b) = (Sample::default(), Sample::default());
+    for _ in 0..SLICES {
+        sample_a.add(sample(tasks, slice, a.clone()).await?);
+        sample_b.add(sample(tasks, slice, b.clone()).await?);
+    }
+    Ok((sample_a.figure(), sample_b.figure()))
+}
+
+/// One call of a measured operation.
+type Call = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 fn request(budget: u64) -> CreateSessionRequest {
     CreateSessionRequest::new(
@@ -140,7 +196,10 @@ fn store(storage: &PgStorage) -> SessionStore {
 
 /// `limit` at `tasks`: each task owns a session and sends the write-through statement
 /// itself, one commit per call.
-async fn limit(storage: &PgStorage, tasks: usize, secs: f64) -> Result<Figure, Box<dyn Error>> {
+async fn limit(
+    storage: &PgStorage,
+    tasks: usize,
+) -> Result<impl Fn(usize) -> Call + Clone + Send + Sync + 'static, Box<dyn Error>> {
     let creator = store(storage);
     let ids = sessions(&creator, tasks).await?;
     let mut states = Vec::new();
@@ -151,10 +210,10 @@ async fn limit(storage: &PgStorage, tasks: usize, secs: f64) -> Result<Figure, B
     let states = Arc::new(states);
     let storage = storage.clone();
     let instance = Uuid::new_v4();
-    measure(tasks, secs, move |task| {
+    Ok(move |task: usize| -> Call {
         let states = Arc::clone(&states);
         let storage = storage.clone();
-        async move {
+        Box::pin(async move {
             let mut stored = states[task].lock().await;
             let mut next = stored.session.clone();
             next.calls_made += 1;
@@ -173,33 +232,28 @@ async fn limit(storage: &PgStorage, tasks: usize, secs: f64) -> Result<Figure, B
                 }
                 other => Err(format!("limit write: {other:?}")),
             }
-        }
+        })
     })
-    .await
 }
 
-/// `use_session` through the store, `tasks` tasks over `sessions` sessions.
+/// `use_session` through a new store, task `t` on session `t % sessions_n`.
 async fn use_session(
     storage: &PgStorage,
-    tasks: usize,
     sessions_n: usize,
-    secs: f64,
-) -> Result<Figure, Box<dyn Error>> {
+) -> Result<impl Fn(usize) -> Call + Clone + Send + Sync + 'static, Box<dyn Error>> {
     let store = store(storage);
     let ids = Arc::new(sessions(&store, sessions_n).await?);
-    measure(tasks, secs, move |task| {
+    Ok(move |task: usize| -> Call {
         let store = store.clone();
-        let ids = Arc::clone(&ids);
-        async move {
-            let id = ids[task % ids.len()];
+        let id = ids[task % ids.len()];
+        Box::pin(async move {
             store
                 .use_session(id, "search", None)
                 .await
                 .map(drop)
                 .map_err(|e| format!("use_session: {e:?}"))
-        }
+        })
     })
-    .await
 }
 
 /// Stores `n` sessions with plain SQL (no audit rows: only loading them is measured).
@@ -259,19 +313,22 @@ async fn main() -> Result<(), Box<dyn Error>> {
         figures.insert(name.to_owned(), figure);
     };
 
+    // The limit and the store over distinct sessions, compared slice by slice.
     for tasks in [1, 16, 64] {
-        record(
-            &format!("limit_{tasks}"),
-            limit(&storage, tasks, secs).await?,
-        );
+        let (raw, through_store) = compare(
+            tasks,
+            secs,
+            limit(&storage, tasks).await?,
+            use_session(&storage, tasks).await?,
+        )
+        .await?;
+        record(&format!("limit_{tasks}"), raw);
+        record(&format!("use_distinct_{tasks}"), through_store);
     }
-    for tasks in [1, 16, 64] {
-        record(
-            &format!("use_distinct_{tasks}"),
-            use_session(&storage, tasks, tasks, secs).await?,
-        );
-    }
-    record("use_hot_64", use_session(&storage, 64, 1, secs).await?);
+    record(
+        "use_hot_64",
+        measure(64, secs, use_session(&storage, 1).await?).await?,
+    );
 
     let creator = store(&storage);
     let c = creator.clone();
@@ -344,6 +401,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
             }
         })
         .await?,
+    );
+
+    // A flood of denials overflows the bounded denial log by design; say how much was kept.
+    let flushed = creator.shutdown(Duration::from_secs(30)).await;
+    let denials = creator.stats();
+    eprintln!(
+        "(denial log during the two denial figures: {} recorded, {} dropped and counted; \
+         unrecorded at shutdown: {})",
+        denials.denials_recorded, denials.denials_dropped, flushed.unrecorded_denials
     );
 
     // Many stored sessions: inserted with plain SQL (no audit rows needed to be loaded).
@@ -430,6 +496,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "stored_sessions": options.stored_sessions,
         "rss_mib": rss,
         "distinct_gets": ids.len(),
+        "denials_recorded": denials.denials_recorded,
+        "denials_dropped": denials.denials_dropped,
         "ratio_distinct_64": ratio("use_distinct_64", "limit_64"),
         "ratio_distinct_16": ratio("use_distinct_16", "limit_16"),
         "ratio_hot_64": ratio("use_hot_64", "use_distinct_1"),

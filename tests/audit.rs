@@ -236,3 +236,27 @@ async fn audit_chain_verifies_and_finds_the_first_edited_row(pool: PgPool) {
             .is_intact()
     );
 }
+
+/// The database hashes each event (trigger) and `verify_audit_chain` hashes it again with its
+/// own implementation: they agree on tool lists of every shape (none, one, several, non-ASCII,
+/// multi-byte), and on events written by every kind of statement (create, batch, close).
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn audit_chain_encodings_agree_on_every_tool_list(pool: PgPool) {
+    use arbiter_session::chain::verify_audit_chain;
+    let store = SessionStore::postgres(pool.clone());
+    let id = store
+        .create(request(Uuid::new_v4(), &["*"], 100))
+        .await
+        .unwrap()
+        .session_id;
+    store.use_session(id, "search", None).await.unwrap();
+    store
+        .use_session_batch(id, &["ünïcödé", "with space", "emoji 🙂", "x"], None)
+        .await
+        .unwrap();
+    store.use_session(id, "漢字", None).await.unwrap();
+    store.close(id).await.unwrap();
+    let chain = verify_audit_chain(&pool, id).await.unwrap();
+    assert!(chain.is_intact(), "{chain:?}");
+    assert_eq!(chain.events, 5);
+}

@@ -7,9 +7,11 @@
 //! when a batch cannot be written it goes back into the buffer (within its bound) for the
 //! next flush. `shutdown` flushes what is left.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use super::Inner;
 use crate::audit::{AuditEvent, Denial, DenialReason, recordable_tools};
@@ -25,6 +27,9 @@ const FLUSH_BATCH: usize = 1000;
 #[derive(Debug)]
 pub(crate) struct DenialBuffer {
     denials: Mutex<Vec<Denial>>,
+    /// `denials.len()`, written under the lock, so that a full buffer can be seen without
+    /// taking the lock (a stale read only means one more or one fewer counted drop).
+    len: AtomicUsize,
     capacity: usize,
 }
 
@@ -32,6 +37,7 @@ impl DenialBuffer {
     pub(crate) fn new(capacity: usize) -> Self {
         DenialBuffer {
             denials: Mutex::new(Vec::new()),
+            len: AtomicUsize::new(0),
             capacity,
         }
     }
@@ -48,14 +54,21 @@ impl DenialBuffer {
             return false;
         }
         denials.push(denial);
+        self.len.store(denials.len(), Ordering::Relaxed);
         true
+    }
+
+    fn is_full(&self) -> bool {
+        self.len.load(Ordering::Relaxed) >= self.capacity
     }
 
     /// Takes up to one batch, oldest first.
     fn take_batch(&self) -> Vec<Denial> {
         let mut denials = self.denials();
         let n = std::cmp::min(denials.len(), FLUSH_BATCH);
-        denials.drain(..n).collect()
+        let batch = denials.drain(..n).collect();
+        self.len.store(denials.len(), Ordering::Relaxed);
+        batch
     }
 
     /// Puts a batch that could not be written back in front, as far as the bound allows;
@@ -66,6 +79,7 @@ impl DenialBuffer {
         let kept = std::cmp::min(room, batch.len());
         let lost = batch.len() - kept;
         denials.splice(0..0, batch.into_iter().take(kept));
+        self.len.store(denials.len(), Ordering::Relaxed);
         lost
     }
 
@@ -79,12 +93,24 @@ impl DenialBuffer {
 }
 
 impl<S: Storage> Inner<S> {
-    /// Records that a call of `tools` on `session` was denied with `err`, if `err` is a
-    /// denial worth recording.
-    pub(super) fn record_denial(&self, session: &TaskSession, tools: &[&str], err: &SessionError) {
+    /// Records that a call of `tools` on `session` was denied with `err` at `at`, if `err`
+    /// is a denial worth recording.
+    pub(super) fn record_denial(
+        &self,
+        session: &TaskSession,
+        tools: &[&str],
+        err: &SessionError,
+        at: DateTime<Utc>,
+    ) {
         let Some(reason) = DenialReason::of(err) else {
             return;
         };
+        // Under a flood of denials the buffer stays full: shed the work of building a
+        // record that could not be kept (the loss is counted all the same).
+        if self.denials.is_full() {
+            self.dropped_denials(1);
+            return;
+        }
         let denial = Denial {
             session_id: session.session_id,
             agent_id: session.agent_id,
@@ -92,7 +118,7 @@ impl<S: Storage> Inner<S> {
                 reason,
                 recordable_tools(tools),
                 session,
-                self.now(),
+                at,
                 self.instance_id,
             ),
         };

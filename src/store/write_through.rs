@@ -199,10 +199,13 @@ impl<S: Storage> Inner<S> {
     ) -> Result<Mutated, SessionError> {
         let slot = self.slot(id).await?;
         if let Ok(mut state) = slot.state.try_lock() {
-            let mut results = self.mutate_locked(id, &slot, &mut state, &[mutation]).await;
+            let now = self.now();
+            let mut results = self
+                .mutate_locked(id, &slot, &mut state, &[mutation], now)
+                .await;
             let result = results.pop().unwrap_or_else(|| Err(abandoned(id)));
             if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
-                self.record_denial(&state.current, tools, err);
+                self.record_denial(&state.current, tools, err, now);
             }
             return result;
         }
@@ -258,10 +261,11 @@ impl<S: Storage> Inner<S> {
                 OwnedMutation::Expire => Mutation::Expire,
             })
             .collect();
-        let results = self.mutate_locked(id, slot, state, &mutations).await;
+        let now = self.now();
+        let results = self.mutate_locked(id, slot, state, &mutations, now).await;
         for ((reply, mutation), result) in replies.into_iter().zip(&mutations).zip(results) {
             if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
-                self.record_denial(&state.current, tools, err);
+                self.record_denial(&state.current, tools, err, now);
             }
             // A caller that gave up no longer listens.
             let _ = reply.send(result);
@@ -281,8 +285,8 @@ impl<S: Storage> Inner<S> {
         slot: &Arc<Slot>,
         state: &mut SlotState,
         mutations: &[Mutation<'_>],
+        now: DateTime<Utc>,
     ) -> Vec<Result<Mutated, SessionError>> {
-        let now = self.now();
         let round = self.decide_all(&state.current, mutations, now);
         let Some(next) = &round.next else {
             return round.answers();
