@@ -179,17 +179,6 @@ impl<'a> From<&'a AuditEvent> for EventJson<'a> {
     }
 }
 
-/// One session's new state in a batch, as encoded for [`PgStorage::update_many`].
-#[derive(serde::Serialize)]
-struct StateJson {
-    session_id: Uuid,
-    expected: Version,
-    calls_made: i64,
-    rate_window_started_at: Option<DateTime<Utc>>,
-    rate_window_calls: i64,
-    status: &'static str,
-}
-
 /// An event of a batch, tagged with its session.
 #[derive(serde::Serialize)]
 struct BatchEventJson<'a> {
@@ -369,17 +358,26 @@ impl PgStorage {
         pool: &PgPool,
         batch: &[BatchUpdate<'_>],
     ) -> Result<Vec<UpdateOutcome>, StorageError> {
-        let states: Vec<StateJson> = batch
-            .iter()
-            .map(|u| StateJson {
-                session_id: u.session.session_id,
-                expected: u.expected,
-                calls_made: to_bigint(u.session.calls_made),
-                rate_window_started_at: u.session.rate_window_started_at,
-                rate_window_calls: to_bigint(u.session.rate_window_calls),
-                status: u.session.status.as_str(),
-            })
-            .collect();
+        // The new states as parallel arrays, one element per session. PostgreSQL sizes an
+        // `unnest` of array parameters from the arrays, so a batch of a few sessions finds
+        // them through the primary key; a JSON input is always guessed at 100 rows, which
+        // planned small batches as sequential scans of `sessions` (measured: twice the time
+        // of a batch of 8 on a table of a few hundred churned rows).
+        let n = batch.len();
+        let mut session_ids = Vec::with_capacity(n);
+        let mut expected = Vec::with_capacity(n);
+        let mut calls_made = Vec::with_capacity(n);
+        let mut window_starts = Vec::with_capacity(n);
+        let mut window_calls = Vec::with_capacity(n);
+        let mut statuses = Vec::with_capacity(n);
+        for u in batch {
+            session_ids.push(u.session.session_id);
+            expected.push(u.expected);
+            calls_made.push(to_bigint(u.session.calls_made));
+            window_starts.push(u.session.rate_window_started_at);
+            window_calls.push(to_bigint(u.session.rate_window_calls));
+            statuses.push(u.session.status.as_str());
+        }
         let events: Vec<BatchEventJson<'_>> = batch
             .iter()
             .flat_map(|u| {
@@ -397,9 +395,10 @@ impl PgStorage {
         let applied = sqlx::query!(
             r#"
             WITH input AS (
-                SELECT * FROM jsonb_to_recordset($1::jsonb) AS i(
-                    session_id uuid, expected bigint, calls_made bigint,
-                    rate_window_started_at timestamptz, rate_window_calls bigint, status text)
+                SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::timestamptz[],
+                                     $5::int8[], $6::text[])
+                    AS i(session_id, expected, calls_made, rate_window_started_at,
+                         rate_window_calls, status)
             ), locked AS (
                 SELECT s.session_id
                   FROM arbiter.sessions s
@@ -422,7 +421,7 @@ impl PgStorage {
                 SELECT e.event_key, u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
                        e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id
                   FROM updated u
-                  JOIN ROWS FROM (jsonb_to_recordset($2::jsonb) AS (
+                  JOIN ROWS FROM (jsonb_to_recordset($7::jsonb) AS (
                        session_id uuid, event_key uuid, kind text, tools text[],
                        calls_made bigint, rate_window_calls bigint, status text,
                        occurred_at timestamptz, instance_id uuid)) WITH ORDINALITY AS e(
@@ -434,7 +433,14 @@ impl PgStorage {
             )
             SELECT session_id AS "session_id!", version AS "version!" FROM updated
             "#,
-            Json(&states) as _,
+            &session_ids,
+            &expected,
+            &calls_made,
+            // The macro's check knows arrays only as `&[T]`: NULL elements (a window not
+            // started) and borrowed strings are typed by hand.
+            &window_starts as &[Option<DateTime<Utc>>],
+            &window_calls,
+            &statuses as &[&str],
             Json(&events) as _,
         )
         .fetch_all(pool)
