@@ -40,7 +40,9 @@ const MAX_BATCH: usize = 128;
 
 /// Most statements in flight at once (see the module documentation). Few lanes make big
 /// batches: on the 2-core machine of the README's table, 2 lanes carried 64 writers at
-/// 8,600 calls/s where 8 lanes managed 7,100 (`scripts/bench --quick`).
+/// 8,600 calls/s where 8 lanes managed 7,100 (`scripts/bench --quick`); measured again
+/// once the audit trigger had become cheap, 3 lanes were slower than 2 at both 16 and 64
+/// writers (three alternating runs each).
 const MAX_IN_FLIGHT: usize = 2;
 
 /// A write's outcome, as its caller receives it. A failed statement's error is shared by
