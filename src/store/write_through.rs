@@ -272,8 +272,8 @@ impl<S: Storage> Inner<S> {
         }
     }
 
-    /// Decides `mutations` in order and writes them as one update, with the session's lock
-    /// held. One result per mutation, in order.
+    /// Decides `mutations` in order at `now` and writes them as one update, with the
+    /// session's lock held. One result per mutation, in order.
     ///
     /// First optimistically: decide from the cached state and write naming its version.
     /// If another writer got there first (a conflict), decide once more on the row read
