@@ -108,11 +108,7 @@ async fn audit_every_denial_reason_is_recorded(pool: PgPool) {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn audit_hostile_tool_names_are_recorded_safely(pool: PgPool) {
     let store = SessionStore::postgres(pool.clone());
-    let id = store
-        .create(request(Uuid::new_v4(), &["*"], 3))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["*"], 3).await;
     let huge = "x".repeat(1 << 20);
     store.use_session(id, "nul\0byte", None).await.unwrap_err();
     store.use_session(id, &huge, None).await.unwrap_err();
@@ -140,11 +136,7 @@ async fn audit_denial_overflow_is_counted_not_silent(pool: PgPool) {
     let store = common::manual_reconcile(storage.clone())
         .denial_buffer(2)
         .build();
-    let id = store
-        .create(request(Uuid::new_v4(), &["a"], 3))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["a"], 3).await;
     storage.fail_writes();
     for _ in 0..5 {
         store.use_session(id, "nope", None).await.unwrap_err();
@@ -244,11 +236,7 @@ async fn audit_chain_verifies_and_finds_the_first_edited_row(pool: PgPool) {
 async fn audit_chain_encodings_agree_on_every_tool_list(pool: PgPool) {
     use arbiter_session::chain::verify_audit_chain;
     let store = SessionStore::postgres(pool.clone());
-    let id = store
-        .create(request(Uuid::new_v4(), &["*"], 100))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["*"], 100).await;
     store.use_session(id, "search", None).await.unwrap();
     store
         .use_session_batch(id, &["ünïcödé", "with space", "emoji 🙂", "x"], None)

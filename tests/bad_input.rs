@@ -282,11 +282,7 @@ async fn bad_input_at_every_limit_is_stored_faithfully(pool: PgPool) {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn bad_input_hostile_tool_names_and_batches_write_nothing(pool: PgPool) {
     let store = SessionStore::postgres(pool.clone());
-    let id = store
-        .create(request(Uuid::new_v4(), &["*"], 5000))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["*"], 5000).await;
     let before = row(&pool, id).await;
     let huge = "x".repeat(1 << 20);
     for tool in ["", "nul\0byte", &"t".repeat(257), &huge] {

@@ -71,11 +71,7 @@ async fn restart_keeps_counters_status_window_and_binding(pool: PgPool) {
 async fn two_stores_64_tasks_one_session_budget_is_exact(pool: PgPool) {
     let a = SessionStore::postgres(other_process_pool(&pool).await);
     let b = SessionStore::postgres(other_process_pool(&pool).await);
-    let id = a
-        .create(request(Uuid::new_v4(), &["t"], 100))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&a, &["t"], 100).await;
     b.get(id).await.unwrap();
     let oks = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -345,13 +341,7 @@ async fn rows_locked_elsewhere_hold_up_only_their_sessions(pool: PgPool) {
         .unwrap();
     let mut locked = Vec::new();
     for _ in 0..3 {
-        locked.push(
-            store
-                .create(request(Uuid::new_v4(), &["t"], 5))
-                .await
-                .unwrap()
-                .session_id,
-        );
+        locked.push(common::new_session(&store, &["t"], 5).await);
     }
     let mut holder = pool.begin().await.unwrap();
     sqlx::query!(

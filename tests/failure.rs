@@ -35,11 +35,7 @@ async fn failure_stalled_network_is_write_through_then_reconciled(pool: PgPool) 
         .storage_timeout(Duration::from_millis(500))
         .reconcile_interval(Duration::from_millis(50))
         .build();
-    let id = store
-        .create(request(Uuid::new_v4(), &["t"], 5))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["t"], 5).await;
     common::wait_listening(&store).await;
     store.use_session(id, "t", None).await.unwrap();
 
@@ -74,13 +70,7 @@ async fn failure_refused_network_drains_every_pending_session(pool: PgPool) {
         .build();
     let mut ids = Vec::new();
     for _ in 0..5 {
-        ids.push(
-            store
-                .create(request(Uuid::new_v4(), &["t"], 5))
-                .await
-                .unwrap()
-                .session_id,
-        );
+        ids.push(common::new_session(&store, &["t"], 5).await);
     }
     common::wait_listening(&store).await;
     for id in &ids {
@@ -121,11 +111,7 @@ async fn failure_cut_connections_recover_without_restart(pool: PgPool) {
     let store = SessionStore::builder(PgStorage::new(proxied))
         .reconcile_interval(Duration::from_millis(20))
         .build();
-    let id = store
-        .create(request(Uuid::new_v4(), &["t"], 100))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["t"], 100).await;
     let (mut ok, mut counted) = (0, 0);
     for round in 0..20 {
         if round % 5 == 0 {
@@ -155,11 +141,7 @@ async fn failure_pending_survives_eviction_and_idle_expiry(pool: PgPool) {
         .cache_capacity(1)
         .cache_idle(Duration::from_millis(20))
         .build();
-    let id = store
-        .create(request(Uuid::new_v4(), &["t"], 3))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["t"], 3).await;
     storage.fail_next_writes(1);
     store.use_session(id, "t", None).await.unwrap_err();
     for _ in 0..50 {
@@ -194,11 +176,7 @@ async fn failure_reconcile_conflict_merges_monotonically(pool: PgPool) {
         .listen_for_changes(false)
         .build();
     let b = SessionStore::postgres(common::other_process_pool(&pool).await);
-    let id = a
-        .create(request(Uuid::new_v4(), &["t"], 10))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&a, &["t"], 10).await;
     a.use_session(id, "t", None).await.unwrap();
 
     storage.fail_writes();
@@ -250,11 +228,7 @@ async fn failure_reconcile_conflict_merges_monotonically(pool: PgPool) {
 async fn failure_ambiguous_commit_is_counted_exactly_once(pool: PgPool) {
     let storage = faulty(&pool);
     let store = common::manual_reconcile(storage.clone()).build();
-    let id = store
-        .create(request(Uuid::new_v4(), &["t"], 10))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["t"], 10).await;
 
     // Resolved by the reconciler.
     storage.commit_then_fail_next_writes(1);
@@ -296,11 +270,7 @@ async fn failure_process_death_loses_only_denied_calls(pool: PgPool) {
     let mut ok = 0;
     {
         let dying = common::manual_reconcile(storage.clone()).build();
-        id = dying
-            .create(request(Uuid::new_v4(), &["t"], 10))
-            .await
-            .unwrap()
-            .session_id;
+        id = common::new_session(&dying, &["t"], 10).await;
         for _ in 0..3 {
             dying.use_session(id, "t", None).await.unwrap();
             ok += 1;
@@ -327,11 +297,7 @@ async fn failure_hung_write_gives_up_at_the_deadline(pool: PgPool) {
     let store = common::manual_reconcile(storage.clone())
         .storage_timeout(Duration::from_millis(200))
         .build();
-    let id = store
-        .create(request(Uuid::new_v4(), &["t"], 10))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["t"], 10).await;
     storage.hang_writes();
     let failed = tokio::time::timeout(NO_HANG, store.use_session(id, "t", None))
         .await
@@ -355,13 +321,7 @@ async fn failure_server_side_connection_kills_mid_load(pool: PgPool) {
         .build();
     let mut ids = Vec::new();
     for _ in 0..4 {
-        ids.push(
-            store
-                .create(request(Uuid::new_v4(), &["t"], 100_000))
-                .await
-                .unwrap()
-                .session_id,
-        );
+        ids.push(common::new_session(&store, &["t"], 100_000).await);
     }
     let mut tasks = Vec::new();
     for worker in 0..8 {
@@ -437,11 +397,7 @@ async fn failure_shutdown_reports_then_flushes(pool: PgPool) {
     let store = common::manual_reconcile(storage.clone())
         .clock(Arc::new(clock))
         .build();
-    let id = store
-        .create(request(Uuid::new_v4(), &["t"], 3))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["t"], 3).await;
     storage.fail_writes();
     store.use_session(id, "t", None).await.unwrap_err();
     store.close(id).await.unwrap_err();

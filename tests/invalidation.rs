@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use arbiter_session::{PgPool, SessionStatus, SessionStore};
-use common::{other_process_pool, request};
+use common::other_process_pool;
 use uuid::Uuid;
 
 /// How long a status change may take to reach another store's `get` (the issue's bound).
@@ -54,11 +54,7 @@ async fn two_stores(pool: &PgPool) -> (SessionStore, SessionStore) {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn invalidation_close_by_another_store_is_seen(pool: PgPool) {
     let (a, b) = two_stores(&pool).await;
-    let id = a
-        .create(request(Uuid::new_v4(), &["t"], 5))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&a, &["t"], 5).await;
     listening(&b, id).await;
     assert_eq!(b.get(id).await.unwrap().status, SessionStatus::Active);
     a.close(id).await.unwrap();
@@ -69,11 +65,7 @@ async fn invalidation_close_by_another_store_is_seen(pool: PgPool) {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn invalidation_survives_a_killed_listener_connection(pool: PgPool) {
     let (a, b) = two_stores(&pool).await;
-    let id = a
-        .create(request(Uuid::new_v4(), &["t"], 5))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&a, &["t"], 5).await;
     listening(&b, id).await;
     let killed = sqlx::query_scalar!(
         r#"SELECT count(pg_terminate_backend(pid)) AS "killed!"
@@ -99,11 +91,7 @@ async fn invalidation_survives_a_killed_listener_connection(pool: PgPool) {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn invalidation_operator_sql_close_is_seen(pool: PgPool) {
     let (a, _) = two_stores(&pool).await;
-    let id = a
-        .create(request(Uuid::new_v4(), &["t"], 5))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&a, &["t"], 5).await;
     listening(&a, id).await;
     sqlx::query!(
         "UPDATE arbiter.sessions SET status = 'closed' WHERE session_id = $1",
@@ -123,11 +111,7 @@ async fn invalidation_can_be_turned_off(pool: PgPool) {
     ))
     .listen_for_changes(false)
     .build();
-    let id = a
-        .create(request(Uuid::new_v4(), &["t"], 5))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&a, &["t"], 5).await;
     b.get(id).await.unwrap();
     a.close(id).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -153,16 +153,8 @@ async fn isolation_concurrent_misses_load_once() {
 async fn isolation_a_stalled_session_does_not_block_others() {
     let storage = Instrumented::new();
     let store = SessionStore::new(storage.clone());
-    let slow = store
-        .create(request(Uuid::new_v4(), &["t"], 5))
-        .await
-        .unwrap()
-        .session_id;
-    let fast = store
-        .create(request(Uuid::new_v4(), &["t"], 5))
-        .await
-        .unwrap()
-        .session_id;
+    let slow = common::new_session(&store, &["t"], 5).await;
+    let fast = common::new_session(&store, &["t"], 5).await;
     storage.stall_updates_of(slow);
     let stalled = tokio::spawn({
         let store = store.clone();
@@ -187,11 +179,7 @@ async fn isolation_a_stalled_session_does_not_block_others() {
 async fn isolation_same_session_calls_are_exact() {
     let storage = MemoryStorage::new();
     let store = SessionStore::new(storage.clone());
-    let id = store
-        .create(request(Uuid::new_v4(), &["t"], 30))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["t"], 30).await;
     let calls: Vec<_> = (0..50)
         .map(|_| {
             let store = store.clone();

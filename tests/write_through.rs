@@ -65,11 +65,7 @@ async fn write_failure_keeps_cache_ahead_then_reconciles(pool: PgPool) {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn a_later_mutation_makes_the_ahead_state_durable(pool: PgPool) {
     let (store, faulty) = faulty_store(&pool);
-    let id = store
-        .create(request(Uuid::new_v4(), &["a"], 2))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["a"], 2).await;
     faulty.fail_next_writes(1);
     assert!(store.use_session(id, "a", None).await.is_err());
     // The failed call stays counted: one call left, not two.
@@ -93,11 +89,7 @@ async fn background_reconciler_drains_pending(pool: PgPool) {
     let store = SessionStore::builder(faulty.clone())
         .reconcile_interval(Duration::from_millis(10))
         .build();
-    let id = store
-        .create(request(Uuid::new_v4(), &["a"], 3))
-        .await
-        .unwrap()
-        .session_id;
+    let id = common::new_session(&store, &["a"], 3).await;
     faulty.fail_next_writes(1);
     assert!(store.use_session(id, "a", None).await.is_err());
     common::drained(&store).await;

@@ -15,6 +15,19 @@ pub fn request(agent: Uuid, tools: &[&str], budget: u64) -> CreateSessionRequest
     CreateSessionRequest::new(agent, tools.iter().copied(), budget, Duration::minutes(10))
 }
 
+/// Creates a session for a new agent with the given tools and budget; its id.
+pub async fn new_session<S: arbiter_session::Storage>(
+    store: &SessionStore<S>,
+    tools: &[&str],
+    budget: u64,
+) -> Uuid {
+    store
+        .create(request(Uuid::new_v4(), tools, budget))
+        .await
+        .expect("create a session")
+        .session_id
+}
+
 /// A store over `pool` whose time is `clock`.
 pub fn store(pool: &PgPool, clock: &ManualClock) -> SessionStore {
     SessionStore::builder(PgStorage::new(pool.clone()))
