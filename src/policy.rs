@@ -7,11 +7,18 @@
 //! window. A denied call consumes nothing: the input session is never modified, and a
 //! denial returns no new state. A batch is all-or-nothing: every tool is checked, and the
 //! budget and rate window must have room for the whole batch.
+//!
+//! # Invariant: one budget and window rule
+//! `decide` (a new call) and `merge_unwritten` (a call a store counted but could not
+//! write, re-applied on top of a newer stored row) count calls with the same two helpers,
+//! `calls_after` and `window_after`. So inside one stored rate window the calls of
+//! every store, `Ok` or reconciled, never pass the window's limit, and no call passes the
+//! budget, however the writes interleave.
 
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
-use crate::audit::EventKind;
+use crate::audit::{AuditEvent, EventKind};
 use crate::error::SessionError;
 use crate::model::{SessionStatus, TaskSession, limits};
 
@@ -114,39 +121,97 @@ fn decide_use(
         }
         SessionStatus::Active => {}
     }
-    // `tools.len()` is at most `usize::MAX`, which fits u64 on every supported target.
+    // `tools.len()` is at most `limits::MAX_TOOLS` (checked above).
     let calls = tools.len() as u64;
-    let calls_made = session
-        .calls_made
-        .checked_add(calls)
-        .filter(|&after| after <= session.call_budget)
-        .ok_or(SessionError::BudgetExceeded {
-            session_id: id,
-            limit: session.call_budget,
-            used: session.calls_made,
-        })?;
+    let calls_made = calls_after(session, calls).ok_or(SessionError::BudgetExceeded {
+        session_id: id,
+        limit: session.call_budget,
+        used: session.calls_made,
+    })?;
     if let Some(tool) = tools.iter().find(|tool| !session.is_tool_authorized(tool)) {
         return Err(SessionError::ToolNotAuthorized {
             session_id: id,
             tool: (*tool).to_owned(),
         });
     }
-    let (window_started_at, window_calls) = current_window(session, now);
-    let window_calls = window_calls.saturating_add(calls);
-    if let Some(limit) = session.rate_limit_per_minute
-        && window_calls > limit
-    {
-        return Err(SessionError::RateLimited {
+    let (window_started_at, window_calls) =
+        window_after(session, calls, now).ok_or(SessionError::RateLimited {
             session_id: id,
-            limit_per_minute: limit,
-        });
-    }
+            limit_per_minute: session.rate_limit_per_minute.unwrap_or(0),
+        })?;
     Ok(TaskSession {
         calls_made,
         rate_window_started_at: Some(window_started_at),
         rate_window_calls: window_calls,
         ..session.clone()
     })
+}
+
+/// `calls_made` after `calls` more calls, if the budget has room for them.
+fn calls_after(session: &TaskSession, calls: u64) -> Option<u64> {
+    session
+        .calls_made
+        .checked_add(calls)
+        .filter(|&after| after <= session.call_budget)
+}
+
+/// The rate window after `calls` more calls at `at` (its start and its count), if the
+/// window has room for them.
+fn window_after(
+    session: &TaskSession,
+    calls: u64,
+    at: DateTime<Utc>,
+) -> Option<(DateTime<Utc>, u64)> {
+    let (started_at, counted) = current_window(session, at);
+    let after = counted.saturating_add(calls);
+    session
+        .rate_limit_per_minute
+        .is_none_or(|limit| after <= limit)
+        .then_some((started_at, after))
+}
+
+/// Re-applies the changes recorded by `unwritten` (changes a store applied to its cache
+/// but could not write) on top of `fresh`, the newer row in storage, in order. Returns
+/// the merged state; `unwritten` keeps only the events that still apply, renumbered so the
+/// trail's counters follow the merged timeline.
+///
+/// # Invariant: monotonic merge
+/// A terminal status in storage wins; an unwritten close or expiry applies only over
+/// active. Counters never decrease. Each unwritten call is counted by the rules of a new
+/// call at the time it was decided (`calls_after`, `window_after`): it must fit the
+/// budget and the rate window that was running then *in storage*, and the session must
+/// still be active; a call that does not fit is dropped with its event. Every unwritten
+/// call was answered `StorageWriteThrough` (denied), so dropping one never takes back a
+/// call that got `Ok`, and a closed session never gains a call, even in the audit trail.
+pub(crate) fn merge_unwritten(fresh: &TaskSession, unwritten: &mut Vec<AuditEvent>) -> TaskSession {
+    let mut merged = fresh.clone();
+    unwritten.retain_mut(|event| {
+        match event.kind {
+            EventKind::CallAllowed | EventKind::BatchAllowed => {
+                // At most `limits::MAX_TOOLS` tools per event.
+                let calls = event.tools.len() as u64;
+                let counted = (merged.status == SessionStatus::Active)
+                    .then(|| calls_after(&merged, calls))
+                    .flatten()
+                    .zip(window_after(&merged, calls, event.occurred_at));
+                let Some((calls_made, (window_started_at, window_calls))) = counted else {
+                    return false;
+                };
+                merged.calls_made = calls_made;
+                merged.rate_window_started_at = Some(window_started_at);
+                merged.rate_window_calls = window_calls;
+            }
+            EventKind::Closed | EventKind::Expired if merged.status == SessionStatus::Active => {
+                merged.status = event.status;
+            }
+            _ => {}
+        }
+        event.calls_made = merged.calls_made;
+        event.rate_window_calls = merged.rate_window_calls;
+        event.status = merged.status;
+        true
+    });
+    merged
 }
 
 /// The rate window a call at `now` falls in, and the calls already counted in it.
@@ -354,5 +419,43 @@ mod tests {
             decide(&expired, Mutation::Close, now),
             Err(SessionError::Expired(_))
         ));
+    }
+
+    fn call_at(s: &TaskSession, at: DateTime<Utc>) -> AuditEvent {
+        AuditEvent::new(
+            EventKind::CallAllowed,
+            vec!["a".to_owned()],
+            s,
+            at,
+            Uuid::nil(),
+        )
+    }
+
+    #[test]
+    fn merge_counts_unwritten_calls_in_the_stored_window_still_running() {
+        let (s, now) = session(&["a"], 100, Some(5));
+        // Storage: another store filled the window that started at `now`.
+        let mut stored = s.clone();
+        for _ in 0..4 {
+            stored = use_tools(&stored, &["a"], None, now).expect("room");
+        }
+        let later = now + Duration::seconds(2);
+        let mut unwritten = vec![call_at(&s, later), call_at(&s, later)];
+        let merged = merge_unwritten(&stored, &mut unwritten);
+        assert_eq!(
+            (merged.calls_made, merged.rate_window_calls),
+            (5, 5),
+            "one of the two fits the running window; the other is dropped"
+        );
+        assert_eq!(merged.rate_window_started_at, Some(now));
+        assert_eq!(unwritten.len(), 1);
+        assert_eq!(unwritten[0].rate_window_calls, 5);
+
+        // Once the stored window is over, an unwritten call opens the next one.
+        let next = now + Duration::seconds(61);
+        let mut unwritten = vec![call_at(&s, next)];
+        let merged = merge_unwritten(&merged, &mut unwritten);
+        assert_eq!(merged.rate_window_started_at, Some(next));
+        assert_eq!((merged.calls_made, merged.rate_window_calls), (6, 1));
     }
 }

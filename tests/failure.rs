@@ -410,3 +410,58 @@ async fn failure_shutdown_reports_then_flushes(pool: PgPool) {
     let stored = row(&pool, id).await;
     assert_eq!((stored.calls_made, stored.status.as_str()), (1, "closed"));
 }
+
+/// The network silently stops carrying the listening connection (half-open: no error, no
+/// close). The feed's idle round trip finds it: `listening` turns false, and once the
+/// network heals the feed reconnects and resets the cache.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn failure_half_open_listener_is_detected_and_replaced(pool: PgPool) {
+    let (proxy, proxied) = proxied_pool(&pool).await;
+    let store =
+        SessionStore::new(PgStorage::new(proxied).listener_check(Duration::from_millis(200)));
+    common::new_session(&store, &["t"], 5).await;
+    common::wait_listening(&store).await;
+
+    proxy.stall();
+    let deadline = tokio::time::Instant::now() + NO_HANG;
+    while store.stats().listening {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "half-open listener never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.heal();
+    common::wait_listening(&store).await;
+    assert!(store.stats().listener_reconnects >= 1);
+}
+
+/// `PgStorage::connect` has PostgreSQL itself end what a vanished client would hold: a
+/// statement stuck on a lock, a transaction left open (row and advisory locks), and an
+/// idle connection whose client is gone.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn connect_sets_server_side_timeouts(pool: PgPool) {
+    let storage = PgStorage::connect(&common::database_url(&pool).await)
+        .await
+        .expect("connect");
+    let settings = sqlx::query!(
+        r#"SELECT current_setting('statement_timeout') AS "statement!",
+                  current_setting('idle_in_transaction_session_timeout') AS "idle_in_transaction!",
+                  current_setting('tcp_keepalives_idle') AS "keepalive_idle!",
+                  current_setting('tcp_keepalives_interval') AS "keepalive_interval!",
+                  current_setting('tcp_keepalives_count') AS "keepalive_count!""#
+    )
+    .fetch_one(storage.pool())
+    .await
+    .expect("settings readable");
+    assert_eq!(
+        (
+            settings.statement.as_str(),
+            settings.idle_in_transaction.as_str(),
+            settings.keepalive_idle.as_str(),
+            settings.keepalive_interval.as_str(),
+            settings.keepalive_count.as_str(),
+        ),
+        ("5s", "10s", "10", "5", "3")
+    );
+}

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use arbiter_session::storage::{CapOutcome, LockedUpdate, UpdateOutcome, Version, Versioned};
+use arbiter_session::storage::{
+    CapOutcome, LockWait, LockedUpdate, UpdateOutcome, Version, Versioned,
+};
 use arbiter_session::{
     AuditEvent, Denial, MemoryStorage, SessionError, SessionStore, Storage, StorageError,
     TaskSession,
@@ -84,13 +86,14 @@ impl Storage for Instrumented {
         &self,
         id: Uuid,
         keys: &[Uuid],
+        wait: LockWait,
         decide: F,
     ) -> Result<LockedUpdate, StorageError>
     where
         F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
     {
         self.wait_if_stalled(id).await;
-        self.inner.update_locked(id, keys, decide).await
+        self.inner.update_locked(id, keys, wait, decide).await
     }
     async fn record_denials(&self, denials: &[Denial]) -> Result<(), StorageError> {
         self.inner.record_denials(denials).await

@@ -11,6 +11,14 @@
 //! 4. Convergence: both pending sets drain; no cache is ahead of storage afterwards; the
 //!    audit trail counts exactly `calls_made`.
 //!
+//! Beyond DESIGN §4, the operations that found two defects of the store are here too: the
+//! stores share one clock that advances, and every session has a rate window, whose limit
+//! the audit trail must never pass within one window (replayed from the trail with the
+//! policy's fixed windows); and a change feed reset (the whole cache dropped) in the middle
+//! of a hung write, followed by a second mutation of the same session, after which a close
+//! answered `StorageWriteThrough` must still reach storage, and a `get` after a close
+//! answered `Ok` must never show the session active.
+//!
 //! The default run is short (`ARBITER_PROPTEST_CASES`, default 12, raises it); each case
 //! uses fresh sessions in one database made for the test and dropped afterwards.
 
@@ -21,8 +29,9 @@ use std::time::Duration as StdDuration;
 
 use arbiter_session::{
     FaultyStorage, ManualClock, PgPool, PgStorage, SessionError, SessionStatus, SessionStore,
+    TaskSession,
 };
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 use common::{audited_calls, request, row};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -31,6 +40,9 @@ use uuid::Uuid;
 
 const SESSIONS: usize = 3;
 const BUDGET: u64 = 6;
+/// Every session allows `RATE_LIMIT` calls per fixed window of `RATE_WINDOW_SECS`.
+const RATE_LIMIT: u64 = 3;
+const RATE_WINDOW_SECS: i64 = 30;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -63,11 +75,20 @@ enum Op {
     Advance {
         secs: i64,
     },
+    /// A call's write hangs; the change feed resets; a second mutation of the session
+    /// follows (a close or a call); then the writes fail or go through.
+    ResetMidWrite {
+        store: usize,
+        session: usize,
+        close: bool,
+        fail: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     let store = 0..2usize;
     let session = 0..SESSIONS;
+    let (store_, session_) = (store.clone(), session.clone());
     prop_oneof![
         6 => (store.clone(), session.clone(), 1..=3usize)
             .prop_map(|(store, session, calls)| Op::Use { store, session, calls }),
@@ -78,6 +99,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => store.clone().prop_map(|store| Op::FailAllWrites { store }),
         2 => store.prop_map(|store| Op::Heal { store }),
         1 => (0..40i64).prop_map(|secs| Op::Advance { secs }),
+        1 => (store_, session_, any::<bool>(), any::<bool>()).prop_map(
+            |(store, session, close, fail)| Op::ResetMidWrite { store, session, close, fail }
+        ),
     ]
 }
 
@@ -88,6 +112,47 @@ struct Promised {
     uncertain: u64,
     closed_acked: bool,
     saw_terminal: bool,
+    /// A close was answered `StorageWriteThrough`: it stays pending until storage has it.
+    close_pending: bool,
+}
+
+impl Promised {
+    fn used(
+        &mut self,
+        calls: u64,
+        result: &Result<TaskSession, SessionError>,
+    ) -> Result<(), TestCaseError> {
+        match result {
+            Ok(_) => self.ok += calls,
+            Err(SessionError::StorageWriteThrough { .. }) => self.uncertain += calls,
+            // Closed is a status; `Expired` may only mean the time limit passed.
+            Err(SessionError::AlreadyClosed(_)) => self.saw_terminal = true,
+            Err(
+                SessionError::Expired(_)
+                | SessionError::BudgetExceeded { .. }
+                | SessionError::RateLimited { .. }
+                | SessionError::StorageRead { .. },
+            ) => {}
+            Err(other) => prop_assert!(false, "unexpected {other:?}"),
+        }
+        Ok(())
+    }
+
+    fn closed(&mut self, result: &Result<TaskSession, SessionError>) -> Result<(), TestCaseError> {
+        match result {
+            Ok(_) => {
+                self.closed_acked = true;
+                self.saw_terminal = true;
+            }
+            Err(SessionError::AlreadyClosed(_) | SessionError::Expired(_)) => {
+                self.saw_terminal = true;
+            }
+            Err(SessionError::StorageWriteThrough { .. }) => self.close_pending = true,
+            Err(SessionError::StorageRead { .. }) => {}
+            Err(other) => prop_assert!(false, "unexpected {other:?}"),
+        }
+        Ok(())
+    }
 }
 
 type Store = SessionStore<FaultyStorage<PgStorage>>;
@@ -104,6 +169,8 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
             SessionStore::builder(f.clone())
                 .clock(Arc::new(clock.clone()))
                 .reconcile_interval(StdDuration::from_secs(3600))
+                // Longer than any hang below: no call gives up while queued.
+                .storage_timeout(StdDuration::from_secs(60))
                 .build()
         })
         .collect();
@@ -111,7 +178,13 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
     for _ in 0..SESSIONS {
         let mut req = request(Uuid::new_v4(), &["t"], BUDGET);
         req.time_limit = Duration::seconds(60);
+        req.rate_limit_per_minute = Some(RATE_LIMIT);
+        req.rate_limit_window_secs = RATE_WINDOW_SECS.unsigned_abs();
         ids.push(stores[0].create(req).await.expect("create").session_id);
+    }
+    for store in &stores {
+        store.get(ids[0]).await.expect("get");
+        common::wait_listening(store).await;
     }
     let mut promised = vec![Promised::default(); SESSIONS];
 
@@ -123,37 +196,62 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
                 calls,
             } => {
                 let tools = vec!["t"; calls];
-                let p = &mut promised[session];
-                match stores[store]
+                let result = stores[store]
                     .use_session_batch(ids[session], &tools, None)
-                    .await
-                {
-                    Ok(_) => p.ok += calls as u64,
-                    Err(SessionError::StorageWriteThrough { .. }) => p.uncertain += calls as u64,
-                    // Closed is a status; `Expired` may only mean the time limit passed.
-                    Err(SessionError::AlreadyClosed(_)) => p.saw_terminal = true,
-                    Err(
-                        SessionError::Expired(_)
-                        | SessionError::BudgetExceeded { .. }
-                        | SessionError::StorageRead { .. },
-                    ) => {}
-                    Err(other) => prop_assert!(false, "unexpected {other:?}"),
-                }
+                    .await;
+                promised[session].used(calls as u64, &result)?;
             }
             Op::Close { store, session } => {
+                let result = stores[store].close(ids[session]).await;
+                promised[session].closed(&result)?;
+                if result.is_ok() {
+                    let seen = stores[store].get(ids[session]).await;
+                    prop_assert!(
+                        !matches!(seen, Ok(ref s) if s.status == SessionStatus::Active),
+                        "active right after an acknowledged close: {seen:?}"
+                    );
+                }
+            }
+            Op::ResetMidWrite {
+                store,
+                session,
+                close,
+                fail,
+            } => {
+                let (faulty, store, id) = (&faults[store], &stores[store], ids[session]);
+                faulty.hang_writes();
+                let first = tokio::spawn({
+                    let store = store.clone();
+                    async move { store.use_session(id, "t", None).await }
+                });
+                // A call denied by policy writes nothing: then there is no write to hang.
+                until(|| faulty.hung_writes() > 0 || first.is_finished()).await;
+                let resets = store.stats().listener_reconnects;
+                faulty.reset_change_feed();
+                until(|| store.stats().listener_reconnects > resets).await;
+                let second = tokio::spawn({
+                    let store = store.clone();
+                    async move {
+                        if close {
+                            store.close(id).await
+                        } else {
+                            store.use_session(id, "t", None).await
+                        }
+                    }
+                });
+                // Let the second reach its write, or the session's queue.
+                tokio::time::sleep(StdDuration::from_millis(5)).await;
+                if fail {
+                    faulty.fail_writes();
+                }
+                faulty.release_writes();
                 let p = &mut promised[session];
-                match stores[store].close(ids[session]).await {
-                    Ok(_) => {
-                        p.closed_acked = true;
-                        p.saw_terminal = true;
-                    }
-                    Err(SessionError::AlreadyClosed(_) | SessionError::Expired(_)) => {
-                        p.saw_terminal = true;
-                    }
-                    Err(
-                        SessionError::StorageWriteThrough { .. } | SessionError::StorageRead { .. },
-                    ) => {}
-                    Err(other) => prop_assert!(false, "unexpected {other:?}"),
+                p.used(1, &first.await.expect("first task"))?;
+                let second = second.await.expect("second task");
+                if close {
+                    p.closed(&second)?;
+                } else {
+                    p.used(1, &second)?;
                 }
             }
             Op::Expire { store } => match stores[store].expire_due().await {
@@ -196,7 +294,19 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
                 "{id}: terminal status lost: {stored:?}"
             );
         }
+        if p.close_pending {
+            prop_assert!(
+                stored.status != "active",
+                "{id}: a close answered StorageWriteThrough was lost: {stored:?}"
+            );
+        }
         prop_assert_eq!(audited_calls(pool, id).await, stored.calls_made);
+        for (window, calls) in rate_windows(pool, id).await {
+            prop_assert!(
+                calls <= RATE_LIMIT,
+                "{id}: {calls} calls in the window from {window}"
+            );
+        }
         for store in &stores {
             let cached = store.get(id).await.expect("get");
             prop_assert!(
@@ -212,6 +322,49 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
         }
     }
     Ok(())
+}
+
+/// Waits (bounded: a liveness check) until `done` holds.
+async fn until(mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + StdDuration::from_secs(10);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition never held"
+        );
+        tokio::time::sleep(StdDuration::from_millis(1)).await;
+    }
+}
+
+/// The rate windows of `id` replayed from its audit trail with the policy's rule (a fixed
+/// window starts at the first call at or after the previous one's end), and the calls
+/// counted in each.
+async fn rate_windows(pool: &PgPool, id: Uuid) -> Vec<(DateTime<Utc>, u64)> {
+    let calls = sqlx::query!(
+        r#"
+        SELECT occurred_at, cardinality(tools) AS "calls!"
+          FROM arbiter.session_events
+         WHERE session_id = $1 AND kind IN ('call_allowed', 'batch_allowed')
+         ORDER BY event_id
+        "#,
+        id
+    )
+    .fetch_all(pool)
+    .await
+    .expect("events readable");
+    let mut windows: Vec<(DateTime<Utc>, u64)> = Vec::new();
+    for call in calls {
+        let n = u64::try_from(call.calls).expect("non-negative");
+        match windows.last_mut() {
+            Some((start, counted))
+                if call.occurred_at < *start + Duration::seconds(RATE_WINDOW_SECS) =>
+            {
+                *counted += n;
+            }
+            _ => windows.push((call.occurred_at, n)),
+        }
+    }
+    windows
 }
 
 /// A database for this test alone, dropped afterwards (even when a case fails).

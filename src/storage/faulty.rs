@@ -3,14 +3,18 @@
 //! use it too, to test their handling of `StorageWriteThrough`.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
+use super::{
+    CapOutcome, Change, ChangeFeed, LockWait, LockedUpdate, Storage, UpdateOutcome, Version,
+    Versioned,
+};
 use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
 use crate::model::TaskSession;
@@ -27,9 +31,16 @@ struct Faults {
     fail_writes: AtomicBool,
     fail_next_writes: AtomicU64,
     commit_then_fail_next_writes: AtomicU64,
+    refuse_writes: AtomicBool,
     fail_reads: AtomicBool,
     /// `true` while writes hang; a write waits for it to turn `false`.
     hang_writes: watch::Sender<bool>,
+    /// Writes still let through before writes start to hang; negative when not armed.
+    hang_after: AtomicI64,
+    /// Writes waiting in a hang right now.
+    hung: AtomicUsize,
+    /// Bumped to make the change feed report a reconnection.
+    feed_resets: watch::Sender<u64>,
     injected: AtomicU64,
 }
 
@@ -39,8 +50,12 @@ impl Default for Faults {
             fail_writes: AtomicBool::new(false),
             fail_next_writes: AtomicU64::new(0),
             commit_then_fail_next_writes: AtomicU64::new(0),
+            refuse_writes: AtomicBool::new(false),
             fail_reads: AtomicBool::new(false),
             hang_writes: watch::Sender::new(false),
+            hang_after: AtomicI64::new(-1),
+            hung: AtomicUsize::new(0),
+            feed_resets: watch::Sender::new(0),
             injected: AtomicU64::new(0),
         }
     }
@@ -54,6 +69,8 @@ enum WriteFault {
     /// Let the write commit, then report a failure: the ambiguous outcome of a connection
     /// lost while the commit's answer was on its way.
     CommitThenFail,
+    /// Refuse the write as a constraint would: not worth retrying as is.
+    Refuse,
 }
 
 impl<S> FaultyStorage<S> {
@@ -94,9 +111,34 @@ impl<S> FaultyStorage<S> {
         self.faults.hang_writes.send_replace(true);
     }
 
+    /// Lets the next `n` writes through, then makes every write hang as
+    /// [`Self::hang_writes`] does: a server that stalls in the middle of an operation.
+    pub fn hang_writes_after(&self, n: u64) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.faults.hang_after.store(n, Ordering::SeqCst);
+    }
+
     /// Lets hung writes (and later ones) proceed.
     pub fn release_writes(&self) {
+        self.faults.hang_after.store(-1, Ordering::SeqCst);
         self.faults.hang_writes.send_replace(false);
+    }
+
+    /// How many writes are waiting in a hang right now.
+    pub fn hung_writes(&self) -> usize {
+        self.faults.hung.load(Ordering::SeqCst)
+    }
+
+    /// Refuses every write with [`StorageError::Constraint`] (named `injected`) until
+    /// [`Self::heal`]: a write storage will never accept as it is.
+    pub fn refuse_writes(&self) {
+        self.faults.refuse_writes.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes the change feed report [`Change::Reset`] next, as after a reconnection whose
+    /// gap may have lost notifications: the store drops its whole cache.
+    pub fn reset_change_feed(&self) {
+        self.faults.feed_resets.send_modify(|resets| *resets += 1);
     }
 
     /// Fails every read (load, count, list) until [`Self::heal`].
@@ -111,6 +153,7 @@ impl<S> FaultyStorage<S> {
         self.faults
             .commit_then_fail_next_writes
             .store(0, Ordering::SeqCst);
+        self.faults.refuse_writes.store(false, Ordering::SeqCst);
         self.faults.fail_reads.store(false, Ordering::SeqCst);
         self.release_writes();
     }
@@ -123,15 +166,29 @@ impl<S> FaultyStorage<S> {
     /// Waits while writes hang, then decides this write's fault.
     async fn write_fault(&self) -> WriteFault {
         let f = &self.faults;
+        let armed = f
+            .hang_after
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n >= 0).then(|| n - 1)
+            });
+        if armed == Ok(0) {
+            f.hang_writes.send_replace(true);
+        }
         let mut hang = f.hang_writes.subscribe();
-        // An error means the sender is gone, which cannot happen while `self` holds it.
-        let _ = hang.wait_for(|hanging| !hanging).await;
+        if *hang.borrow() {
+            f.hung.fetch_add(1, Ordering::SeqCst);
+            let _unhung = Unhung(&f.hung);
+            // An error means the sender is gone, which cannot happen while `self` holds it.
+            let _ = hang.wait_for(|hanging| !hanging).await;
+        }
         let take = |counter: &AtomicU64| {
             counter
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
         };
-        let fault = if take(&f.fail_next_writes) || f.fail_writes.load(Ordering::SeqCst) {
+        let fault = if f.refuse_writes.load(Ordering::SeqCst) {
+            WriteFault::Refuse
+        } else if take(&f.fail_next_writes) || f.fail_writes.load(Ordering::SeqCst) {
             WriteFault::Fail
         } else if take(&f.commit_then_fail_next_writes) {
             WriteFault::CommitThenFail
@@ -154,6 +211,10 @@ impl<S> FaultyStorage<S> {
                 write.await?;
                 Err(injected("write (after commit)"))
             }
+            WriteFault::Refuse => Err(StorageError::Constraint {
+                name: "injected".to_owned(),
+                source: "injected refusal".into(),
+            }),
         }
     }
 
@@ -170,9 +231,50 @@ fn injected(what: &str) -> StorageError {
     StorageError::Transient(format!("injected {what} failure").into())
 }
 
+/// Counts a hung write out again when it stops waiting, cancelled or not.
+struct Unhung<'a>(&'a AtomicUsize);
+
+impl Drop for Unhung<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The inner storage's change feed, plus the resets injected by
+/// [`FaultyStorage::reset_change_feed`]. Over a storage without a feed, only those.
+struct FaultyFeed {
+    inner: Option<Box<dyn ChangeFeed>>,
+    resets: watch::Receiver<u64>,
+}
+
+impl ChangeFeed for FaultyFeed {
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Change> + Send + '_>> {
+        Box::pin(async move {
+            let FaultyFeed { inner, resets } = self;
+            let injected = async {
+                match resets.changed().await {
+                    Ok(()) => Change::Reset,
+                    // The switches are gone: nothing will be injected any more.
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            match inner {
+                Some(inner) => tokio::select! {
+                    change = injected => change,
+                    change = inner.next() => change,
+                },
+                None => injected.await,
+            }
+        })
+    }
+}
+
 impl<S: Storage> Storage for FaultyStorage<S> {
-    fn change_feed(&self) -> Option<Box<dyn super::ChangeFeed>> {
-        self.inner.change_feed()
+    fn change_feed(&self) -> Option<Box<dyn ChangeFeed>> {
+        Some(Box::new(FaultyFeed {
+            inner: self.inner.change_feed(),
+            resets: self.faults.feed_resets.subscribe(),
+        }))
     }
 
     fn batches_writes(&self) -> bool {
@@ -225,13 +327,17 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         &self,
         session_id: Uuid,
         probe_keys: &[Uuid],
+        wait: LockWait,
         decide: F,
     ) -> Result<LockedUpdate, StorageError>
     where
         F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
     {
-        self.write(self.inner.update_locked(session_id, probe_keys, decide))
-            .await
+        self.write(
+            self.inner
+                .update_locked(session_id, probe_keys, wait, decide),
+        )
+        .await
     }
 
     async fn record_denials(&self, denials: &[Denial]) -> Result<(), StorageError> {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
+use super::{CapOutcome, LockWait, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
 use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
 use crate::model::{SessionStatus, TaskSession};
@@ -17,6 +17,9 @@ use crate::model::{SessionStatus, TaskSession};
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStorage {
     inner: Arc<Mutex<Tables>>,
+    /// Whether to report [`Storage::batches_writes`], so a store groups concurrent writes
+    /// as it does over PostgreSQL.
+    batching: bool,
 }
 
 #[derive(Debug, Default)]
@@ -31,6 +34,15 @@ impl MemoryStorage {
     /// Empty storage.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes the store group concurrent writes of different sessions into one
+    /// [`Storage::update_many`] (applied under one lock), as it does over PostgreSQL: the
+    /// group commit's behaviour, tested without a database. Off by default.
+    #[must_use]
+    pub fn with_batching(mut self, batching: bool) -> Self {
+        self.batching = batching;
+        self
     }
 
     /// The audit events of `session_id`, oldest first.
@@ -162,16 +174,33 @@ impl Storage for MemoryStorage {
         self.tables().update(session, expected, events)
     }
 
+    fn batches_writes(&self) -> bool {
+        self.batching
+    }
+
+    async fn update_many(
+        &self,
+        batch: &[super::BatchUpdate<'_>],
+    ) -> Result<Vec<UpdateOutcome>, StorageError> {
+        let mut tables = self.tables();
+        batch
+            .iter()
+            .map(|u| tables.update(u.session, u.expected, u.events))
+            .collect()
+    }
+
     async fn update_locked<F>(
         &self,
         session_id: Uuid,
         probe_keys: &[Uuid],
+        _wait: LockWait,
         decide: F,
     ) -> Result<LockedUpdate, StorageError>
     where
         F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
     {
-        // The table lock is the row lock: nothing interleaves between read and write.
+        // The table lock is the row lock: nothing interleaves between read and write, and
+        // it is never held across an await, so no row is ever busy.
         let mut tables = self.tables();
         let Some(fresh) = tables.sessions.get(&session_id).cloned() else {
             return Ok(LockedUpdate::Missing);
@@ -193,17 +222,13 @@ impl Storage for MemoryStorage {
 
     async fn record_denials(&self, denials: &[Denial]) -> Result<(), StorageError> {
         let mut tables = self.tables();
-        if denials
-            .iter()
-            .any(|d| tables.event_keys.contains(&d.event.key))
-        {
-            return Err(constraint("session_events_key_unique"));
-        }
         for denial in denials {
-            tables.event_keys.insert(denial.event.key);
-            tables
-                .events
-                .push((denial.session_id, denial.event.clone()));
+            // Idempotent, like PostgreSQL's `ON CONFLICT DO NOTHING`.
+            if tables.event_keys.insert(denial.event.key) {
+                tables
+                    .events
+                    .push((denial.session_id, denial.event.clone()));
+            }
         }
         Ok(())
     }

@@ -32,7 +32,8 @@ pub use faulty::FaultyStorage;
 pub use memory::MemoryStorage;
 pub use notify::{PgChangeFeed, STATUS_CHANNEL};
 pub use postgres::{
-    DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_STATEMENT_TIMEOUT, PgStorage,
+    DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_STATEMENT_TIMEOUT,
+    IDLE_IN_TRANSACTION_TIMEOUT, PgStorage, TCP_KEEPALIVE,
 };
 
 /// The stored version of a session row. Advanced by every update.
@@ -76,6 +77,20 @@ pub enum LockedUpdate {
     Declined,
     /// The session does not exist (any more).
     Missing,
+    /// [`LockWait::NoWait`] only: another transaction holds the row; nothing was read or
+    /// written, and `decide` was not called.
+    Busy,
+}
+
+/// Whether [`Storage::update_locked`] waits for a row another transaction holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockWait {
+    /// Wait for the row (bounded by the store's deadline): a caller after a conflict,
+    /// which must make progress.
+    Wait,
+    /// Do not wait: answer [`LockedUpdate::Busy`] at once. The reconciler uses it, so one
+    /// row held elsewhere does not hold up every other pending session.
+    NoWait,
 }
 
 /// Result of a capped insert.
@@ -98,6 +113,9 @@ pub enum Change {
     /// The feed (re)connected: changes made meanwhile may have been missed, so every cached
     /// session should be considered stale.
     Reset,
+    /// The feed lost its connection (or found it half-open) and is reconnecting; a
+    /// [`Change::Reset`] follows once it is back.
+    Disconnected,
 }
 
 /// Status changes made by any writer, for cache invalidation across processes.
@@ -187,10 +205,13 @@ pub trait Storage: Send + Sync + 'static {
     /// writer can slip in between the read and the write, a caller that lost a race once
     /// is guaranteed to make progress, however hot the session is in other processes.
     /// `decide` is called at most once; `None` writes nothing ([`LockedUpdate::Declined`]).
+    /// With [`LockWait::NoWait`], a row held by another transaction is
+    /// [`LockedUpdate::Busy`] at once; a storage without row locks never answers that.
     fn update_locked<F>(
         &self,
         session_id: Uuid,
         probe_keys: &[Uuid],
+        wait: LockWait,
         decide: F,
     ) -> impl Future<Output = Result<LockedUpdate, StorageError>> + Send
     where
@@ -198,6 +219,9 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Appends denial events (kind [`EventKind::Denied`](crate::EventKind::Denied)), in
     /// one statement for the whole batch. They change no session.
+    ///
+    /// Idempotent: a denial whose event key is already stored is skipped, so a batch whose
+    /// earlier attempt committed without the caller learning it can be sent again.
     fn record_denials(
         &self,
         denials: &[Denial],

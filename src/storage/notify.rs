@@ -5,6 +5,11 @@
 //! NOTIFYs sent while the listening connection is down are lost (PostgreSQL does not queue
 //! them for a listener that is gone), so every (re)connection reports [`Change::Reset`]:
 //! the store then treats its whole cache as stale.
+//!
+//! A connection the network dropped without telling either side (half-open) would stay
+//! silent forever, looking like a quiet database. So when no notification arrived for a
+//! while the feed makes a round trip on the listening connection; one that does not answer
+//! in time is treated as lost ([`Change::Disconnected`], then a reconnect and a reset).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,6 +27,8 @@ pub const STATUS_CHANNEL: &str = "arbiter_session_status";
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Default of [`PgChangeFeed::check_every`].
+pub(crate) const DEFAULT_LISTENER_CHECK: Duration = Duration::from_secs(10);
 
 /// A LISTEN connection taken from (and configured like) a pool, reconnecting with backoff.
 #[derive(Debug)]
@@ -29,6 +36,7 @@ pub struct PgChangeFeed {
     pool: PgPool,
     listener: Option<PgListener>,
     backoff: Duration,
+    check_every: Duration,
 }
 
 impl PgChangeFeed {
@@ -38,7 +46,16 @@ impl PgChangeFeed {
             pool,
             listener: None,
             backoff: FIRST_BACKOFF,
+            check_every: DEFAULT_LISTENER_CHECK,
         }
+    }
+
+    /// After this long without a notification, check the connection with a round trip,
+    /// which must answer within the same time (default 10 s).
+    #[must_use]
+    pub fn check_every(mut self, every: Duration) -> Self {
+        self.check_every = every;
+        self
     }
 
     async fn next_change(&mut self) -> Change {
@@ -58,7 +75,18 @@ impl PgChangeFeed {
                     }
                 }
             };
-            match listener.try_recv().await {
+            // Cancelling `try_recv` loses at most a notification being read, and this feed's
+            // freshness is best effort; a lost connection is reported either way.
+            let Ok(received) = tokio::time::timeout(self.check_every, listener.try_recv()).await
+            else {
+                if is_alive(listener, self.check_every).await {
+                    continue;
+                }
+                tracing::warn!("change feed: listening connection does not answer; reconnecting");
+                self.listener = None;
+                return Change::Disconnected;
+            };
+            match received {
                 Ok(Some(notification)) => match Uuid::parse_str(notification.payload()) {
                     Ok(id) => return Change::Session(id),
                     Err(_) => tracing::warn!(
@@ -71,14 +99,24 @@ impl PgChangeFeed {
                 Ok(None) => {
                     tracing::info!("change feed: connection lost, reconnecting");
                     self.listener = None;
+                    return Change::Disconnected;
                 }
                 Err(err) => {
                     tracing::warn!(error = %error_chain(&err), "change feed: listener failed, reconnecting");
                     self.listener = None;
+                    return Change::Disconnected;
                 }
             }
         }
     }
+}
+
+/// Whether the listening connection answers a round trip within `within`. Notifications
+/// that arrive meanwhile are buffered by the listener and returned next.
+async fn is_alive(listener: &mut PgListener, within: Duration) -> bool {
+    // language=PostgreSQL
+    let ping = sqlx::query_scalar!(r#"SELECT 1 AS "alive!""#).fetch_one(&mut *listener);
+    matches!(tokio::time::timeout(within, ping).await, Ok(Ok(_)))
 }
 
 async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {

@@ -22,7 +22,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{BatchUpdate, CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
+use super::{
+    BatchUpdate, CapOutcome, LockWait, LockedUpdate, Storage, UpdateOutcome, Version, Versioned,
+};
 use crate::audit::{AuditEvent, Denial, DenialReason};
 use crate::error::StorageError;
 use crate::model::TaskSession;
@@ -33,6 +35,8 @@ use crate::model::TaskSession;
 #[derive(Debug, Clone)]
 pub struct PgStorage {
     pool: PgPool,
+    /// How often the change feed checks an idle listening connection.
+    listener_check: Duration,
 }
 
 /// Default `max_connections` of [`PgStorage::pool_options`].
@@ -41,6 +45,17 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default server-side `statement_timeout` set by [`PgStorage::connect`].
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Server-side `idle_in_transaction_session_timeout` set by [`PgStorage::connect`]: a
+/// client that vanishes inside a transaction (a partition, a frozen process) releases its
+/// row and advisory locks after this long. The library's transactions send their
+/// statements back to back, so it never waits this long itself.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Server-side TCP keepalive set by [`PgStorage::connect`] (`tcp_keepalives_idle`,
+/// `_interval`, `_count`): PostgreSQL notices a client that vanished without closing its
+/// connection within about idle + interval × count seconds, instead of the kernel's
+/// default of over two hours.
+pub const TCP_KEEPALIVE: (Duration, Duration, u32) =
+    (Duration::from_secs(10), Duration::from_secs(5), 3);
 
 impl PgStorage {
     /// Storage over `pool`.
@@ -49,7 +64,20 @@ impl PgStorage {
     /// `acquire_timeout` yourself: sqlx's default of 30 s would stall every write-through
     /// while PostgreSQL is unreachable.
     pub fn new(pool: PgPool) -> Self {
-        PgStorage { pool }
+        PgStorage {
+            pool,
+            listener_check: super::notify::DEFAULT_LISTENER_CHECK,
+        }
+    }
+
+    /// How often the change feed makes a round trip on its listening connection when no
+    /// notification arrived (default 10 s); a round trip that does not answer within the
+    /// same time means the connection is half-open (the network dropped it without telling
+    /// either side), and the feed reconnects and reports a reset.
+    #[must_use]
+    pub fn listener_check(mut self, every: Duration) -> Self {
+        self.listener_check = every;
+        self
     }
 
     /// Pool options suited to the write-through hot path: [`DEFAULT_MAX_CONNECTIONS`]
@@ -61,17 +89,35 @@ impl PgStorage {
             .acquire_timeout(DEFAULT_ACQUIRE_TIMEOUT)
     }
 
-    /// Connects to `url` with [`PgStorage::pool_options`] and a server-side
-    /// `statement_timeout` of [`DEFAULT_STATEMENT_TIMEOUT`], so a statement stuck on a lock
-    /// is cancelled by PostgreSQL itself.
+    /// Connects to `url` with [`PgStorage::pool_options`] and these server-side settings
+    /// on every connection, so that PostgreSQL itself ends what a stalled or vanished
+    /// client would otherwise hold:
+    /// * `statement_timeout` [`DEFAULT_STATEMENT_TIMEOUT`]: a statement stuck on a lock;
+    /// * `idle_in_transaction_session_timeout` [`IDLE_IN_TRANSACTION_TIMEOUT`]: a row lock
+    ///   or an agent's advisory lock held by a client cut off mid-transaction;
+    /// * `tcp_keepalives_*` [`TCP_KEEPALIVE`]: an idle connection whose client is gone.
+    ///
+    /// A deployment that builds its own pool should set the same three (in the URL's
+    /// `options` or with [`PgConnectOptions::options`]).
     ///
     /// # Errors
     /// The URL does not parse, or PostgreSQL cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
-        let options = PgConnectOptions::from_str(url)?.options([(
-            "statement_timeout",
-            DEFAULT_STATEMENT_TIMEOUT.as_millis().to_string(),
-        )]);
+        let millis = |d: Duration| d.as_millis().to_string();
+        let (keepalive_idle, keepalive_interval, keepalive_count) = TCP_KEEPALIVE;
+        let options = PgConnectOptions::from_str(url)?.options([
+            ("statement_timeout", millis(DEFAULT_STATEMENT_TIMEOUT)),
+            (
+                "idle_in_transaction_session_timeout",
+                millis(IDLE_IN_TRANSACTION_TIMEOUT),
+            ),
+            ("tcp_keepalives_idle", keepalive_idle.as_secs().to_string()),
+            (
+                "tcp_keepalives_interval",
+                keepalive_interval.as_secs().to_string(),
+            ),
+            ("tcp_keepalives_count", keepalive_count.to_string()),
+        ]);
         Ok(PgStorage::new(
             Self::pool_options().connect_with(options).await?,
         ))
@@ -227,6 +273,21 @@ fn agent_lock_key(agent_id: Uuid) -> i64 {
 enum RowLock {
     None,
     ForUpdate,
+    /// `FOR UPDATE NOWAIT`: fails with `lock_not_available` if another transaction holds it.
+    ForUpdateNoWait,
+}
+
+/// Whether `err` is PostgreSQL's `lock_not_available` (55P03), the answer of `NOWAIT` to a
+/// row another transaction holds.
+fn lock_not_available(err: &StorageError) -> bool {
+    let StorageError::Transient(source) = err else {
+        return false;
+    };
+    source
+        .downcast_ref::<sqlx::Error>()
+        .and_then(sqlx::Error::as_database_error)
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "55P03")
 }
 
 impl PgStorage {
@@ -268,6 +329,25 @@ impl PgStorage {
                       FROM arbiter.sessions
                      WHERE session_id = $1
                        FOR UPDATE
+                    "#,
+                    session_id
+                )
+                .fetch_optional(executor)
+                .await?
+            }
+            // language=PostgreSQL
+            RowLock::ForUpdateNoWait => {
+                sqlx::query_as!(
+                    SessionRow,
+                    r#"
+                    SELECT session_id, agent_id, delegation_chain, declared_intent,
+                           authorized_tools, authorized_credentials, call_budget, calls_made,
+                           rate_limit, rate_window_secs, rate_window_started_at,
+                           rate_window_calls, data_sensitivity_ceiling, status, created_at,
+                           expires_at, version
+                      FROM arbiter.sessions
+                     WHERE session_id = $1
+                       FOR UPDATE NOWAIT
                     "#,
                     session_id
                 )
@@ -511,7 +591,9 @@ impl PgStorage {
 
 impl Storage for PgStorage {
     fn change_feed(&self) -> Option<Box<dyn super::ChangeFeed>> {
-        Some(Box::new(super::PgChangeFeed::new(self.pool.clone())))
+        Some(Box::new(
+            super::PgChangeFeed::new(self.pool.clone()).check_every(self.listener_check),
+        ))
     }
 
     async fn load(&self, session_id: Uuid) -> Result<Option<Versioned>, StorageError> {
@@ -607,6 +689,7 @@ impl Storage for PgStorage {
         &self,
         session_id: Uuid,
         probe_keys: &[Uuid],
+        wait: LockWait,
         decide: F,
     ) -> Result<LockedUpdate, StorageError>
     where
@@ -615,8 +698,15 @@ impl Storage for PgStorage {
         // Dropping `tx` on an early return (or a cancelled future) rolls back and releases
         // the row lock.
         let mut tx = self.pool.begin().await?;
-        let Some(fresh) = Self::load_with(&mut *tx, session_id, RowLock::ForUpdate).await? else {
-            return Ok(LockedUpdate::Missing);
+        let lock = match wait {
+            LockWait::Wait => RowLock::ForUpdate,
+            LockWait::NoWait => RowLock::ForUpdateNoWait,
+        };
+        let fresh = match Self::load_with(&mut *tx, session_id, lock).await {
+            Ok(Some(fresh)) => fresh,
+            Ok(None) => return Ok(LockedUpdate::Missing),
+            Err(err) if lock_not_available(&err) => return Ok(LockedUpdate::Busy),
+            Err(err) => return Err(err),
         };
         let landed = if probe_keys.is_empty() {
             0
@@ -663,6 +753,8 @@ impl Storage for PgStorage {
                    event_key uuid, session_id uuid, agent_id uuid, tools text[],
                    calls_made bigint, rate_window_calls bigint, status text,
                    occurred_at timestamptz, instance_id uuid, reason text)
+            -- A retried batch whose first attempt committed unseen: record each denial once.
+                ON CONFLICT ON CONSTRAINT session_events_key_unique DO NOTHING
             "#,
             Json(&rows) as _,
         )

@@ -2,6 +2,14 @@
 //! server turns into `StorageWriteThrough` / `StorageRead` in bounded time instead of a
 //! hang (a pool's acquire timeout covers only waiting for a connection).
 //!
+//! # Invariant: one deadline per public call
+//! Each storage operation is bounded by `storage_timeout` on its own, and a public call
+//! that makes several, or waits before making one (for a group-commit lane, or behind
+//! another write of the same session), bounds the whole call by one deadline taken when it
+//! started ([`Deadline::by`]). So every call is answered within `storage_timeout` plus the
+//! time to decide and to be scheduled again (microseconds, and tokio's 1 ms timer
+//! resolution), however loaded the store is.
+//!
 //! Async cancellation safety: a timed-out operation's future is dropped. A write may still
 //! commit on the server; the store treats it as a failure whose outcome is unknown (cache
 //! ahead, pending), and the event keys tell the reconciler whether it landed.
@@ -10,13 +18,14 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
 use crate::model::TaskSession;
 use crate::storage::{
-    BatchUpdate, CapOutcome, LockedUpdate, Storage, UpdateOutcome, Version, Versioned,
+    BatchUpdate, CapOutcome, LockWait, LockedUpdate, Storage, UpdateOutcome, Version, Versioned,
 };
 
 #[derive(Debug)]
@@ -26,6 +35,27 @@ pub(crate) struct Deadline<S> {
 }
 
 impl<S> Deadline<S> {
+    /// The deadline of a public call starting now.
+    pub(crate) fn for_call(&self) -> Instant {
+        Instant::now() + self.after
+    }
+
+    /// Runs `operation`, or any wait, until `deadline` (a call's, from [`Self::for_call`]).
+    pub(crate) async fn by<T>(
+        &self,
+        deadline: Instant,
+        operation: impl Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        tokio::time::timeout_at(deadline, operation)
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out()))
+    }
+
+    /// The error of an operation or wait that ran out of time.
+    pub(crate) fn timed_out(&self) -> StorageError {
+        StorageError::TimedOut { after: self.after }
+    }
+
     async fn run<T>(
         &self,
         operation: impl Future<Output = Result<T, StorageError>>,
@@ -88,13 +118,17 @@ impl<S: Storage> Storage for Deadline<S> {
         &self,
         session_id: Uuid,
         probe_keys: &[Uuid],
+        wait: LockWait,
         decide: F,
     ) -> Result<LockedUpdate, StorageError>
     where
         F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send,
     {
-        self.run(self.inner.update_locked(session_id, probe_keys, decide))
-            .await
+        self.run(
+            self.inner
+                .update_locked(session_id, probe_keys, wait, decide),
+        )
+        .await
     }
 
     async fn record_denials(&self, denials: &[Denial]) -> Result<(), StorageError> {

@@ -1,11 +1,15 @@
 //! Denied calls, recorded off the hot path.
 //!
-//! # Invariant: bounded, never silent
+//! # Invariant: bounded, never silent, recorded once
 //! A denial is pushed into a bounded buffer (a `std` mutex held for a push, never across an
 //! await) and a background task writes the buffer in batches, one statement each. When the
-//! buffer is full the denial is dropped and counted (`stats().denials_dropped`) and logged;
-//! when a batch cannot be written it goes back into the buffer (within its bound) for the
-//! next flush. `shutdown` flushes what is left.
+//! buffer is full the denial is dropped and counted (`stats().denials_dropped`) and logged.
+//! When storage is unavailable, a batch goes back into the buffer (within its bound) for
+//! the next flush; writing denials is idempotent by event key, so a batch whose earlier
+//! attempt committed unseen is recorded once. When storage *refuses* a batch (anything but
+//! unavailability), its denials are written one by one, and those refused again are
+//! dropped, counted (`stats().denials_refused`) and logged: a poisoned denial never holds
+//! up the ones behind it. `shutdown` flushes what is left.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
@@ -160,22 +164,67 @@ impl<S: Storage> Inner<S> {
             if batch.is_empty() {
                 return true;
             }
-            let n = u64::try_from(batch.len()).unwrap_or(u64::MAX);
             match self.storage.record_denials(&batch).await {
-                Ok(()) => {
-                    self.counters
-                        .denials_recorded
-                        .fetch_add(n, Ordering::Relaxed);
-                }
-                Err(err) => {
+                Ok(()) => self.recorded_denials(batch.len()),
+                Err(err) if err.is_transient() => {
                     tracing::debug!(error = %error_chain(&err), "denials not recorded yet");
-                    let lost = self.denials.restore(batch);
-                    if lost > 0 {
-                        self.dropped_denials(lost);
-                    }
+                    self.restore_denials(batch);
                     return false;
                 }
+                Err(err) => {
+                    tracing::warn!(error = %error_chain(&err), denials = batch.len(), "storage refused a batch of denials; writing them one by one");
+                    if !self.record_denials_one_by_one(batch).await {
+                        return false;
+                    }
+                }
             }
+        }
+    }
+
+    /// Writes `batch` one denial at a time, dropping (and counting) those storage refuses;
+    /// returns `false` if storage became unavailable meanwhile (the rest go back).
+    async fn record_denials_one_by_one(&self, batch: Vec<Denial>) -> bool {
+        let mut denials = batch.into_iter();
+        while let Some(denial) = denials.next() {
+            match self
+                .storage
+                .record_denials(std::slice::from_ref(&denial))
+                .await
+            {
+                Ok(()) => self.recorded_denials(1),
+                Err(err) if err.is_transient() => {
+                    self.restore_denials(std::iter::once(denial).chain(denials).collect());
+                    return false;
+                }
+                Err(err) => {
+                    self.counters
+                        .denials_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        session_id = %denial.session_id,
+                        event_key = %denial.event.key,
+                        reason = ?denial.event.reason,
+                        error = %error_chain(&err),
+                        "storage refused a denial record; it is dropped"
+                    );
+                }
+            }
+        }
+        true
+    }
+
+    fn recorded_denials(&self, n: usize) {
+        let n = u64::try_from(n).unwrap_or(u64::MAX);
+        self.counters
+            .denials_recorded
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Puts denials storage could not take now back in front of the buffer.
+    fn restore_denials(&self, batch: Vec<Denial>) {
+        let lost = self.denials.restore(batch);
+        if lost > 0 {
+            self.dropped_denials(lost);
         }
     }
 }

@@ -27,6 +27,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::Inner;
 use crate::audit::AuditEvent;
@@ -65,11 +66,16 @@ pub(super) struct GroupCommit {
 }
 
 impl GroupCommit {
+    /// The next batch, oldest first. Writes whose caller stopped waiting (its deadline
+    /// passed, or it was cancelled) are dropped unsent: the caller already treats the write
+    /// as failed with an unknown outcome, so not sending it is one of the outcomes it
+    /// expects, and the cheapest.
     fn take_batch(&self) -> Vec<Write> {
         let mut waiting = self
             .waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        waiting.retain(|write| !write.reply.is_closed());
         let n = std::cmp::min(waiting.len(), MAX_BATCH);
         waiting.drain(..n).collect()
     }
@@ -83,18 +89,20 @@ impl GroupCommit {
 }
 
 impl<S: Storage> Inner<S> {
-    /// Writes `session` (naming `expected`) with `events` in the next group commit. Only
-    /// a write that waits for a batch is copied (it outlives its caller's borrow there).
+    /// Writes `session` (naming `expected`) with `events` in the next group commit, giving
+    /// up at the caller's `deadline` (waiting for a lane included). Only a write that waits
+    /// for a batch is copied (it outlives its caller's borrow there).
     pub(super) async fn write(
         &self,
         session: &TaskSession,
         expected: Version,
         events: &[AuditEvent],
+        deadline: Instant,
     ) -> WriteOutcome {
         if !self.storage.batches_writes() {
             return self
                 .storage
-                .update(session, expected, events)
+                .by(deadline, self.storage.update(session, expected, events))
                 .await
                 .map_err(Arc::new);
         }
@@ -106,7 +114,11 @@ impl<S: Storage> Inner<S> {
                 expected,
                 events,
             }];
-            let outcome = match self.storage.update_many(&alone).await {
+            let outcome = match self
+                .storage
+                .by(deadline, self.storage.update_many(&alone))
+                .await
+            {
                 Ok(outcomes) => outcomes.into_iter().next().ok_or_else(|| {
                     Arc::new(StorageError::Decode(
                         "update_many answered no outcome".to_owned(),
@@ -130,12 +142,15 @@ impl<S: Storage> Inner<S> {
             });
         self.start_flusher();
         // The flusher answers every write it takes; it is dropped unanswered only if the
-        // runtime shuts down mid-flush, when the outcome is unknown.
-        outcome.await.unwrap_or_else(|_| {
-            Err(Arc::new(StorageError::Transient(
+        // runtime shuts down mid-flush, when the outcome is unknown. On a timeout `outcome`
+        // is dropped, so a flusher that has not taken the write yet drops it unsent.
+        match tokio::time::timeout_at(deadline, outcome).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(Arc::new(StorageError::Transient(
                 "the group commit stopped before answering".into(),
-            )))
-        })
+            ))),
+            Err(_) => Err(Arc::new(self.storage.timed_out())),
+        }
     }
 
     fn start_flusher(&self) {

@@ -1,9 +1,11 @@
 //! Cache invalidation from the storage's change feed (LISTEN/NOTIFY for PostgreSQL).
 //!
-//! A status change made anywhere drops that session from this cache, so the next `get`
-//! reloads it. After the feed reconnects, the whole cache is dropped, because changes made
-//! while it was disconnected are lost. Pending sessions are pinned in the pending set, so
-//! invalidation never loses a change this process has not yet made durable.
+//! A status change made anywhere drops that session from this cache and marks its live
+//! slot stale, so the next `get` reloads it. After the feed reconnects, the whole cache is
+//! dropped and every live slot marked stale, because changes made while it was
+//! disconnected are lost. A slot in use keeps its identity (see `registry`), and a stale
+//! slot whose state is ahead of storage is not reloaded, so invalidation never loses a
+//! change this process has not yet made durable.
 //!
 //! Freshness is best effort (a load that read the row just before a change can still cache
 //! it); correctness never depends on it: every write is versioned.
@@ -51,10 +53,15 @@ async fn listen<S: Storage>(
         let Some(inner) = store.upgrade() else { return };
         match change {
             Change::Session(id) => {
+                inner.slots.mark_stale(id);
                 inner.cache.invalidate(&id).await;
                 Counters::bump(&inner.counters.invalidations);
             }
+            Change::Disconnected => {
+                inner.counters.listening.store(false, Ordering::Relaxed);
+            }
             Change::Reset => {
+                inner.slots.mark_all_stale();
                 inner.cache.invalidate_all();
                 if connected_before {
                     Counters::bump(&inner.counters.listener_reconnects);

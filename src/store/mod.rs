@@ -23,11 +23,12 @@ mod group_commit;
 mod invalidation;
 mod pending;
 mod reconciler;
+mod registry;
 mod slot;
 mod stats;
 mod write_through;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -42,6 +43,7 @@ pub use stats::StoreStats;
 use self::deadline::Deadline;
 use self::denials::DenialBuffer;
 use self::pending::PendingSet;
+use self::registry::Slots;
 use self::slot::Slot;
 use self::stats::Counters;
 use crate::audit::{AuditEvent, EventKind};
@@ -187,11 +189,13 @@ impl<S: Storage> SessionStoreBuilder<S> {
                     .build(),
                 clock: self.clock,
                 cache,
+                slots: Arc::default(),
                 pending: PendingSet::default(),
                 counters,
                 instance_id: self.instance_id,
                 reconcile_interval: self.reconcile_interval,
                 reconciler_running: AtomicBool::new(false),
+                reconcile_passes: AtomicUsize::new(0),
                 me: me.clone(),
                 listen_for_changes: self.listen_for_changes,
                 listener_started: AtomicBool::new(false),
@@ -235,6 +239,8 @@ pub(crate) struct Inner<S> {
     missing: Cache<Uuid, ()>,
     clock: Arc<dyn Clock>,
     cache: Cache<Uuid, Arc<Slot>>,
+    /// Every live slot, one per session: where a lookup that misses the cache looks first.
+    slots: Arc<Slots>,
     pending: PendingSet,
     counters: Arc<Counters>,
     instance_id: Uuid,
@@ -242,6 +248,8 @@ pub(crate) struct Inner<S> {
     /// True while a reconciler task exists; it exits when the pending set drains, so an
     /// idle store runs no background work.
     reconciler_running: AtomicBool,
+    /// Reconciliation passes so far: where in the pending set the next pass starts.
+    reconcile_passes: AtomicUsize,
     /// The store itself, for spawning background tasks with a reference that does not keep
     /// the store alive.
     me: Weak<Inner<S>>,
@@ -422,13 +430,37 @@ impl<S: Storage> SessionStore<S> {
 
     /// The session as this store knows it: the cached state (which may be ahead of
     /// storage), loading it on a miss. It waits for a mutation of the same session that is
-    /// in flight (at most `storage_timeout`), so it reads its own writes.
+    /// in flight, so it reads its own writes; the whole call takes at most
+    /// `storage_timeout`.
     ///
     /// # Errors
-    /// [`SessionError::NotFound`] or [`SessionError::StorageRead`].
+    /// [`SessionError::NotFound`] or [`SessionError::StorageRead`] (storage unavailable, or
+    /// a write of this session in flight did not finish in time).
     pub async fn get(&self, session_id: Uuid) -> Result<TaskSession, SessionError> {
+        let deadline = self.inner.storage.for_call();
         let slot = self.inner.slot(session_id).await?;
-        let state = slot.state.lock().await;
+        let storage = &self.inner.storage;
+        let mut state = storage
+            .by(deadline, async { Ok(slot.state.lock().await) })
+            .await
+            .map_err(|err| read_failed(Some(session_id), &err))?;
+        // The change feed said the row changed: read it again, unless our state is ahead
+        // (the next write merges then). Under the lock, no write of ours interleaves.
+        if slot.take_stale() && !state.is_ahead() {
+            match storage.by(deadline, storage.load(session_id)).await {
+                Ok(Some(fresh)) => {
+                    state.rebase(fresh, 0);
+                }
+                Ok(None) => {
+                    self.inner.forget(session_id, &slot, &mut state).await;
+                    return Err(SessionError::NotFound(session_id));
+                }
+                Err(err) => {
+                    slot.mark_stale();
+                    return Err(read_failed(Some(session_id), &err));
+                }
+            }
+        }
         Ok(state.current.clone())
     }
 
@@ -564,7 +596,7 @@ impl<S: Storage> Inner<S> {
     async fn cache_created(&self, session: TaskSession, version: i64) -> TaskSession {
         self.ensure_listener();
         let id = session.session_id;
-        let slot = Slot::new(Versioned {
+        let slot = self.slots.get_or_make(Versioned {
             session: session.clone(),
             version,
         });
@@ -579,8 +611,8 @@ impl<S: Storage> Inner<S> {
         SessionError::StorageWriteThrough { session_id, detail }
     }
 
-    /// The slot of `id`: from the cache, else the pending set, else storage. Concurrent
-    /// misses for one id share a single load.
+    /// The slot of `id`: from the cache, else the live slot (pinned or in use), else a new
+    /// one loaded from storage. Concurrent misses for one id share a single load.
     async fn slot(&self, id: Uuid) -> Result<Arc<Slot>, SessionError> {
         self.ensure_listener();
         if let Some(slot) = self.cache.get(&id).await {
@@ -595,12 +627,14 @@ impl<S: Storage> Inner<S> {
         let loaded = self
             .cache
             .try_get_with(id, async {
-                // Pinned slots first: storage may hold an older state than this process.
-                if let Some(slot) = self.pending.get(id) {
+                // A live slot first: storage may hold an older state than this process
+                // (see `registry`'s invariant).
+                if let Some(slot) = self.slots.get(id) {
                     return Ok(slot);
                 }
                 match self.storage.load(id).await {
-                    Ok(Some(stored)) => Ok(Slot::new(stored)),
+                    // A slot made while we read storage wins over what we read.
+                    Ok(Some(stored)) => Ok(self.slots.get_or_make(stored)),
                     Ok(None) => Err(LoadError::NotFound),
                     Err(err) => Err(LoadError::Read(err)),
                 }

@@ -1,9 +1,9 @@
 //! The pending set: sessions whose cached state is ahead of storage.
 //!
 //! # Invariant: pinning
-//! A slot in this set is kept alive by the set itself, whatever the cache evicts, and a
-//! cache miss looks here before storage: loading the older durable row instead would hand
-//! an agent back budget it already spent. A slot leaves the set only once storage holds
+//! A slot in this set is kept alive by the set itself, whatever the cache evicts, so a
+//! cache miss finds it among the live slots (`registry`) before reading storage: loading
+//! the older durable row instead would hand an agent back budget it already spent. A slot leaves the set only once storage holds
 //! its state. The lock is a `std` mutex held for a map operation, never across an await.
 
 use std::collections::HashMap;
@@ -26,10 +26,6 @@ impl PendingSet {
 
     pub(crate) fn insert(&self, id: Uuid, slot: Arc<Slot>) {
         self.slots().insert(id, slot);
-    }
-
-    pub(crate) fn get(&self, id: Uuid) -> Option<Arc<Slot>> {
-        self.slots().get(&id).cloned()
     }
 
     /// Removes `id` only if it still maps to `slot` (a newer slot may have replaced it).

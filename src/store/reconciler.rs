@@ -17,7 +17,7 @@ use super::slot::Slot;
 use super::stats::Counters;
 use super::{Inner, MAX_RECONCILE_BACKOFF};
 use crate::error::error_chain;
-use crate::storage::{LockedUpdate, Storage, UpdateOutcome};
+use crate::storage::{LockWait, LockedUpdate, Storage, UpdateOutcome};
 
 /// What one reconciliation pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -52,7 +52,8 @@ enum Flush {
     Durable,
     /// Storage is unreachable: stop this pass instead of timing out on every session.
     Unavailable,
-    /// Storage refused this slot's write (a constraint); try it again next pass.
+    /// Storage refused this slot's write (a constraint), or another transaction holds its
+    /// row: try it again next pass, and go on with the others.
     Retry,
 }
 
@@ -68,9 +69,19 @@ impl<S: Storage> Inner<S> {
     }
 
     /// One pass over the pending set.
+    ///
+    /// A row another transaction holds is skipped (its session stays pending for the next
+    /// pass) without waiting for its lock; only unavailability ends a pass early. Each pass
+    /// starts one session further into the set, so a pass cut short by an outage does not
+    /// always leave the same sessions for last.
     pub(super) async fn reconcile_pass(&self) -> ReconcileReport {
         let mut reconciled = 0;
-        for (id, slot) in self.pending.snapshot() {
+        let mut pending = self.pending.snapshot();
+        if !pending.is_empty() {
+            let start = self.reconcile_passes.fetch_add(1, Ordering::Relaxed) % pending.len();
+            pending.rotate_left(start);
+        }
+        for (id, slot) in pending {
             match self.flush_slot(id, &slot).await {
                 Flush::Durable => reconciled += 1,
                 Flush::Retry => {}
@@ -138,7 +149,7 @@ impl<S: Storage> Inner<S> {
                 let at = self.now();
                 let probe = state.unwritten_keys();
                 self.storage
-                    .update_locked(id, &probe, |fresh, landed| {
+                    .update_locked(id, &probe, LockWait::NoWait, |fresh, landed| {
                         let dropped = state.rebase(fresh, landed);
                         // Everything may have landed already (nothing to write). If the merge
                         // dropped calls (no room left, or the session was closed meanwhile),
@@ -173,6 +184,10 @@ impl<S: Storage> Inner<S> {
                 tracing::warn!(session_id = %id, "reconcile: session row is gone; dropping its pending state");
                 self.forget(id, slot, &mut state).await;
                 Flush::Durable
+            }
+            Ok(LockedUpdate::Busy) => {
+                tracing::debug!(session_id = %id, "reconcile: row held by another transaction; next pass");
+                Flush::Retry
             }
             Err(err) if err.is_transient() => {
                 tracing::debug!(session_id = %id, error = %error_chain(&err), "reconcile: storage unavailable");

@@ -3,32 +3,65 @@
 //! mutations of one session in this process; nothing else locks a session.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 
 use tokio::sync::Mutex;
 
 use crate::audit::{AuditEvent, EventKind};
-use crate::model::{SessionStatus, TaskSession};
+use crate::model::TaskSession;
+use crate::policy;
 use crate::storage::{Version, Versioned};
 
+use super::registry::Slots;
 use super::write_through::Queued;
 
 /// A cache entry. Shared by the cache and, while its state is ahead of storage, by the
 /// pending set, which pins it: eviction from the cache drops only the cache's reference.
+/// Made only by [`Slots`], which keeps one per session.
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) state: Mutex<SlotState>,
     /// Mutations waiting for whoever holds `state` next (see `write_through`'s combining).
     /// Locked only to push or drain, never across an await.
     queue: std::sync::Mutex<Vec<Queued>>,
+    /// The session's id, and the registry this slot leaves when it is dropped.
+    id: uuid::Uuid,
+    registry: Weak<Slots>,
+    /// Set when the change feed said the stored row changed (or may have): the next `get`
+    /// reloads the state, unless it is ahead of storage. Mutations need no reload: their
+    /// versioned write sees the change as a conflict.
+    stale: AtomicBool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(registry) = self.registry.upgrade() {
+            registry.remove(self.id, self);
+        }
+    }
 }
 
 impl Slot {
-    pub(crate) fn new(stored: Versioned) -> Arc<Self> {
+    /// A slot holding `stored`; only [`Slots`] calls this.
+    pub(super) fn new(stored: Versioned, registry: Weak<Slots>) -> Arc<Self> {
         Arc::new(Slot {
+            id: stored.session.session_id,
             state: Mutex::new(SlotState::new(stored)),
             queue: std::sync::Mutex::new(Vec::new()),
+            registry,
+            stale: AtomicBool::new(false),
         })
+    }
+
+    pub(super) fn mark_stale(&self) {
+        self.stale.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the slot was marked stale since the last call; clears the mark.
+    pub(crate) fn take_stale(&self) -> bool {
+        // A plain load first: the common case writes nothing to a shared cache line.
+        self.stale.load(Ordering::Relaxed) && self.stale.swap(false, Ordering::AcqRel)
     }
 
     pub(crate) fn enqueue(&self, queued: Queued) {
@@ -101,7 +134,7 @@ impl SlotState {
         self.current = if self.unwritten.is_empty() {
             fresh.session
         } else {
-            merge(&fresh.session, &self.current, &mut self.unwritten)
+            policy::merge_unwritten(&fresh.session, &mut self.unwritten)
         };
         self.durable_version = fresh.version;
         before - self.unwritten.len()
@@ -135,71 +168,13 @@ impl SlotState {
     }
 }
 
-/// Re-applies the changes recorded by `unwritten` (which did not land) on top of `fresh`,
-/// the newer state in storage; `ahead` is the state this process had built from them.
-///
-/// # Invariant: monotonic merge
-/// A terminal status in storage wins; ours applies only over active. Counters never
-/// decrease: each unwritten call is added to storage's count, in order, while it fits the
-/// budget and the session is still active. Calls that no longer fit, or that would land in
-/// a session closed or expired meanwhile, are dropped with their events: a closed session
-/// never gains a call, even in the audit trail. Every unwritten call was answered
-/// `StorageWriteThrough` (denied), so dropping one never takes back a call that got `Ok`.
-/// The events left are renumbered so the trail's counters follow the merged timeline.
-fn merge(fresh: &TaskSession, ahead: &TaskSession, unwritten: &mut Vec<AuditEvent>) -> TaskSession {
-    let mut calls = fresh.calls_made;
-    // The newer rate window wins; calls count toward it if they happened inside it.
-    let (window_started_at, mut window_calls) =
-        match (fresh.rate_window_started_at, ahead.rate_window_started_at) {
-            (theirs, Some(ours)) if theirs.is_none_or(|theirs| ours > theirs) => (Some(ours), 0),
-            (theirs, _) => (theirs, fresh.rate_window_calls),
-        };
-    let window_limit = fresh.rate_limit_per_minute.unwrap_or(u64::MAX);
-    let mut status = fresh.status;
-    unwritten.retain_mut(|event| {
-        match event.kind {
-            EventKind::CallAllowed | EventKind::BatchAllowed => {
-                if status != SessionStatus::Active {
-                    return false;
-                }
-                let n = event.tools.len() as u64;
-                match calls
-                    .checked_add(n)
-                    .filter(|&after| after <= fresh.call_budget)
-                {
-                    Some(after) => calls = after,
-                    None => return false,
-                }
-                if window_started_at.is_some_and(|start| event.occurred_at >= start) {
-                    window_calls = std::cmp::min(window_calls.saturating_add(n), window_limit);
-                }
-            }
-            EventKind::Closed | EventKind::Expired if status == SessionStatus::Active => {
-                status = event.status;
-            }
-            _ => {}
-        }
-        event.calls_made = calls;
-        event.rate_window_calls = window_calls;
-        event.status = status;
-        true
-    });
-    TaskSession {
-        calls_made: calls,
-        rate_window_started_at: window_started_at,
-        rate_window_calls: window_calls,
-        status,
-        ..fresh.clone()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::{Duration, Utc};
     use uuid::Uuid;
 
     use super::*;
-    use crate::model::CreateSessionRequest;
+    use crate::model::{CreateSessionRequest, SessionStatus};
 
     fn session(budget: u64) -> TaskSession {
         let req = CreateSessionRequest::new(Uuid::new_v4(), ["t"], budget, Duration::minutes(5));

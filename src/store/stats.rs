@@ -29,12 +29,16 @@ pub struct StoreStats {
     pub invalidations: u64,
     /// Times the change feed reconnected (and the whole cache was dropped).
     pub listener_reconnects: u64,
-    /// Whether the change feed has connected (and the store is invalidating from it).
+    /// Whether the change feed is connected now (and the store is invalidating from it);
+    /// false before it first connects and while it reconnects.
     pub listening: bool,
     /// Denied calls written to the audit trail.
     pub denials_recorded: u64,
     /// Denied calls not recorded because the denial buffer was full.
     pub denials_dropped: u64,
+    /// Denied calls not recorded because storage refused them (not an outage: a
+    /// constraint or a row it cannot take). Each is logged at error level.
+    pub denials_refused: u64,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +55,7 @@ pub(crate) struct Counters {
     pub(crate) listening: AtomicBool,
     pub(crate) denials_recorded: AtomicU64,
     pub(crate) denials_dropped: AtomicU64,
+    pub(crate) denials_refused: AtomicU64,
 }
 
 impl Counters {
@@ -75,6 +80,7 @@ impl Counters {
             listening: self.listening.load(Ordering::Relaxed),
             denials_recorded: get(&self.denials_recorded),
             denials_dropped: get(&self.denials_dropped),
+            denials_refused: get(&self.denials_refused),
         }
     }
 }

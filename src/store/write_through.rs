@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::Inner;
@@ -31,7 +32,7 @@ use crate::audit::AuditEvent;
 use crate::error::{SessionError, StorageError, error_chain};
 use crate::model::TaskSession;
 use crate::policy::{self, Decision, Mutation};
-use crate::storage::{LockedUpdate, Storage, UpdateOutcome};
+use crate::storage::{LockWait, LockedUpdate, Storage, UpdateOutcome};
 
 /// What a mutation did.
 pub(super) struct Mutated {
@@ -130,6 +131,18 @@ fn abandoned(id: Uuid) -> SessionError {
     }
 }
 
+/// The caller's deadline passed while its mutation waited behind another write of the
+/// same session. If no lock holder had taken the mutation yet, it is never made; if one
+/// had, it is decided and written like any other, and counted if it was allowed.
+fn queued_too_long(id: Uuid, after: std::time::Duration) -> SessionError {
+    SessionError::StorageWriteThrough {
+        session_id: id,
+        detail: format!(
+            "waited {after:?} behind another write of the session; the call may or may not be counted"
+        ),
+    }
+}
+
 impl<S: Storage> Inner<S> {
     /// Decides `mutation` against `current`: the new state and its audit event, `None` if
     /// nothing changes, or the denial.
@@ -187,21 +200,29 @@ impl<S: Storage> Inner<S> {
     /// slot's queue until the lock holder (or this caller, once it gets the lock) decides
     /// it together with the other queued ones (see the module documentation).
     ///
+    /// The whole call, waiting in the queue included, is bounded by one deadline of
+    /// `storage_timeout` from its start (see `deadline`'s invariant). A caller whose
+    /// deadline passes while queued is answered `StorageWriteThrough`: its call may or may
+    /// not be counted (see [`queued_too_long`]), never `Ok`.
+    ///
     /// Async cancellation safety: the cached state changes only once a write's outcome is
     /// known. If the lock holder's future is dropped mid-write, the write may or may not
     /// have committed; either way the slot still names the old version, so the next
     /// mutation sees a conflict (if it committed) and reloads. No call is lost or
-    /// double-counted; the callers whose mutations it carried get `StorageWriteThrough`.
+    /// double-counted; the callers whose mutations it carried get `StorageWriteThrough`
+    /// (their calls are counted exactly when that write committed; the slot is not pinned,
+    /// since its state did not move).
     pub(super) async fn mutate(
         &self,
         id: Uuid,
         mutation: Mutation<'_>,
     ) -> Result<Mutated, SessionError> {
+        let deadline = self.storage.for_call();
         let slot = self.slot(id).await?;
         if let Ok(mut state) = slot.state.try_lock() {
             let now = self.now();
             let mut results = self
-                .mutate_locked(id, &slot, &mut state, &[mutation], now)
+                .mutate_locked(id, &slot, &mut state, &[mutation], now, deadline)
                 .await;
             let result = results.pop().unwrap_or_else(|| Err(abandoned(id)));
             if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
@@ -218,6 +239,10 @@ impl<S: Storage> Inner<S> {
             tokio::select! {
                 biased;
                 result = &mut answer => return result.unwrap_or_else(|_| Err(abandoned(id))),
+                // Dropping `answer` tells a later lock holder to skip this mutation.
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(queued_too_long(id, self.storage.after));
+                }
                 mut state = slot.state.lock() => {
                     // Serve everything queued, this caller's mutation included unless an
                     // earlier holder already took it (then its answer is on the way).
@@ -225,7 +250,7 @@ impl<S: Storage> Inner<S> {
                     // A caller that gave up while queued made no call: do not count it.
                     queued.retain(|q| !q.reply.is_closed());
                     if !queued.is_empty() {
-                        self.mutate_queued(id, &slot, &mut state, queued).await;
+                        self.mutate_queued(id, &slot, &mut state, queued, deadline).await;
                     }
                 }
             }
@@ -239,6 +264,7 @@ impl<S: Storage> Inner<S> {
         slot: &Arc<Slot>,
         state: &mut SlotState,
         queued: Vec<Queued>,
+        deadline: Instant,
     ) {
         let (owned, replies): (Vec<OwnedMutation>, Vec<_>) =
             queued.into_iter().map(|q| (q.mutation, q.reply)).unzip();
@@ -262,7 +288,9 @@ impl<S: Storage> Inner<S> {
             })
             .collect();
         let now = self.now();
-        let results = self.mutate_locked(id, slot, state, &mutations, now).await;
+        let results = self
+            .mutate_locked(id, slot, state, &mutations, now, deadline)
+            .await;
         for ((reply, mutation), result) in replies.into_iter().zip(&mutations).zip(results) {
             if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
                 self.record_denial(&state.current, tools, err, now);
@@ -272,8 +300,8 @@ impl<S: Storage> Inner<S> {
         }
     }
 
-    /// Decides `mutations` in order at `now` and writes them as one update, with the
-    /// session's lock held. One result per mutation, in order.
+    /// Decides `mutations` in order at `now` and writes them as one update by `deadline`,
+    /// with the session's lock held. One result per mutation, in order.
     ///
     /// First optimistically: decide from the cached state and write naming its version.
     /// If another writer got there first (a conflict), decide once more on the row read
@@ -286,6 +314,7 @@ impl<S: Storage> Inner<S> {
         state: &mut SlotState,
         mutations: &[Mutation<'_>],
         now: DateTime<Utc>,
+        deadline: Instant,
     ) -> Vec<Result<Mutated, SessionError>> {
         let round = self.decide_all(&state.current, mutations, now);
         let Some(next) = &round.next else {
@@ -296,6 +325,7 @@ impl<S: Storage> Inner<S> {
                 next,
                 state.durable_version,
                 &state.events_with(&round.events),
+                deadline,
             )
             .await;
         match written {
@@ -303,25 +333,29 @@ impl<S: Storage> Inner<S> {
                 return self.applied(id, slot, state, round, version);
             }
             Ok(UpdateOutcome::Conflict) => Counters::bump(&self.counters.conflicts),
-            Err(err) => return self.write_failed(id, slot, state, round, &err).await,
+            Err(err) => return self.write_failed(id, slot, state, round, &err),
         }
 
         let mut decided = None;
         let probe = state.unwritten_keys();
         let locked = self
             .storage
-            .update_locked(id, &probe, |fresh, landed| {
-                // Dropped calls were denied to their callers; this round's events (if any)
-                // carry the merged counters.
-                state.rebase(fresh, landed);
-                let round = self.decide_all(&state.current, mutations, now);
-                let write = round
-                    .next
-                    .clone()
-                    .map(|next| (next, state.events_with(&round.events).into_owned()));
-                decided = Some(round);
-                write
-            })
+            .by(
+                deadline,
+                self.storage
+                    .update_locked(id, &probe, LockWait::Wait, |fresh, landed| {
+                        // Dropped calls were denied to their callers; this round's events (if any)
+                        // carry the merged counters.
+                        state.rebase(fresh, landed);
+                        let round = self.decide_all(&state.current, mutations, now);
+                        let write = round
+                            .next
+                            .clone()
+                            .map(|next| (next, state.events_with(&round.events).into_owned()));
+                        decided = Some(round);
+                        write
+                    }),
+            )
             .await;
         if !state.is_ahead() {
             // The locked read showed that everything unwritten had landed after all.
@@ -340,7 +374,7 @@ impl<S: Storage> Inner<S> {
             }
             (Ok(LockedUpdate::Declined), Some(round)) if !round.changes() => round.answers(),
             (Err(err), Some(round)) if round.changes() => {
-                self.write_failed(id, slot, state, round, &err).await
+                self.write_failed(id, slot, state, round, &err)
             }
             // Failed before deciding (begin, or the locked read): nothing changed.
             (Err(err), _) => mutations
@@ -389,13 +423,17 @@ impl<S: Storage> Inner<S> {
     pub(super) async fn forget(&self, id: Uuid, slot: &Arc<Slot>, state: &mut SlotState) {
         state.pinned = false;
         self.pending.remove(id, slot);
+        self.slots.remove(id, slot);
         self.cache.remove(&id).await;
     }
 
     /// The round's write failed: the cache goes ahead (its changes stay counted), the slot
-    /// is pinned in the pending set and in the cache, and the reconciler is started. Every
-    /// mutation that changed the session is answered `StorageWriteThrough`.
-    async fn write_failed(
+    /// is pinned in the pending set, and the reconciler is started. Every mutation that
+    /// changed the session is answered `StorageWriteThrough`. Nothing here awaits, so a
+    /// cancelled caller cannot leave a pinned slot without a reconciler. The slot needs no
+    /// new place in the cache: it is the session's only slot (see `registry`), so a lookup
+    /// that misses the cache finds it.
+    fn write_failed(
         &self,
         id: Uuid,
         slot: &Arc<Slot>,
@@ -410,12 +448,9 @@ impl<S: Storage> Inner<S> {
         Counters::bump(&self.counters.write_failures);
         state.pinned = true;
         self.pending.insert(id, Arc::clone(slot));
-        // The cache may hold another slot for `id` (this one was evicted mid-write and a
-        // miss loaded the row again): the ahead state must be the one callers see.
-        self.cache.insert(id, Arc::clone(slot)).await;
+        self.wake_reconciler();
         let detail = error_chain(err);
         tracing::warn!(session_id = %id, error = %detail, "write-through failed; cache is ahead of storage");
-        self.wake_reconciler();
         round
             .decided
             .into_iter()
