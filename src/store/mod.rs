@@ -1,7 +1,9 @@
 //! [`SessionStore`]: the moka cache in front of a [`Storage`], with write-through
-//! (`write_through`), per-session serialization (`slot`), the pending set (`pending`), the
-//! reconciler (`reconciler`), cache invalidation (`invalidation`) and a deadline on every
-//! storage operation (`deadline`). Each of those modules states its own invariant.
+//! (`write_through`), per-session serialization (`slot`), one slot per session
+//! (`registry`), the pending set (`pending`), the reconciler (`reconciler`), cache
+//! invalidation (`invalidation`), group commit (`group_commit`), the denial log
+//! (`denials`) and one deadline per call (`deadline`). Each of those modules states its
+//! own invariant.
 //!
 //! # Invariants owned here
 //! * **Budget.** Every `Ok` is a versioned write over the state it was decided from, and
@@ -10,8 +12,8 @@
 //! * **Monotonic status.** Closed or expired never becomes active again, in the cache
 //!   (policy never reopens; merges keep the terminal status) or in storage (a trigger).
 //! * **Isolation.** Only a session's own async mutex is held across an await; the pending
-//!   set's lock is held for map operations only, and a cache lookup never waits for
-//!   another session.
+//!   set's and the slot registry's locks are held for map operations only, and a cache
+//!   lookup never waits for another session.
 //!
 //! # Concurrent calls on the same session
 //! They are serialized in this process by the slot's mutex, in arrival order (tokio's mutex
