@@ -188,13 +188,15 @@ pub(crate) fn merge_unwritten(fresh: &TaskSession, unwritten: &mut Vec<AuditEven
     unwritten.retain_mut(|event| {
         match event.kind {
             EventKind::CallAllowed | EventKind::BatchAllowed => {
+                if merged.status != SessionStatus::Active {
+                    return false;
+                }
                 // At most `limits::MAX_TOOLS` tools per event.
                 let calls = event.tools.len() as u64;
-                let counted = (merged.status == SessionStatus::Active)
-                    .then(|| calls_after(&merged, calls))
-                    .flatten()
-                    .zip(window_after(&merged, calls, event.occurred_at));
-                let Some((calls_made, (window_started_at, window_calls))) = counted else {
+                let (Some(calls_made), Some((window_started_at, window_calls))) = (
+                    calls_after(&merged, calls),
+                    window_after(&merged, calls, event.occurred_at),
+                ) else {
                     return false;
                 };
                 merged.calls_made = calls_made;

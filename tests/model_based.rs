@@ -88,18 +88,18 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let store = 0..2usize;
     let session = 0..SESSIONS;
-    let (store_, session_) = (store.clone(), session.clone());
     prop_oneof![
         6 => (store.clone(), session.clone(), 1..=3usize)
             .prop_map(|(store, session, calls)| Op::Use { store, session, calls }),
-        1 => (store.clone(), session).prop_map(|(store, session)| Op::Close { store, session }),
+        1 => (store.clone(), session.clone())
+            .prop_map(|(store, session)| Op::Close { store, session }),
         1 => store.clone().prop_map(|store| Op::Expire { store }),
         1 => (store.clone(), 1..=3u64).prop_map(|(store, n)| Op::FailNextWrites { store, n }),
         1 => (store.clone(), 1..=2u64).prop_map(|(store, n)| Op::CommitThenFail { store, n }),
         1 => store.clone().prop_map(|store| Op::FailAllWrites { store }),
-        2 => store.prop_map(|store| Op::Heal { store }),
+        2 => store.clone().prop_map(|store| Op::Heal { store }),
         1 => (0..40i64).prop_map(|secs| Op::Advance { secs }),
-        1 => (store_, session_, any::<bool>(), any::<bool>()).prop_map(
+        1 => (store, session, any::<bool>(), any::<bool>()).prop_map(
             |(store, session, close, fail)| Op::ResetMidWrite { store, session, close, fail }
         ),
     ]

@@ -2,7 +2,8 @@
 //! as a regression test: a rate window overspent through a reconcile merge, a pending
 //! change lost when a second cache slot met the first, a denial log jammed by an
 //! ambiguous commit, a reconciler stopped by one locked row, and a caller kept waiting past
-//! `storage_timeout` under load. Each test failed on the code before its fix.
+//! `storage_timeout` under load. Each test fails with its fix reverted (checked for each,
+//! and for each of the three waits the one deadline of defect 5 covers).
 
 mod common;
 
@@ -197,23 +198,15 @@ async fn one_locked_row_does_not_stop_the_reconciler(pool: PgPool) {
     for _ in 0..20 {
         ids.push(new_session(&store, &["t"], 10).await);
     }
-    storage.fail_writes();
-    for id in &ids {
-        assert!(is_write_through(&store.use_session(*id, "t", None).await));
-    }
-    storage.heal();
-    assert_eq!(store.stats().pending, 20);
-
     // Three rows in turn are the locked one: at most one of them can come last in a pass,
     // so no pass order can hide the defect.
     for (n, locked) in ids.iter().take(3).enumerate() {
-        if n > 0 {
-            storage.fail_writes();
-            for id in &ids {
-                assert!(is_write_through(&store.use_session(*id, "t", None).await));
-            }
-            storage.heal();
+        storage.fail_writes();
+        for id in &ids {
+            assert!(is_write_through(&store.use_session(*id, "t", None).await));
         }
+        storage.heal();
+        assert_eq!(store.stats().pending, 20);
         let mut holder = pool.begin().await.expect("begin");
         sqlx::query!(
             "SELECT session_id FROM arbiter.sessions WHERE session_id = $1 FOR UPDATE",
@@ -265,7 +258,8 @@ async fn every_call_is_answered_within_storage_timeout_under_load() {
     let slowest = answered_within(&store, &one).await;
     assert!(slowest <= TIMEOUT + SLACK, "one session: {slowest:?}");
 
-    // A conflict first, then a locked write that hangs: one deadline covers both.
+    // A slow conflicting write (200 ms), then a locked write that hangs: one deadline
+    // covers both, so the call ends at 250 ms, not 200 + 250.
     storage.heal();
     assert!(store.shutdown(Duration::from_secs(60)).await.is_clean());
     let other = SessionStore::new(memory);
@@ -273,6 +267,7 @@ async fn every_call_is_answered_within_storage_timeout_under_load() {
         .use_session(ids[1], "t", None)
         .await
         .expect("another writer");
+    storage.delay_writes(Duration::from_millis(200));
     storage.hang_writes_after(1);
     let start = Instant::now();
     let result = store.use_session(ids[1], "t", None).await;
@@ -282,6 +277,42 @@ async fn every_call_is_answered_within_storage_timeout_under_load() {
         "{result:?}"
     );
     assert!(start.elapsed() <= TIMEOUT + SLACK, "{:?}", start.elapsed());
+}
+
+/// Defect 5, the queue: a call waiting behind the reconciler, which holds the session's
+/// lock for a slow conflicting write and then a locked write that hangs (450 ms in all),
+/// still gives up at its own deadline: 250 ms after it started, not when the lock frees.
+#[tokio::test(start_paused = true)]
+async fn a_call_queued_behind_the_reconciler_is_answered_within_storage_timeout() {
+    const TIMEOUT: Duration = Duration::from_millis(250);
+    const SLACK: Duration = Duration::from_millis(5);
+    let memory = MemoryStorage::new().with_batching(true);
+    let storage = FaultyStorage::new(memory.clone());
+    let store = SessionStore::builder(storage.clone())
+        .storage_timeout(TIMEOUT)
+        .reconcile_interval(Duration::from_secs(3600))
+        .build();
+    let id = new_session(&store, &["t"], 100).await;
+    storage.fail_next_writes(1);
+    assert!(is_write_through(&store.use_session(id, "t", None).await));
+    let other = SessionStore::new(memory);
+    other
+        .use_session(id, "t", None)
+        .await
+        .expect("another writer");
+
+    storage.delay_writes(Duration::from_millis(200));
+    storage.hang_writes_after(1);
+    let reconcile = tokio::spawn({
+        let store = store.clone();
+        async move { store.reconcile_now().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = Instant::now();
+    assert!(is_write_through(&store.use_session(id, "t", None).await));
+    assert!(start.elapsed() <= TIMEOUT + SLACK, "{:?}", start.elapsed());
+    let report = reconcile.await.expect("reconcile task");
+    assert_eq!(report.still_pending, 1, "the hung locked write timed out");
 }
 
 /// Calls `use_session` once per entry of `ids`, all at once; asserts every answer is

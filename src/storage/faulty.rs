@@ -39,6 +39,8 @@ struct Faults {
     hang_after: AtomicI64,
     /// Writes waiting in a hang right now.
     hung: AtomicUsize,
+    /// Latency added to every write, in microseconds.
+    write_delay_micros: AtomicU64,
     /// Bumped to make the change feed report a reconnection.
     feed_resets: watch::Sender<u64>,
     injected: AtomicU64,
@@ -55,6 +57,7 @@ impl Default for Faults {
             hang_writes: watch::Sender::new(false),
             hang_after: AtomicI64::new(-1),
             hung: AtomicUsize::new(0),
+            write_delay_micros: AtomicU64::new(0),
             feed_resets: watch::Sender::new(0),
             injected: AtomicU64::new(0),
         }
@@ -118,6 +121,14 @@ impl<S> FaultyStorage<S> {
         self.faults.hang_after.store(n, Ordering::SeqCst);
     }
 
+    /// Makes every write take `delay` longer (until [`Self::heal`]): a slow server.
+    pub fn delay_writes(&self, delay: std::time::Duration) {
+        let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.faults
+            .write_delay_micros
+            .store(micros, Ordering::SeqCst);
+    }
+
     /// Lets hung writes (and later ones) proceed.
     pub fn release_writes(&self) {
         self.faults.hang_after.store(-1, Ordering::SeqCst);
@@ -154,6 +165,7 @@ impl<S> FaultyStorage<S> {
             .commit_then_fail_next_writes
             .store(0, Ordering::SeqCst);
         self.faults.refuse_writes.store(false, Ordering::SeqCst);
+        self.faults.write_delay_micros.store(0, Ordering::SeqCst);
         self.faults.fail_reads.store(false, Ordering::SeqCst);
         self.release_writes();
     }
@@ -166,6 +178,10 @@ impl<S> FaultyStorage<S> {
     /// Waits while writes hang, then decides this write's fault.
     async fn write_fault(&self) -> WriteFault {
         let f = &self.faults;
+        let delay = f.write_delay_micros.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_micros(delay)).await;
+        }
         let armed = f
             .hang_after
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
