@@ -38,12 +38,7 @@ pub use error::{
 pub use model::{CreateSessionRequest, DataSensitivity, SessionStatus, TaskSession};
 pub use sqlx::PgPool;
 pub use storage::{FaultyStorage, MemoryStorage, PgStorage, Storage};
-pub use store::{
-    DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_IDLE, DEFAULT_DENIAL_BUFFER, DEFAULT_NEGATIVE_CAPACITY,
-    DEFAULT_NEGATIVE_TTL, DEFAULT_RECONCILE_INTERVAL, DEFAULT_STORAGE_TIMEOUT,
-    MAX_RECONCILE_BACKOFF, ReconcileReport, SessionStore, SessionStoreBuilder, ShutdownReport,
-    StoreStats,
-};
+pub use store::{ReconcileReport, SessionStore, SessionStoreBuilder, ShutdownReport, StoreStats};
 
 /// The embedded migrations (`migrations/`). Run them with [`migrate`], or use
 /// `#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]` in tests.

@@ -134,7 +134,7 @@ async fn two_stores_20_capped_creates_admit_exactly_3(pool: PgPool) {
         }
     }
     assert_eq!((created, refused), (3, 17));
-    assert_eq!(a.count_active_for_agent(agent).await.unwrap(), 3);
+    assert_eq!(a.count_live_for_agent(agent).await.unwrap(), 3);
 }
 
 /// An operator's plain-SQL close advances the version, so the cached store's next write

@@ -127,7 +127,7 @@ async fn time_limit_denies_and_expire_due_marks_without_deleting(pool: PgPool) {
         store.use_session(short.session_id, "a", None).await,
         Err(SessionError::Expired(_))
     ));
-    assert_eq!(store.count_active_for_agent(agent).await.unwrap(), 1);
+    assert_eq!(store.count_live_for_agent(agent).await.unwrap(), 1);
     assert_eq!(store.expire_due().await.unwrap(), 1);
     assert_eq!(
         store.expire_due().await.unwrap(),
@@ -218,15 +218,15 @@ async fn per_agent_count_and_close_touch_only_that_agent(pool: PgPool) {
         .unwrap()
         .session_id;
     store.close(mine[0]).await.unwrap();
-    assert_eq!(store.count_active_for_agent(agent).await.unwrap(), 2);
+    assert_eq!(store.count_live_for_agent(agent).await.unwrap(), 2);
     assert_eq!(store.close_sessions_for_agent(agent).await.unwrap(), 2);
-    assert_eq!(store.count_active_for_agent(agent).await.unwrap(), 0);
+    assert_eq!(store.count_live_for_agent(agent).await.unwrap(), 0);
     for id in &mine {
         assert_eq!(row(&pool, *id).await.status, "closed");
         assert_eq!(store.get(*id).await.unwrap().status, SessionStatus::Closed);
     }
     assert_eq!(row(&pool, theirs).await.status, "active");
-    assert_eq!(store.count_active_for_agent(other).await.unwrap(), 1);
+    assert_eq!(store.count_live_for_agent(other).await.unwrap(), 1);
 }
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]

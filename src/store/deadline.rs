@@ -28,13 +28,28 @@ use crate::storage::{
     BatchUpdate, CapOutcome, LockWait, LockedUpdate, Storage, UpdateOutcome, Version, Versioned,
 };
 
+/// A storage whose every operation is bounded by `after`.
 #[derive(Debug)]
 pub(crate) struct Deadline<S> {
-    pub(crate) inner: S,
-    pub(crate) after: Duration,
+    inner: S,
+    after: Duration,
 }
 
 impl<S> Deadline<S> {
+    pub(crate) fn new(inner: S, after: Duration) -> Self {
+        Deadline { inner, after }
+    }
+
+    /// The storage itself.
+    pub(crate) fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// The time each call (and each operation) is given.
+    pub(crate) fn after(&self) -> Duration {
+        self.after
+    }
+
     /// The deadline of a public call starting now.
     pub(crate) fn for_call(&self) -> Instant {
         Instant::now() + self.after

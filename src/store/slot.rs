@@ -13,8 +13,8 @@ use crate::model::TaskSession;
 use crate::policy;
 use crate::storage::{Version, Versioned};
 
+use super::queued::Queued;
 use super::registry::Slots;
-use super::write_through::Queued;
 
 /// A cache entry. Shared by the cache and, while its state is ahead of storage, by the
 /// pending set, which pins it: eviction from the cache drops only the cache's reference.

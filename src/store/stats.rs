@@ -1,7 +1,7 @@
 //! Counters behind [`StoreStats`](crate::StoreStats). Relaxed atomics: each counter is
 //! exact on its own, and a snapshot is not a consistent cut across counters.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A snapshot of a store's counters, for metrics and for operators.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -13,7 +13,7 @@ pub struct StoreStats {
     pub cache_hits: u64,
     /// Lookups that went to the pending set or storage.
     pub cache_misses: u64,
-    /// Lookups answered `NotFound` from the memory of recently missing ids.
+    /// Lookups answered `NotFound` by the negative cache (ids recently found missing).
     pub negative_hits: u64,
     /// Sessions whose cached state is ahead of storage right now.
     pub pending: u64,
@@ -41,6 +41,8 @@ pub struct StoreStats {
     pub denials_refused: u64,
 }
 
+/// The counters of the hot path (lookups and writes). The background components keep
+/// their own (the reconciler, the denial log, the listener).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) cache_hits: AtomicU64,
@@ -48,14 +50,7 @@ pub(crate) struct Counters {
     pub(crate) negative_hits: AtomicU64,
     pub(crate) write_failures: AtomicU64,
     pub(crate) conflicts: AtomicU64,
-    pub(crate) reconciled: AtomicU64,
     pub(crate) evictions: AtomicU64,
-    pub(crate) invalidations: AtomicU64,
-    pub(crate) listener_reconnects: AtomicU64,
-    pub(crate) listening: AtomicBool,
-    pub(crate) denials_recorded: AtomicU64,
-    pub(crate) denials_dropped: AtomicU64,
-    pub(crate) denials_refused: AtomicU64,
 }
 
 impl Counters {
@@ -63,24 +58,17 @@ impl Counters {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn snapshot(&self, cache_entries: u64, pending: u64) -> StoreStats {
+    /// `rest` (what the other components counted) with these counters filled in.
+    pub(crate) fn snapshot(&self, rest: StoreStats) -> StoreStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         StoreStats {
-            cache_entries,
             cache_hits: get(&self.cache_hits),
             cache_misses: get(&self.cache_misses),
             negative_hits: get(&self.negative_hits),
-            pending,
             write_failures: get(&self.write_failures),
             conflicts: get(&self.conflicts),
-            reconciled: get(&self.reconciled),
             evictions: get(&self.evictions),
-            invalidations: get(&self.invalidations),
-            listener_reconnects: get(&self.listener_reconnects),
-            listening: self.listening.load(Ordering::Relaxed),
-            denials_recorded: get(&self.denials_recorded),
-            denials_dropped: get(&self.denials_dropped),
-            denials_refused: get(&self.denials_refused),
+            ..rest
         }
     }
 }

@@ -15,17 +15,16 @@
 //! and writes them as ONE row update carrying one event each, then answers each caller.
 //! So 64 callers on one hot session cost a handful of commits, not 64, and every decision
 //! still sees the effect of the ones before it. The writes of different sessions share a
-//! commit too ([`super::group_commit`]).
+//! commit too (`group_commit`).
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::Inner;
-use super::read_failed;
+use super::inner::{Inner, read_failed};
+use super::queued::{Answer, Mutated, Queued};
 use super::slot::{Slot, SlotState};
 use super::stats::Counters;
 use crate::audit::AuditEvent;
@@ -33,12 +32,6 @@ use crate::error::{SessionError, StorageError, error_chain};
 use crate::model::TaskSession;
 use crate::policy::{self, Decision, Mutation};
 use crate::storage::{LockWait, LockedUpdate, Storage, UpdateOutcome};
-
-/// What a mutation did.
-pub(super) struct Mutated {
-    pub(super) session: TaskSession,
-    pub(super) changed: bool,
-}
 
 /// A mutation's decision within a combined round, before the write's outcome is known.
 enum Decided {
@@ -64,7 +57,7 @@ impl Round {
     }
 
     /// The callers' results once the round's write succeeded (or there was none).
-    fn answers(self) -> Vec<Result<Mutated, SessionError>> {
+    fn answers(self) -> Vec<Answer> {
         self.decided
             .into_iter()
             .map(|decided| match decided {
@@ -79,46 +72,6 @@ impl Round {
                 Decided::Denied(err) => Err(err),
             })
             .collect()
-    }
-}
-
-/// A mutation waiting in a slot's queue for whoever holds the session's lock.
-#[derive(Debug)]
-pub(crate) struct Queued {
-    mutation: OwnedMutation,
-    reply: oneshot::Sender<Result<Mutated, SessionError>>,
-}
-
-impl std::fmt::Debug for Mutated {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mutated")
-            .field("session_id", &self.session.session_id)
-            .field("changed", &self.changed)
-            .finish()
-    }
-}
-
-/// A [`Mutation`] that owns its tools, to wait in a queue.
-#[derive(Debug)]
-enum OwnedMutation {
-    Use {
-        tools: Vec<String>,
-        agent: Option<Uuid>,
-    },
-    Close,
-    Expire,
-}
-
-impl OwnedMutation {
-    fn new(mutation: Mutation<'_>) -> Self {
-        match mutation {
-            Mutation::Use { tools, agent } => OwnedMutation::Use {
-                tools: tools.iter().map(|t| (*t).to_owned()).collect(),
-                agent,
-            },
-            Mutation::Close => OwnedMutation::Close,
-            Mutation::Expire => OwnedMutation::Expire,
-        }
     }
 }
 
@@ -226,29 +179,26 @@ impl<S: Storage> Inner<S> {
                 .await;
             let result = results.pop().unwrap_or_else(|| Err(abandoned(id)));
             if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
-                self.record_denial(&state.current, tools, err, now);
+                self.denials.record(&state.current, tools, err, now);
             }
             return result;
         }
-        let (reply, mut answer) = oneshot::channel();
-        slot.enqueue(Queued {
-            mutation: OwnedMutation::new(mutation),
-            reply,
-        });
+        let (queued, mut answer) = Queued::new(mutation);
+        slot.enqueue(queued);
         loop {
             tokio::select! {
                 biased;
                 result = &mut answer => return result.unwrap_or_else(|_| Err(abandoned(id))),
                 // Dropping `answer` tells a later lock holder to skip this mutation.
                 () = tokio::time::sleep_until(deadline) => {
-                    return Err(queued_too_long(id, self.storage.after));
+                    return Err(queued_too_long(id, self.storage.after()));
                 }
                 mut state = slot.state.lock() => {
                     // Serve everything queued, this caller's mutation included unless an
                     // earlier holder already took it (then its answer is on the way).
                     let mut queued = slot.drain();
                     // A caller that gave up while queued made no call: do not count it.
-                    queued.retain(|q| !q.reply.is_closed());
+                    queued.retain(|q| !q.abandoned());
                     if !queued.is_empty() {
                         self.mutate_queued(id, &slot, &mut state, queued, deadline).await;
                     }
@@ -266,26 +216,13 @@ impl<S: Storage> Inner<S> {
         queued: Vec<Queued>,
         deadline: Instant,
     ) {
-        let (owned, replies): (Vec<OwnedMutation>, Vec<_>) =
+        let (owned, replies): (Vec<_>, Vec<_>) =
             queued.into_iter().map(|q| (q.mutation, q.reply)).unzip();
-        let tools: Vec<Vec<&str>> = owned
-            .iter()
-            .map(|m| match m {
-                OwnedMutation::Use { tools, .. } => tools.iter().map(String::as_str).collect(),
-                OwnedMutation::Close | OwnedMutation::Expire => Vec::new(),
-            })
-            .collect();
+        let tools: Vec<Vec<&str>> = owned.iter().map(|m| m.tools()).collect();
         let mutations: Vec<Mutation<'_>> = owned
             .iter()
             .zip(&tools)
-            .map(|(m, tools)| match m {
-                OwnedMutation::Use { agent, .. } => Mutation::Use {
-                    tools,
-                    agent: *agent,
-                },
-                OwnedMutation::Close => Mutation::Close,
-                OwnedMutation::Expire => Mutation::Expire,
-            })
+            .map(|(m, tools)| m.borrow(tools))
             .collect();
         let now = self.now();
         let results = self
@@ -293,7 +230,7 @@ impl<S: Storage> Inner<S> {
             .await;
         for ((reply, mutation), result) in replies.into_iter().zip(&mutations).zip(results) {
             if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
-                self.record_denial(&state.current, tools, err, now);
+                self.denials.record(&state.current, tools, err, now);
             }
             // A caller that gave up no longer listens.
             let _ = reply.send(result);
@@ -315,12 +252,13 @@ impl<S: Storage> Inner<S> {
         mutations: &[Mutation<'_>],
         now: DateTime<Utc>,
         deadline: Instant,
-    ) -> Vec<Result<Mutated, SessionError>> {
+    ) -> Vec<Answer> {
         let round = self.decide_all(&state.current, mutations, now);
         let Some(next) = &round.next else {
             return round.answers();
         };
         let written = self
+            .commits
             .write(
                 next,
                 state.durable_version,
@@ -401,7 +339,7 @@ impl<S: Storage> Inner<S> {
         state: &mut SlotState,
         mut round: Round,
         version: i64,
-    ) -> Vec<Result<Mutated, SessionError>> {
+    ) -> Vec<Answer> {
         if let Some(next) = round.next.take() {
             state.current = next;
         }
@@ -410,25 +348,8 @@ impl<S: Storage> Inner<S> {
         round.answers()
     }
 
-    /// Takes a slot whose state storage now holds out of the pending set.
-    pub(super) fn unpin(&self, id: Uuid, slot: &Arc<Slot>, state: &mut SlotState) {
-        if state.pinned {
-            state.pinned = false;
-            self.pending.remove(id, slot);
-        }
-    }
-
-    /// The row is gone (deleted by retention while cached): forget it everywhere, pending
-    /// changes included (there is no row left to reconcile them into).
-    pub(super) async fn forget(&self, id: Uuid, slot: &Arc<Slot>, state: &mut SlotState) {
-        state.pinned = false;
-        self.pending.remove(id, slot);
-        self.slots.remove(id, slot);
-        self.cache.remove(&id).await;
-    }
-
     /// The round's write failed: the cache goes ahead (its changes stay counted), the slot
-    /// is pinned in the pending set, and the reconciler is started. Every mutation that
+    /// is pinned in the pending set (which wakes the reconciler). Every mutation that
     /// changed the session is answered `StorageWriteThrough`. Nothing here awaits, so a
     /// cancelled caller cannot leave a pinned slot without a reconciler. The slot needs no
     /// new place in the cache: it is the session's only slot (see `registry`), so a lookup
@@ -440,15 +361,13 @@ impl<S: Storage> Inner<S> {
         state: &mut SlotState,
         round: Round,
         err: &StorageError,
-    ) -> Vec<Result<Mutated, SessionError>> {
+    ) -> Vec<Answer> {
         if let Some(next) = round.next {
             state.current = next;
         }
         state.unwritten.extend(round.events);
         Counters::bump(&self.counters.write_failures);
-        state.pinned = true;
-        self.pending.insert(id, Arc::clone(slot));
-        self.wake_reconciler();
+        self.pin(id, slot, state);
         let detail = error_chain(err);
         tracing::warn!(session_id = %id, error = %detail, "write-through failed; cache is ahead of storage");
         round

@@ -1,0 +1,169 @@
+//! [`SessionStoreBuilder`]: the store's options and their defaults, stated once, on the
+//! setters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use uuid::Uuid;
+
+use super::SessionStore;
+use super::deadline::Deadline;
+use super::denial_log::DenialLog;
+use super::group_commit::GroupCommit;
+use super::inner::Inner;
+use super::listener::Listener;
+use super::reconciler::Reconciler;
+use super::stats::Counters;
+use crate::clock::{Clock, SystemClock};
+use crate::storage::Storage;
+
+const CACHE_CAPACITY: u64 = 100_000;
+const CACHE_IDLE: Duration = Duration::from_secs(300);
+const RECONCILE_INTERVAL: Duration = Duration::from_millis(250);
+const STORAGE_TIMEOUT: Duration = Duration::from_secs(5);
+const DENIAL_BUFFER: usize = 10_000;
+const NEGATIVE_CAPACITY: u64 = 10_000;
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+
+/// Builds a [`SessionStore`]. Obtained from [`SessionStore::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct SessionStoreBuilder<S> {
+    storage: S,
+    cache_capacity: u64,
+    cache_idle: Duration,
+    clock: Arc<dyn Clock>,
+    reconcile_interval: Duration,
+    instance_id: Uuid,
+    storage_timeout: Duration,
+    negative_capacity: u64,
+    negative_ttl: Duration,
+    listen_for_changes: bool,
+    denial_buffer: usize,
+}
+
+impl<S: Storage> SessionStoreBuilder<S> {
+    pub(super) fn new(storage: S) -> Self {
+        SessionStoreBuilder {
+            storage,
+            cache_capacity: CACHE_CAPACITY,
+            cache_idle: CACHE_IDLE,
+            clock: Arc::new(SystemClock),
+            reconcile_interval: RECONCILE_INTERVAL,
+            instance_id: Uuid::new_v4(),
+            storage_timeout: STORAGE_TIMEOUT,
+            negative_capacity: NEGATIVE_CAPACITY,
+            negative_ttl: NEGATIVE_TTL,
+            listen_for_changes: true,
+            denial_buffer: DENIAL_BUFFER,
+        }
+    }
+
+    /// Longest wait for any one call's storage work (default 5 s), connection acquisition
+    /// and waiting behind other writes included. Past it, a mutation returns
+    /// `StorageWriteThrough` (its change stays counted and pending) and a read returns
+    /// `StorageRead`: a stalled PostgreSQL never stalls the gateway for longer.
+    pub fn storage_timeout(mut self, timeout: Duration) -> Self {
+        self.storage_timeout = timeout;
+        self
+    }
+
+    /// Whether to listen to the storage's change feed (default `true`; PostgreSQL's is
+    /// LISTEN/NOTIFY, one connection per store) and drop sessions whose status another
+    /// process or an operator changed. Without it, such a change is seen at this store's
+    /// next write of the session (a version conflict) or when the entry leaves the cache.
+    pub fn listen_for_changes(mut self, listen: bool) -> Self {
+        self.listen_for_changes = listen;
+        self
+    }
+
+    /// Most denied calls waiting to be recorded (default 10,000). Denials are written in
+    /// batches off the hot path; past this bound they are dropped and counted in
+    /// `stats().denials_dropped`.
+    pub fn denial_buffer(mut self, denials: usize) -> Self {
+        self.denial_buffer = denials;
+        self
+    }
+
+    /// The negative cache: remember up to `capacity` ids found missing (default 10,000)
+    /// for `ttl` (default 5 s), answering `NotFound` for them without a storage round
+    /// trip. A capacity of 0 disables it.
+    pub fn negative_cache(mut self, capacity: u64, ttl: Duration) -> Self {
+        self.negative_capacity = capacity;
+        self.negative_ttl = ttl;
+        self
+    }
+
+    /// Most sessions kept in the cache (default 100,000). Memory stays bounded by this
+    /// plus the pending set.
+    pub fn cache_capacity(mut self, sessions: u64) -> Self {
+        self.cache_capacity = sessions;
+        self
+    }
+
+    /// How long an unused session stays cached (default 5 min). This only reclaims memory;
+    /// whether a session is expired is always decided by the clock. Pending sessions stay
+    /// regardless.
+    pub fn cache_idle(mut self, idle: Duration) -> Self {
+        self.cache_idle = idle;
+        self
+    }
+
+    /// The clock every decision reads (default [`SystemClock`]). Tests pass a manual clock
+    /// (the `testing` feature's `ManualClock`).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// First retry delay of the reconciler (default 250 ms). It doubles after each pass
+    /// that made nothing durable, up to 10 s, and starts over after one that did.
+    pub fn reconcile_interval(mut self, interval: Duration) -> Self {
+        self.reconcile_interval = interval;
+        self
+    }
+
+    /// The id this process writes into every audit event (default: random per store).
+    pub fn instance_id(mut self, instance_id: Uuid) -> Self {
+        self.instance_id = instance_id;
+        self
+    }
+
+    /// Builds the store. Starts no task: each background task starts on first need, so a
+    /// store may be built outside a tokio runtime.
+    pub fn build(self) -> SessionStore<S> {
+        let counters = Arc::new(Counters::default());
+        let evictions = Arc::clone(&counters);
+        let cache = Cache::builder()
+            .max_capacity(self.cache_capacity)
+            .time_to_idle(self.cache_idle)
+            // Counting only: persistence never depends on this lazy listener.
+            .eviction_listener(move |_, _, cause| {
+                if cause.was_evicted() {
+                    Counters::bump(&evictions.evictions);
+                }
+            })
+            .build();
+        let storage = Arc::new(Deadline::new(self.storage, self.storage_timeout));
+        let inner = Arc::new_cyclic(|me| Inner {
+            commits: GroupCommit::new(Arc::clone(&storage)),
+            denials: DenialLog::new(Arc::clone(&storage), self.instance_id, self.denial_buffer),
+            storage,
+            negative_cache: Cache::builder()
+                .max_capacity(self.negative_capacity)
+                .time_to_live(self.negative_ttl)
+                .build(),
+            clock: self.clock,
+            cache,
+            slots: Arc::default(),
+            pending: Default::default(),
+            counters,
+            instance_id: self.instance_id,
+            me: me.clone(),
+            reconciler: Reconciler::new(self.reconcile_interval),
+            listener: Listener::new(self.listen_for_changes),
+        });
+        SessionStore { inner }
+    }
+}
