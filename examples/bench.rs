@@ -12,10 +12,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arbiter_session::{
-    AuditEvent, CreateSessionRequest, EventKind, PgStorage, SessionStore, Storage, SystemClock,
-    migrate,
-};
+use arbiter_session::audit::{AuditEvent, EventKind};
+use arbiter_session::clock::SystemClock;
+use arbiter_session::{CreateSessionRequest, PgStorage, SessionStore, Storage, migrate};
 use chrono::Utc;
 use serde::Serialize;
 use uuid::Uuid;

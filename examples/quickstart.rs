@@ -6,9 +6,8 @@
 
 use std::error::Error;
 
-use arbiter_session::{
-    CreateSessionRequest, PgStorage, SessionError, SessionStore, migrate, status_code_for_error,
-};
+use arbiter_session::http::status_code_for_error;
+use arbiter_session::{CreateSessionRequest, PgStorage, SessionError, SessionStore, migrate};
 use chrono::Duration;
 use uuid::Uuid;
 

@@ -376,7 +376,7 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
     }
 
     // Four processes writing the same sessions while connections die: every chain intact.
-    let chains = arbiter_session::verify_all_audit_chains(&pool).await?;
+    let chains = arbiter_session::operator::chain::verify_all_audit_chains(&pool).await?;
     for link in &chains.broken {
         failures.push(format!("audit chain broken: {link}"));
     }

@@ -159,7 +159,7 @@ impl AuditEvent {
 
     /// The event recording that a call of `tools` was denied for `reason`, with the
     /// session's counters as they stood.
-    pub(crate) fn denied(
+    fn denied(
         reason: DenialReason,
         tools: Vec<String>,
         session: &TaskSession,
@@ -185,10 +185,31 @@ pub struct Denial {
     pub event: AuditEvent,
 }
 
+impl Denial {
+    /// The denial of a call of `tools` on `session` for `reason`, decided at `at` by
+    /// `instance_id`, with the session's counters as they stood and a fresh event key.
+    /// Tool names that could never be stored are replaced (see the `tools` of its event).
+    /// For [`Storage`](crate::Storage) implementations and their tests; the store makes
+    /// its own.
+    pub fn new(
+        reason: DenialReason,
+        tools: &[&str],
+        session: &TaskSession,
+        at: DateTime<Utc>,
+        instance_id: Uuid,
+    ) -> Self {
+        Denial {
+            session_id: session.session_id,
+            agent_id: session.agent_id,
+            event: AuditEvent::denied(reason, recordable_tools(tools), session, at, instance_id),
+        }
+    }
+}
+
 /// The tools of a denied call as they can be stored: an agent may send anything, so a name
 /// that could never be an allow-list entry (empty, too long, NUL) is replaced by a marker,
 /// and an oversized batch keeps its first [`limits::MAX_TOOLS`] names.
-pub(crate) fn recordable_tools(tools: &[&str]) -> Vec<String> {
+fn recordable_tools(tools: &[&str]) -> Vec<String> {
     tools
         .iter()
         .take(limits::MAX_TOOLS)

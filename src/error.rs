@@ -1,4 +1,6 @@
-//! Errors: the public [`SessionError`] contract and the crate-internal [`StorageError`].
+//! Errors: [`SessionError`], what every call of the store returns (the public contract),
+//! and [`StorageError`], what a [`Storage`](crate::storage::Storage) implementation returns
+//! to the store.
 //!
 //! # Invariant: opacity
 //! `Display` of a [`SessionError`] is sent to untrusted agents (HTTP error bodies), so it is a
@@ -116,39 +118,6 @@ pub enum SessionError {
     },
 }
 
-/// HTTP status a gateway should answer with for `err`.
-///
-/// 404 not found, 408 expired, 429 budget / rate / too many sessions, 403 tool or agent,
-/// 410 closed, 503 storage, 400 invalid request.
-pub fn status_code_for_error(err: &SessionError) -> u16 {
-    match err {
-        SessionError::NotFound(_) => 404,
-        SessionError::Expired(_) => 408,
-        SessionError::BudgetExceeded { .. }
-        | SessionError::RateLimited { .. }
-        | SessionError::TooManySessions { .. } => 429,
-        SessionError::ToolNotAuthorized { .. } | SessionError::AgentMismatch { .. } => 403,
-        SessionError::AlreadyClosed(_) => 410,
-        SessionError::StorageWriteThrough { .. } | SessionError::StorageRead { .. } => 503,
-        SessionError::InvalidRequest { .. } => 400,
-    }
-}
-
-/// Name of the HTTP header that carries a session id.
-pub const SESSION_HEADER: &str = "X-Arbiter-Session";
-
-/// Parses the value of the [`SESSION_HEADER`] header: a UUID, optionally surrounded by
-/// whitespace. Anything else is `None`.
-pub fn parse_session_header(value: &str) -> Option<Uuid> {
-    let trimmed = value.trim();
-    // `Uuid::parse_str` also accepts braced and URN forms; a header carries the plain
-    // hyphenated or simple form only.
-    if trimmed.len() != 36 && trimmed.len() != 32 {
-        return None;
-    }
-    Uuid::parse_str(trimmed).ok()
-}
-
 /// A storage failure, typed so that callers (the store, the reconciler) decide from the
 /// kind, never from message text. Flattened into [`SessionError`] only at the public edge.
 #[derive(Debug, Error)]
@@ -224,32 +193,4 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_accepts_uuid_with_surrounding_whitespace() {
-        let id = Uuid::new_v4();
-        assert_eq!(parse_session_header(&format!("  {id}\t")), Some(id));
-        assert_eq!(parse_session_header(&id.simple().to_string()), Some(id));
-    }
-
-    #[test]
-    fn header_rejects_anything_else() {
-        let id = Uuid::new_v4();
-        for bad in [
-            String::new(),
-            "   ".to_owned(),
-            "not-a-uuid".to_owned(),
-            format!("{{{id}}}"),
-            format!("urn:uuid:{id}"),
-            format!("{id} extra"),
-            format!("{id}{id}"),
-        ] {
-            assert_eq!(parse_session_header(&bad), None, "{bad:?}");
-        }
-    }
 }

@@ -1,5 +1,16 @@
 #![doc = include_str!("../README.md")]
 //!
+//! # The crate
+//! * [`SessionStore`] is the API: create, use, close and read sessions. Build one with
+//!   [`SessionStore::builder`] over a [`Storage`]: [`PgStorage`] in production,
+//!   [`MemoryStorage`] without a database.
+//! * [`model`] holds the request and the session, [`error`] the errors every call returns,
+//!   [`http`] what a gateway needs to answer over HTTP, [`audit`] the audit trail's events.
+//! * [`storage`] is the backend trait and its contract, for a new backend.
+//! * [`operator`] is the operator's side: the audit chain, retention and reports.
+//! * `testing` (feature `testing`) holds the test doubles.
+//! * `docs/architecture.md` in the repository follows one call through every layer.
+//!
 //! # Consistency model
 //!
 //! * **Storage is the truth; the cache may only be ahead of it.** Every `Ok` from a
@@ -19,25 +30,24 @@
 //!   monotonic (a terminal status wins, counters never decrease).
 
 pub mod audit;
-pub mod chain;
 pub mod clock;
 pub mod error;
+pub mod http;
 pub mod model;
-pub mod policy;
-pub mod report;
-pub mod retention;
+pub mod operator;
+mod policy;
 pub mod storage;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
-pub use audit::{AuditEvent, Denial, DenialReason, EventKind};
-pub use chain::{verify_all_audit_chains, verify_audit_chain};
-pub use clock::{Clock, ManualClock, SystemClock};
-pub use error::{
-    SESSION_HEADER, SessionError, StorageError, parse_session_header, status_code_for_error,
-};
+/// The sqlx this crate is built with, so that a gateway names the same `PgPool` and
+/// `#[sqlx::test]` without a version of its own to keep in step.
+pub use sqlx;
+
+pub use error::SessionError;
 pub use model::{CreateSessionRequest, DataSensitivity, SessionStatus, TaskSession};
-pub use sqlx::PgPool;
-pub use storage::{FaultyStorage, MemoryStorage, PgStorage, Storage};
+pub use storage::{MemoryStorage, PgStorage, Storage};
 pub use store::{ReconcileReport, SessionStore, SessionStoreBuilder, ShutdownReport, StoreStats};
 
 /// The embedded migrations (`migrations/`). Run them with [`migrate`], or use
@@ -49,6 +59,6 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 ///
 /// # Errors
 /// The migration error, if any.
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }

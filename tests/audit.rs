@@ -6,9 +6,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbiter_session::{FaultyStorage, ManualClock, PgPool, PgStorage, SessionStore};
+use arbiter_session::testing::{FaultyStorage, ManualClock};
+use arbiter_session::{PgStorage, SessionStore};
 use chrono::Duration as TimeDelta;
 use common::request;
+use sqlx::PgPool;
 use uuid::Uuid;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -152,7 +154,9 @@ async fn audit_denial_overflow_is_counted_not_silent(pool: PgPool) {
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn audit_chain_verifies_and_finds_the_first_edited_row(pool: PgPool) {
-    use arbiter_session::chain::{LinkProblem, verify_all_audit_chains, verify_audit_chain};
+    use arbiter_session::operator::chain::{
+        LinkProblem, verify_all_audit_chains, verify_audit_chain,
+    };
     let data = common::known_dataset(&pool).await;
 
     // Computed by PostgreSQL at insert, recomputed here: both encodings agree.
@@ -234,7 +238,7 @@ async fn audit_chain_verifies_and_finds_the_first_edited_row(pool: PgPool) {
 /// multi-byte), and on events written by every kind of statement (create, batch, close).
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn audit_chain_encodings_agree_on_every_tool_list(pool: PgPool) {
-    use arbiter_session::chain::verify_audit_chain;
+    use arbiter_session::operator::chain::verify_audit_chain;
     let store = SessionStore::postgres(pool.clone());
     let id = common::new_session(&store, &["*"], 100).await;
     store.use_session(id, "search", None).await.unwrap();

@@ -4,12 +4,12 @@
 
 mod common;
 
+use arbiter_session::http::parse_session_header;
 use arbiter_session::model::limits;
-use arbiter_session::{
-    CreateSessionRequest, PgPool, SessionError, SessionStore, parse_session_header,
-};
+use arbiter_session::{CreateSessionRequest, SessionError, SessionStore};
 use chrono::Duration;
 use common::{request, row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 async fn stored_rows(pool: &PgPool) -> (i64, i64) {

@@ -6,8 +6,8 @@ mod common;
 
 use std::process::{Command, Output};
 
-use arbiter_session::PgPool;
 use common::{AGENT_A, known_dataset};
+use sqlx::PgPool;
 
 /// Runs the tool with `DATABASE_URL = url`.
 fn cli(url: &str, args: &[&str]) -> Output {

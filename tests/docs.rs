@@ -3,7 +3,7 @@
 
 mod common;
 
-use arbiter_session::PgPool;
+use sqlx::PgPool;
 use sqlx::Row as _;
 
 fn sql_blocks(markdown: &str) -> Vec<String> {
@@ -33,7 +33,9 @@ async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
     let mut rows = Vec::new();
     for sql in &blocks {
         // The guide's SQL is text meant to be pasted; it cannot be a checked macro.
-        let result = sqlx::query(sql).fetch_all(&pool).await;
+        let result = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .fetch_all(&pool)
+            .await;
         let result = result.unwrap_or_else(|err| panic!("{sql}\nfails: {err}"));
         rows.push(result);
     }

@@ -6,9 +6,11 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arbiter_session::{ManualClock, PgPool, PgStorage, SessionError, SessionStatus, SessionStore};
+use arbiter_session::testing::ManualClock;
+use arbiter_session::{PgStorage, SessionError, SessionStatus, SessionStore};
 use chrono::Duration;
 use common::{event_kinds, other_process_pool, request, row, store};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
@@ -248,13 +250,14 @@ async fn schema_guards_budget_status_and_audit_trail(pool: PgPool) {
     );
 }
 
-/// A group commit that carries the same session twice (two cache slots for one id, after
-/// an invalidation) applies one write and reports the other as a conflict: never one
-/// version, or one budget, for two writers.
+/// A group commit that carries the same session twice (the store never sends one, but
+/// `update_many`'s contract allows it) applies one write and reports the other as a
+/// conflict: never one version, or one budget, for two writers.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn group_commit_with_one_session_twice_applies_one(pool: PgPool) {
+    use arbiter_session::Storage;
+    use arbiter_session::audit::{AuditEvent, EventKind};
     use arbiter_session::storage::{BatchUpdate, UpdateOutcome};
-    use arbiter_session::{AuditEvent, EventKind, Storage};
     let storage = PgStorage::new(pool.clone());
     let store = SessionStore::new(storage.clone());
     let one = store
@@ -314,7 +317,7 @@ async fn group_commit_with_one_session_twice_applies_one(pool: PgPool) {
         ["created", "call_allowed"]
     );
     assert!(
-        arbiter_session::verify_all_audit_chains(&pool)
+        arbiter_session::operator::chain::verify_all_audit_chains(&pool)
             .await
             .unwrap()
             .is_intact()

@@ -3,12 +3,12 @@
 
 mod common;
 
-use arbiter_session::{
-    CreateSessionRequest, FaultyStorage, ManualClock, PgPool, PgStorage, SessionError,
-    SessionStore, status_code_for_error,
-};
+use arbiter_session::http::status_code_for_error;
+use arbiter_session::testing::{FaultyStorage, ManualClock};
+use arbiter_session::{CreateSessionRequest, PgStorage, SessionError, SessionStore};
 use chrono::Duration;
 use common::request;
+use sqlx::PgPool;
 use std::sync::Arc;
 use uuid::Uuid;
 

@@ -12,10 +12,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbiter_session::{
-    FaultyStorage, ManualClock, PgPool, PgStorage, SessionError, SessionStatus, SessionStore,
-};
+use arbiter_session::testing::{FaultyStorage, ManualClock};
+use arbiter_session::{PgStorage, SessionError, SessionStatus, SessionStore};
 use common::{audited_calls, drained, event_kinds, proxied_pool, request, row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 /// A liveness bound for one call: generous, because it only proves there is no hang.

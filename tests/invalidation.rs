@@ -6,8 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use arbiter_session::{PgPool, SessionStatus, SessionStore};
+use arbiter_session::{SessionStatus, SessionStore};
 use common::other_process_pool;
+use sqlx::PgPool;
 use uuid::Uuid;
 
 /// How long a status change may take to reach another store's `get` (the bound).

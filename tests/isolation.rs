@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use arbiter_session::audit::{AuditEvent, Denial};
+use arbiter_session::error::StorageError;
 use arbiter_session::storage::{
     CapOutcome, LockWait, LockedUpdate, UpdateOutcome, Version, Versioned,
 };
-use arbiter_session::{
-    AuditEvent, Denial, MemoryStorage, SessionError, SessionStore, Storage, StorageError,
-    TaskSession,
-};
+use arbiter_session::{MemoryStorage, SessionError, SessionStore, Storage, TaskSession};
 use chrono::{DateTime, Utc};
 use common::request;
 use tokio::sync::Semaphore;
@@ -205,7 +204,7 @@ async fn isolation_same_session_calls_are_exact() {
     let allowed = storage
         .events(id)
         .iter()
-        .filter(|e| e.kind == arbiter_session::EventKind::CallAllowed)
+        .filter(|e| e.kind == arbiter_session::audit::EventKind::CallAllowed)
         .count();
     assert_eq!(allowed, 30);
 }

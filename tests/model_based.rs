@@ -1,6 +1,6 @@
 //! Model-based property test: random sequences of create / use / batch / close / expire
 //! across two stores sharing one PostgreSQL database, with write faults injected and
-//! healed at random. After a final heal and flush, invariants 1–4 of DESIGN §4 are checked
+//! healed at random. After a final heal and flush, these invariants (`docs/architecture.md`) are checked
 //! against a reference model of what every answer promised:
 //!
 //! 1. Budget: `ok <= calls_made <= budget`, and `calls_made <= ok + uncertain` (a call is
@@ -11,7 +11,7 @@
 //! 4. Convergence: both pending sets drain; no cache is ahead of storage afterwards; the
 //!    audit trail counts exactly `calls_made`.
 //!
-//! Beyond DESIGN §4, the operations that found two defects of the store are here too: the
+//! Beyond those four, the operations that found two defects of the store are here too: the
 //! stores share one clock that advances, and every session has a rate window, whose limit
 //! the audit trail must never pass within one window (replayed from the trail with the
 //! policy's fixed windows); and a change feed reset (the whole cache dropped) in the middle
@@ -27,14 +27,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
-use arbiter_session::{
-    FaultyStorage, ManualClock, PgPool, PgStorage, SessionError, SessionStatus, SessionStore,
-    TaskSession,
-};
+use arbiter_session::testing::{FaultyStorage, ManualClock};
+use arbiter_session::{PgStorage, SessionError, SessionStatus, SessionStore, TaskSession};
 use chrono::{DateTime, Duration, Utc};
 use common::{audited_calls, request, row};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
@@ -386,7 +385,7 @@ impl ScratchDatabase {
             .expect("connect");
         let name = format!("arbiter_model_{}", Uuid::new_v4().simple());
         // DDL takes no bind parameters; the name is ours, not input.
-        sqlx::query(&format!("CREATE DATABASE {name}"))
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&admin)
             .await
             .expect("create scratch database");
@@ -402,10 +401,10 @@ impl ScratchDatabase {
 
     async fn drop_database(self) {
         self.pool.close().await;
-        sqlx::query(&format!(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.name
-        ))
+        )))
         .execute(&self.admin)
         .await
         .expect("drop scratch database");

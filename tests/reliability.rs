@@ -10,11 +10,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbiter_session::{
-    FaultyStorage, ManualClock, MemoryStorage, PgPool, PgStorage, SessionError, SessionStatus,
-    SessionStore,
-};
+use arbiter_session::testing::{FaultyStorage, ManualClock};
+use arbiter_session::{MemoryStorage, PgStorage, SessionError, SessionStatus, SessionStore};
 use common::{manual_reconcile, new_session, request, row, wait_listening};
+use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
 

@@ -3,11 +3,11 @@
 
 mod common;
 
-use arbiter_session::PgPool;
-use arbiter_session::report::{self, Format, ReportFilter};
-use arbiter_session::retention::{self, EventRetention, PurgeError};
+use arbiter_session::operator::report::{self, Format, ReportFilter};
+use arbiter_session::operator::retention::{self, EventRetention, PurgeError};
 use chrono::{NaiveDate, Utc};
 use common::{AGENT_A, AGENT_B, known_dataset};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 fn day(d: u32) -> NaiveDate {
@@ -264,7 +264,7 @@ async fn plan(pool: &PgPool, query: &str) -> String {
         .await
         .expect("set enable_seqscan");
     // EXPLAIN of a query built at run time cannot be a checked macro.
-    let lines: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {query}"))
+    let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {query}")))
         .fetch_all(&mut *tx)
         .await
         .expect("explain");
@@ -300,7 +300,7 @@ async fn one_session_and_one_agent_day_are_found_by_index(pool: PgPool) {
 async fn purge_deletes_only_ended_sessions_and_events_only_when_asked(pool: PgPool) {
     let data = known_dataset(&pool).await;
     // A live session: created now, ten minutes long.
-    let clock = arbiter_session::ManualClock::starting_now();
+    let clock = arbiter_session::testing::ManualClock::starting_now();
     let live = common::store(&pool, &clock)
         .create(common::request(Uuid::new_v4(), &["x"], 1))
         .await
@@ -396,7 +396,7 @@ async fn purge_switches_on(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Po
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn deletion_outside_purge_is_refused(pool: PgPool) {
     let data = known_dataset(&pool).await;
-    let clock = arbiter_session::ManualClock::starting_now();
+    let clock = arbiter_session::testing::ManualClock::starting_now();
     let live = common::store(&pool, &clock)
         .create(common::request(Uuid::new_v4(), &["x"], 1))
         .await
@@ -414,7 +414,10 @@ async fn deletion_outside_purge_is_refused(pool: PgPool) {
         "TRUNCATE arbiter.sessions CASCADE".to_owned(),
         "TRUNCATE arbiter.session_events".to_owned(),
     ] {
-        let err = sqlx::query(&sql).execute(&pool).await.expect_err(&sql);
+        let err = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&pool)
+            .await
+            .expect_err(&sql);
         assert!(
             err.to_string().contains("purge_before") || err.to_string().contains("append-only"),
             "{sql}: {err}"
@@ -423,19 +426,19 @@ async fn deletion_outside_purge_is_refused(pool: PgPool) {
     // Setting purge_before's switches by hand allows only what a purge would delete: never
     // a live session, never an event of a session that still exists.
     let mut tx = purge_switches_on(&pool).await;
-    let err = sqlx::query(&format!(
+    let err = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DELETE FROM arbiter.sessions WHERE session_id = '{live}'"
-    ))
+    )))
     .execute(&mut *tx)
     .await
     .expect_err("a live session is never deleted");
     assert!(err.to_string().contains("once it is over"), "{err}");
     drop(tx);
     let mut tx = purge_switches_on(&pool).await;
-    let err = sqlx::query(&format!(
+    let err = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DELETE FROM arbiter.session_events WHERE session_id = '{}'",
         data.s1
-    ))
+    )))
     .execute(&mut *tx)
     .await
     .expect_err("events of an existing session stay");

@@ -3,9 +3,11 @@
 
 mod common;
 
-use arbiter_session::{ManualClock, PgPool, SessionError, SessionStatus};
+use arbiter_session::testing::ManualClock;
+use arbiter_session::{SessionError, SessionStatus};
 use chrono::Duration;
 use common::{event_kinds, request, row, store};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]

@@ -7,8 +7,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbiter_session::{FaultyStorage, ManualClock, PgPool, PgStorage, SessionError, SessionStore};
+use arbiter_session::testing::{FaultyStorage, ManualClock};
+use arbiter_session::{PgStorage, SessionError, SessionStore};
 use common::{event_kinds, request, row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 fn faulty_store(

@@ -1,6 +1,6 @@
 //! [`FaultyStorage`]: a wrapper that injects failures into another storage, for tests that
-//! must fail deterministically (what a real outage cannot do on cue). Gateway authors can
-//! use it too, to test their handling of `StorageWriteThrough`.
+//! must fail deterministically (what a real outage cannot do on cue). Exported as
+//! [`crate::testing::FaultyStorage`].
 
 use std::future::Future;
 use std::pin::Pin;

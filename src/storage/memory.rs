@@ -107,6 +107,13 @@ impl Tables {
         if session.calls_made > stored.session.call_budget {
             return Err(constraint("sessions_calls_within_budget"));
         }
+        if stored
+            .session
+            .rate_limit_per_minute
+            .is_some_and(|limit| session.rate_window_calls > limit)
+        {
+            return Err(constraint("sessions_rate_calls_bounded"));
+        }
         if stored.session.status != SessionStatus::Active && session.status != stored.session.status
         {
             return Err(constraint("sessions_status_monotonic"));

@@ -1,6 +1,8 @@
-//! Durable storage behind the store: a small trait, [`PgStorage`] (the real one) and
-//! [`MemoryStorage`] (unit tests and a no-database mode) and [`FaultyStorage`]
-//! (deterministic failure injection around either).
+//! Durable storage behind the store: the [`Storage`] trait a backend implements (reads,
+//! versioned writes, a locked read-decide-write, denial records, and an optional change
+//! feed), [`PgStorage`] (the real one), [`MemoryStorage`] (tests and a no-database mode)
+//! and, with the `testing` feature, `testing::FaultyStorage` (deterministic failure injection
+//! around either). `tests/storage_contract.rs` runs one suite over each backend.
 //!
 //! # Contract every implementation keeps
 //! * Every write is one atomic step that also appends its audit events: state and trail
@@ -23,18 +25,13 @@ use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
 use crate::model::TaskSession;
 
-mod faulty;
+#[cfg(feature = "testing")]
+pub(crate) mod faulty;
 mod memory;
-mod notify;
 mod postgres;
 
-pub use faulty::FaultyStorage;
 pub use memory::MemoryStorage;
-pub use notify::{PgChangeFeed, STATUS_CHANNEL};
-pub use postgres::{
-    DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_STATEMENT_TIMEOUT,
-    IDLE_IN_TRANSACTION_TIMEOUT, PgStorage, TCP_KEEPALIVE,
-};
+pub use postgres::PgStorage;
 
 /// The stored version of a session row. Advanced by every update.
 pub type Version = i64;
@@ -217,7 +214,7 @@ pub trait Storage: Send + Sync + 'static {
     where
         F: FnOnce(Versioned, usize) -> Option<(TaskSession, Vec<AuditEvent>)> + Send;
 
-    /// Appends denial events (kind [`EventKind::Denied`](crate::EventKind::Denied)), in
+    /// Appends denial events (kind [`EventKind::Denied`](crate::audit::EventKind::Denied)), in
     /// one statement for the whole batch. They change no session.
     ///
     /// Idempotent: a denial whose event key is already stored is skipped, so a batch whose

@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::deadline::Deadline;
 use super::worker::{Parking, Worker};
-use crate::audit::{AuditEvent, Denial, DenialReason, recordable_tools};
+use crate::audit::{Denial, DenialReason};
 use crate::error::{SessionError, error_chain};
 use crate::model::TaskSession;
 use crate::storage::Storage;
@@ -95,17 +95,7 @@ impl<S: Storage> DenialLog<S> {
             self.count_dropped(1);
             return;
         }
-        let denial = Denial {
-            session_id: session.session_id,
-            agent_id: session.agent_id,
-            event: AuditEvent::denied(
-                reason,
-                recordable_tools(tools),
-                session,
-                at,
-                self.instance_id,
-            ),
-        };
+        let denial = Denial::new(reason, tools, session, at, self.instance_id);
         let was_empty = {
             let mut buffer = self.buffer();
             if buffer.len() >= self.capacity {

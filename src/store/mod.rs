@@ -181,8 +181,8 @@ impl<S: Storage> SessionStore<S> {
     /// Counts one call of `tool` against the session, if policy allows it.
     ///
     /// `agent` is the presenting agent; `None` skips the binding check, for trusted
-    /// internal callers only. Checks run in the order documented in [`crate::policy`]'s
-    /// module: agent, closed, expired, budget, tool, rate.
+    /// internal callers only. Checks run in this order, and the first that fails is the error:
+    /// agent, closed, expired, budget, tool, rate window.
     ///
     /// # Errors
     /// The policy denial (nothing consumed), [`SessionError::NotFound`],

@@ -5,8 +5,10 @@
 
 use std::sync::Arc;
 
-use arbiter_session::{CreateSessionRequest, ManualClock, PgPool, PgStorage, SessionStore};
+use arbiter_session::testing::ManualClock;
+use arbiter_session::{CreateSessionRequest, PgStorage, SessionStore};
 use chrono::Duration;
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
@@ -274,7 +276,7 @@ pub async fn tamper(pool: &PgPool, sql: &str) {
         sql,
         "ALTER TABLE arbiter.session_events ENABLE TRIGGER session_events_append_only",
     ] {
-        sqlx::query(statement)
+        sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
             .execute(&mut *tx)
             .await
             .expect(statement);

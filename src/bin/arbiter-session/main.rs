@@ -8,9 +8,9 @@ use std::process::ExitCode;
 use std::str::FromStr as _;
 use std::time::Duration;
 
-use arbiter_session::chain::{self, ChainSummary, SessionChain};
-use arbiter_session::report::{self, Format, ReportFilter};
-use arbiter_session::retention::{self, EventRetention};
+use arbiter_session::operator::chain::{self, ChainSummary, SessionChain};
+use arbiter_session::operator::report::{self, Format, ReportFilter};
+use arbiter_session::operator::retention::{self, EventRetention};
 use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};

@@ -1,0 +1,422 @@
+//! Tamper evidence: verifying the SHA-256 hash chain of the audit trail.
+//!
+//! # Invariant: every state-changing event is a link
+//! Within one session, the events of every kind but `denied` form a chain in `event_id`
+//! order: each stores `prev_hash` (its predecessor's `hash`, 32 zero bytes for the first)
+//! and `hash = SHA-256(prev_hash || canonical encoding)`. PostgreSQL computes the links as
+//! the rows are inserted (migration `20261124000004_audit_chain.sql` defines the encoding);
+//! this module recomputes them with an independent implementation, so an edit made with
+//! the append-only trigger disabled shows up as the first link that does not verify.
+//!
+//! What a chain cannot prove on its own: someone who can rewrite the table can also rewrite
+//! every later hash, or drop the newest events. Keep the heads ([`SessionChain::head`],
+//! `arbiter-session verify --session`) somewhere the database's superuser cannot write, and
+//! compare: a chain that still ends in a recorded head was not edited up to it.
+//!
+//! Denials are not links: they change no state and are recorded off the hot path, after
+//! the fact, without the session's row lock.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest as _, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::error::StorageError;
+
+/// A SHA-256 digest: one link of the chain.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The `prev_hash` of a session's first event.
+    pub const GENESIS: Digest = Digest([0; 32]);
+
+    fn from_stored(bytes: Option<&[u8]>) -> Option<Digest> {
+        bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()).map(Digest)
+    }
+}
+
+impl fmt::Display for Digest {
+    /// Lower-case hex, as PostgreSQL's `encode(hash, 'hex')` prints it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({self})")
+    }
+}
+
+/// What is wrong with the first link that does not verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LinkProblem {
+    /// `prev_hash` is not the previous event's hash: an event before this one was removed,
+    /// inserted or reordered.
+    PredecessorMismatch,
+    /// `hash` does not match the row's content: this row was edited.
+    ContentMismatch,
+    /// A state-changing event without a 32-byte `prev_hash` and `hash`.
+    MissingHash,
+}
+
+impl LinkProblem {
+    /// A short description for operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkProblem::PredecessorMismatch => {
+                "prev_hash does not match the previous event (an earlier event was removed, added or reordered)"
+            }
+            LinkProblem::ContentMismatch => "hash does not match the row (this event was edited)",
+            LinkProblem::MissingHash => "the event has no valid hash",
+        }
+    }
+}
+
+impl fmt::Display for LinkProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The first link of a session's chain that does not verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenLink {
+    /// The session.
+    pub session_id: Uuid,
+    /// The event (`session_events.event_id`).
+    pub event_id: i64,
+    /// Its kind, as stored.
+    pub kind: String,
+    /// What is wrong.
+    pub problem: LinkProblem,
+}
+
+impl fmt::Display for BrokenLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "session {} event {} ({}): {}",
+            self.session_id, self.event_id, self.kind, self.problem
+        )
+    }
+}
+
+/// The verdict on one session's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionChain {
+    /// The session.
+    pub session_id: Uuid,
+    /// State-changing events checked (up to and including a broken one).
+    pub events: u64,
+    /// The hash of the newest event, when the whole chain verifies; `None` when it has no
+    /// events or is broken.
+    pub head: Option<Digest>,
+    /// The first link that does not verify.
+    pub broken: Option<BrokenLink>,
+}
+
+impl SessionChain {
+    /// Whether every link verified.
+    pub fn is_intact(&self) -> bool {
+        self.broken.is_none()
+    }
+}
+
+/// The verdict on every chain in the database.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChainSummary {
+    /// Sessions with at least one state-changing event.
+    pub sessions: u64,
+    /// State-changing events checked.
+    pub events: u64,
+    /// The first broken link of each broken session, in session id order.
+    pub broken: Vec<BrokenLink>,
+}
+
+impl ChainSummary {
+    /// Whether every chain verified.
+    pub fn is_intact(&self) -> bool {
+        self.broken.is_empty()
+    }
+}
+
+/// One chained row, as read for verification.
+struct ChainRow {
+    event_id: i64,
+    event_key: Uuid,
+    session_id: Uuid,
+    agent_id: Uuid,
+    kind: String,
+    tools: Vec<Option<String>>,
+    calls_made: i64,
+    rate_window_calls: i64,
+    status: String,
+    session_version: Option<i64>,
+    occurred_at: DateTime<Utc>,
+    recorded_at: DateTime<Utc>,
+    instance_id: Uuid,
+    prev_hash: Option<Vec<u8>>,
+    hash: Option<Vec<u8>>,
+}
+
+/// The canonical encoding, version 1 (see the migration): fixed-width big-endian integers,
+/// length-prefixed UTF-8 text, so that no two different rows encode alike.
+fn link_hash(prev: Digest, row: &ChainRow) -> Digest {
+    fn text(hasher: &mut Sha256, value: Option<&str>) {
+        match value {
+            // Lengths past i32::MAX cannot come out of PostgreSQL (1 GB field limit).
+            Some(value) => {
+                let len = i32::try_from(value.len()).unwrap_or(i32::MAX);
+                hasher.update(len.to_be_bytes());
+                hasher.update(value.as_bytes());
+            }
+            None => hasher.update((-1_i32).to_be_bytes()),
+        }
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(prev.0);
+    hasher.update(row.event_key.as_bytes());
+    hasher.update(row.session_id.as_bytes());
+    hasher.update(row.agent_id.as_bytes());
+    text(&mut hasher, Some(&row.kind));
+    let count = i32::try_from(row.tools.len()).unwrap_or(i32::MAX);
+    hasher.update(count.to_be_bytes());
+    for tool in &row.tools {
+        text(&mut hasher, tool.as_deref());
+    }
+    hasher.update(row.calls_made.to_be_bytes());
+    hasher.update(row.rate_window_calls.to_be_bytes());
+    text(&mut hasher, Some(&row.status));
+    // A state-changing event always has a version (a CHECK constraint); a row edited to
+    // lose it encodes as -1 and so fails to verify.
+    hasher.update(row.session_version.unwrap_or(-1).to_be_bytes());
+    hasher.update(row.occurred_at.timestamp_micros().to_be_bytes());
+    hasher.update(row.recorded_at.timestamp_micros().to_be_bytes());
+    hasher.update(row.instance_id.as_bytes());
+    Digest(hasher.finalize().into())
+}
+
+/// Walks one session's chain, row by row, in `event_id` order.
+#[derive(Debug)]
+struct Walk {
+    session_id: Uuid,
+    events: u64,
+    head: Digest,
+    broken: Option<BrokenLink>,
+}
+
+impl Walk {
+    fn new(session_id: Uuid) -> Self {
+        Walk {
+            session_id,
+            events: 0,
+            head: Digest::GENESIS,
+            broken: None,
+        }
+    }
+
+    fn step(&mut self, row: &ChainRow) {
+        if self.broken.is_some() {
+            return;
+        }
+        self.events += 1;
+        let problem = match (
+            Digest::from_stored(row.prev_hash.as_deref()),
+            Digest::from_stored(row.hash.as_deref()),
+        ) {
+            (Some(prev), Some(hash)) => {
+                if prev != self.head {
+                    Some(LinkProblem::PredecessorMismatch)
+                } else if hash != link_hash(prev, row) {
+                    Some(LinkProblem::ContentMismatch)
+                } else {
+                    self.head = hash;
+                    None
+                }
+            }
+            _ => Some(LinkProblem::MissingHash),
+        };
+        self.broken = problem.map(|problem| BrokenLink {
+            session_id: row.session_id,
+            event_id: row.event_id,
+            kind: row.kind.clone(),
+            problem,
+        });
+    }
+
+    fn finish(self) -> SessionChain {
+        SessionChain {
+            session_id: self.session_id,
+            events: self.events,
+            head: (self.events > 0 && self.broken.is_none()).then_some(self.head),
+            broken: self.broken,
+        }
+    }
+}
+
+/// Verifies the chain of `session_id`'s state-changing events and reports the first link
+/// that does not verify. A session without events (never created, or purged with its
+/// events) verifies with `events == 0`.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn verify_audit_chain(
+    pool: &PgPool,
+    session_id: Uuid,
+) -> Result<SessionChain, StorageError> {
+    let rows = sqlx::query_file_as!(
+        ChainRow,
+        "src/operator/sql/chain_of_session.sql",
+        session_id
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut walk = Walk::new(session_id);
+    rows.iter().for_each(|row| walk.step(row));
+    Ok(walk.finish())
+}
+
+/// Rows read per round trip by [`verify_all_audit_chains`].
+const VERIFY_PAGE: i64 = 10_000;
+
+/// Verifies every session's chain, reading the events in pages in (session, event) order,
+/// so memory stays flat however large the table is.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn verify_all_audit_chains(pool: &PgPool) -> Result<ChainSummary, StorageError> {
+    let mut summary = ChainSummary::default();
+    let mut walk: Option<Walk> = None;
+    let mut after = (Uuid::nil(), i64::MIN);
+    loop {
+        // Keyset pagination on the chain index; no transaction is held between pages.
+        let page = sqlx::query_file_as!(
+            ChainRow,
+            "src/operator/sql/chain_page.sql",
+            after.0,
+            after.1,
+            VERIFY_PAGE
+        )
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = page.last() else { break };
+        after = (last.session_id, last.event_id);
+        for row in &page {
+            if walk.as_ref().is_none_or(|w| w.session_id != row.session_id) {
+                if let Some(done) = walk.take() {
+                    summary.add(done.finish());
+                }
+                walk = Some(Walk::new(row.session_id));
+            }
+            if let Some(walk) = walk.as_mut() {
+                walk.step(row);
+            }
+        }
+    }
+    if let Some(done) = walk {
+        summary.add(done.finish());
+    }
+    Ok(summary)
+}
+
+impl ChainSummary {
+    fn add(&mut self, chain: SessionChain) {
+        self.sessions += 1;
+        self.events += chain.events;
+        self.broken.extend(chain.broken);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> ChainRow {
+        ChainRow {
+            event_id: 1,
+            event_key: Uuid::from_u128(1),
+            session_id: Uuid::from_u128(2),
+            agent_id: Uuid::from_u128(3),
+            kind: "call_allowed".into(),
+            tools: vec![Some("a".into()), Some("b".into())],
+            calls_made: 1,
+            rate_window_calls: 1,
+            status: "active".into(),
+            session_version: Some(2),
+            occurred_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            recorded_at: DateTime::from_timestamp_micros(1_700_000_000_223_456).unwrap(),
+            instance_id: Uuid::from_u128(4),
+            prev_hash: None,
+            hash: None,
+        }
+    }
+
+    #[test]
+    fn length_prefixes_keep_tool_boundaries_apart() {
+        let mut joined = row();
+        joined.tools = vec![Some("ab".into())];
+        assert_ne!(
+            link_hash(Digest::GENESIS, &row()),
+            link_hash(Digest::GENESIS, &joined)
+        );
+        let mut null = row();
+        null.tools = vec![None, Some("b".into())];
+        let mut empty = row();
+        empty.tools = vec![Some(String::new()), Some("b".into())];
+        assert_ne!(
+            link_hash(Digest::GENESIS, &null),
+            link_hash(Digest::GENESIS, &empty)
+        );
+    }
+
+    #[test]
+    fn walk_reports_the_first_broken_link_only() {
+        let mut first = row();
+        let h1 = link_hash(Digest::GENESIS, &first);
+        first.prev_hash = Some(Digest::GENESIS.0.to_vec());
+        first.hash = Some(h1.0.to_vec());
+        let mut second = row();
+        second.event_id = 2;
+        second.calls_made = 2;
+        second.prev_hash = Some(h1.0.to_vec());
+        second.hash = Some(link_hash(h1, &second).0.to_vec());
+
+        let mut walk = Walk::new(first.session_id);
+        walk.step(&first);
+        walk.step(&second);
+        let intact = walk.finish();
+        assert_eq!(intact.head.map(|d| d.0.to_vec()), second.hash.clone());
+
+        second.calls_made = 1; // edited after the fact
+        let mut third = row();
+        third.event_id = 3;
+        third.prev_hash = Some(vec![0; 31]);
+        let mut walk = Walk::new(first.session_id);
+        for r in [&first, &second, &third] {
+            walk.step(r);
+        }
+        let broken = walk.finish();
+        assert_eq!(broken.head, None);
+        assert_eq!(broken.events, 2);
+        let link = broken.broken.expect("broken");
+        assert_eq!(
+            (link.event_id, link.problem),
+            (2, LinkProblem::ContentMismatch)
+        );
+    }
+
+    #[test]
+    fn digest_prints_as_hex() {
+        let mut bytes = [0u8; 32];
+        bytes[0] = 0xab;
+        bytes[31] = 0x01;
+        let hex = Digest(bytes).to_string();
+        assert_eq!(hex.len(), 64);
+        assert!(hex.starts_with("ab00") && hex.ends_with("01"));
+    }
+}

@@ -1,0 +1,15 @@
+//! Reports over the audit trail: typed reads of the reporting views (migration
+//! `20261124000006_reporting_views.sql`) and their rendering as an aligned table, CSV or
+//! JSON. The views themselves are the interface for SQL users (see `docs/reporting.md`).
+//!
+//! `rows` holds the row types, `reads` the statements, `render` the output formats.
+
+mod reads;
+mod render;
+mod rows;
+
+pub use reads::{
+    ReportFilter, agent_activity, denials, session, session_events, tool_usage, utilization,
+};
+pub use render::{Format, Tabular, render};
+pub use rows::{AgentDay, DenialDay, EventRecord, SessionRecord, ToolDay, Utilization};

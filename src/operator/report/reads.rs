@@ -1,0 +1,124 @@
+//! The reads: one statement per report over the reporting views (the SQL is in `sql/`).
+
+use chrono::NaiveDate;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::rows::{AgentDay, DenialDay, EventRecord, SessionRecord, ToolDay, Utilization};
+use crate::error::StorageError;
+
+/// Which rows a report covers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReportFilter {
+    /// Only this agent's sessions or events.
+    pub agent: Option<Uuid>,
+    /// Only from this UTC day on (sessions created, events occurred).
+    pub since: Option<NaiveDate>,
+}
+
+/// Per-session utilization, oldest session first.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn utilization(
+    pool: &PgPool,
+    filter: ReportFilter,
+) -> Result<Vec<Utilization>, StorageError> {
+    let rows = sqlx::query_file_as!(
+        Utilization,
+        "src/operator/report/sql/utilization.sql",
+        filter.agent,
+        filter.since
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// Per-agent activity per day, by day then agent.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn agent_activity(
+    pool: &PgPool,
+    filter: ReportFilter,
+) -> Result<Vec<AgentDay>, StorageError> {
+    let rows = sqlx::query_file_as!(
+        AgentDay,
+        "src/operator/report/sql/agent_activity.sql",
+        filter.agent,
+        filter.since
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// Calls per tool per day (over every agent, or the filter's), by day then tool.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn tool_usage(pool: &PgPool, filter: ReportFilter) -> Result<Vec<ToolDay>, StorageError> {
+    let rows = sqlx::query_file_as!(
+        ToolDay,
+        "src/operator/report/sql/tool_usage.sql",
+        filter.agent,
+        filter.since
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// Denials per reason per day (over every agent, or the filter's), by day then reason.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn denials(pool: &PgPool, filter: ReportFilter) -> Result<Vec<DenialDay>, StorageError> {
+    let rows = sqlx::query_file_as!(
+        DenialDay,
+        "src/operator/report/sql/denials.sql",
+        filter.agent,
+        filter.since
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// One stored session, `None` if there is none (never created, or purged).
+///
+/// # Errors
+/// The database could not be read.
+pub async fn session(
+    pool: &PgPool,
+    session_id: Uuid,
+) -> Result<Option<SessionRecord>, StorageError> {
+    let row = sqlx::query_file_as!(
+        SessionRecord,
+        "src/operator/report/sql/session.sql",
+        session_id
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row)
+}
+
+/// Every event of one session in the order they happened (denials are recorded later
+/// than they occur, so `event_id` order would show them late): its whole audit trail.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn session_events(
+    pool: &PgPool,
+    session_id: Uuid,
+) -> Result<Vec<EventRecord>, StorageError> {
+    let rows = sqlx::query_file_as!(
+        EventRecord,
+        "src/operator/report/sql/session_events.sql",
+        session_id
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}

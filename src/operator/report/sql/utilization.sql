@@ -1,0 +1,10 @@
+SELECT session_id AS "session_id!", agent_id AS "agent_id!", status AS "status!",
+       call_budget AS "call_budget!", calls_made AS "calls_made!",
+       budget_used_pct::float8 AS "budget_used_pct!",
+       budget_exhausted AS "budget_exhausted!", created_at AS "created_at!",
+       ended_at, extract(epoch FROM duration)::bigint AS duration_secs,
+       denials AS "denials!"
+  FROM arbiter.session_utilization
+ WHERE ($1::uuid IS NULL OR agent_id = $1)
+   AND ($2::date IS NULL OR created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC')
+ ORDER BY created_at, session_id

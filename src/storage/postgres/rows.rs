@@ -1,0 +1,142 @@
+//! Rows as PostgreSQL holds them and the encodings the statements take: a `sessions` row
+//! decoded (and checked) into a [`Versioned`] session, and events and denials encoded as
+//! JSON for `jsonb_to_recordset`, so one statement carries any number of them.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::audit::{AuditEvent, Denial, DenialReason};
+use crate::error::StorageError;
+use crate::model::TaskSession;
+use crate::storage::Versioned;
+
+/// A `sessions` row as the load statements select it.
+pub(super) struct SessionRow {
+    pub(super) session_id: Uuid,
+    pub(super) agent_id: Uuid,
+    pub(super) delegation_chain: Vec<String>,
+    pub(super) declared_intent: String,
+    pub(super) authorized_tools: Vec<String>,
+    pub(super) authorized_credentials: Vec<String>,
+    pub(super) call_budget: i64,
+    pub(super) calls_made: i64,
+    pub(super) rate_limit: Option<i64>,
+    pub(super) rate_window_secs: i64,
+    pub(super) rate_window_started_at: Option<DateTime<Utc>>,
+    pub(super) rate_window_calls: i64,
+    pub(super) data_sensitivity_ceiling: String,
+    pub(super) status: String,
+    pub(super) created_at: DateTime<Utc>,
+    pub(super) expires_at: DateTime<Utc>,
+    pub(super) version: i64,
+}
+
+impl TryFrom<SessionRow> for Versioned {
+    type Error = StorageError;
+
+    /// A row edited by hand may hold anything the constraints allow; decoding checks the
+    /// rest instead of panicking.
+    fn try_from(row: SessionRow) -> Result<Self, StorageError> {
+        let id = row.session_id;
+        let count = |name: &str, value: i64| {
+            u64::try_from(value)
+                .map_err(|_| StorageError::Decode(format!("session {id}: {name} is {value}")))
+        };
+        let session = TaskSession {
+            session_id: row.session_id,
+            agent_id: row.agent_id,
+            delegation_chain_snapshot: row.delegation_chain.into(),
+            declared_intent: row.declared_intent.into(),
+            authorized_tools: row.authorized_tools.into(),
+            authorized_credentials: row.authorized_credentials.into(),
+            time_limit: row.expires_at - row.created_at,
+            call_budget: count("call_budget", row.call_budget)?,
+            calls_made: count("calls_made", row.calls_made)?,
+            rate_limit_per_minute: row
+                .rate_limit
+                .map(|limit| count("rate_limit", limit))
+                .transpose()?,
+            rate_limit_window_secs: count("rate_window_secs", row.rate_window_secs)?,
+            rate_window_started_at: row.rate_window_started_at,
+            rate_window_calls: count("rate_window_calls", row.rate_window_calls)?,
+            data_sensitivity_ceiling: row
+                .data_sensitivity_ceiling
+                .parse()
+                .map_err(|e| StorageError::Decode(format!("session {id}: {e}")))?,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+            status: row
+                .status
+                .parse()
+                .map_err(|e| StorageError::Decode(format!("session {id}: {e}")))?,
+        };
+        Ok(Versioned {
+            session,
+            version: row.version,
+        })
+    }
+}
+
+/// An event as encoded for `jsonb_to_recordset` (the update statements).
+#[derive(serde::Serialize)]
+pub(super) struct EventJson<'a> {
+    event_key: Uuid,
+    kind: &'static str,
+    tools: &'a [String],
+    calls_made: i64,
+    rate_window_calls: i64,
+    status: &'static str,
+    occurred_at: DateTime<Utc>,
+    instance_id: Uuid,
+}
+
+impl<'a> From<&'a AuditEvent> for EventJson<'a> {
+    fn from(event: &'a AuditEvent) -> Self {
+        EventJson {
+            event_key: event.key,
+            kind: event.kind.as_str(),
+            tools: &event.tools,
+            calls_made: to_bigint(event.calls_made),
+            rate_window_calls: to_bigint(event.rate_window_calls),
+            status: event.status.as_str(),
+            occurred_at: event.occurred_at,
+            instance_id: event.instance_id,
+        }
+    }
+}
+
+/// An event of a batch, tagged with its session.
+#[derive(serde::Serialize)]
+pub(super) struct BatchEventJson<'a> {
+    pub(super) session_id: Uuid,
+    #[serde(flatten)]
+    pub(super) event: EventJson<'a>,
+}
+
+/// A denial as encoded for `jsonb_to_recordset` (`record_denials.sql`).
+#[derive(serde::Serialize)]
+pub(super) struct DenialJson<'a> {
+    session_id: Uuid,
+    agent_id: Uuid,
+    #[serde(flatten)]
+    event: EventJson<'a>,
+    reason: Option<&'static str>,
+}
+
+impl<'a> From<&'a Denial> for DenialJson<'a> {
+    fn from(denial: &'a Denial) -> Self {
+        DenialJson {
+            session_id: denial.session_id,
+            agent_id: denial.agent_id,
+            event: EventJson::from(&denial.event),
+            reason: denial.event.reason.map(DenialReason::as_str),
+        }
+    }
+}
+
+/// Counts are validated to fit `bigint` at creation and only grow up to the budget, so this
+/// never saturates for a session the store created; a saturated value would be refused by
+/// a CHECK constraint rather than wrap.
+pub(super) fn to_bigint(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,27 @@
+WITH updated AS (
+    UPDATE arbiter.sessions
+       SET calls_made = $3,
+           rate_window_started_at = $4,
+           rate_window_calls = $5,
+           status = $6
+     WHERE session_id = $1 AND version = $2
+       AND session_id = (SELECT l.session_id FROM arbiter.sessions l
+                          WHERE l.session_id = $1 FOR UPDATE SKIP LOCKED)
+    RETURNING session_id, agent_id, version
+), events AS (
+    INSERT INTO arbiter.session_events (
+        event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+        status, session_version, occurred_at, instance_id)
+    SELECT e.event_key, u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
+           e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id
+      FROM updated u
+     CROSS JOIN ROWS FROM (jsonb_to_recordset($7::jsonb) AS (
+           event_key uuid, kind text, tools text[], calls_made bigint,
+           rate_window_calls bigint, status text, occurred_at timestamptz,
+           instance_id uuid)) WITH ORDINALITY AS e(
+           event_key, kind, tools, calls_made, rate_window_calls, status,
+           occurred_at, instance_id, position)
+     -- In order: event ids, and so the audit chain, follow the events' order.
+     ORDER BY e.position
+)
+SELECT version FROM updated

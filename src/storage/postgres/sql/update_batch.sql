@@ -1,0 +1,38 @@
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::timestamptz[],
+                         $5::int8[], $6::text[])
+        AS i(session_id, expected, calls_made, rate_window_started_at,
+             rate_window_calls, status)
+), locked AS (
+    SELECT s.session_id
+      FROM arbiter.sessions s
+     WHERE s.session_id IN (SELECT session_id FROM input)
+       FOR UPDATE SKIP LOCKED
+), updated AS (
+    UPDATE arbiter.sessions s
+       SET calls_made = i.calls_made,
+           rate_window_started_at = i.rate_window_started_at,
+           rate_window_calls = i.rate_window_calls,
+           status = i.status
+      FROM input i, locked l
+     WHERE s.session_id = i.session_id AND l.session_id = i.session_id
+       AND s.version = i.expected
+    RETURNING s.session_id, s.agent_id, s.version
+), events AS (
+    INSERT INTO arbiter.session_events (
+        event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+        status, session_version, occurred_at, instance_id)
+    SELECT e.event_key, u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
+           e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id
+      FROM updated u
+      JOIN ROWS FROM (jsonb_to_recordset($7::jsonb) AS (
+           session_id uuid, event_key uuid, kind text, tools text[],
+           calls_made bigint, rate_window_calls bigint, status text,
+           occurred_at timestamptz, instance_id uuid)) WITH ORDINALITY AS e(
+           session_id, event_key, kind, tools, calls_made, rate_window_calls,
+           status, occurred_at, instance_id, position)
+        ON e.session_id = u.session_id
+     -- In order: each session's chain follows its events' order.
+     ORDER BY e.position
+)
+SELECT session_id AS "session_id!", version AS "version!" FROM updated
