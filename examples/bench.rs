@@ -5,6 +5,9 @@
 //! `limit` is the single statement one un-batched `use_session` sends (the row update and
 //! its audit row, one commit), issued straight through `Storage::update` on a pool of the
 //! same size; every other figure goes through a `SessionStore`.
+//!
+//! The harness (`sample`, `measure`, `compare`, `Bench`) comes first; then one function
+//! per figure or group of figures, called in order by `main`.
 
 use std::collections::BTreeMap;
 use std::error::Error;
@@ -287,6 +290,219 @@ fn rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// What every figure function gets: the options, the storage, and where figures go.
+struct Bench {
+    options: Options,
+    url: String,
+    storage: PgStorage,
+    figures: BTreeMap<String, Figure>,
+}
+
+impl Bench {
+    /// Records a figure and prints its line of the table.
+    fn record(&mut self, name: &str, figure: Figure) {
+        eprintln!(
+            "{name:<24} {:>12.0} ops/s  p50 {:>9.1} µs  p99 {:>9.1} µs",
+            figure.ops_per_s, figure.p50_us, figure.p99_us
+        );
+        self.figures.insert(name.to_owned(), figure);
+    }
+
+    /// Measures `op` at `tasks` for the options' duration and records it as `name`.
+    async fn run<F, Fut>(&mut self, name: &str, tasks: usize, op: F) -> Result<(), Box<dyn Error>>
+    where
+        F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send,
+    {
+        let figure = measure(tasks, self.options.secs, op).await?;
+        self.record(name, figure);
+        Ok(())
+    }
+
+    /// `a` over `b` at their best.
+    fn ratio(&self, a: &str, b: &str) -> f64 {
+        self.figures
+            .get(a)
+            .zip(self.figures.get(b))
+            .map_or(0.0, |(a, b)| a.ops_per_s / b.ops_per_s)
+    }
+}
+
+/// An operation every task runs on `store` (each call gets its own handle).
+fn on_store<F, Fut>(
+    store: &SessionStore,
+    op: F,
+) -> impl Fn(usize) -> Call + Clone + Send + Sync + use<F, Fut>
+where
+    F: Fn(SessionStore) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let store = store.clone();
+    move |_| -> Call { Box::pin(op(store.clone())) }
+}
+
+fn failed(what: &str) -> impl Fn(arbiter_session::SessionError) -> String + '_ {
+    move |err| format!("{what}: {err:?}")
+}
+
+/// The limit and the store over distinct sessions, compared slice by slice, at 1, 16 and
+/// 64 tasks.
+async fn distinct_sessions(bench: &mut Bench) -> Result<(), Box<dyn Error>> {
+    for tasks in [1, 16, 64] {
+        let (raw, through_store) = compare(
+            tasks,
+            bench.options.secs,
+            limit(&bench.storage, tasks).await?,
+            use_session(&bench.storage, tasks).await?,
+        )
+        .await?;
+        bench.record(&format!("limit_{tasks}"), raw);
+        bench.record(&format!("use_distinct_{tasks}"), through_store);
+    }
+    Ok(())
+}
+
+/// 64 tasks on one session: the combining of queued calls.
+async fn hot_session(bench: &mut Bench) -> Result<(), Box<dyn Error>> {
+    let op = use_session(&bench.storage, 1).await?;
+    bench.run("use_hot_64", 64, op).await
+}
+
+/// Creates, plain and capped, at 16 tasks.
+async fn creates(bench: &mut Bench, creator: &SessionStore) -> Result<(), Box<dyn Error>> {
+    let create = on_store(creator, |store| async move {
+        store
+            .create(request(10))
+            .await
+            .map(drop)
+            .map_err(failed("create"))
+    });
+    bench.run("create", 16, create).await?;
+    let capped = on_store(creator, |store| async move {
+        store
+            .create_if_under_cap(request(10), 1_000)
+            .await
+            .map(drop)
+            .map_err(failed("create_if_under_cap"))
+    });
+    bench.run("create_if_under_cap", 16, capped).await
+}
+
+/// Answered from the cache: a cached get, an unauthorized tool, a closed session. The two
+/// denials flood the bounded denial log by design; returns how much of it was kept.
+async fn cached_answers(
+    bench: &mut Bench,
+    creator: &SessionStore,
+) -> Result<arbiter_session::StoreStats, Box<dyn Error>> {
+    let cached = creator.create(request(10)).await?.session_id;
+    let closed = creator.create(request(10)).await?.session_id;
+    creator.close(closed).await?;
+    creator.get(closed).await?;
+    let get = on_store(creator, move |store| async move {
+        store.get(cached).await.map(drop).map_err(failed("get"))
+    });
+    bench.run("get_cached", 2, get).await?;
+    let deny_tool = on_store(creator, move |store| async move {
+        match store.use_session(cached, "not_allowed", None).await {
+            Err(arbiter_session::SessionError::ToolNotAuthorized { .. }) => Ok(()),
+            other => Err(format!("expected a tool denial, got {other:?}")),
+        }
+    });
+    bench.run("deny_tool_cached", 2, deny_tool).await?;
+    let deny_closed = on_store(creator, move |store| async move {
+        match store.use_session(closed, "search", None).await {
+            Err(arbiter_session::SessionError::AlreadyClosed(_)) => Ok(()),
+            other => Err(format!("expected a closed denial, got {other:?}")),
+        }
+    });
+    bench.run("deny_closed_cached", 2, deny_closed).await?;
+    let left = creator.shutdown(Duration::from_secs(30)).await;
+    let denials = creator.stats();
+    eprintln!(
+        "(denial log during the two denial figures: {} recorded, {} dropped and counted; \
+         unrecorded at shutdown: {})",
+        denials.denials_recorded, denials.denials_dropped, left.unrecorded_denials
+    );
+    Ok(denials)
+}
+
+/// Stores the options' many sessions with plain SQL (no audit rows needed to be loaded),
+/// and returns up to `distinct_gets` of their ids.
+async fn many_stored_sessions(bench: &Bench) -> Result<Vec<Uuid>, Box<dyn Error>> {
+    let filler = Instant::now();
+    // In chunks: each statement stays well inside the pool's statement timeout.
+    let mut left = bench.options.stored_sessions;
+    while left > 0 {
+        let chunk = std::cmp::min(left, 100_000);
+        left -= chunk;
+        fill(&bench.storage, chunk).await?;
+    }
+    eprintln!(
+        "(stored {} sessions in {:.1} s)",
+        bench.options.stored_sessions,
+        filler.elapsed().as_secs_f64()
+    );
+    Ok(sqlx::query_scalar!(
+        "SELECT session_id FROM arbiter.sessions WHERE declared_intent = 'bench' LIMIT $1",
+        i64::try_from(bench.options.distinct_gets)?
+    )
+    .fetch_all(bench.storage.pool())
+    .await?)
+}
+
+/// A new pool and store over the full table, to the first successful call, in ms.
+async fn startup(bench: &Bench, first: Uuid) -> Result<f64, Box<dyn Error>> {
+    let started = Instant::now();
+    let fresh = SessionStore::new(PgStorage::connect(&bench.url).await?);
+    fresh.use_session(first, "search", None).await?;
+    let startup_ms = started.elapsed().as_secs_f64() * 1000.0;
+    eprintln!("{:<24} {startup_ms:>12.1} ms", "startup");
+    Ok(startup_ms)
+}
+
+/// Cold gets at 16 tasks, then the resident memory after every id was read once through a
+/// bounded cache, in MiB.
+async fn cold_gets_and_memory(bench: &mut Bench, ids: Vec<Uuid>) -> Result<f64, Box<dyn Error>> {
+    let cold_store = SessionStore::builder(bench.storage.clone())
+        .cache_capacity(bench.options.rss_cache_capacity)
+        .build();
+    let ids = Arc::new(ids);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let (s, i, n) = (cold_store.clone(), Arc::clone(&ids), Arc::clone(&next));
+    let figure = measure(16, bench.options.secs.min(2.0), move |_| {
+        let (s, i, n) = (s.clone(), Arc::clone(&i), Arc::clone(&n));
+        async move {
+            let k = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % i.len();
+            s.get(i[k]).await.map(drop).map_err(failed("cold get"))
+        }
+    })
+    .await?;
+    bench.record("get_cold", figure);
+    let read = Instant::now();
+    let mut handles = Vec::new();
+    for task in 0..16 {
+        let (s, i) = (cold_store.clone(), Arc::clone(&ids));
+        handles.push(tokio::spawn(async move {
+            for k in (task..i.len()).step_by(16) {
+                s.get(i[k]).await.map_err(failed("get"))?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for handle in handles {
+        handle.await??;
+    }
+    let rss = rss_mib();
+    eprintln!(
+        "{:<24} {rss:>12.1} MiB after {} distinct gets in {:.1} s (cache capacity {})",
+        "rss",
+        ids.len(),
+        read.elapsed().as_secs_f64(),
+        bench.options.rss_cache_capacity
+    );
+    Ok(rss)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let options = Options::parse()?;
@@ -302,204 +518,37 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .execute(storage.pool())
         .await?;
     }
-    let secs = options.secs;
-    let mut figures: BTreeMap<String, Figure> = BTreeMap::new();
-    let mut record = |name: &str, figure: Figure| {
-        eprintln!(
-            "{name:<24} {:>12.0} ops/s  p50 {:>9.1} µs  p99 {:>9.1} µs",
-            figure.ops_per_s, figure.p50_us, figure.p99_us
-        );
-        figures.insert(name.to_owned(), figure);
+    let mut bench = Bench {
+        options,
+        url,
+        storage,
+        figures: BTreeMap::new(),
     };
 
-    // The limit and the store over distinct sessions, compared slice by slice.
-    for tasks in [1, 16, 64] {
-        let (raw, through_store) = compare(
-            tasks,
-            secs,
-            limit(&storage, tasks).await?,
-            use_session(&storage, tasks).await?,
-        )
-        .await?;
-        record(&format!("limit_{tasks}"), raw);
-        record(&format!("use_distinct_{tasks}"), through_store);
-    }
-    record(
-        "use_hot_64",
-        measure(64, secs, use_session(&storage, 1).await?).await?,
-    );
+    distinct_sessions(&mut bench).await?;
+    hot_session(&mut bench).await?;
+    let creator = store(&bench.storage);
+    creates(&mut bench, &creator).await?;
+    let denials = cached_answers(&mut bench, &creator).await?;
+    let ids = many_stored_sessions(&bench).await?;
+    let first = *ids.first().ok_or("no stored session")?;
+    let startup_ms = startup(&bench, first).await?;
+    let distinct_gets = ids.len();
+    let rss = cold_gets_and_memory(&mut bench, ids).await?;
 
-    let creator = store(&storage);
-    let c = creator.clone();
-    record(
-        "create",
-        measure(16, secs, move |_| {
-            let c = c.clone();
-            async move {
-                c.create(request(10))
-                    .await
-                    .map(drop)
-                    .map_err(|e| format!("{e:?}"))
-            }
-        })
-        .await?,
-    );
-    let c = creator.clone();
-    record(
-        "create_if_under_cap",
-        measure(16, secs, move |_| {
-            let c = c.clone();
-            async move {
-                c.create_if_under_cap(request(10), 1_000)
-                    .await
-                    .map(drop)
-                    .map_err(|e| format!("{e:?}"))
-            }
-        })
-        .await?,
-    );
-
-    // Answered from the cache: a cached get, an unauthorized tool, a closed session.
-    let cached = creator.create(request(10)).await?.session_id;
-    let closed = creator.create(request(10)).await?.session_id;
-    creator.close(closed).await?;
-    creator.get(closed).await?;
-    let c = creator.clone();
-    record(
-        "get_cached",
-        measure(2, secs, move |_| {
-            let c = c.clone();
-            async move { c.get(cached).await.map(drop).map_err(|e| format!("{e:?}")) }
-        })
-        .await?,
-    );
-    let c = creator.clone();
-    record(
-        "deny_tool_cached",
-        measure(2, secs, move |_| {
-            let c = c.clone();
-            async move {
-                match c.use_session(cached, "not_allowed", None).await {
-                    Err(arbiter_session::SessionError::ToolNotAuthorized { .. }) => Ok(()),
-                    other => Err(format!("expected a tool denial, got {other:?}")),
-                }
-            }
-        })
-        .await?,
-    );
-    let c = creator.clone();
-    record(
-        "deny_closed_cached",
-        measure(2, secs, move |_| {
-            let c = c.clone();
-            async move {
-                match c.use_session(closed, "search", None).await {
-                    Err(arbiter_session::SessionError::AlreadyClosed(_)) => Ok(()),
-                    other => Err(format!("expected a closed denial, got {other:?}")),
-                }
-            }
-        })
-        .await?,
-    );
-
-    // A flood of denials overflows the bounded denial log by design; say how much was kept.
-    let flushed = creator.shutdown(Duration::from_secs(30)).await;
-    let denials = creator.stats();
-    eprintln!(
-        "(denial log during the two denial figures: {} recorded, {} dropped and counted; \
-         unrecorded at shutdown: {})",
-        denials.denials_recorded, denials.denials_dropped, flushed.unrecorded_denials
-    );
-
-    // Many stored sessions: inserted with plain SQL (no audit rows needed to be loaded).
-    let filler = Instant::now();
-    // In chunks: each statement stays well inside the pool's statement timeout.
-    let mut left = options.stored_sessions;
-    while left > 0 {
-        let chunk = std::cmp::min(left, 100_000);
-        left -= chunk;
-        fill(&storage, chunk).await?;
-    }
-    eprintln!(
-        "(stored {} sessions in {:.1} s)",
-        options.stored_sessions,
-        filler.elapsed().as_secs_f64()
-    );
-    let ids: Vec<Uuid> = sqlx::query_scalar!(
-        "SELECT session_id FROM arbiter.sessions WHERE declared_intent = 'bench' LIMIT $1",
-        i64::try_from(options.distinct_gets)?
-    )
-    .fetch_all(storage.pool())
-    .await?;
-
-    // Startup: a new pool and store over the full table, to the first successful call.
-    let started = Instant::now();
-    let fresh = SessionStore::new(PgStorage::connect(&url).await?);
-    fresh.use_session(ids[0], "search", None).await?;
-    let startup_ms = started.elapsed().as_secs_f64() * 1000.0;
-    eprintln!("{:<24} {startup_ms:>12.1} ms", "startup");
-    drop(fresh);
-
-    // Cold gets, then memory after every id was read once through a bounded cache.
-    let cold_store = SessionStore::builder(storage.clone())
-        .cache_capacity(options.rss_cache_capacity)
-        .build();
-    let ids = Arc::new(ids);
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(1));
-    let (s, i, n) = (cold_store.clone(), Arc::clone(&ids), Arc::clone(&next));
-    record(
-        "get_cold",
-        measure(16, secs.min(2.0), move |_| {
-            let (s, i, n) = (s.clone(), Arc::clone(&i), Arc::clone(&n));
-            async move {
-                let k = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % i.len();
-                s.get(i[k]).await.map(drop).map_err(|e| format!("{e:?}"))
-            }
-        })
-        .await?,
-    );
-    let read = Instant::now();
-    let mut handles = Vec::new();
-    for task in 0..16 {
-        let (s, i) = (cold_store.clone(), Arc::clone(&ids));
-        handles.push(tokio::spawn(async move {
-            for k in (task..i.len()).step_by(16) {
-                s.get(i[k]).await.map_err(|e| format!("{e:?}"))?;
-            }
-            Ok::<_, String>(())
-        }));
-    }
-    for handle in handles {
-        handle.await??;
-    }
-    let rss = rss_mib();
-    eprintln!(
-        "{:<24} {rss:>12.1} MiB after {} distinct gets in {:.1} s (cache capacity {})",
-        "rss",
-        ids.len(),
-        read.elapsed().as_secs_f64(),
-        options.rss_cache_capacity
-    );
-
-    let ratio = |a: &str, b: &str| {
-        figures
-            .get(a)
-            .zip(figures.get(b))
-            .map_or(0.0, |(a, b)| a.ops_per_s / b.ops_per_s)
-    };
     let summary = serde_json::json!({
         "date": Utc::now().format("%Y-%m-%d").to_string(),
-        "quick": options.quick,
-        "figures": figures,
+        "quick": bench.options.quick,
+        "figures": bench.figures,
         "startup_ms": startup_ms,
-        "stored_sessions": options.stored_sessions,
+        "stored_sessions": bench.options.stored_sessions,
         "rss_mib": rss,
-        "distinct_gets": ids.len(),
+        "distinct_gets": distinct_gets,
         "denials_recorded": denials.denials_recorded,
         "denials_dropped": denials.denials_dropped,
-        "ratio_distinct_64": ratio("use_distinct_64", "limit_64"),
-        "ratio_distinct_16": ratio("use_distinct_16", "limit_16"),
-        "ratio_hot_64": ratio("use_hot_64", "use_distinct_1"),
+        "ratio_distinct_64": bench.ratio("use_distinct_64", "limit_64"),
+        "ratio_distinct_16": bench.ratio("use_distinct_16", "limit_16"),
+        "ratio_hot_64": bench.ratio("use_hot_64", "use_distinct_1"),
     });
     println!("{summary}");
     Ok(())

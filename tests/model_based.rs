@@ -1,7 +1,8 @@
 //! Model-based property test: random sequences of create / use / batch / close / expire
 //! across two stores sharing one PostgreSQL database, with write faults injected and
-//! healed at random. After a final heal and flush, these invariants (`docs/architecture.md`) are checked
-//! against a reference model of what every answer promised:
+//! healed at random. After a final heal and shutdown, these invariants (stated in
+//! `docs/architecture.md`) are checked against a reference model of what every answer
+//! promised:
 //!
 //! 1. Budget: `ok <= calls_made <= budget`, and `calls_made <= ok + uncertain` (a call is
 //!    counted only if it was attempted and not denied by policy).

@@ -152,7 +152,7 @@ impl SlotState {
         }
     }
 
-    /// The `reconciled` event recording the state a flush makes durable.
+    /// The `reconciled` event recording the state the reconciler makes durable.
     pub(crate) fn reconciled_event(
         &self,
         at: chrono::DateTime<chrono::Utc>,
