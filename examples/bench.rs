@@ -503,6 +503,117 @@ async fn cold_gets_and_memory(bench: &mut Bench, ids: Vec<Uuid>) -> Result<f64, 
     Ok(rss)
 }
 
+/// The HTTP service (`arbiter-session serve`, the binary `scripts/bench` builds and names
+/// in `ARBITER_SERVE_BIN`) beside the in-process store, both at 64 tasks on distinct
+/// sessions: `use` over HTTP with 64 keep-alive connections, compared slice by slice with
+/// `use_session` in process, then Envoy's `check`. Client, service and PostgreSQL share
+/// the machine's cores.
+async fn http_service(bench: &mut Bench) -> Result<(), Box<dyn Error>> {
+    let Ok(binary) = std::env::var("ARBITER_SERVE_BIN") else {
+        eprintln!("(no ARBITER_SERVE_BIN: the HTTP figures are skipped)");
+        return Ok(());
+    };
+    let service = HttpService::start(&binary, &bench.url)?;
+    let creator = store(&bench.storage);
+    let mut sessions = Vec::with_capacity(64);
+    for _ in 0..64 {
+        let session = creator.create(request(BIG_BUDGET)).await?;
+        sessions.push((session.session_id, session.agent_id));
+    }
+    let sessions = Arc::new(sessions);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let base = service.base.clone();
+    let (c, b, s) = (client.clone(), base.clone(), Arc::clone(&sessions));
+    let http_use = move |task: usize| -> Call {
+        let (id, agent) = s[task % s.len()];
+        let request = c
+            .post(format!("{b}/v1/sessions/{id}/use"))
+            .bearer_auth(GATEWAY_TOKEN)
+            .json(&serde_json::json!({ "tool": "search", "agent_id": agent }));
+        Box::pin(async move { expect_ok(request.send().await, "use over HTTP") })
+    };
+    let (over_http, in_process) = compare(
+        64,
+        bench.options.secs,
+        http_use,
+        use_session(&bench.storage, 64).await?,
+    )
+    .await?;
+    bench.record("http_use_64", over_http);
+    bench.record("inprocess_use_64", in_process);
+    let (c, b, s) = (client, base, sessions);
+    let check = move |task: usize| -> Call {
+        let (id, agent) = s[task % s.len()];
+        let request = c
+            .post(format!("{b}/v1/check/mcp"))
+            .bearer_auth(GATEWAY_TOKEN)
+            .header("x-arbiter-session", id.to_string())
+            .header("x-arbiter-agent", agent.to_string())
+            .header("x-arbiter-tool", "search");
+        Box::pin(async move { expect_ok(request.send().await, "check") })
+    };
+    bench.run("http_check_64", 64, check).await?;
+    service.stop()
+}
+
+const ADMIN_TOKEN: &str = "bench-admin";
+const GATEWAY_TOKEN: &str = "bench-gateway";
+
+fn expect_ok(answer: reqwest::Result<reqwest::Response>, what: &str) -> Result<(), String> {
+    match answer {
+        Ok(response) if response.status().is_success() => Ok(()),
+        Ok(response) => Err(format!("{what}: {}", response.status())),
+        Err(err) => Err(format!("{what}: {err}")),
+    }
+}
+
+/// `arbiter-session serve` as a child process on a free loopback port.
+struct HttpService {
+    child: std::process::Child,
+    base: String,
+}
+
+impl HttpService {
+    fn start(binary: &str, url: &str) -> Result<Self, Box<dyn Error>> {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(binary)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("DATABASE_URL", url)
+            .env("ARBITER_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("ARBITER_GATEWAY_TOKEN", GATEWAY_TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let address = line
+            .trim()
+            .strip_prefix("arbiter-session: listening on ")
+            .ok_or_else(|| format!("the service did not start: {line:?}"))?;
+        Ok(HttpService {
+            base: format!("http://{address}"),
+            child,
+        })
+    }
+
+    /// SIGTERM, and the clean exit that must follow.
+    fn stop(mut self) -> Result<(), Box<dyn Error>> {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?;
+        let status = self.child.wait()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("the service exited with {status}").into())
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let options = Options::parse()?;
@@ -530,6 +641,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let creator = store(&bench.storage);
     creates(&mut bench, &creator).await?;
     let denials = cached_answers(&mut bench, &creator).await?;
+    // Before the million stored sessions: the same table as the figures above.
+    http_service(&mut bench).await?;
     let ids = many_stored_sessions(&bench).await?;
     let first = *ids.first().ok_or("no stored session")?;
     let startup_ms = startup(&bench, first).await?;
@@ -549,6 +662,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "ratio_distinct_64": bench.ratio("use_distinct_64", "limit_64"),
         "ratio_distinct_16": bench.ratio("use_distinct_16", "limit_16"),
         "ratio_hot_64": bench.ratio("use_hot_64", "use_distinct_1"),
+        "ratio_http_64": bench.ratio("http_use_64", "inprocess_use_64"),
     });
     println!("{summary}");
     Ok(())

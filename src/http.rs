@@ -26,6 +26,25 @@ pub fn status_code_for_error(err: &SessionError) -> u16 {
     }
 }
 
+/// A stable, machine-readable code for `err`: its variant in snake_case
+/// (`budget_exceeded`, `tool_not_authorized`, `storage_write_through`, …), for an error
+/// body beside the opaque `Display`.
+pub fn error_code(err: &SessionError) -> &'static str {
+    match err {
+        SessionError::NotFound(_) => "not_found",
+        SessionError::Expired(_) => "expired",
+        SessionError::BudgetExceeded { .. } => "budget_exceeded",
+        SessionError::ToolNotAuthorized { .. } => "tool_not_authorized",
+        SessionError::AlreadyClosed(_) => "already_closed",
+        SessionError::RateLimited { .. } => "rate_limited",
+        SessionError::AgentMismatch { .. } => "agent_mismatch",
+        SessionError::StorageWriteThrough { .. } => "storage_write_through",
+        SessionError::TooManySessions { .. } => "too_many_sessions",
+        SessionError::StorageRead { .. } => "storage_read",
+        SessionError::InvalidRequest { .. } => "invalid_request",
+    }
+}
+
 /// Name of the HTTP header that carries a session id.
 pub const SESSION_HEADER: &str = "X-Arbiter-Session";
 

@@ -33,6 +33,10 @@ pub mod audit;
 pub mod clock;
 pub mod error;
 pub mod http;
+#[cfg(feature = "metrics")]
+pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+mod metrics;
 pub mod model;
 pub mod operator;
 mod policy;

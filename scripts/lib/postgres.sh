@@ -6,7 +6,9 @@
 #   1. DATABASE_URL, if set;
 #   2. a server on 127.0.0.1:${ARBITER_PG_PORT:-5432} as user postgres (trust auth);
 #   3. a throwaway cluster under target/pg, made with the local initdb/pg_ctl, started on a
-#      free port and stopped when the calling script exits;
+#      free port and stopped when the calling script exits; where no initdb is found and
+#      the script runs as root on a Debian-like system, it first installs the server from
+#      the distribution (`apt-get install postgresql`);
 #   4. otherwise it fails, naming what to install.
 # ARBITER_PG_PORT exists so the fallback can be exercised while a server runs on 5432.
 
@@ -46,8 +48,19 @@ as_pg_user() {
     fi
 }
 
+# Installs PostgreSQL's server from the distribution, where that is possible: as root, with
+# apt-get. Debian's package starts a cluster of its own on 5432; the throwaway cluster
+# below is used all the same, so the scripts behave alike wherever they run.
+install_postgres_server() {
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 1
+    echo "postgres: no server binaries found; installing them (apt-get install postgresql)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
+}
+
 start_throwaway_cluster() {
     local initdb pg_ctl root port
+    pg_bin initdb >/dev/null || install_postgres_server || return 1
     initdb=$(pg_bin initdb) && pg_ctl=$(pg_bin pg_ctl) || return 1
     if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
         echo "postgres: running as root without a 'postgres' account to run initdb as" >&2
@@ -86,8 +99,9 @@ find_postgres() {
 postgres: no PostgreSQL found. Either
   - set DATABASE_URL to a server where this user may create databases, or
   - run a server on 127.0.0.1:5432 accepting user postgres, or
-  - install PostgreSQL's server binaries (initdb, pg_ctl), e.g. `apt-get install postgresql`,
-    and this script starts a throwaway cluster under target/pg.
+  - install PostgreSQL's server binaries (initdb, pg_ctl), e.g. `apt-get install postgresql`
+    (done for you when running as root where apt-get exists), and this script starts a
+    throwaway cluster under target/pg.
 MSG
         return 1
     fi

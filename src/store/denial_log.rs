@@ -22,6 +22,7 @@ use super::deadline::Deadline;
 use super::worker::{Parking, Worker};
 use crate::audit::{Denial, DenialReason};
 use crate::error::{SessionError, error_chain};
+use crate::metrics::{self, Counter};
 use crate::model::TaskSession;
 use crate::storage::Storage;
 
@@ -157,6 +158,7 @@ impl<S: Storage> DenialLog<S> {
                 }
                 Err(err) => {
                     self.refused.fetch_add(1, Ordering::Relaxed);
+                    metrics::count(Counter::DenialsDropped, 1);
                     tracing::error!(
                         session_id = %denial.session_id,
                         event_key = %denial.event.key,
@@ -219,11 +221,13 @@ impl<S> DenialLog<S> {
     fn count_recorded(&self, n: usize) {
         let n = u64::try_from(n).unwrap_or(u64::MAX);
         self.recorded.fetch_add(n, Ordering::Relaxed);
+        metrics::count(Counter::DenialsRecorded, n);
     }
 
     fn count_dropped(&self, n: usize) {
         let n = u64::try_from(n).unwrap_or(u64::MAX);
         let before = self.dropped.fetch_add(n, Ordering::Relaxed);
+        metrics::count(Counter::DenialsDropped, n);
         // The first loss and then one in a thousand: loud enough, without flooding the log.
         if before == 0 || before / 1000 != (before + n) / 1000 {
             tracing::warn!(

@@ -104,7 +104,7 @@ impl<S: Storage> Inner<S> {
     }
 
     pub(super) fn create_failed(&self, session_id: Uuid, err: &StorageError) -> SessionError {
-        Counters::bump(&self.counters.write_failures);
+        self.counters.write_failed();
         let detail = error_chain(err);
         tracing::warn!(%session_id, error = %detail, "session create was not made durable");
         SessionError::StorageWriteThrough { session_id, detail }

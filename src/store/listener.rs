@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::inner::Inner;
 use super::worker::{Parking, Worker};
+use crate::metrics::{self, Gauge};
 use crate::storage::{Change, ChangeFeed, Storage};
 
 /// Whether the store listens, its task, and what the feed did.
@@ -93,7 +94,10 @@ async fn listen<S: Storage>(
                 inner.invalidate(id).await;
                 listener.invalidations.fetch_add(1, Ordering::Relaxed);
             }
-            Change::Disconnected => listener.listening.store(false, Ordering::Relaxed),
+            Change::Disconnected => {
+                listener.listening.store(false, Ordering::Relaxed);
+                metrics::set(Gauge::ListenerConnected, 0);
+            }
             Change::Reset => {
                 inner.invalidate_all();
                 if connected_before {
@@ -101,6 +105,7 @@ async fn listen<S: Storage>(
                 }
                 connected_before = true;
                 listener.listening.store(true, Ordering::Relaxed);
+                metrics::set(Gauge::ListenerConnected, 1);
             }
         }
     }

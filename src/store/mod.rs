@@ -55,6 +55,7 @@ pub use stats::StoreStats;
 
 use self::inner::{Inner, read_failed};
 use crate::error::SessionError;
+use crate::metrics::{self, Gauge, UseTimer};
 use crate::model::{CreateSessionRequest, TaskSession};
 use crate::policy::Mutation;
 use crate::storage::{CapOutcome, PgStorage, Storage};
@@ -194,8 +195,10 @@ impl<S: Storage> SessionStore<S> {
         tool: &str,
         agent: Option<Uuid>,
     ) -> Result<TaskSession, SessionError> {
+        let timer = UseTimer::start();
         let tools = [tool];
-        self.inner
+        let result = self
+            .inner
             .mutate(
                 session_id,
                 Mutation::Use {
@@ -204,7 +207,9 @@ impl<S: Storage> SessionStore<S> {
                 },
             )
             .await
-            .map(|m| m.session)
+            .map(|m| m.session);
+        timer.answered(&result);
+        result
     }
 
     /// Counts one call per entry of `tools`, all or nothing: one unauthorized tool, or a
@@ -220,10 +225,14 @@ impl<S: Storage> SessionStore<S> {
         tools: &[&str],
         agent: Option<Uuid>,
     ) -> Result<TaskSession, SessionError> {
-        self.inner
+        let timer = UseTimer::start();
+        let result = self
+            .inner
             .mutate(session_id, Mutation::Use { tools, agent })
             .await
-            .map(|m| m.session)
+            .map(|m| m.session);
+        timer.answered(&result);
+        result
     }
 
     /// Closes the session. Closed is final.
@@ -355,15 +364,20 @@ impl<S: Storage> SessionStore<S> {
         }
     }
 
-    /// Counters for metrics. `cache_entries` lags until moka's housekeeping runs.
+    /// Counters for metrics. `cache_entries` lags until moka's housekeeping runs. With the
+    /// `metrics` feature, also sets the cache-entries and pending gauges.
     pub fn stats(&self) -> StoreStats {
         let inner = &self.inner;
         let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         let listener = inner.listener.counts();
         let denials = inner.denials.counts();
+        let cache_entries = inner.cache.entry_count();
+        let pending = count(inner.pending.len());
+        metrics::set(Gauge::CacheEntries, cache_entries);
+        metrics::set(Gauge::Pending, pending);
         inner.counters.snapshot(StoreStats {
-            cache_entries: inner.cache.entry_count(),
-            pending: count(inner.pending.len()),
+            cache_entries,
+            pending,
             reconciled: inner.reconciler.reconciled(),
             invalidations: listener.invalidations,
             listener_reconnects: listener.reconnects,

@@ -12,6 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use uuid::Uuid;
 
 use super::slot::Slot;
+use crate::metrics::{self, Gauge};
+
+fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct PendingSet {
@@ -25,7 +30,9 @@ impl PendingSet {
     }
 
     pub(crate) fn insert(&self, id: Uuid, slot: Arc<Slot>) {
-        self.slots().insert(id, slot);
+        let mut slots = self.slots();
+        slots.insert(id, slot);
+        metrics::set(Gauge::Pending, count(slots.len()));
     }
 
     /// Removes `id` only if it still maps to `slot` (a newer slot may have replaced it).
@@ -36,6 +43,7 @@ impl PendingSet {
             .is_some_and(|pinned| Arc::ptr_eq(pinned, slot))
         {
             slots.remove(&id);
+            metrics::set(Gauge::Pending, count(slots.len()));
         }
     }
 

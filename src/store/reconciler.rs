@@ -14,9 +14,9 @@ use uuid::Uuid;
 
 use super::inner::Inner;
 use super::slot::Slot;
-use super::stats::Counters;
 use super::worker::{Parking, Worker};
 use crate::error::error_chain;
+use crate::metrics::{self, Counter};
 use crate::storage::{LockWait, LockedUpdate, Storage, UpdateOutcome};
 
 /// Longest delay between two passes while sessions are pending.
@@ -133,7 +133,7 @@ impl Reconciler {
         {
             Ok(UpdateOutcome::Applied(version)) => Ok(LockedUpdate::Applied(version)),
             Ok(UpdateOutcome::Conflict) => {
-                Counters::bump(&store.counters.conflicts);
+                store.counters.conflict();
                 let at = store.now();
                 let probe = state.unwritten_keys();
                 store
@@ -160,6 +160,7 @@ impl Reconciler {
                 state.mark_durable(version);
                 store.unpin(id, slot, &mut state);
                 self.reconciled.fetch_add(1, Ordering::Relaxed);
+                metrics::count(Counter::Reconciled, 1);
                 tracing::info!(session_id = %id, "pending session reconciled");
                 Written::Durable
             }

@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::metrics::{self, Counter};
+
 /// A snapshot of a store's counters, for metrics and for operators.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -56,6 +58,18 @@ pub(crate) struct Counters {
 impl Counters {
     pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A write failed and left the cache ahead.
+    pub(crate) fn write_failed(&self) {
+        Self::bump(&self.write_failures);
+        metrics::count(Counter::WriteFailures, 1);
+    }
+
+    /// A versioned write found the row changed elsewhere.
+    pub(crate) fn conflict(&self) {
+        Self::bump(&self.conflicts);
+        metrics::count(Counter::Conflicts, 1);
     }
 
     /// `rest` (what the other components counted) with these counters filled in.

@@ -26,7 +26,6 @@ use uuid::Uuid;
 use super::inner::{Inner, read_failed};
 use super::queued::{Answer, Mutated, Queued};
 use super::slot::{Slot, SlotState};
-use super::stats::Counters;
 use crate::audit::AuditEvent;
 use crate::error::{SessionError, StorageError, error_chain};
 use crate::model::TaskSession;
@@ -270,7 +269,7 @@ impl<S: Storage> Inner<S> {
             Ok(UpdateOutcome::Applied(version)) => {
                 return self.applied(id, slot, state, round, version);
             }
-            Ok(UpdateOutcome::Conflict) => Counters::bump(&self.counters.conflicts),
+            Ok(UpdateOutcome::Conflict) => self.counters.conflict(),
             Err(err) => return self.write_failed(id, slot, state, round, &err),
         }
 
@@ -366,7 +365,7 @@ impl<S: Storage> Inner<S> {
             state.current = next;
         }
         state.unwritten.extend(round.events);
-        Counters::bump(&self.counters.write_failures);
+        self.counters.write_failed();
         self.pin(id, slot, state);
         let detail = error_chain(err);
         tracing::warn!(session_id = %id, error = %detail, "write-through failed; cache is ahead of storage");

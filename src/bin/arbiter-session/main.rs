@@ -1,8 +1,11 @@
 //! `arbiter-session`: the operator's command-line tool over an arbiter-session database.
 //!
-//! A thin shell over the library (`arbiter_session::{migrate, report, chain, retention}`):
+//! A thin shell over the library (`arbiter_session::migrate` and `arbiter_session::operator`):
 //! it parses arguments, connects to `DATABASE_URL`, prints, and turns every failure into
 //! one line on stderr and a non-zero exit.
+
+#[cfg(feature = "server")]
+mod serve;
 
 use std::process::ExitCode;
 use std::str::FromStr as _;
@@ -69,6 +72,10 @@ enum Command {
         #[arg(long)]
         session: Option<Uuid>,
     },
+    /// Serve sessions over HTTP (with the `server` feature): the JSON API, Envoy's
+    /// ext_authz check, health, Prometheus metrics and the OpenAPI document.
+    #[cfg(feature = "server")]
+    Serve(serve::ServeArgs),
     /// Delete sessions that ended before a date (never a live one); keeps their audit
     /// events unless --events is given.
     Purge {
@@ -133,6 +140,21 @@ impl<E: std::error::Error + 'static> From<E> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "server")]
+    if let Command::Serve(args) = cli.command {
+        // A service: one worker thread per core.
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(err) => return fail(Failure::from(err)),
+        };
+        return match runtime.block_on(serve::serve(&cli.database_url, args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(failure) => fail(failure),
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -216,6 +238,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let summary = chain::verify_all_audit_chains(&pool).await?;
             return Ok(print_summary(&summary));
         }
+        #[cfg(feature = "server")]
+        // Handled in `main`, on a runtime of its own.
+        Command::Serve(_) => return Err(Failure("serve runs from main".to_owned())),
         Command::Purge { before, events } => {
             let retention = if events {
                 EventRetention::Delete

@@ -103,6 +103,15 @@ impl PgStorage {
     /// # Errors
     /// The URL does not parse, or PostgreSQL cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+        Self::connect_with(url, Self::pool_options()).await
+    }
+
+    /// [`PgStorage::connect`] with other pool options (a pool size, an acquire timeout);
+    /// the same server-side settings are added to every connection.
+    ///
+    /// # Errors
+    /// The URL does not parse, or PostgreSQL cannot be reached.
+    pub async fn connect_with(url: &str, pool: PgPoolOptions) -> Result<Self, sqlx::Error> {
         let millis = |d: Duration| d.as_millis().to_string();
         let (keepalive_idle, keepalive_interval, keepalive_count) = TCP_KEEPALIVE;
         let options = PgConnectOptions::from_str(url)?.options([
@@ -118,9 +127,7 @@ impl PgStorage {
             ),
             ("tcp_keepalives_count", keepalive_count.to_string()),
         ]);
-        Ok(PgStorage::new(
-            Self::pool_options().connect_with(options).await?,
-        ))
+        Ok(PgStorage::new(pool.connect_with(options).await?))
     }
 
     /// The pool this storage uses.

@@ -1,0 +1,271 @@
+//! The service's wire format: request and response bodies (their OpenAPI schemas derive
+//! from these types), and the one error body every failure answers with.
+//!
+//! # Invariant: one error shape, nothing leaked
+//! Every error is `{"error": <code>, "message": <text>}` with the status of
+//! `status_code_for_error`. For a [`SessionError`] the code is its variant in snake_case and
+//! the message its opaque `Display`; for a request the service refused before the store
+//! (bad JSON, a bad id, a body too large, a missing token) the message names the problem
+//! without echoing the input. Nothing is written for any refused request.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use arbiter_session::http::{error_code, status_code_for_error};
+use arbiter_session::{SessionError, TaskSession};
+
+/// Every error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorBody {
+    /// A stable code: the error variant in snake_case (`budget_exceeded`,
+    /// `storage_write_through`, …), or `invalid_request`, `unauthorized`, `forbidden`,
+    /// `payload_too_large`, `not_found`.
+    pub(crate) error: &'static str,
+    /// A fixed, human-readable text; never contains an id, a count or a tool name.
+    pub(crate) message: String,
+}
+
+/// A failure, as answered.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+    retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error,
+                message: message.into(),
+            },
+            retry_after_secs: None,
+        }
+    }
+
+    /// 400: the request was malformed; nothing was written.
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub(crate) fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        )
+    }
+
+    pub(crate) fn forbidden() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token may not use this route",
+        )
+    }
+
+    pub(crate) fn no_route() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+
+    /// The error answered for `err`, with `Retry-After` for a full rate window.
+    pub(crate) fn session(err: &SessionError, retry_after_secs: Option<u64>) -> Self {
+        let status = StatusCode::from_u16(status_code_for_error(err))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError {
+            retry_after_secs,
+            ..Self::new(status, error_code(err), err.to_string())
+        }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(err: SessionError) -> Self {
+        ApiError::session(&err, None)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// A JSON body whose rejections answer in the service's error shape: 413 past the body
+/// limit, 400 for anything else (malformed JSON, a wrong type, an unknown field, a missing
+/// content type).
+#[derive(Debug)]
+pub(crate) struct Body<T>(pub(crate) T);
+
+impl<S, T> FromRequest<S> for Body<T>
+where
+    S: Send + Sync,
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Body(value)),
+            Err(rejection) => Err(rejected(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+/// The error for a body axum refused with `status`.
+pub(crate) fn rejected(status: StatusCode, detail: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is larger than 64 KiB",
+        );
+    }
+    tracing::debug!(%status, %detail, "request body refused");
+    ApiError::invalid("the request body is not the expected JSON")
+}
+
+/// `POST /v1/sessions`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateBody {
+    /// The agent the session is bound to.
+    pub(crate) agent_id: Uuid,
+    /// Tools the agent may call; `["*"]` allows every tool.
+    pub(crate) authorized_tools: Vec<String>,
+    /// Total calls allowed.
+    pub(crate) call_budget: u64,
+    /// How long the session lives, in seconds.
+    pub(crate) time_limit_secs: u64,
+    /// Calls allowed per rate window.
+    pub(crate) rate_limit_per_minute: Option<u64>,
+    /// Length of the rate window in seconds (default 60).
+    pub(crate) rate_limit_window_secs: Option<u64>,
+    /// What the agent says it is doing.
+    pub(crate) declared_intent: Option<String>,
+    /// Who delegated to the agent.
+    pub(crate) delegation_chain: Option<Vec<String>>,
+    /// Credentials the agent may use.
+    pub(crate) authorized_credentials: Option<Vec<String>>,
+    /// `public`, `internal`, `confidential` or `restricted`.
+    pub(crate) data_sensitivity_ceiling: Option<String>,
+    /// Refuse the create (429 `too_many_sessions`) if the agent already has this many live
+    /// sessions, decided across every process.
+    pub(crate) max_live_sessions: Option<u64>,
+}
+
+/// A session.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SessionView {
+    pub(crate) session_id: Uuid,
+    pub(crate) agent_id: Uuid,
+    /// `active`, `closed` or `expired`.
+    pub(crate) status: &'static str,
+    pub(crate) calls_made: u64,
+    pub(crate) call_budget: u64,
+    pub(crate) calls_remaining: u64,
+    pub(crate) authorized_tools: Vec<String>,
+    pub(crate) rate_limit_per_minute: Option<u64>,
+    pub(crate) rate_limit_window_secs: u64,
+    pub(crate) rate_window_calls: u64,
+    pub(crate) declared_intent: String,
+    pub(crate) data_sensitivity_ceiling: &'static str,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) expires_at: DateTime<Utc>,
+}
+
+impl From<&TaskSession> for SessionView {
+    fn from(s: &TaskSession) -> Self {
+        SessionView {
+            session_id: s.session_id,
+            agent_id: s.agent_id,
+            status: s.status.as_str(),
+            calls_made: s.calls_made,
+            call_budget: s.call_budget,
+            calls_remaining: s.calls_remaining(),
+            authorized_tools: s.authorized_tools.to_vec(),
+            rate_limit_per_minute: s.rate_limit_per_minute,
+            rate_limit_window_secs: s.rate_limit_window_secs,
+            rate_window_calls: s.rate_window_calls,
+            declared_intent: s.declared_intent.to_string(),
+            data_sensitivity_ceiling: s.data_sensitivity_ceiling.as_str(),
+            created_at: s.created_at,
+            expires_at: s.expires_at,
+        }
+    }
+}
+
+/// `POST /v1/sessions/{id}/use`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UseBody {
+    /// The tool the agent is about to call.
+    pub(crate) tool: String,
+    /// The agent presenting the session.
+    pub(crate) agent_id: Uuid,
+}
+
+/// `POST /v1/sessions/{id}/use-batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UseBatchBody {
+    /// The tools, one call each, all or nothing.
+    pub(crate) tools: Vec<String>,
+    /// The agent presenting the session.
+    pub(crate) agent_id: Uuid,
+}
+
+/// An allowed use.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct UseAnswer {
+    pub(crate) calls_made: u64,
+    pub(crate) calls_remaining: u64,
+    /// `active`, `closed` or `expired`.
+    pub(crate) status: &'static str,
+}
+
+impl From<&TaskSession> for UseAnswer {
+    fn from(s: &TaskSession) -> Self {
+        UseAnswer {
+            calls_made: s.calls_made,
+            calls_remaining: s.calls_remaining(),
+            status: s.status.as_str(),
+        }
+    }
+}
+
+/// `GET /v1/agents/{agent_id}/live-sessions`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct LiveCount {
+    /// Active sessions not past their time limit, across every process.
+    pub(crate) count: u64,
+}
+
+/// `POST /v1/agents/{agent_id}/close-all`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Closed {
+    /// Sessions this call closed.
+    pub(crate) closed: usize,
+}
+
+/// `GET /healthz` and `GET /readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Health {
+    /// `ok`, or why the service is not ready.
+    pub(crate) status: &'static str,
+}

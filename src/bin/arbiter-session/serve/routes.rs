@@ -1,0 +1,406 @@
+//! The routes: each handler checks the caller's role, parses, and makes one call of the
+//! store; the OpenAPI document is derived from these handlers and the types of `api`.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use utoipa::OpenApi;
+use uuid::Uuid;
+
+use arbiter_session::http::parse_session_header;
+use arbiter_session::model::DataSensitivity;
+use arbiter_session::{CreateSessionRequest, SessionError, TaskSession};
+
+use super::api::{
+    ApiError, Body, Closed, CreateBody, ErrorBody, Health, LiveCount, SessionView, UseAnswer,
+    UseBatchBody, UseBody,
+};
+use super::auth::{Caller, Role};
+use super::state::AppState;
+
+/// The header a gateway (or Envoy) names the session in.
+pub(crate) const SESSION_HEADER: &str = "x-arbiter-session";
+/// The header that names the presenting agent.
+pub(crate) const AGENT_HEADER: &str = "x-arbiter-agent";
+/// The header that names the tool, when the body does not.
+pub(crate) const TOOL_HEADER: &str = "x-arbiter-tool";
+/// The header an allowed check answers with.
+pub(crate) const REMAINING_HEADER: &str = "x-arbiter-calls-remaining";
+
+/// The OpenAPI document of every route.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "arbiter-session", description = "Durable task sessions for AI-agent gateways"),
+    paths(
+        create,
+        get_session,
+        use_session,
+        use_batch,
+        close,
+        live_sessions,
+        close_all,
+        check,
+        healthz,
+        readyz,
+        metrics
+    ),
+    components(schemas(
+        CreateBody,
+        SessionView,
+        UseBody,
+        UseBatchBody,
+        UseAnswer,
+        LiveCount,
+        Closed,
+        Health,
+        ErrorBody
+    )),
+    modifiers(&BearerAuth)
+)]
+pub(crate) struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// A session or agent id from the path; anything but a UUID is 400 `invalid_request`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Id(Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<Uuid>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Id(id)),
+            Err(_) => Err(ApiError::invalid("the id in the path is not a UUID")),
+        }
+    }
+}
+
+impl CreateBody {
+    fn into_request(self) -> Result<CreateSessionRequest, ApiError> {
+        let secs = i64::try_from(self.time_limit_secs)
+            .ok()
+            .and_then(chrono::Duration::try_seconds)
+            .ok_or_else(|| ApiError::invalid("time_limit_secs is out of range"))?;
+        let mut req =
+            CreateSessionRequest::new(self.agent_id, self.authorized_tools, self.call_budget, secs);
+        req.rate_limit_per_minute = self.rate_limit_per_minute;
+        if let Some(window) = self.rate_limit_window_secs {
+            req.rate_limit_window_secs = window;
+        }
+        if let Some(intent) = self.declared_intent {
+            req.declared_intent = intent;
+        }
+        if let Some(chain) = self.delegation_chain {
+            req.delegation_chain_snapshot = chain;
+        }
+        if let Some(credentials) = self.authorized_credentials {
+            req.authorized_credentials = credentials;
+        }
+        if let Some(ceiling) = self.data_sensitivity_ceiling {
+            req.data_sensitivity_ceiling = ceiling.parse::<DataSensitivity>().map_err(|_| {
+                ApiError::invalid(
+                    "data_sensitivity_ceiling must be public, internal, confidential or restricted",
+                )
+            })?;
+        }
+        Ok(req)
+    }
+}
+
+/// Seconds until the rate window of `session` ends (at least 1).
+fn retry_after(session: &TaskSession) -> u64 {
+    let Some(started) = session.rate_window_started_at else {
+        return 1;
+    };
+    let window = i64::try_from(session.rate_limit_window_secs).unwrap_or(i64::MAX);
+    let ends = chrono::Duration::try_seconds(window).and_then(|w| started.checked_add_signed(w));
+    ends.map_or(1, |ends| {
+        let left = (ends - Utc::now()).num_milliseconds();
+        // Rounded up: a client that waits this long finds a new window.
+        std::cmp::max(u64::try_from((left + 999) / 1000).unwrap_or(0), 1)
+    })
+}
+
+/// The error for a denied use, with `Retry-After` when the rate window is full.
+async fn denied(state: &AppState, id: Uuid, err: SessionError) -> ApiError {
+    if matches!(err, SessionError::RateLimited { .. }) {
+        // From the cache: the use that was just denied loaded the session.
+        let secs = state.store.get(id).await.map_or(1, |s| retry_after(&s));
+        return ApiError::session(&err, Some(secs));
+    }
+    ApiError::from(err)
+}
+
+/// Creates a session (admin).
+#[utoipa::path(post, path = "/v1/sessions", request_body = CreateBody,
+    responses((status = 201, body = SessionView), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(body): Body<CreateBody>,
+) -> Result<(StatusCode, Json<SessionView>), ApiError> {
+    caller.require(&[Role::Admin])?;
+    let cap = body.max_live_sessions;
+    let req = body.into_request()?;
+    let session = match cap {
+        Some(max) => state.store.create_if_under_cap(req, max).await?,
+        None => state.store.create(req).await?,
+    };
+    Ok((StatusCode::CREATED, Json(SessionView::from(&session))))
+}
+
+/// One session (admin, gateway).
+#[utoipa::path(get, path = "/v1/sessions/{id}", params(("id" = Uuid, Path)),
+    responses((status = 200, body = SessionView), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn get_session(
+    State(state): State<AppState>,
+    caller: Caller,
+    Id(id): Id,
+) -> Result<Json<SessionView>, ApiError> {
+    caller.require(&[Role::Admin, Role::Gateway])?;
+    let session = state.store.get(id).await?;
+    Ok(Json(SessionView::from(&session)))
+}
+
+/// Counts one call of a tool (gateway).
+#[utoipa::path(post, path = "/v1/sessions/{id}/use", params(("id" = Uuid, Path)),
+    request_body = UseBody,
+    responses((status = 200, body = UseAnswer), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn use_session(
+    State(state): State<AppState>,
+    caller: Caller,
+    Id(id): Id,
+    Body(body): Body<UseBody>,
+) -> Result<Json<UseAnswer>, ApiError> {
+    caller.require(&[Role::Gateway])?;
+    match state
+        .store
+        .use_session(id, &body.tool, Some(body.agent_id))
+        .await
+    {
+        Ok(session) => Ok(Json(UseAnswer::from(&session))),
+        Err(err) => Err(denied(&state, id, err).await),
+    }
+}
+
+/// Counts one call per tool, all or nothing (gateway).
+#[utoipa::path(post, path = "/v1/sessions/{id}/use-batch", params(("id" = Uuid, Path)),
+    request_body = UseBatchBody,
+    responses((status = 200, body = UseAnswer), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn use_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Id(id): Id,
+    Body(body): Body<UseBatchBody>,
+) -> Result<Json<UseAnswer>, ApiError> {
+    caller.require(&[Role::Gateway])?;
+    let tools: Vec<&str> = body.tools.iter().map(String::as_str).collect();
+    match state
+        .store
+        .use_session_batch(id, &tools, Some(body.agent_id))
+        .await
+    {
+        Ok(session) => Ok(Json(UseAnswer::from(&session))),
+        Err(err) => Err(denied(&state, id, err).await),
+    }
+}
+
+/// Closes a session (admin, gateway).
+#[utoipa::path(post, path = "/v1/sessions/{id}/close", params(("id" = Uuid, Path)),
+    responses((status = 200, body = SessionView), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn close(
+    State(state): State<AppState>,
+    caller: Caller,
+    Id(id): Id,
+) -> Result<Json<SessionView>, ApiError> {
+    caller.require(&[Role::Admin, Role::Gateway])?;
+    let session = state.store.close(id).await?;
+    Ok(Json(SessionView::from(&session)))
+}
+
+/// Live sessions of an agent, across every process (admin).
+#[utoipa::path(get, path = "/v1/agents/{agent_id}/live-sessions",
+    params(("agent_id" = Uuid, Path)),
+    responses((status = 200, body = LiveCount), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn live_sessions(
+    State(state): State<AppState>,
+    caller: Caller,
+    Id(agent): Id,
+) -> Result<Json<LiveCount>, ApiError> {
+    caller.require(&[Role::Admin])?;
+    let count = state.store.count_live_for_agent(agent).await?;
+    Ok(Json(LiveCount { count }))
+}
+
+/// Closes every active session of an agent (admin).
+#[utoipa::path(post, path = "/v1/agents/{agent_id}/close-all",
+    params(("agent_id" = Uuid, Path)),
+    responses((status = 200, body = Closed), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn close_all(
+    State(state): State<AppState>,
+    caller: Caller,
+    Id(agent): Id,
+) -> Result<Json<Closed>, ApiError> {
+    caller.require(&[Role::Admin])?;
+    let closed = state.store.close_sessions_for_agent(agent).await?;
+    Ok(Json(Closed { closed }))
+}
+
+/// The tool of a check: the `x-arbiter-tool` header, or else the `params.name` of a
+/// JSON-RPC `tools/call` body (an MCP call forwarded by Envoy with its body).
+fn tool_of(headers: &HeaderMap, body: &[u8]) -> Result<String, ApiError> {
+    if let Some(tool) = headers.get(TOOL_HEADER) {
+        return tool
+            .to_str()
+            .map(str::to_owned)
+            .map_err(|_| ApiError::invalid("the x-arbiter-tool header is not text"));
+    }
+    #[derive(serde::Deserialize)]
+    struct Call {
+        method: String,
+        params: Params,
+    }
+    #[derive(serde::Deserialize)]
+    struct Params {
+        name: String,
+    }
+    match serde_json::from_slice::<Call>(body) {
+        Ok(call) if call.method == "tools/call" => Ok(call.params.name),
+        _ => Err(ApiError::invalid(
+            "no tool: send x-arbiter-tool or a JSON-RPC tools/call body",
+        )),
+    }
+}
+
+fn header_id(headers: &HeaderMap, name: &str) -> Result<Uuid, ApiError> {
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_session_header)
+        .ok_or_else(|| ApiError::invalid(format!("the {name} header must be a UUID")))
+}
+
+/// Envoy's HTTP `ext_authz` contract (gateway): allowed is 200 with
+/// `x-arbiter-calls-remaining`; denied is the error's status and body, which Envoy returns
+/// to the client.
+#[utoipa::path(post, path = "/v1/check/{rest}", params(("rest" = String, Path),
+        ("x-arbiter-session" = Uuid, Header), ("x-arbiter-agent" = Uuid, Header),
+        ("x-arbiter-tool" = Option<String>, Header)),
+    responses((status = 200, headers(("x-arbiter-calls-remaining" = u64))),
+        (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn check(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(&[Role::Gateway])?;
+    let body =
+        body.map_err(|rejection| super::api::rejected(rejection.status(), rejection.body_text()))?;
+    let id = header_id(&headers, SESSION_HEADER)?;
+    let agent = header_id(&headers, AGENT_HEADER)?;
+    let tool = tool_of(&headers, &body)?;
+    match state.store.use_session(id, &tool, Some(agent)).await {
+        Ok(session) => {
+            let remaining = HeaderValue::from(session.calls_remaining());
+            Ok(([(REMAINING_HEADER, remaining)], StatusCode::OK).into_response())
+        }
+        Err(err) => Err(denied(&state, id, err).await),
+    }
+}
+
+/// 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// 200 when PostgreSQL answers within the storage timeout and the schema is current.
+#[utoipa::path(get, path = "/readyz",
+    responses((status = 200, body = Health), (status = 503, body = Health)))]
+pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    let pool = state.store.storage().pool().clone();
+    let newest = arbiter_session::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
+    let applied = tokio::time::timeout(state.storage_timeout, async move {
+        // sqlx's own bookkeeping table, not the schema's: the offline data of the macros is
+        // prepared from the migrations alone, so this one statement is checked at run time.
+        sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT max(version) FROM _sqlx_migrations WHERE success",
+        )
+        .fetch_one(&pool)
+        .await
+    })
+    .await;
+    let status = match applied {
+        Ok(Ok(Some(version))) if version >= newest => {
+            return (StatusCode::OK, Json(Health { status: "ok" }));
+        }
+        Ok(Ok(_)) => "schema not current: run arbiter-session migrate",
+        Ok(Err(err)) if is_missing_table(&err) => "schema not current: run arbiter-session migrate",
+        Ok(Err(_)) => "postgresql unavailable",
+        Err(_) => "postgresql did not answer in time",
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status }))
+}
+
+/// Whether `err` is PostgreSQL's "undefined table" (no migration ever ran).
+fn is_missing_table(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "42P01")
+}
+
+/// Prometheus text.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain")))]
+pub(crate) async fn metrics(State(state): State<AppState>) -> String {
+    // Sets the cache and pending gauges.
+    let _ = state.store.stats();
+    state.metrics.render()
+}
+
+/// The OpenAPI 3 document of these routes.
+pub(crate) async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// Any other path.
+pub(crate) async fn no_route() -> ApiError {
+    ApiError::no_route()
+}
+
+/// How long a request may take before the service answers 503 itself: the store answers
+/// every call within its storage timeout, so this only catches what the store does not
+/// cover (a slow client body).
+pub(crate) fn request_timeout(storage_timeout: Duration) -> Duration {
+    storage_timeout * 2 + Duration::from_secs(1)
+}

@@ -1,0 +1,665 @@
+//! `arbiter-session serve` as deployed: the real binary on a free loopback port, against a
+//! fresh database, spoken to over HTTP with a real client. Every route, both roles, every
+//! error code the routes can reach, the body limit, `Retry-After`, Envoy's ext_authz check
+//! (headers, and a JSON-RPC body), `/metrics`, `/openapi.json`, `/readyz` following the
+//! database through a fault proxy, and a SIGTERM that makes a pending session durable
+//! before the process exits.
+
+mod common;
+
+use std::fs::File;
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::{Client, Method, Response, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const ADMIN: &str = "admin-token-for-tests";
+const GATEWAY: &str = "gateway-token-for-tests";
+
+/// A running service; killed when dropped.
+struct Service {
+    child: Child,
+    base: String,
+    client: Client,
+    log: tempfile_path::TempPath,
+}
+
+/// A log file that disappears with the test (no dependency for one file).
+mod tempfile_path {
+    use std::path::PathBuf;
+
+    #[derive(Debug)]
+    pub struct TempPath(pub PathBuf);
+
+    impl TempPath {
+        pub fn new() -> Self {
+            TempPath(
+                std::env::temp_dir().join(format!("arbiter-serve-{}.log", uuid::Uuid::new_v4())),
+            )
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `arbiter-session serve` on `url` with `args`, and waits for its address line
+/// (off the runtime: a fault proxy on this runtime may be what it connects through).
+async fn start(url: &str, args: &[&str]) -> Service {
+    let log = tempfile_path::TempPath::new();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arbiter-session"))
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--storage-timeout-ms", "1000"])
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("ARBITER_ADMIN_TOKEN", ADMIN)
+        .env("ARBITER_GATEWAY_TOKEN", GATEWAY)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(File::create(&log.0).expect("log file"))
+        .spawn()
+        .expect("the binary starts");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the address line");
+        line
+    })
+    .await
+    .expect("read the address line");
+    let address = line
+        .trim()
+        .strip_prefix("arbiter-session: listening on ")
+        .unwrap_or_else(|| {
+            let log = std::fs::read_to_string(&log.0).unwrap_or_default();
+            panic!("no address line: {line:?}\n{log}")
+        })
+        .to_owned();
+    Service {
+        child,
+        base: format!("http://{address}"),
+        client: Client::new(),
+        log,
+    }
+}
+
+impl Service {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Response {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.expect("the service answers")
+    }
+
+    async fn post(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        json_of(self.send(Method::POST, path, Some(token), Some(body)).await).await
+    }
+
+    async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        json_of(self.send(Method::GET, path, Some(token), None).await).await
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log.0).unwrap_or_default()
+    }
+}
+
+async fn json_of(response: Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.expect("a body");
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+/// An error answer: its status and code, and a message without the session's details.
+#[track_caller]
+fn assert_error(answer: &(StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(answer.0, status, "{}", answer.1);
+    assert_eq!(answer.1["error"], code, "{}", answer.1);
+    assert!(answer.1["message"].is_string(), "{}", answer.1);
+}
+
+async fn create(service: &Service, body: Value) -> Uuid {
+    let (status, session) = service.post("/v1/sessions", ADMIN, body).await;
+    assert_eq!(status, StatusCode::CREATED, "{session}");
+    session["session_id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .expect("a session id")
+}
+
+async fn sessions_in(pool: &PgPool) -> i64 {
+    sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM arbiter.sessions"#)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn serve_routes_roles_and_errors(pool: PgPool) {
+    let service = start(&common::database_url(&pool).await, &[]).await;
+    let agent = Uuid::new_v4();
+    let body = json!({
+        "agent_id": agent, "authorized_tools": ["search", "fetch"], "call_budget": 3,
+        "time_limit_secs": 600, "declared_intent": "tests"
+    });
+
+    // Roles: no token and a wrong one are 401; the gateway may not create.
+    let none = json_of(
+        service
+            .send(Method::POST, "/v1/sessions", None, Some(body.clone()))
+            .await,
+    )
+    .await;
+    assert_error(&none, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(
+        &service.post("/v1/sessions", "wrong", body.clone()).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        &service.post("/v1/sessions", GATEWAY, body.clone()).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_eq!(
+        sessions_in(&pool).await,
+        0,
+        "nothing written for a refused create"
+    );
+
+    // Malformed input is 400 and writes nothing.
+    let mut unknown = body.clone();
+    unknown["surprise"] = json!(1);
+    assert_error(
+        &service.post("/v1/sessions", ADMIN, unknown).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    let mut zero = body.clone();
+    zero["call_budget"] = json!(0);
+    assert_error(
+        &service.post("/v1/sessions", ADMIN, zero).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    let broken = service
+        .client
+        .post(format!("{}/v1/sessions", service.base))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body("{\"agent_id\":")
+        .send()
+        .await
+        .expect("answer");
+    assert_error(
+        &json_of(broken).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    let huge = json!({ "agent_id": agent, "authorized_tools": ["x".repeat(70 * 1024)],
+        "call_budget": 1, "time_limit_secs": 60 });
+    assert_error(
+        &service.post("/v1/sessions", ADMIN, huge).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+    assert_error(
+        &service.get("/v1/sessions/not-a-uuid", ADMIN).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    assert_eq!(sessions_in(&pool).await, 0);
+
+    // Create, read with both roles, use until the budget denies.
+    let id = create(&service, body.clone()).await;
+    for token in [ADMIN, GATEWAY] {
+        let (status, session) = service.get(&format!("/v1/sessions/{id}"), token).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            (
+                session["calls_remaining"].as_u64(),
+                session["status"].as_str()
+            ),
+            (Some(3), Some("active"))
+        );
+    }
+    let use_path = format!("/v1/sessions/{id}/use");
+    let call = |tool: &str, agent: Uuid| json!({ "tool": tool, "agent_id": agent });
+    assert_error(
+        &service.post(&use_path, ADMIN, call("search", agent)).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let (status, used) = service
+        .post(&use_path, GATEWAY, call("search", agent))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{used}");
+    assert_eq!(
+        used,
+        json!({ "calls_made": 1, "calls_remaining": 2, "status": "active" })
+    );
+    assert_error(
+        &service.post(&use_path, GATEWAY, call("rm", agent)).await,
+        StatusCode::FORBIDDEN,
+        "tool_not_authorized",
+    );
+    assert_error(
+        &service
+            .post(&use_path, GATEWAY, call("search", Uuid::new_v4()))
+            .await,
+        StatusCode::FORBIDDEN,
+        "agent_mismatch",
+    );
+    let batch_path = format!("/v1/sessions/{id}/use-batch");
+    let batch = |tools: &[&str]| json!({ "tools": tools, "agent_id": agent });
+    assert_error(
+        &service
+            .post(&batch_path, GATEWAY, batch(&["search", "fetch", "search"]))
+            .await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "budget_exceeded",
+    );
+    let (status, used) = service
+        .post(&batch_path, GATEWAY, batch(&["search", "fetch"]))
+        .await;
+    assert_eq!(
+        (status, used["calls_remaining"].as_u64()),
+        (StatusCode::OK, Some(0))
+    );
+    let denied = service
+        .post(&use_path, GATEWAY, call("search", agent))
+        .await;
+    assert_error(&denied, StatusCode::TOO_MANY_REQUESTS, "budget_exceeded");
+    assert_eq!(
+        denied.1["message"], "session budget exceeded",
+        "the opaque Display"
+    );
+    let row = common::row(&pool, id).await;
+    assert_eq!(row.calls_made, 3, "exactly the allowed calls are stored");
+
+    // Close (the gateway may), then every use is 410.
+    let (status, closed) = service
+        .post(&format!("/v1/sessions/{id}/close"), GATEWAY, json!({}))
+        .await;
+    assert_eq!(
+        (status, closed["status"].as_str()),
+        (StatusCode::OK, Some("closed"))
+    );
+    assert_error(
+        &service
+            .post(&use_path, GATEWAY, call("search", agent))
+            .await,
+        StatusCode::GONE,
+        "already_closed",
+    );
+    assert_error(
+        &service
+            .get(&format!("/v1/sessions/{}", Uuid::new_v4()), ADMIN)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+
+    // Agents: the cap, the live count, close-all.
+    let mut capped = body.clone();
+    capped["max_live_sessions"] = json!(1);
+    create(&service, capped.clone()).await;
+    assert_error(
+        &service.post("/v1/sessions", ADMIN, capped).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_sessions",
+    );
+    let live = format!("/v1/agents/{agent}/live-sessions");
+    assert_error(
+        &service.get(&live, GATEWAY).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_eq!(service.get(&live, ADMIN).await.1, json!({ "count": 1 }));
+    let (status, all) = service
+        .post(&format!("/v1/agents/{agent}/close-all"), ADMIN, json!({}))
+        .await;
+    assert_eq!((status, all), (StatusCode::OK, json!({ "closed": 1 })));
+    assert_eq!(service.get(&live, ADMIN).await.1, json!({ "count": 0 }));
+
+    // A full rate window says when to come back; an expired session is 408.
+    let rated = create(
+        &service,
+        json!({ "agent_id": agent, "authorized_tools": ["*"],
+        "call_budget": 10, "time_limit_secs": 1, "rate_limit_per_minute": 1 }),
+    )
+    .await;
+    let rated_use = format!("/v1/sessions/{rated}/use");
+    assert_eq!(
+        service
+            .post(&rated_use, GATEWAY, call("search", agent))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let limited = service
+        .send(
+            Method::POST,
+            &rated_use,
+            Some(GATEWAY),
+            Some(call("search", agent)),
+        )
+        .await;
+    let retry_after: u64 = limited
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After on a full window");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_error(
+        &json_of(limited).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_error(
+        &service
+            .post(&rated_use, GATEWAY, call("search", agent))
+            .await,
+        StatusCode::REQUEST_TIMEOUT,
+        "expired",
+    );
+
+    // Unknown routes answer in the same shape.
+    assert_error(
+        &service.get("/v2/nothing", ADMIN).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn serve_ext_authz_metrics_and_openapi(pool: PgPool) {
+    let service = start(&common::database_url(&pool).await, &[]).await;
+    let agent = Uuid::new_v4();
+    let id = create(
+        &service,
+        json!({ "agent_id": agent, "authorized_tools": ["search"],
+        "call_budget": 2, "time_limit_secs": 600 }),
+    )
+    .await;
+    let check = |path: &str| {
+        service
+            .client
+            .request(Method::POST, format!("{}/v1/check{path}", service.base))
+    };
+
+    // Headers only, as Envoy sends them.
+    let allowed = check("/mcp")
+        .bearer_auth(GATEWAY)
+        .header("x-arbiter-session", id.to_string())
+        .header("x-arbiter-agent", agent.to_string())
+        .header("x-arbiter-tool", "search")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(allowed.status(), StatusCode::OK);
+    assert_eq!(
+        allowed
+            .headers()
+            .get("x-arbiter-calls-remaining")
+            .map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+
+    // An MCP tools/call forwarded with its body: the tool comes from params.name.
+    let rpc = |tool: &str| {
+        json!({ "jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": { "name": tool, "arguments": {} } })
+    };
+    let denied = check("/")
+        .bearer_auth(GATEWAY)
+        .header("x-arbiter-session", id.to_string())
+        .header("x-arbiter-agent", agent.to_string())
+        .json(&rpc("delete_everything"))
+        .send()
+        .await
+        .expect("answer");
+    assert_error(
+        &json_of(denied).await,
+        StatusCode::FORBIDDEN,
+        "tool_not_authorized",
+    );
+    let allowed = check("/mcp")
+        .bearer_auth(GATEWAY)
+        .header("x-arbiter-session", id.to_string())
+        .header("x-arbiter-agent", agent.to_string())
+        .json(&rpc("search"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(
+        allowed
+            .headers()
+            .get("x-arbiter-calls-remaining")
+            .map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+    let bad = check("/mcp")
+        .bearer_auth(GATEWAY)
+        .header("x-arbiter-session", "{not a uuid}")
+        .header("x-arbiter-agent", agent.to_string())
+        .header("x-arbiter-tool", "search")
+        .send()
+        .await
+        .expect("answer");
+    assert_error(
+        &json_of(bad).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    let admin = check("/mcp")
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(admin.status(), StatusCode::FORBIDDEN);
+    assert_eq!(common::row(&pool, id).await.calls_made, 2);
+
+    // Metrics show the decisions that were made, and the requests by route.
+    let metrics = service
+        .send(Method::GET, "/metrics", None, None)
+        .await
+        .text()
+        .await
+        .expect("metrics");
+    let allowed_line = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("arbiter_session_decisions_total") && line.contains("result=\"allow\"")
+        })
+        .unwrap_or_else(|| panic!("no allow counter in\n{metrics}"));
+    assert!(allowed_line.ends_with(" 2"), "{allowed_line}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("arbiter_session_decisions_total")
+                && l.contains("reason=\"tool\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("arbiter_http_requests_total{route=\"/v1/check/{*rest}\",status=\"200\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("arbiter_session_use_seconds"), "{metrics}");
+
+    // The OpenAPI document is generated from the handlers.
+    let (status, doc) = json_of(service.send(Method::GET, "/openapi.json", None, None).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")),
+        "{doc}"
+    );
+    for path in [
+        "/v1/sessions",
+        "/v1/sessions/{id}/use",
+        "/v1/agents/{agent_id}/close-all",
+        "/readyz",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing");
+    }
+    assert!(
+        doc["components"]["schemas"]["CreateBody"]["properties"]["max_live_sessions"].is_object()
+    );
+
+    let (status, health) = json_of(service.send(Method::GET, "/healthz", None, None).await).await;
+    assert_eq!(
+        (status, health),
+        (StatusCode::OK, json!({ "status": "ok" }))
+    );
+}
+
+/// `DATABASE_URL` of `pool`'s database, through `proxy`.
+async fn url_through(pool: &PgPool, proxy: &common::proxy::FaultProxy) -> String {
+    let url = common::database_url(pool).await;
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (authority, path) = rest.split_once('/').expect("a database name");
+    let credentials = authority
+        .rsplit_once('@')
+        .map(|(c, _)| format!("{c}@"))
+        .unwrap_or_default();
+    format!(
+        "{scheme}://{credentials}127.0.0.1:{}/{path}",
+        proxy.addr().port()
+    )
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn serve_readyz_follows_the_database_and_sigterm_flushes(pool: PgPool) {
+    let (proxy, _proxied) = common::proxied_pool(&pool).await;
+    let mut service = start(
+        &url_through(&pool, &proxy).await,
+        &["--shutdown-timeout-secs", "20"],
+    )
+    .await;
+    let ready = || async {
+        service
+            .send(Method::GET, "/readyz", None, None)
+            .await
+            .status()
+    };
+    assert_eq!(ready().await, StatusCode::OK);
+
+    let agent = Uuid::new_v4();
+    let id = create(
+        &service,
+        json!({ "agent_id": agent, "authorized_tools": ["search"],
+        "call_budget": 5, "time_limit_secs": 600 }),
+    )
+    .await;
+    let call = json!({ "tool": "search", "agent_id": agent });
+    let use_path = format!("/v1/sessions/{id}/use");
+    assert_eq!(
+        service.post(&use_path, GATEWAY, call.clone()).await.0,
+        StatusCode::OK
+    );
+
+    // The database goes away: not ready, and a use is counted but not durable.
+    proxy.refuse();
+    proxy.cut();
+    assert_eq!(ready().await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_error(
+        &service.post(&use_path, GATEWAY, call).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_write_through",
+    );
+    assert_eq!(common::row(&pool, id).await.calls_made, 1);
+
+    // Back: ready again; SIGTERM then exits 0 with the pending call durable.
+    proxy.heal();
+    let mut waited = Duration::ZERO;
+    while ready().await != StatusCode::OK {
+        assert!(
+            waited < Duration::from_secs(10),
+            "not ready again after the heal"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
+    let pid = service.child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = service.child.wait().expect("the service exits");
+        (status, service)
+    })
+    .await
+    .expect("wait");
+    let (status, service) = exit;
+    let log = service.log();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(log.contains("shutdown clean"), "{log}");
+    assert_eq!(
+        common::row(&pool, id).await.calls_made,
+        2,
+        "the pending call is durable"
+    );
+}
+
+#[test]
+fn serve_refuses_to_start_without_tokens_or_with_no_auth_in_public() {
+    let run = |args: &[&str], tokens: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_arbiter-session"));
+        command
+            .arg("serve")
+            .args(args)
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .env_remove("ARBITER_ADMIN_TOKEN")
+            .env_remove("ARBITER_GATEWAY_TOKEN");
+        if tokens {
+            command.env("ARBITER_ADMIN_TOKEN", ADMIN);
+        }
+        command.output().expect("the binary runs")
+    };
+    let no_tokens = run(&["--listen", "127.0.0.1:0"], false);
+    let one_token = run(&["--listen", "127.0.0.1:0"], true);
+    let public = run(&["--listen", "0.0.0.0:0", "--no-auth"], false);
+    for (output, expected) in [
+        (no_tokens, "both tokens are required"),
+        (one_token, "both tokens are required"),
+        (public, "only on a loopback address"),
+    ] {
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{err}");
+        assert!(err.contains(expected), "{err}");
+        assert!(!err.contains(ADMIN), "a token never appears in an error");
+    }
+}
