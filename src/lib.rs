@@ -8,6 +8,9 @@
 //!   [`http`] what a gateway needs to answer over HTTP, [`audit`] the audit trail's events.
 //! * [`storage`] is the backend trait and its contract, for a new backend.
 //! * [`operator`] is the operator's side: the audit chain, retention and reports.
+//! * `metrics` (feature `metrics`) names the metrics the store emits through the
+//!   `metrics` facade; the `server` feature adds `arbiter-session serve`, the store over
+//!   HTTP.
 //! * `testing` (feature `testing`) holds the test doubles.
 //! * `docs/architecture.md` in the repository follows one call through every layer.
 //!

@@ -593,44 +593,68 @@ async fn serve_readyz_follows_the_database_and_sigterm_flushes(pool: PgPool) {
     proxy.cut();
     assert_eq!(ready().await, StatusCode::SERVICE_UNAVAILABLE);
     assert_error(
-        &service.post(&use_path, GATEWAY, call).await,
+        &service.post(&use_path, GATEWAY, call.clone()).await,
         StatusCode::SERVICE_UNAVAILABLE,
         "storage_write_through",
     );
     assert_eq!(common::row(&pool, id).await.calls_made, 1);
+    // A session this process never loaded cannot be read: 503, never 404.
+    assert_error(
+        &service
+            .get(&format!("/v1/sessions/{}", Uuid::new_v4()), GATEWAY)
+            .await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_read",
+    );
 
-    // Back: ready again; SIGTERM then exits 0 with the pending call durable.
+    // Back: ready again, and the pending call is written.
     proxy.heal();
     let mut waited = Duration::ZERO;
-    while ready().await != StatusCode::OK {
+    while ready().await != StatusCode::OK || common::row(&pool, id).await.calls_made != 2 {
         assert!(
-            waited < Duration::from_secs(10),
-            "not ready again after the heal"
+            waited < Duration::from_secs(15),
+            "not ready and durable after the heal"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
         waited += Duration::from_millis(100);
     }
+
+    // Away again: a third call is pending when SIGTERM arrives. The process keeps running
+    // (it is making that call durable) until the database is back, then exits 0.
+    proxy.refuse();
+    proxy.cut();
+    assert_error(
+        &service.post(&use_path, GATEWAY, call).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_write_through",
+    );
     let pid = service.child.id().to_string();
     let killed = Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill runs");
     assert!(killed.success());
-    let exit = tokio::task::spawn_blocking(move || {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        service.child.try_wait().expect("try_wait").is_none(),
+        "the service exited with a call still pending:\n{}",
+        service.log()
+    );
+    proxy.heal();
+    let (status, service) = tokio::task::spawn_blocking(move || {
         let status = service.child.wait().expect("the service exits");
         (status, service)
     })
     .await
     .expect("wait");
-    let (status, service) = exit;
     let log = service.log();
     assert!(status.success(), "{status:?}\n{log}");
     assert!(log.contains("SIGTERM received"), "{log}");
     assert!(log.contains("shutdown clean"), "{log}");
     assert_eq!(
         common::row(&pool, id).await.calls_made,
-        2,
-        "the pending call is durable"
+        3,
+        "the call pending at SIGTERM is durable"
     );
 }
 

@@ -76,6 +76,12 @@ impl Tokens {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// An authenticated caller: the roles its token grants. Extracting it answers 401 for a
 /// missing or wrong token.
 #[derive(Debug, Clone, Copy)]
@@ -110,8 +116,7 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer)
             .ok_or_else(ApiError::unauthorized)?;
         let roles = state.tokens.roles(presented);
         if roles.is_empty() {
@@ -133,5 +138,9 @@ mod tests {
         assert!(tokens.roles("gateway-secre").is_empty());
         assert!(tokens.roles("").is_empty());
         assert_eq!(format!("{tokens:?}"), "Tokens::Required(..)");
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer"), None);
     }
 }
