@@ -465,3 +465,102 @@ async fn connect_sets_server_side_timeouts(pool: PgPool) {
         ("5s", "10s", "10", "5", "3")
     );
 }
+
+/// Defect found by the HTTP bench: a connection that has run the write statements a few
+/// times while the tables were small kept PostgreSQL's generic plan of them (chosen after
+/// five executions, without the batch's size or the table's growth), and a long-running
+/// gateway's writes became several times slower as its tables grew (`scripts/bench`: 64
+/// tasks on the pool used since start-up, 1,400 calls/s, on a new pool 8,100). Every write
+/// is planned for its own parameters instead.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn connect_plans_each_write_for_its_own_parameters(pool: PgPool) {
+    use arbiter_session::Storage as _;
+    use arbiter_session::audit::{AuditEvent, EventKind};
+    use arbiter_session::storage::{BatchUpdate, UpdateOutcome};
+
+    // One connection, so the statements' plans seen below are those every write used.
+    let storage = PgStorage::connect_with(
+        &common::database_url(&pool).await,
+        PgStorage::pool_options().max_connections(1),
+    )
+    .await
+    .expect("connect");
+    let store = SessionStore::builder(storage.clone())
+        .listen_for_changes(false)
+        .build();
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        let id = common::new_session(&store, &["t"], 1_000).await;
+        sessions.push(storage.load(id).await.expect("load").expect("stored"));
+    }
+    for _ in 0..10 {
+        let next: Vec<_> = sessions
+            .iter()
+            .map(|s| {
+                let mut next = s.session.clone();
+                next.calls_made += 1;
+                let event = AuditEvent::new(
+                    EventKind::CallAllowed,
+                    vec!["t".into()],
+                    &next,
+                    chrono::Utc::now(),
+                    Uuid::nil(),
+                );
+                (next, s.version, vec![event])
+            })
+            .collect();
+        let batch: Vec<BatchUpdate<'_>> = next
+            .iter()
+            .map(|(session, expected, events)| BatchUpdate {
+                session,
+                expected: *expected,
+                events,
+            })
+            .collect();
+        let outcomes = storage.update_many(&batch).await.expect("batch");
+        let lone = &next[0];
+        for (s, (outcome, (session, _, _))) in
+            sessions.iter_mut().zip(outcomes.into_iter().zip(&next))
+        {
+            let UpdateOutcome::Applied(version) = outcome else {
+                panic!("{outcome:?}")
+            };
+            s.session = session.clone();
+            s.version = version;
+        }
+        // And the statement of a write alone.
+        let mut alone = lone.0.clone();
+        alone.calls_made += 1;
+        let outcome = storage
+            .update(&alone, sessions[0].version, &[])
+            .await
+            .expect("update");
+        let UpdateOutcome::Applied(version) = outcome else {
+            panic!("{outcome:?}")
+        };
+        sessions[0].session = alone;
+        sessions[0].version = version;
+    }
+    let plans = sqlx::query!(
+        r#"SELECT statement AS "statement!", generic_plans AS "generic!", custom_plans AS "custom!"
+             FROM pg_prepared_statements
+            WHERE statement LIKE '%UPDATE arbiter.sessions%'
+              AND statement NOT LIKE '%pg_prepared_statements%'"#
+    )
+    .fetch_all(storage.pool())
+    .await
+    .expect("plans readable");
+    assert_eq!(
+        plans.len(),
+        2,
+        "the batch and the single write were prepared"
+    );
+    for plan in plans {
+        assert_eq!(
+            (plan.generic, plan.custom),
+            (0, 10),
+            "every execution planned for its own parameters: {}",
+            plan.statement
+        );
+    }
+}

@@ -95,9 +95,15 @@ impl PgStorage {
     ///   held by a client cut off mid-transaction (a partition, a frozen process);
     /// * `tcp_keepalives_idle` 10 s, `_interval` 5 s, `_count` 3: an idle connection whose
     ///   client vanished without closing it is noticed within about 25 s, instead of the
-    ///   kernel's default of over two hours.
+    ///   kernel's default of over two hours;
+    /// * `plan_cache_mode` `force_custom_plan`: every write is planned for its own
+    ///   parameters. PostgreSQL otherwise switches a prepared statement to a generic plan
+    ///   after five executions, chosen while the tables were small and blind to a batch's
+    ///   size, and keeps it as they grow: a long-running gateway's writes became several
+    ///   times slower (`tests/failure.rs`, `connect_plans_each_write_for_its_own_parameters`).
+    ///   Planning each statement costs microseconds; a commit costs milliseconds.
     ///
-    /// A deployment that builds its own pool should set the same three (in the URL's
+    /// A deployment that builds its own pool should set the same four (in the URL's
     /// `options` or with [`PgConnectOptions::options`]).
     ///
     /// # Errors
@@ -126,6 +132,8 @@ impl PgStorage {
                 keepalive_interval.as_secs().to_string(),
             ),
             ("tcp_keepalives_count", keepalive_count.to_string()),
+            // See the setting's entry above.
+            ("plan_cache_mode", "force_custom_plan".to_owned()),
         ]);
         Ok(PgStorage::new(pool.connect_with(options).await?))
     }
