@@ -476,7 +476,7 @@ async fn connect_sets_server_side_timeouts(pool: PgPool) {
 async fn connect_plans_each_write_for_its_own_parameters(pool: PgPool) {
     use arbiter_session::Storage as _;
     use arbiter_session::audit::{AuditEvent, EventKind};
-    use arbiter_session::storage::{BatchUpdate, UpdateOutcome};
+    use arbiter_session::storage::{BatchUpdate, UpdateOutcome, Versioned};
 
     // One connection, so the statements' plans seen below are those every write used.
     let storage = PgStorage::connect_with(
@@ -493,53 +493,51 @@ async fn connect_plans_each_write_for_its_own_parameters(pool: PgPool) {
         let id = common::new_session(&store, &["t"], 1_000).await;
         sessions.push(storage.load(id).await.expect("load").expect("stored"));
     }
+    // `v` after one more call, with its event.
+    let one_more = |v: &Versioned| {
+        let mut next = v.session.clone();
+        next.calls_made += 1;
+        let event = AuditEvent::new(
+            EventKind::CallAllowed,
+            vec!["t".into()],
+            &next,
+            chrono::Utc::now(),
+            Uuid::nil(),
+        );
+        (next, vec![event])
+    };
+    let applied = |outcome: UpdateOutcome| match outcome {
+        UpdateOutcome::Applied(version) => version,
+        UpdateOutcome::Conflict => panic!("a write of the only writer conflicted"),
+    };
     for _ in 0..10 {
-        let next: Vec<_> = sessions
+        // The group commit's statement, then the statement of a write alone.
+        let next: Vec<_> = sessions.iter().map(one_more).collect();
+        let batch: Vec<BatchUpdate<'_>> = sessions
             .iter()
-            .map(|s| {
-                let mut next = s.session.clone();
-                next.calls_made += 1;
-                let event = AuditEvent::new(
-                    EventKind::CallAllowed,
-                    vec!["t".into()],
-                    &next,
-                    chrono::Utc::now(),
-                    Uuid::nil(),
-                );
-                (next, s.version, vec![event])
-            })
-            .collect();
-        let batch: Vec<BatchUpdate<'_>> = next
-            .iter()
-            .map(|(session, expected, events)| BatchUpdate {
+            .zip(&next)
+            .map(|(stored, (session, events))| BatchUpdate {
                 session,
-                expected: *expected,
+                expected: stored.version,
                 events,
             })
             .collect();
         let outcomes = storage.update_many(&batch).await.expect("batch");
-        let lone = &next[0];
-        for (s, (outcome, (session, _, _))) in
-            sessions.iter_mut().zip(outcomes.into_iter().zip(&next))
-        {
-            let UpdateOutcome::Applied(version) = outcome else {
-                panic!("{outcome:?}")
+        for ((stored, (session, _)), outcome) in sessions.iter_mut().zip(next).zip(outcomes) {
+            *stored = Versioned {
+                session,
+                version: applied(outcome),
             };
-            s.session = session.clone();
-            s.version = version;
         }
-        // And the statement of a write alone.
-        let mut alone = lone.0.clone();
-        alone.calls_made += 1;
+        let (session, events) = one_more(&sessions[0]);
         let outcome = storage
-            .update(&alone, sessions[0].version, &[])
+            .update(&session, sessions[0].version, &events)
             .await
             .expect("update");
-        let UpdateOutcome::Applied(version) = outcome else {
-            panic!("{outcome:?}")
+        sessions[0] = Versioned {
+            session,
+            version: applied(outcome),
         };
-        sessions[0].session = alone;
-        sessions[0].version = version;
     }
     let plans = sqlx::query!(
         r#"SELECT statement AS "statement!", generic_plans AS "generic!", custom_plans AS "custom!"

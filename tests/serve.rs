@@ -411,39 +411,38 @@ async fn serve_ext_authz_metrics_and_openapi(pool: PgPool) {
         "call_budget": 2, "time_limit_secs": 600 }),
     )
     .await;
-    let check = |path: &str| {
+    // A check as Envoy sends it: the gateway's token, the session and agent headers.
+    let check = |path: &str, session: &str| {
         service
             .client
             .request(Method::POST, format!("{}/v1/check{path}", service.base))
+            .bearer_auth(GATEWAY)
+            .header("x-arbiter-session", session.to_owned())
+            .header("x-arbiter-agent", agent.to_string())
     };
+    let remaining = |response: &Response| {
+        response
+            .headers()
+            .get("x-arbiter-calls-remaining")
+            .map(|v| v.as_bytes().to_vec())
+    };
+    let session = id.to_string();
 
-    // Headers only, as Envoy sends them.
-    let allowed = check("/mcp")
-        .bearer_auth(GATEWAY)
-        .header("x-arbiter-session", id.to_string())
-        .header("x-arbiter-agent", agent.to_string())
+    // Headers only.
+    let allowed = check("/mcp", &session)
         .header("x-arbiter-tool", "search")
         .send()
         .await
         .expect("answer");
     assert_eq!(allowed.status(), StatusCode::OK);
-    assert_eq!(
-        allowed
-            .headers()
-            .get("x-arbiter-calls-remaining")
-            .map(|v| v.as_bytes()),
-        Some(&b"1"[..])
-    );
+    assert_eq!(remaining(&allowed), Some(b"1".to_vec()));
 
     // An MCP tools/call forwarded with its body: the tool comes from params.name.
     let rpc = |tool: &str| {
         json!({ "jsonrpc": "2.0", "id": 7, "method": "tools/call",
         "params": { "name": tool, "arguments": {} } })
     };
-    let denied = check("/")
-        .bearer_auth(GATEWAY)
-        .header("x-arbiter-session", id.to_string())
-        .header("x-arbiter-agent", agent.to_string())
+    let denied = check("/", &session)
         .json(&rpc("delete_everything"))
         .send()
         .await
@@ -453,25 +452,13 @@ async fn serve_ext_authz_metrics_and_openapi(pool: PgPool) {
         StatusCode::FORBIDDEN,
         "tool_not_authorized",
     );
-    let allowed = check("/mcp")
-        .bearer_auth(GATEWAY)
-        .header("x-arbiter-session", id.to_string())
-        .header("x-arbiter-agent", agent.to_string())
+    let allowed = check("/mcp", &session)
         .json(&rpc("search"))
         .send()
         .await
         .expect("answer");
-    assert_eq!(
-        allowed
-            .headers()
-            .get("x-arbiter-calls-remaining")
-            .map(|v| v.as_bytes()),
-        Some(&b"0"[..])
-    );
-    let bad = check("/mcp")
-        .bearer_auth(GATEWAY)
-        .header("x-arbiter-session", "{not a uuid}")
-        .header("x-arbiter-agent", agent.to_string())
+    assert_eq!(remaining(&allowed), Some(b"0".to_vec()));
+    let bad = check("/mcp", "{not a uuid}")
         .header("x-arbiter-tool", "search")
         .send()
         .await
@@ -481,8 +468,14 @@ async fn serve_ext_authz_metrics_and_openapi(pool: PgPool) {
         StatusCode::BAD_REQUEST,
         "invalid_request",
     );
-    let admin = check("/mcp")
+    // The admin token may not check.
+    let admin = service
+        .client
+        .post(format!("{}/v1/check/mcp", service.base))
         .bearer_auth(ADMIN)
+        .header("x-arbiter-session", session.clone())
+        .header("x-arbiter-agent", agent.to_string())
+        .header("x-arbiter-tool", "search")
         .send()
         .await
         .expect("answer");

@@ -13,7 +13,7 @@ use chrono::Utc;
 use utoipa::OpenApi;
 use uuid::Uuid;
 
-use arbiter_session::http::parse_session_header;
+use arbiter_session::http::{SESSION_HEADER, parse_session_header};
 use arbiter_session::model::DataSensitivity;
 use arbiter_session::{CreateSessionRequest, SessionError, TaskSession};
 
@@ -24,8 +24,6 @@ use super::api::{
 use super::auth::{Caller, Role};
 use super::state::AppState;
 
-/// The header a gateway (or Envoy) names the session in.
-pub(crate) const SESSION_HEADER: &str = "x-arbiter-session";
 /// The header that names the presenting agent.
 pub(crate) const AGENT_HEADER: &str = "x-arbiter-agent";
 /// The header that names the tool, when the body does not.
