@@ -5,8 +5,8 @@
 //!
 //! Each check is a generic function over a [`Backend`]; the `contract!` macro runs it once
 //! per backend, over a fresh `MemoryStorage` and over a fresh database (`#[sqlx::test]`).
-//! What only PostgreSQL can do (a row held by another transaction: `LockWait::NoWait`
-//! answers `Busy`) is tested in `tests/reliability.rs`.
+//! What only PostgreSQL can do (a row held by another transaction) is checked below the
+//! suite and in `tests/reliability.rs` (`LockWait::NoWait` answers `Busy`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -106,6 +106,41 @@ contract!(
     the_cap_and_the_agent_queries_count_what_is_live,
 );
 
+/// A row another transaction holds is a conflict at once: the update neither waits for the
+/// lock nor writes. This is how a refused statement's lingering lock shows up (a CI run saw
+/// `a_terminal_status_is_final` answered `Conflict` where it expected the refusal), and why
+/// [`update_refused_by`] tries a conflict again.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn postgres_update_of_a_locked_row_is_a_conflict_at_once(pool: sqlx::PgPool) {
+    let storage = PgStorage::new(pool.clone());
+    let stored = stored(&storage, Uuid::new_v4(), 5, None).await;
+    let id = stored.session.session_id;
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query!(
+        "SELECT session_id FROM arbiter.sessions WHERE session_id = $1 FOR UPDATE",
+        id
+    )
+    .fetch_one(&mut *holder)
+    .await
+    .expect("lock the row");
+    let one = after_calls(&stored.session, 1);
+    let events = [event(EventKind::CallAllowed, &one)];
+    let outcome = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        storage.update(&one, stored.version, &events),
+    )
+    .await
+    .expect("the update does not wait for the lock")
+    .expect("update");
+    assert_eq!(outcome, UpdateOutcome::Conflict);
+    holder.rollback().await.expect("release the row");
+    assert_eq!(storage.events(id).await.len(), 1, "nothing was written");
+    assert_eq!(
+        apply(&storage, &one, stored.version).await,
+        stored.version + 1
+    );
+}
+
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
@@ -162,6 +197,29 @@ fn event(kind: EventKind, after: &TaskSession) -> AuditEvent {
         _ => Vec::new(),
     };
     AuditEvent::new(kind, tools, after, now(), Uuid::nil())
+}
+
+/// Applies `next` at `expected` and expects `constraint` to refuse it. A conflict is tried
+/// again: PostgreSQL reports a refused statement's error before its transaction has rolled
+/// back, so right after one refusal the row can still be locked, and an update through
+/// another pooled connection skips it (the contract in `src/storage/mod.rs`). Bounded: a
+/// conflict that does not clear within a second fails the check.
+async fn update_refused_by<S: Backend>(
+    storage: &S,
+    next: &TaskSession,
+    expected: Version,
+    events: &[AuditEvent],
+    constraint: &str,
+) {
+    for _ in 0..100 {
+        match storage.update(next, expected, events).await {
+            Ok(UpdateOutcome::Conflict) => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            other => return refused_by(other, constraint),
+        }
+    }
+    panic!("expected a refusal by {constraint}, the update kept conflicting");
 }
 
 fn refused_by(result: Result<impl std::fmt::Debug, StorageError>, constraint: &str) {
@@ -251,16 +309,14 @@ async fn an_update_applies_only_at_the_expected_version<S: Backend>(storage: S) 
 async fn calls_past_the_budget_are_refused<S: Backend>(storage: S) {
     let stored = stored(&storage, Uuid::new_v4(), 2, None).await;
     let over = after_calls(&stored.session, 3);
-    refused_by(
-        storage
-            .update(
-                &over,
-                stored.version,
-                &[event(EventKind::CallAllowed, &over)],
-            )
-            .await,
+    update_refused_by(
+        &storage,
+        &over,
+        stored.version,
+        &[event(EventKind::CallAllowed, &over)],
         "sessions_calls_within_budget",
-    );
+    )
+    .await;
     let loaded = storage
         .load(stored.session.session_id)
         .await
@@ -275,12 +331,14 @@ async fn rate_window_calls_past_the_limit_are_refused<S: Backend>(storage: S) {
     let full = after_calls(&stored.session, 2);
     let version = apply(&storage, &full, stored.version).await;
     let over = after_calls(&full, 1);
-    refused_by(
-        storage
-            .update(&over, version, &[event(EventKind::CallAllowed, &over)])
-            .await,
+    update_refused_by(
+        &storage,
+        &over,
+        version,
+        &[event(EventKind::CallAllowed, &over)],
         "sessions_rate_calls_bounded",
-    );
+    )
+    .await;
     let loaded = storage
         .load(stored.session.session_id)
         .await
@@ -306,10 +364,7 @@ async fn a_terminal_status_is_final<S: Backend>(storage: S) {
                 continue;
             }
             let next = with_status(&ended, other);
-            refused_by(
-                storage.update(&next, version, &[]).await,
-                "sessions_status_monotonic",
-            );
+            update_refused_by(&storage, &next, version, &[], "sessions_status_monotonic").await;
         }
         let loaded = storage
             .load(stored.session.session_id)
@@ -334,10 +389,14 @@ async fn an_event_key_is_stored_once<S: Backend>(storage: S) {
     };
     // The same event again (a retried write whose first attempt committed): refused whole.
     let two = after_calls(&one, 1);
-    refused_by(
-        storage.update(&two, version, &[first]).await,
+    update_refused_by(
+        &storage,
+        &two,
+        version,
+        &[first],
         "session_events_key_unique",
-    );
+    )
+    .await;
     let loaded = storage.load(id).await.expect("load").expect("stored");
     assert_eq!((loaded.session.calls_made, loaded.version), (1, version));
     assert_eq!(storage.events(id).await.len(), 2);

@@ -8,7 +8,12 @@
 //! * Every write is one atomic step that also appends its audit events: state and trail
 //!   never disagree.
 //! * [`Storage::update`] applies only when the stored version equals the expected one, and
-//!   every applied update advances the version. Anything else is [`UpdateOutcome::Conflict`].
+//!   every applied update advances the version. Anything else is [`UpdateOutcome::Conflict`],
+//!   including a row another transaction holds locked at that moment: [`PgStorage`] skips a
+//!   locked row rather than queue behind it. A conflict is never final; the caller reloads
+//!   and decides again. (A statement PostgreSQL refuses reports its error before its
+//!   transaction has rolled back, so even the caller's own refused write can hold the row
+//!   for a moment after the error arrives.)
 //! * `calls_made <= call_budget`, and a status never leaves closed or expired; a write that
 //!   would break either fails with [`StorageError::Constraint`].
 //! * [`Storage::update_locked`] reads and writes under a row lock: nothing interleaves.
