@@ -181,6 +181,9 @@ pub struct Denial {
     pub session_id: Uuid,
     /// The agent the session is bound to.
     pub agent_id: Uuid,
+    /// When the session was created: PostgreSQL files the denial with the session's other
+    /// events, in the partition of that day.
+    pub session_created_at: DateTime<Utc>,
     /// The `denied` event.
     pub event: AuditEvent,
 }
@@ -201,6 +204,7 @@ impl Denial {
         Denial {
             session_id: session.session_id,
             agent_id: session.agent_id,
+            session_created_at: session.created_at,
             event: AuditEvent::denied(reason, recordable_tools(tools), session, at, instance_id),
         }
     }

@@ -165,7 +165,7 @@ impl From<sqlx::Error> for StorageError {
             && let Some(name) = db.constraint()
         {
             return StorageError::Constraint {
-                name: name.to_owned(),
+                name: parent_constraint(db.table(), name),
                 source: Box::new(err),
             };
         }
@@ -176,6 +176,22 @@ impl From<sqlx::Error> for StorageError {
             other => StorageError::Transient(Box::new(other)),
         }
     }
+}
+
+/// The name a constraint has on `arbiter.session_events` for one reported on one of its
+/// partitions: PostgreSQL names the partition's copy (`session_events_20261201_key_unique`,
+/// migration `20261201000001_event_partitions.sql`), and callers match the parent's name.
+fn parent_constraint(table: Option<&str>, name: &str) -> String {
+    const PARENT: &str = "session_events_";
+    if let Some(table) = table
+        && table.starts_with(PARENT)
+        && let Some(suffix) = name
+            .strip_prefix(table)
+            .and_then(|rest| rest.strip_prefix('_'))
+    {
+        return format!("{PARENT}{suffix}");
+    }
+    name.to_owned()
 }
 
 /// Renders an error with its whole `source()` chain on one line, for logs, `detail`
@@ -193,4 +209,35 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parent_constraint;
+
+    #[test]
+    fn a_partition_constraint_is_reported_under_the_parent_name() {
+        let day = Some("session_events_20261201");
+        assert_eq!(
+            parent_constraint(day, "session_events_20261201_key_unique"),
+            "session_events_key_unique"
+        );
+        assert_eq!(
+            parent_constraint(
+                Some("session_events_default"),
+                "session_events_default_pkey"
+            ),
+            "session_events_pkey"
+        );
+        // Copied CHECK constraints keep the parent's name; other tables are untouched.
+        assert_eq!(
+            parent_constraint(day, "session_events_kind_known"),
+            "session_events_kind_known"
+        );
+        assert_eq!(
+            parent_constraint(Some("sessions"), "sessions_pkey"),
+            "sessions_pkey"
+        );
+        assert_eq!(parent_constraint(None, "x"), "x");
+    }
 }

@@ -240,3 +240,44 @@ async fn cli_purges_and_fails_in_one_line(pool: PgPool) {
     let out = cli(&url, &["report", "nonsense"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn cli_ensures_and_lists_partitions_and_warns_of_the_default_one(pool: PgPool) {
+    let url = common::database_url(&pool).await;
+    let out = cli(&url, &["partitions", "ensure", "--days-ahead", "9"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "created 2 partitions; every day through 9 days ahead has one\n"
+    );
+    assert_eq!(stderr(&out), "", "the default partition is empty");
+    let out = cli(&url, &["partitions", "list", "--format", "csv"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = stdout(&out);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines[0], "partition,day,estimated_rows,bytes");
+    assert!(
+        lines[1].starts_with("arbiter.session_events_default,,"),
+        "{listed}"
+    );
+    assert_eq!(lines.len(), 1 + 1 + 11, "{listed}");
+    let out = cli(&url, &["partitions", "ensure", "--days-ahead", "367"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a usage error: {}",
+        stderr(&out)
+    );
+
+    // The data set's days (March 2026) have no partition: its events are in the default
+    // one, and inspecting says so.
+    let data = known_dataset(&pool).await;
+    let out = cli(&url, &["inspect", &data.s1.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .starts_with("arbiter-session: warning: arbiter.session_events_default holds events"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -28,10 +28,15 @@ fn sql_blocks(markdown: &str) -> Vec<String> {
 async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
     common::known_dataset(&pool).await;
     let guide = include_str!("../docs/reporting.md");
-    let blocks = sql_blocks(guide);
+    let (schema, questions) = guide
+        .split_once("## Ten questions")
+        .expect("the guide has its ten questions");
+    let blocks = sql_blocks(questions);
     assert_eq!(blocks.len(), 10, "the guide answers ten questions");
+    let schema_blocks = sql_blocks(schema);
+    assert_eq!(schema_blocks.len(), 1, "the partitions query");
     let mut rows = Vec::new();
-    for sql in &blocks {
+    for sql in schema_blocks.iter().chain(&blocks) {
         // The guide's SQL is text meant to be pasted; it cannot be a checked macro.
         let result = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
             .fetch_all(&pool)
@@ -39,6 +44,9 @@ async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
         let result = result.unwrap_or_else(|err| panic!("{sql}\nfails: {err}"));
         rows.push(result);
     }
+    // The partitions query: the default partition (where the data set's days of 2026-03
+    // went) and the nine days the migration created.
+    assert_eq!(rows.remove(0).len(), 10);
     // On the data set: S1 ran out of budget; agent A's 2026-03-02 had one active hour;
     // every one of the three sessions has a chain head.
     assert_eq!(rows[1].len(), 1);

@@ -1,8 +1,10 @@
 //! The operator's side: what people run beside the gateways, against the same database.
 //! [`chain`] verifies the audit trail's hash chain, [`retention`] purges what has ended,
-//! and [`report`] reads the reporting views. The `arbiter-session` command-line tool (the
+//! [`partitions`] keeps the audit trail's daily partitions, and [`report`] reads the
+//! reporting views. The `arbiter-session` command-line tool (the
 //! `cli` feature) is a thin shell over this module.
 
 pub mod chain;
+pub mod partitions;
 pub mod report;
 pub mod retention;

@@ -297,6 +297,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.inner.batches_writes()
     }
 
+    async fn maintain(&self) -> Result<(), StorageError> {
+        self.inner.maintain().await
+    }
+
     /// A batch is one write: a fault fails (or commits and then fails) all of it.
     async fn update_many(
         &self,

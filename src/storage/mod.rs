@@ -135,6 +135,15 @@ pub trait Storage: Send + Sync + 'static {
         None
     }
 
+    /// Periodic upkeep, run by the store when it is first used and then daily (see
+    /// [`SessionStoreBuilder::maintenance_interval`](crate::SessionStoreBuilder::maintenance_interval)).
+    /// [`PgStorage`] creates the audit trail's partitions for the days ahead
+    /// (`arbiter.ensure_event_partitions`). Idempotent, and safe to run from several
+    /// processes at once. The default does nothing.
+    fn maintain(&self) -> impl Future<Output = Result<(), StorageError>> + Send {
+        async { Ok(()) }
+    }
+
     /// Loads one session, `None` if it does not exist.
     fn load(
         &self,

@@ -13,6 +13,7 @@ use super::denial_log::DenialLog;
 use super::group_commit::GroupCommit;
 use super::inner::Inner;
 use super::listener::Listener;
+use super::maintenance::Maintenance;
 use super::reconciler::Reconciler;
 use super::stats::Counters;
 use crate::clock::{Clock, SystemClock};
@@ -25,6 +26,7 @@ const STORAGE_TIMEOUT: Duration = Duration::from_secs(5);
 const DENIAL_BUFFER: usize = 10_000;
 const NEGATIVE_CAPACITY: u64 = 10_000;
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Builds a [`SessionStore`]. Obtained from [`SessionStore::builder`].
 #[derive(Debug)]
@@ -41,6 +43,7 @@ pub struct SessionStoreBuilder<S> {
     negative_ttl: Duration,
     listen_for_changes: bool,
     denial_buffer: usize,
+    maintenance_interval: Option<Duration>,
 }
 
 impl<S: Storage> SessionStoreBuilder<S> {
@@ -57,6 +60,7 @@ impl<S: Storage> SessionStoreBuilder<S> {
             negative_ttl: NEGATIVE_TTL,
             listen_for_changes: true,
             denial_buffer: DENIAL_BUFFER,
+            maintenance_interval: Some(MAINTENANCE_INTERVAL),
         }
     }
 
@@ -124,6 +128,16 @@ impl<S: Storage> SessionStoreBuilder<S> {
         self
     }
 
+    /// How often the store runs the storage's upkeep ([`Storage::maintain`]: for PostgreSQL,
+    /// creating the audit trail's daily partitions a week ahead): when the store is first
+    /// used, then at this interval (default 24 h). `None` runs none; the operator then runs
+    /// `arbiter-session partitions ensure` daily (events of a day without a partition still
+    /// land, in the default partition, where retention cannot drop them whole).
+    pub fn maintenance_interval(mut self, every: Option<Duration>) -> Self {
+        self.maintenance_interval = every;
+        self
+    }
+
     /// The id this process writes into every audit event (default: random per store).
     pub fn instance_id(mut self, instance_id: Uuid) -> Self {
         self.instance_id = instance_id;
@@ -163,6 +177,7 @@ impl<S: Storage> SessionStoreBuilder<S> {
             me: me.clone(),
             reconciler: Reconciler::new(self.reconcile_interval),
             listener: Listener::new(self.listen_for_changes),
+            maintenance: Maintenance::new(self.maintenance_interval),
         });
         SessionStore { inner }
     }

@@ -90,6 +90,11 @@ impl<S: Storage> Storage for Deadline<S> {
         self.run(self.inner.load(session_id)).await
     }
 
+    /// Not bounded by the call timeout: maintenance is nobody's call (see `maintenance`).
+    async fn maintain(&self) -> Result<(), StorageError> {
+        self.inner.maintain().await
+    }
+
     fn batches_writes(&self) -> bool {
         self.inner.batches_writes()
     }

@@ -16,6 +16,7 @@ use super::deadline::Deadline;
 use super::denial_log::DenialLog;
 use super::group_commit::GroupCommit;
 use super::listener::Listener;
+use super::maintenance::Maintenance;
 use super::pending::PendingSet;
 use super::reconciler::Reconciler;
 use super::registry::Slots;
@@ -46,6 +47,7 @@ pub(crate) struct Inner<S> {
     pub(super) reconciler: Reconciler,
     pub(super) denials: Arc<DenialLog<S>>,
     pub(super) listener: Listener,
+    pub(super) maintenance: Maintenance,
 }
 
 impl<S> std::fmt::Debug for Inner<S> {
@@ -92,8 +94,15 @@ impl<S: Storage> Inner<S> {
         (session, event)
     }
 
-    pub(super) async fn cache_created(&self, session: TaskSession, version: i64) -> TaskSession {
+    /// Starts the background tasks that run on their own (the listener, the upkeep) the
+    /// first time the store is used inside a runtime.
+    fn start_tasks(&self) {
         self.listener.ensure_started(&self.me, &*self.storage);
+        self.maintenance.ensure_started(&self.me);
+    }
+
+    pub(super) async fn cache_created(&self, session: TaskSession, version: i64) -> TaskSession {
+        self.start_tasks();
         let id = session.session_id;
         let slot = self.slots.get_or_make(Versioned {
             session: session.clone(),
@@ -113,7 +122,7 @@ impl<S: Storage> Inner<S> {
     /// The slot of `id`: from the cache, else the live slot (pinned or in use), else a new
     /// one loaded from storage. Concurrent misses for one id share a single load.
     pub(super) async fn slot(&self, id: Uuid) -> Result<Arc<Slot>, SessionError> {
-        self.listener.ensure_started(&self.me, &*self.storage);
+        self.start_tasks();
         if let Some(slot) = self.cache.get(&id).await {
             Counters::bump(&self.counters.cache_hits);
             return Ok(slot);

@@ -11,7 +11,8 @@
 //! * `group_commit`: the writes of different sessions sharing one statement;
 //! * `pending`: sessions ahead of storage (pinning); `reconciler`: writing them later;
 //! * `denial_log`: denied calls recorded off the hot path;
-//! * `listener`: cache invalidation from the change feed;
+//! * `listener`: cache invalidation from the change feed; `maintenance`: the storage's
+//!   periodic upkeep (the audit trail's partitions);
 //! * `deadline`: one deadline per call; `worker`: how every background task starts, parks
 //!   and ends; `stats`: the counters.
 //!
@@ -34,6 +35,7 @@ mod denial_log;
 mod group_commit;
 mod inner;
 mod listener;
+mod maintenance;
 mod pending;
 mod queued;
 mod reconciler;
@@ -371,6 +373,7 @@ impl<S: Storage> SessionStore<S> {
         let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         let listener = inner.listener.counts();
         let denials = inner.denials.counts();
+        let maintenance = inner.maintenance.counts();
         let cache_entries = inner.cache.entry_count();
         let pending = count(inner.pending.len());
         metrics::set(Gauge::CacheEntries, cache_entries);
@@ -385,6 +388,8 @@ impl<S: Storage> SessionStore<S> {
             denials_recorded: denials.recorded,
             denials_dropped: denials.dropped,
             denials_refused: denials.refused,
+            maintenance_runs: maintenance.runs,
+            maintenance_failures: maintenance.failures,
             ..StoreStats::default()
         })
     }

@@ -41,6 +41,12 @@ pub struct StoreStats {
     /// Denied calls not recorded because storage refused them (not an outage: a
     /// constraint or a row it cannot take). Each is logged at error level.
     pub denials_refused: u64,
+    /// Runs of the storage's upkeep that completed (see
+    /// [`SessionStoreBuilder::maintenance_interval`](crate::SessionStoreBuilder::maintenance_interval)).
+    pub maintenance_runs: u64,
+    /// Runs of the storage's upkeep that failed or timed out (each is logged and tried
+    /// again within a minute).
+    pub maintenance_failures: u64,
 }
 
 /// The counters of the hot path (lookups and writes). The background components keep

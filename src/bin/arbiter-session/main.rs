@@ -12,6 +12,7 @@ use std::str::FromStr as _;
 use std::time::Duration;
 
 use arbiter_session::operator::chain::{self, ChainSummary, SessionChain};
+use arbiter_session::operator::partitions;
 use arbiter_session::operator::report::{self, Format, ReportFilter};
 use arbiter_session::operator::retention::{self, EventRetention};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -27,7 +28,7 @@ const EXIT_TAMPERED: u8 = 3;
 #[command(
     name = "arbiter-session",
     version,
-    about = "Operate an arbiter-session database: migrate, inspect, report, verify, purge",
+    about = "Operate an arbiter-session database: migrate, inspect, report, verify, purge, partitions",
     after_help = "Exit status: 0 on success, 1 on an error (one line on stderr), \
                   2 on a usage error, 3 when `verify` finds a broken audit chain."
 )]
@@ -66,6 +67,11 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },
+    /// The audit trail's daily partitions: create the days ahead, or list them.
+    Partitions {
+        #[command(subcommand)]
+        action: PartitionsAction,
+    },
     /// Verify the audit hash chain of one session, or of every session.
     Verify {
         /// Only this session (prints its head hash, to keep elsewhere).
@@ -85,6 +91,24 @@ enum Command {
         /// Also delete the events of deleted sessions recorded before the cutoff.
         #[arg(long)]
         events: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PartitionsAction {
+    /// Create the partitions from yesterday to --days-ahead days from today (UTC) that do
+    /// not exist yet. Stores do this at start and daily; run it from cron if they don't.
+    Ensure {
+        /// How many days ahead.
+        #[arg(long, default_value_t = 7,
+              value_parser = clap::value_parser!(u16).range(0..=i64::from(partitions::MAX_DAYS_AHEAD)))]
+        days_ahead: u16,
+    },
+    /// List the partitions: day, estimated rows, size.
+    List {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
     },
 }
 
@@ -230,6 +254,22 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             };
             print!("{text}");
         }
+        Command::Partitions {
+            action: PartitionsAction::Ensure { days_ahead },
+        } => {
+            let created = partitions::ensure(&pool, days_ahead).await?;
+            println!(
+                "created {created} partitions; every day through {days_ahead} days ahead has one"
+            );
+            warn_if_default_partition_used(&pool).await?;
+        }
+        Command::Partitions {
+            action: PartitionsAction::List { format },
+        } => {
+            let list = partitions::list(&pool).await?;
+            print!("{}", report::render(&list, format.into())?);
+            warn_if_default_partition_used(&pool).await?;
+        }
         Command::Verify { session: Some(id) } => {
             let verdict = chain::verify_audit_chain(&pool, id).await?;
             return Ok(print_session_verdict(&verdict));
@@ -259,7 +299,21 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Warns on stderr when events sit in the default partition (see
+/// `partitions::default_partition_used`).
+async fn warn_if_default_partition_used(pool: &PgPool) -> Result<(), Failure> {
+    if partitions::default_partition_used(pool).await? {
+        eprintln!(
+            "arbiter-session: warning: arbiter.session_events_default holds events (sessions \
+             created on a day without a partition); run `arbiter-session partitions ensure` \
+             daily, or leave store maintenance on"
+        );
+    }
+    Ok(())
+}
+
 async fn inspect(pool: &PgPool, id: Uuid, format: OutputFormat) -> Result<(), Failure> {
+    warn_if_default_partition_used(pool).await?;
     let session = report::session(pool, id).await?;
     let events = report::session_events(pool, id).await?;
     if session.is_none() && events.is_empty() {

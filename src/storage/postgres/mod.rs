@@ -325,6 +325,15 @@ impl Storage for PgStorage {
         Ok(CapOutcome::Created(version))
     }
 
+    /// Creates the audit trail's partitions for yesterday through a week ahead that do not
+    /// exist yet (`arbiter.ensure_event_partitions`).
+    async fn maintain(&self) -> Result<(), StorageError> {
+        sqlx::query_scalar!("SELECT arbiter.ensure_event_partitions()")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn update(
         &self,
         session: &TaskSession,
@@ -380,7 +389,8 @@ impl Storage for PgStorage {
             let landed = sqlx::query_file_scalar!(
                 "src/storage/postgres/sql/landed_events.sql",
                 probe_keys,
-                session_id
+                session_id,
+                fresh.session.created_at
             )
             .fetch_one(&mut *tx)
             .await?;

@@ -118,6 +118,7 @@ pub(super) struct BatchEventJson<'a> {
 pub(super) struct DenialJson<'a> {
     session_id: Uuid,
     agent_id: Uuid,
+    session_created_at: DateTime<Utc>,
     #[serde(flatten)]
     event: EventJson<'a>,
     reason: Option<&'static str>,
@@ -128,6 +129,7 @@ impl<'a> From<&'a Denial> for DenialJson<'a> {
         DenialJson {
             session_id: denial.session_id,
             agent_id: denial.agent_id,
+            session_created_at: denial.session_created_at,
             event: EventJson::from(&denial.event),
             reason: denial.event.reason.map(DenialReason::as_str),
         }

@@ -5,11 +5,12 @@ WITH inserted AS (
         rate_window_started_at, rate_window_calls, data_sensitivity_ceiling, status,
         created_at, expires_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-    RETURNING session_id, agent_id, version
+    RETURNING session_id, agent_id, version, created_at
 )
 INSERT INTO arbiter.session_events (
     event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
-    status, session_version, occurred_at, instance_id)
-SELECT $20, session_id, agent_id, $17, '{}', $8, $12, $14, version, $18, $19
+    status, session_version, occurred_at, instance_id, session_day)
+SELECT $20, session_id, agent_id, $17, '{}', $8, $12, $14, version, $18, $19,
+       (created_at AT TIME ZONE 'UTC')::date
   FROM inserted
 RETURNING session_version AS "session_version!"

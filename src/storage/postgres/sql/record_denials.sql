@@ -1,11 +1,13 @@
 INSERT INTO arbiter.session_events (
     event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
-    status, session_version, occurred_at, instance_id, reason)
+    status, session_version, occurred_at, instance_id, reason, session_day)
 SELECT d.event_key, d.session_id, d.agent_id, 'denied', d.tools, d.calls_made,
-       d.rate_window_calls, d.status, NULL, d.occurred_at, d.instance_id, d.reason
+       d.rate_window_calls, d.status, NULL, d.occurred_at, d.instance_id, d.reason,
+       (d.session_created_at AT TIME ZONE 'UTC')::date
   FROM jsonb_to_recordset($1::jsonb) AS d(
        event_key uuid, session_id uuid, agent_id uuid, tools text[],
        calls_made bigint, rate_window_calls bigint, status text,
-       occurred_at timestamptz, instance_id uuid, reason text)
+       occurred_at timestamptz, instance_id uuid, reason text,
+       session_created_at timestamptz)
 -- A retried batch whose first attempt committed unseen: record each denial once.
     ON CONFLICT ON CONSTRAINT session_events_key_unique DO NOTHING

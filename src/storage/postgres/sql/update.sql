@@ -7,13 +7,15 @@ WITH updated AS (
      WHERE session_id = $1 AND version = $2
        AND session_id = (SELECT l.session_id FROM arbiter.sessions l
                           WHERE l.session_id = $1 FOR UPDATE SKIP LOCKED)
-    RETURNING session_id, agent_id, version
+    RETURNING session_id, agent_id, version,
+              (created_at AT TIME ZONE 'UTC')::date AS session_day
 ), events AS (
     INSERT INTO arbiter.session_events (
         event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
-        status, session_version, occurred_at, instance_id)
+        status, session_version, occurred_at, instance_id, session_day)
     SELECT e.event_key, u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
-           e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id
+           e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id,
+           u.session_day
       FROM updated u
      CROSS JOIN ROWS FROM (jsonb_to_recordset($7::jsonb) AS (
            event_key uuid, kind text, tools text[], calls_made bigint,

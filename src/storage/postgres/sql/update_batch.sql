@@ -17,13 +17,15 @@ WITH input AS (
       FROM input i, locked l
      WHERE s.session_id = i.session_id AND l.session_id = i.session_id
        AND s.version = i.expected
-    RETURNING s.session_id, s.agent_id, s.version
+    RETURNING s.session_id, s.agent_id, s.version,
+              (s.created_at AT TIME ZONE 'UTC')::date AS session_day
 ), events AS (
     INSERT INTO arbiter.session_events (
         event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
-        status, session_version, occurred_at, instance_id)
+        status, session_version, occurred_at, instance_id, session_day)
     SELECT e.event_key, u.session_id, u.agent_id, e.kind, e.tools, e.calls_made,
-           e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id
+           e.rate_window_calls, e.status, u.version, e.occurred_at, e.instance_id,
+           u.session_day
       FROM updated u
       JOIN ROWS FROM (jsonb_to_recordset($7::jsonb) AS (
            session_id uuid, event_key uuid, kind text, tools text[],

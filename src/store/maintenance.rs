@@ -1,0 +1,96 @@
+//! Upkeep: the storage's periodic maintenance ([`Storage::maintain`]; for PostgreSQL,
+//! creating the audit trail's daily partitions ahead), run when the store is first used and
+//! then every `maintenance_interval` (a day by default).
+//!
+//! Nothing the store decides depends on it: an event whose day has no partition yet lands
+//! in the default partition. It keeps the audit trail cheap (one partition per day, dropped
+//! whole by retention), so a failure is logged, counted and tried again after a minute
+//! (or the interval, if shorter) rather than reported to a caller.
+
+use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::inner::Inner;
+use super::worker::{Parking, Worker};
+use crate::error::error_chain;
+use crate::storage::Storage;
+
+/// How long one maintenance run may take. Longer than a call's `storage_timeout`: creating
+/// a partition may wait for a lock other DDL holds, and nobody waits on this.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+/// When a failed run is tried again (unless the interval is shorter).
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The maintenance schedule, its task and what it did.
+#[derive(Debug)]
+pub(super) struct Maintenance {
+    every: Option<Duration>,
+    task: Worker,
+    runs: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// The maintenance counters, for [`StoreStats`](crate::StoreStats).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MaintenanceCounts {
+    pub(super) runs: u64,
+    pub(super) failures: u64,
+}
+
+impl Maintenance {
+    /// `every: None` runs nothing (the operator runs `arbiter-session partitions ensure`).
+    pub(super) fn new(every: Option<Duration>) -> Self {
+        Maintenance {
+            every,
+            task: Worker::default(),
+            runs: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Starts the task the first time the store is used inside a runtime. Called on every
+    /// lookup: one relaxed load once started.
+    pub(super) fn ensure_started<S: Storage>(&self, store: &Weak<Inner<S>>) {
+        let Some(every) = self.every else { return };
+        self.task
+            .start(|parking| Some(run_every(store.clone(), every, parking)));
+    }
+
+    pub(super) fn counts(&self) -> MaintenanceCounts {
+        MaintenanceCounts {
+            runs: self.runs.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+}
+
+async fn run_every<S: Storage>(store: Weak<Inner<S>>, every: Duration, parking: Parking) {
+    loop {
+        let wait = {
+            let Some(inner) = store.upgrade() else { return };
+            let maintenance = &inner.maintenance;
+            let outcome = tokio::time::timeout(RUN_TIMEOUT, inner.storage.inner().maintain()).await;
+            match outcome {
+                Ok(Ok(())) => {
+                    maintenance.runs.fetch_add(1, Ordering::Relaxed);
+                    every
+                }
+                Ok(Err(err)) => {
+                    maintenance.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %error_chain(&err), "storage maintenance failed; trying again");
+                    std::cmp::min(every, RETRY_AFTER)
+                }
+                Err(_) => {
+                    maintenance.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(timeout = ?RUN_TIMEOUT, "storage maintenance timed out; trying again");
+                    std::cmp::min(every, RETRY_AFTER)
+                }
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = parking.closed() => return,
+        }
+    }
+}

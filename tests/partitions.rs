@@ -1,0 +1,322 @@
+//! The audit trail's daily partitions (migration `20261201000001_event_partitions.sql`):
+//! where events land, what guards each partition, retention by whole partition, and the
+//! migration of a populated, unpartitioned trail.
+
+mod common;
+
+use std::time::Duration;
+
+use arbiter_session::error::StorageError;
+use arbiter_session::operator::chain;
+use arbiter_session::operator::partitions;
+use arbiter_session::operator::retention::{self, EventRetention};
+use arbiter_session::testing::ManualClock;
+use chrono::{DateTime, NaiveDate, TimeZone as _, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The partitions holding the events of `id`.
+async fn partitions_of(pool: &PgPool, id: Uuid) -> Vec<String> {
+    sqlx::query_scalar::<_, String>(
+        "SELECT DISTINCT tableoid::regclass::text FROM arbiter.session_events
+          WHERE session_id = $1",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .expect("read partitions")
+}
+
+fn partition_name(day: NaiveDate) -> String {
+    format!("arbiter.session_events_{}", day.format("%Y%m%d"))
+}
+
+async fn exists(pool: &PgPool, table: &str) -> bool {
+    sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .expect("to_regclass")
+}
+
+async fn events_of(pool: &PgPool, id: Uuid) -> i64 {
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM arbiter.session_events WHERE session_id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .expect("count events")
+}
+
+async fn db_now(pool: &PgPool) -> DateTime<Utc> {
+    sqlx::query_scalar::<_, DateTime<Utc>>("SELECT now()")
+        .fetch_one(pool)
+        .await
+        .expect("now")
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn every_event_of_a_session_lands_in_its_creation_days_partition(pool: PgPool) {
+    let clock = ManualClock::starting_now();
+    let store = common::store(&pool, &clock);
+    let session = store
+        .create(common::request(Uuid::new_v4(), &["search"], 2))
+        .await
+        .expect("create");
+    let id = session.session_id;
+    store.use_session(id, "search", None).await.expect("call");
+    store
+        .use_session_batch(id, &["search"], None)
+        .await
+        .expect("batch");
+    store
+        .use_session(id, "search", None)
+        .await
+        .expect_err("budget spent: a denial");
+    store.close(id).await.expect("close");
+    // The upkeep started with the store's first call; bounded wait (liveness, not speed).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.stats().maintenance_runs == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            store.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+
+    assert_eq!(events_of(&pool, id).await, 5);
+    assert_eq!(
+        partitions_of(&pool, id).await,
+        [partition_name(session.created_at.date_naive())],
+        "the whole trail, denial included, is in its creation day's partition"
+    );
+    assert!(!partitions::default_partition_used(&pool).await.unwrap());
+    let summary = chain::verify_all_audit_chains(&pool).await.unwrap();
+    assert!(summary.is_intact() && summary.events == 4, "{summary:?}");
+
+    // A session of a day without a partition: the default partition takes its events,
+    // and that day cannot get a partition while they are there.
+    let long_ago = Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).unwrap();
+    let old = common::store(&pool, &ManualClock::new(long_ago))
+        .create(common::request(Uuid::new_v4(), &["search"], 2))
+        .await
+        .expect("create");
+    assert_eq!(
+        partitions_of(&pool, old.session_id).await,
+        ["arbiter.session_events_default"]
+    );
+    assert!(partitions::default_partition_used(&pool).await.unwrap());
+    let made = sqlx::query_scalar::<_, bool>("SELECT arbiter.create_event_partition('2026-03-02')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(!made);
+    assert!(!exists(&pool, "arbiter.session_events_20260302").await);
+
+    // The migration made yesterday through a week ahead; two more days make two more.
+    assert_eq!(partitions::ensure(&pool, 7).await.unwrap(), 0);
+    assert_eq!(partitions::ensure(&pool, 9).await.unwrap(), 2);
+    let listed = partitions::list(&pool).await.unwrap();
+    assert_eq!(listed.len(), 1 + 11, "{listed:?}");
+    assert_eq!(listed[0].name, "arbiter.session_events_default");
+    let refused = partitions::ensure(&pool, partitions::MAX_DAYS_AHEAD + 1).await;
+    assert!(
+        matches!(&refused, Err(StorageError::Constraint { name, .. }) if name == "partition_days_ahead_range"),
+        "{refused:?}"
+    );
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn every_partition_is_append_only(pool: PgPool) {
+    let clock = ManualClock::starting_now();
+    let session = common::store(&pool, &clock)
+        .create(common::request(Uuid::new_v4(), &["search"], 2))
+        .await
+        .expect("create");
+    let today = partition_name(session.created_at.date_naive());
+    for sql in [
+        format!("TRUNCATE {today}"),
+        "TRUNCATE arbiter.session_events_default".to_owned(),
+        format!("DELETE FROM {today}"),
+        format!("UPDATE {today} SET calls_made = 0"),
+    ] {
+        let err = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&pool)
+            .await
+            .expect_err(&sql);
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    assert_eq!(events_of(&pool, session.session_id).await, 1);
+}
+
+/// Three past days. Day 10's sessions all ended before the cutoff: its partition is
+/// dropped whole. Day 9 still holds a session (closed after the cutoff): kept, untouched.
+/// Day 8's session ended before the cutoff but a denial on it was recorded after: its
+/// partition is kept and only the rows before the cutoff are deleted.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn purge_drops_the_partitions_of_ended_days_whole(pool: PgPool) {
+    let today = db_now(&pool).await.date_naive();
+    let day = |ago: u64| today - chrono::Days::new(ago);
+    for ago in [8, 9, 10] {
+        let made = sqlx::query_scalar::<_, bool>("SELECT arbiter.create_event_partition($1)")
+            .bind(day(ago))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(made);
+    }
+    let at = |ago: u64| day(ago).and_hms_opt(12, 0, 0).unwrap().and_utc();
+    let clocks = [10, 9, 8].map(|ago| ManualClock::new(at(ago)));
+    let stores = clocks.each_ref().map(|clock| common::store(&pool, clock));
+    let mut ids = Vec::new();
+    for store in &stores {
+        let id = common::new_session(store, &["search"], 5).await;
+        store.use_session(id, "search", None).await.expect("call");
+        ids.push(id);
+    }
+    let [ten, nine, eight] = [ids[0], ids[1], ids[2]];
+    let second_ten = common::new_session(&stores[0], &["search"], 5).await;
+    stores[0].close(ten).await.expect("close");
+    stores[0].close(second_ten).await.expect("close");
+    stores[2].close(eight).await.expect("close");
+
+    let cutoff = db_now(&pool).await;
+    stores[1]
+        .close(nine)
+        .await
+        .expect("closed after the cutoff");
+    stores[2]
+        .use_session(eight, "search", None)
+        .await
+        .expect_err("closed: a denial, recorded after the cutoff");
+    for store in &stores {
+        assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+    }
+    let before = [
+        events_of(&pool, ten).await + events_of(&pool, second_ten).await,
+        events_of(&pool, nine).await,
+        events_of(&pool, eight).await,
+    ];
+    assert_eq!(before, [5, 3, 4]);
+
+    // Keeping events drops nothing.
+    let kept = retention::purge_before(&pool, cutoff, EventRetention::Keep)
+        .await
+        .unwrap();
+    assert_eq!((kept.sessions, kept.events), (3, 0));
+    assert!(exists(&pool, &partition_name(day(10))).await);
+
+    let purged = retention::purge_before(&pool, cutoff, EventRetention::Delete)
+        .await
+        .unwrap();
+    assert_eq!((purged.sessions, purged.events), (0, 5 + 3));
+    assert!(
+        !exists(&pool, &partition_name(day(10))).await,
+        "day 10 was dropped whole"
+    );
+    assert!(exists(&pool, &partition_name(day(9))).await);
+    assert_eq!(
+        events_of(&pool, nine).await,
+        3,
+        "a session that exists keeps its trail"
+    );
+    assert!(exists(&pool, &partition_name(day(8))).await);
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT kind FROM arbiter.session_events WHERE session_id = $1 ORDER BY event_id",
+    )
+    .bind(eight)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        left,
+        ["denied"],
+        "only the event recorded after the cutoff is left"
+    );
+    // Today's partition and the days ahead are untouched.
+    assert!(exists(&pool, &partition_name(today)).await);
+}
+
+/// The chain's first encoding, as migration `20261124000004` computes it, over a trail
+/// written before partitioning: three sessions (one of them purged, its events kept), with
+/// calls, a denial and a close.
+const UNPARTITIONED_TRAIL: &str = "
+INSERT INTO arbiter.sessions (session_id, agent_id, delegation_chain, declared_intent,
+    authorized_tools, authorized_credentials, call_budget, rate_window_secs,
+    data_sensitivity_ceiling, created_at, expires_at)
+VALUES ('00000000-0000-0000-0000-0000000000a1', '00000000-0000-0000-0000-00000000000a',
+        '{}', '', '{search}', '{}', 5, 60, 'internal',
+        '2026-03-02 23:50:00+00', '2026-03-03 00:20:00+00'),
+       ('00000000-0000-0000-0000-0000000000a2', '00000000-0000-0000-0000-00000000000a',
+        '{}', '', '{search}', '{}', 5, 60, 'internal',
+        '2026-03-03 08:00:00+00', '2026-03-03 09:00:00+00');
+INSERT INTO arbiter.session_events (event_key, session_id, agent_id, kind, tools, calls_made,
+    rate_window_calls, status, session_version, occurred_at, instance_id, reason)
+SELECT gen_random_uuid(), s::uuid, '00000000-0000-0000-0000-00000000000a', kind, tools,
+       calls, 0, status, version, at::timestamptz, '00000000-0000-0000-0000-000000000001', reason
+  FROM (VALUES
+    ('00000000-0000-0000-0000-0000000000a0', 'created', '{}'::text[], 0, 'active', 1, '2026-03-01 10:00:00+00', NULL),
+    ('00000000-0000-0000-0000-0000000000a0', 'call_allowed', '{search}', 1, 'active', 2, '2026-03-01 10:01:00+00', NULL),
+    ('00000000-0000-0000-0000-0000000000a1', 'created', '{}', 0, 'active', 1, '2026-03-02 23:50:00+00', NULL),
+    ('00000000-0000-0000-0000-0000000000a1', 'call_allowed', '{search}', 1, 'active', 2, '2026-03-03 00:05:00+00', NULL),
+    ('00000000-0000-0000-0000-0000000000a1', 'denied', '{rm}', 1, 'active', NULL, '2026-03-03 00:06:00+00', 'tool'),
+    ('00000000-0000-0000-0000-0000000000a1', 'closed', '{}', 1, 'closed', 3, '2026-03-03 00:07:00+00', NULL),
+    ('00000000-0000-0000-0000-0000000000a2', 'created', '{}', 0, 'active', 1, '2026-03-03 08:00:00+00', NULL)
+  ) AS t(s, kind, tools, calls, status, version, at, reason);
+";
+
+/// The last migration before partitioning.
+const BEFORE_PARTITIONS: i64 = 20261124000007;
+
+#[sqlx::test(migrations = false)]
+async fn an_unpartitioned_trail_migrates_with_ids_hashes_and_chains_intact(pool: PgPool) {
+    arbiter_session::MIGRATOR
+        .run_to(BEFORE_PARTITIONS, &pool)
+        .await
+        .expect("migrate to the unpartitioned schema");
+    sqlx::raw_sql(UNPARTITIONED_TRAIL)
+        .execute(&pool)
+        .await
+        .expect("write the old trail");
+    let rows = "SELECT event_id, session_id, kind, prev_hash, hash
+                  FROM arbiter.session_events ORDER BY event_id";
+    type Event = (i64, Uuid, String, Option<Vec<u8>>, Option<Vec<u8>>);
+    let before: Vec<Event> = sqlx::query_as(rows).fetch_all(&pool).await.unwrap();
+    assert_eq!(before.len(), 7);
+
+    arbiter_session::migrate(&pool).await.expect("migrate");
+
+    let after: Vec<Event> = sqlx::query_as(rows).fetch_all(&pool).await.unwrap();
+    assert_eq!(after, before, "ids, order and hashes are unchanged");
+    let a0 = Uuid::from_u128(0xa0);
+    let a1 = Uuid::from_u128(0xa1);
+    let a2 = Uuid::from_u128(0xa2);
+    let day = |d: u32| partition_name(NaiveDate::from_ymd_opt(2026, 3, d).unwrap());
+    // The purged session by its first event; the others by their creation, even for the
+    // events of a1 that occurred after midnight.
+    assert_eq!(partitions_of(&pool, a0).await, [day(1)]);
+    assert_eq!(partitions_of(&pool, a1).await, [day(2)]);
+    assert_eq!(partitions_of(&pool, a2).await, [day(3)]);
+    assert!(!partitions::default_partition_used(&pool).await.unwrap());
+    let summary = chain::verify_all_audit_chains(&pool).await.unwrap();
+    assert!(summary.is_intact(), "{summary:?}");
+    assert_eq!((summary.sessions, summary.events), (3, 6));
+
+    // A store continues the migrated session's chain in its partition, with new ids.
+    let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 3, 8, 30, 0).unwrap());
+    let store = common::store(&pool, &clock);
+    store.use_session(a2, "search", None).await.expect("call");
+    assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+    assert_eq!(partitions_of(&pool, a2).await, [day(3)]);
+    let newest: i64 = sqlx::query_scalar("SELECT max(event_id) FROM arbiter.session_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(newest, before.last().unwrap().0 + 1);
+    let summary = chain::verify_all_audit_chains(&pool).await.unwrap();
+    assert!(summary.is_intact(), "{summary:?}");
+    assert_eq!(summary.events, 7);
+}
