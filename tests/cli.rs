@@ -281,3 +281,127 @@ async fn cli_ensures_and_lists_partitions_and_warns_of_the_default_one(pool: PgP
         stderr(&out)
     );
 }
+
+/// What a superuser could do that `verify` alone cannot see: rewrite a session's events
+/// and let the chain trigger recompute every hash (same ids, same times, valid chain).
+async fn rewrite_with_valid_chain(pool: &PgPool, session: uuid::Uuid) {
+    let mut tx = pool.begin().await.expect("begin");
+    for statement in [
+        "ALTER TABLE arbiter.session_events DISABLE TRIGGER session_events_append_only".to_owned(),
+        format!(
+            "CREATE TEMPORARY TABLE copied ON COMMIT DROP AS SELECT * FROM arbiter.session_events
+              WHERE session_id = '{session}' AND kind <> 'denied'"
+        ),
+        format!(
+            "DELETE FROM arbiter.session_events WHERE session_id = '{session}' AND kind <> 'denied'"
+        ),
+        "INSERT INTO arbiter.session_events (event_id, event_key, session_id, agent_id, kind,
+                tools, calls_made, rate_window_calls, status, session_version, occurred_at,
+                recorded_at, instance_id, session_day)
+         SELECT event_id, event_key, session_id, agent_id, kind,
+                CASE WHEN kind = 'call_allowed' THEN '{fetch}' ELSE tools END, calls_made,
+                rate_window_calls, status, session_version, occurred_at, recorded_at,
+                instance_id, session_day
+           FROM copied ORDER BY event_id"
+            .to_owned(),
+        "ALTER TABLE arbiter.session_events ENABLE TRIGGER session_events_append_only".to_owned(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
+            .execute(&mut *tx)
+            .await
+            .expect(&statement);
+    }
+    tx.commit().await.expect("commit");
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn cli_checkpoint_proves_no_chain_was_rewritten_since(pool: PgPool) {
+    let data = known_dataset(&pool).await;
+    let url = common::database_url(&pool).await;
+    let dir = std::env::temp_dir().join(format!("arbiter-checkpoint-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("heads.jsonl");
+    let path = file.to_str().expect("utf-8 path");
+
+    let out = cli(&url, &["checkpoint", "--append", path]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!("checkpoint of 3 sessions (9 chained events) appended to {path}\n")
+    );
+    let out = cli(&url, &["verify", "--against", path]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("ok: 3 sessions of the checkpoint of "),
+        "{}",
+        stdout(&out)
+    );
+
+    // A rewrite with a recomputed chain: `verify` sees nothing, the checkpoint does.
+    rewrite_with_valid_chain(&pool, data.s1).await;
+    let out = cli(&url, &["verify"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the chain itself is valid again"
+    );
+    // The newest event of another session removed.
+    common::tamper(
+        &pool,
+        &format!(
+            "DELETE FROM arbiter.session_events WHERE session_id = '{}' AND kind = 'closed'",
+            data.s3
+        ),
+    )
+    .await;
+    let out = cli(&url, &["verify", "--against", path]);
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "REWRITTEN session {}: its chain no longer passes through the head recorded at event 4 (rewritten)",
+            data.s1
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "REWRITTEN session {}: had 3 chained events at the checkpoint, has 2 now (events were removed)",
+            data.s3
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("TAMPERED: 2 chains rewritten since the checkpoint of "),
+        "{text}"
+    );
+
+    // A new checkpoint appended to the same file is the one checked; purged sessions are
+    // gone, not rewritten.
+    let out = cli(&url, &["checkpoint", "--append", path]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(
+        &url,
+        &[
+            "purge",
+            "--before",
+            &chrono::Utc::now().to_rfc3339(),
+            "--events",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&url, &["verify", "--against", path]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("0 sessions of the checkpoint of ")
+            && stdout(&out).contains("3 have no events now (purged since)"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(
+        &url,
+        &["verify", "--against", dir.join("missing").to_str().unwrap()],
+    );
+    assert_one_line_error(&out, "cannot open");
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}

@@ -9,9 +9,9 @@
 //! the append-only trigger disabled shows up as the first link that does not verify.
 //!
 //! What a chain cannot prove on its own: someone who can rewrite the table can also rewrite
-//! every later hash, or drop the newest events. Keep the heads ([`SessionChain::head`],
-//! `arbiter-session verify --session`) somewhere the database's superuser cannot write, and
-//! compare: a chain that still ends in a recorded head was not edited up to it.
+//! every later hash, or drop the newest events. A checkpoint
+//! ([`crate::operator::checkpoint`]) keeps every head outside the database, and a chain
+//! that still passes through its recorded head was not edited up to it.
 //!
 //! Denials are not links: they change no state and are recorded off the hot path, after
 //! the fact, without the session's row lock.
@@ -203,21 +203,31 @@ fn link_hash(prev: Digest, row: &ChainRow) -> Digest {
 
 /// Walks one session's chain, row by row, in `event_id` order.
 #[derive(Debug)]
-struct Walk {
+pub(super) struct Walk {
     session_id: Uuid,
     events: u64,
     head: Digest,
     broken: Option<BrokenLink>,
+    /// A link whose hash to keep (its position, from 1), for checkpoints.
+    mark: Option<u64>,
+    head_at_mark: Option<Digest>,
 }
 
 impl Walk {
-    fn new(session_id: Uuid) -> Self {
+    fn new(session_id: Uuid, mark: Option<u64>) -> Self {
         Walk {
             session_id,
             events: 0,
             head: Digest::GENESIS,
             broken: None,
+            mark,
+            head_at_mark: None,
         }
+    }
+
+    /// The hash of the marked link, if the chain verified up to it.
+    pub(super) fn head_at_mark(&self) -> Option<Digest> {
+        self.head_at_mark
     }
 
     fn step(&mut self, row: &ChainRow) {
@@ -236,6 +246,9 @@ impl Walk {
                     Some(LinkProblem::ContentMismatch)
                 } else {
                     self.head = hash;
+                    if self.mark == Some(self.events) {
+                        self.head_at_mark = Some(hash);
+                    }
                     None
                 }
             }
@@ -249,7 +262,7 @@ impl Walk {
         });
     }
 
-    fn finish(self) -> SessionChain {
+    pub(super) fn finish(self) -> SessionChain {
         SessionChain {
             session_id: self.session_id,
             events: self.events,
@@ -276,7 +289,7 @@ pub async fn verify_audit_chain(
     )
     .fetch_all(pool)
     .await?;
-    let mut walk = Walk::new(session_id);
+    let mut walk = Walk::new(session_id, None);
     rows.iter().for_each(|row| walk.step(row));
     Ok(walk.finish())
 }
@@ -291,6 +304,32 @@ const VERIFY_PAGE: i64 = 10_000;
 /// The database could not be read.
 pub async fn verify_all_audit_chains(pool: &PgPool) -> Result<ChainSummary, StorageError> {
     let mut summary = ChainSummary::default();
+    walk_all_chains(pool, &mut summary).await?;
+    Ok(summary)
+}
+
+/// What [`walk_all_chains`] reports each session's walk to.
+pub(super) trait ChainVisitor {
+    /// A link of `session_id` whose hash the walk should keep (its position, from 1).
+    fn mark(&mut self, _session_id: Uuid) -> Option<u64> {
+        None
+    }
+    /// The session's walk, finished.
+    fn done(&mut self, walk: Walk);
+}
+
+impl ChainVisitor for ChainSummary {
+    fn done(&mut self, walk: Walk) {
+        self.add(walk.finish());
+    }
+}
+
+/// Walks every session's chain in session id order, in pages, so memory stays flat however
+/// large the table is, and hands each walk to `visitor`.
+pub(super) async fn walk_all_chains(
+    pool: &PgPool,
+    visitor: &mut impl ChainVisitor,
+) -> Result<(), StorageError> {
     let mut walk: Option<Walk> = None;
     let mut after = (Uuid::nil(), i64::MIN);
     loop {
@@ -308,20 +347,20 @@ pub async fn verify_all_audit_chains(pool: &PgPool) -> Result<ChainSummary, Stor
         after = (last.session_id, last.event_id);
         for row in &page {
             if walk.as_ref().is_none_or(|w| w.session_id != row.session_id) {
-                if let Some(done) = walk.take() {
-                    summary.add(done.finish());
+                if let Some(finished) = walk.take() {
+                    visitor.done(finished);
                 }
-                walk = Some(Walk::new(row.session_id));
+                walk = Some(Walk::new(row.session_id, visitor.mark(row.session_id)));
             }
             if let Some(walk) = walk.as_mut() {
                 walk.step(row);
             }
         }
     }
-    if let Some(done) = walk {
-        summary.add(done.finish());
+    if let Some(finished) = walk {
+        visitor.done(finished);
     }
-    Ok(summary)
+    Ok(())
 }
 
 impl ChainSummary {
@@ -386,7 +425,7 @@ mod tests {
         second.prev_hash = Some(h1.0.to_vec());
         second.hash = Some(link_hash(h1, &second).0.to_vec());
 
-        let mut walk = Walk::new(first.session_id);
+        let mut walk = Walk::new(first.session_id, None);
         walk.step(&first);
         walk.step(&second);
         let intact = walk.finish();
@@ -396,7 +435,7 @@ mod tests {
         let mut third = row();
         third.event_id = 3;
         third.prev_hash = Some(vec![0; 31]);
-        let mut walk = Walk::new(first.session_id);
+        let mut walk = Walk::new(first.session_id, None);
         for r in [&first, &second, &third] {
             walk.step(r);
         }

@@ -1,10 +1,13 @@
 //! The operator's side: what people run beside the gateways, against the same database.
-//! [`chain`] verifies the audit trail's hash chain, [`retention`] purges what has ended,
+//! [`chain`] verifies the audit trail's hash chain, [`checkpoint`] keeps its heads outside
+//! the database and proves later that no chain was rewritten, [`retention`] purges what has
+//! ended,
 //! [`partitions`] keeps the audit trail's daily partitions, and [`report`] reads the
 //! reporting views. The `arbiter-session` command-line tool (the
 //! `cli` feature) is a thin shell over this module.
 
 pub mod chain;
+pub mod checkpoint;
 pub mod partitions;
 pub mod report;
 pub mod retention;

@@ -12,6 +12,7 @@ use std::str::FromStr as _;
 use std::time::Duration;
 
 use arbiter_session::operator::chain::{self, ChainSummary, SessionChain};
+use arbiter_session::operator::checkpoint::{self, CheckpointVerdict};
 use arbiter_session::operator::partitions;
 use arbiter_session::operator::report::{self, Format, ReportFilter};
 use arbiter_session::operator::retention::{self, EventRetention};
@@ -21,7 +22,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Connection as _, PgPool};
 use uuid::Uuid;
 
-/// Exit status when `verify` finds a broken chain (errors exit with 1, usage errors with 2).
+/// Exit status when `verify` or `checkpoint` finds a broken or rewritten chain (errors exit
+/// with 1, usage errors with 2).
 const EXIT_TAMPERED: u8 = 3;
 
 #[derive(Debug, Parser)]
@@ -30,7 +32,7 @@ const EXIT_TAMPERED: u8 = 3;
     version,
     about = "Operate an arbiter-session database: migrate, inspect, report, verify, purge, partitions",
     after_help = "Exit status: 0 on success, 1 on an error (one line on stderr), \
-                  2 on a usage error, 3 when `verify` finds a broken audit chain."
+                  2 on a usage error, 3 when `verify` or `checkpoint` finds a broken or rewritten audit chain."
 )]
 struct Cli {
     /// PostgreSQL URL of the database holding the `arbiter` schema.
@@ -75,8 +77,19 @@ enum Command {
     /// Verify the audit hash chain of one session, or of every session.
     Verify {
         /// Only this session (prints its head hash, to keep elsewhere).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "against")]
         session: Option<Uuid>,
+        /// Also prove that no chain recorded by the newest checkpoint in FILE (written by
+        /// `checkpoint`) was rewritten or cut short since.
+        #[arg(long, value_name = "FILE")]
+        against: Option<std::path::PathBuf>,
+    },
+    /// Verify every chain and write their heads (a checkpoint) to stdout or append them to a
+    /// file; keep it where the database's administrators cannot write.
+    Checkpoint {
+        /// Append to this file instead of printing.
+        #[arg(long, value_name = "FILE")]
+        append: Option<std::path::PathBuf>,
     },
     /// Serve sessions over HTTP (with the `server` feature): the JSON API, Envoy's
     /// ext_authz check, health, Prometheus metrics and the OpenAPI document.
@@ -270,13 +283,62 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             print!("{}", report::render(&list, format.into())?);
             warn_if_default_partition_used(&pool).await?;
         }
-        Command::Verify { session: Some(id) } => {
+        Command::Verify {
+            session: Some(id), ..
+        } => {
             let verdict = chain::verify_audit_chain(&pool, id).await?;
             return Ok(print_session_verdict(&verdict));
         }
-        Command::Verify { session: None } => {
+        Command::Verify {
+            session: None,
+            against: Some(path),
+        } => {
+            let file = std::fs::File::open(&path)
+                .map_err(|err| Failure(format!("cannot open {}: {err}", path.display())))?;
+            let verdict = checkpoint::verify_against(&pool, std::io::BufReader::new(file)).await?;
+            return Ok(print_checkpoint_verdict(&verdict));
+        }
+        Command::Verify {
+            session: None,
+            against: None,
+        } => {
             let summary = chain::verify_all_audit_chains(&pool).await?;
             return Ok(print_summary(&summary));
+        }
+        Command::Checkpoint { append } => {
+            let summary = match &append {
+                Some(path) => {
+                    let file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .map_err(|err| Failure(format!("cannot open {}: {err}", path.display())))?;
+                    let mut out = std::io::BufWriter::new(file);
+                    let summary = checkpoint::write_checkpoint(&pool, &mut out).await?;
+                    out.into_inner()
+                        .map_err(|err| Failure(err.to_string()))?
+                        .sync_all()?;
+                    summary
+                }
+                None => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    checkpoint::write_checkpoint(&pool, &mut out).await?
+                }
+            };
+            for link in &summary.broken {
+                eprintln!("BROKEN {link}");
+            }
+            if let Some(path) = &append {
+                println!(
+                    "checkpoint of {} sessions ({} chained events) appended to {}",
+                    summary.sessions,
+                    summary.events,
+                    path.display()
+                );
+            }
+            if !summary.broken.is_empty() {
+                return Ok(ExitCode::from(EXIT_TAMPERED));
+            }
         }
         #[cfg(feature = "server")]
         // Handled in `main`, on a runtime of its own.
@@ -337,6 +399,34 @@ async fn inspect(pool: &PgPool, id: Uuid, format: OutputFormat) -> Result<(), Fa
         }
     }
     Ok(())
+}
+
+fn print_checkpoint_verdict(verdict: &CheckpointVerdict) -> ExitCode {
+    for link in &verdict.broken {
+        println!("BROKEN {link}");
+    }
+    for chain in &verdict.rewritten {
+        println!("REWRITTEN {chain}");
+    }
+    let taken = verdict
+        .taken_at
+        .map(|at| at.to_rfc3339())
+        .unwrap_or_default();
+    if verdict.is_intact() {
+        println!(
+            "ok: {} sessions of the checkpoint of {taken} still pass through their recorded heads; \
+             {} have no events now (purged since)",
+            verdict.kept, verdict.gone
+        );
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "TAMPERED: {} chains rewritten since the checkpoint of {taken}, {} broken",
+            verdict.rewritten.len(),
+            verdict.broken.len()
+        );
+        ExitCode::from(EXIT_TAMPERED)
+    }
 }
 
 fn print_session_verdict(verdict: &SessionChain) -> ExitCode {

@@ -1,0 +1,414 @@
+//! Checkpoints: the head of every session's hash chain, written to a file the operator keeps
+//! outside the database, and the proof, later, that no chain was rewritten since.
+//!
+//! A chain alone cannot show that someone able to rewrite the table (a superuser, with the
+//! append-only trigger disabled) did not recompute every hash after an edit, or drop a
+//! session's newest events. A checkpoint can: every chain that existed when it was taken
+//! must still pass through its recorded head, at the same position.
+//!
+//! # Format (JSON Lines; a file may hold several checkpoints, appended)
+//! ```text
+//! {"arbiter_checkpoint":1,"taken_at":"2026-12-01T05:00:00Z"}
+//! {"session_id":"…","events":5,"head":"<64 hex digits>"}
+//! …one line per session with chained events…
+//! {"end":true,"sessions":2,"events":9,"digest":"<64 hex digits>"}
+//! ```
+//! `digest` is SHA-256 over every head line's session id (16 bytes), event count (8 bytes,
+//! big-endian) and head (32 bytes), in order: a checkpoint cut short or edited by accident
+//! is refused. [`verify_against`] checks the newest complete checkpoint of a file.
+//!
+//! Sessions purged since (retention deletes whole chains) are counted as gone, not as
+//! rewritten: compare their number with what `purge` reported.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use sqlx::PgPool;
+use thiserror::Error;
+use uuid::Uuid;
+
+use super::chain::{BrokenLink, ChainVisitor, Digest, Walk, walk_all_chains};
+use crate::error::StorageError;
+
+/// The format's version, in each checkpoint's first line.
+const VERSION: u32 = 1;
+
+/// Why a checkpoint could not be written or checked.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// The database could not be read.
+    #[error("reading the audit trail failed")]
+    Storage(#[from] StorageError),
+    /// The checkpoint file could not be written or read.
+    #[error("checkpoint file: {0}")]
+    Io(#[from] std::io::Error),
+    /// The file holds no complete, intact checkpoint.
+    #[error("checkpoint file: {0}")]
+    Invalid(String),
+}
+
+/// What [`write_checkpoint`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckpointSummary {
+    /// Sessions whose head was recorded.
+    pub sessions: u64,
+    /// Chained events up to those heads.
+    pub events: u64,
+    /// The digest over every recorded head.
+    pub digest: Option<Digest>,
+    /// Chains already broken (their heads are not recorded): `verify` reports them too.
+    pub broken: Vec<BrokenLink>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    arbiter_checkpoint: u32,
+    taken_at: DateTime<Utc>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HeadLine {
+    session_id: Uuid,
+    events: u64,
+    head: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EndLine {
+    end: bool,
+    sessions: u64,
+    events: u64,
+    digest: String,
+}
+
+/// The digest over head lines, in order.
+#[derive(Default)]
+struct Fold(Sha256);
+
+impl Fold {
+    fn add(&mut self, session_id: Uuid, events: u64, head: Digest) {
+        self.0.update(session_id.as_bytes());
+        self.0.update(events.to_be_bytes());
+        self.0.update(head.0);
+    }
+
+    fn finish(self) -> Digest {
+        Digest(self.0.finalize().into())
+    }
+}
+
+fn hex(digest: Digest) -> String {
+    digest.to_string()
+}
+
+fn parse_hex(text: &str) -> Option<Digest> {
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(Digest(bytes))
+}
+
+/// Verifies every chain and writes a checkpoint of their heads to `out`, reading the trail
+/// in pages (flat memory). Broken chains are verified but not recorded; they are in the
+/// summary.
+///
+/// # Errors
+/// The database could not be read or `out` could not be written.
+pub async fn write_checkpoint<W: Write>(
+    pool: &PgPool,
+    out: &mut W,
+) -> Result<CheckpointSummary, CheckpointError> {
+    let taken_at: DateTime<Utc> = sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(pool)
+        .await
+        .map_err(StorageError::from)?;
+    let header = Header {
+        arbiter_checkpoint: VERSION,
+        taken_at,
+    };
+    writeln!(out, "{}", json(&header)?)?;
+    let mut writer = HeadWriter {
+        out,
+        summary: CheckpointSummary::default(),
+        fold: Fold::default(),
+        failed: None,
+    };
+    walk_all_chains(pool, &mut writer).await?;
+    let HeadWriter {
+        out,
+        mut summary,
+        fold,
+        failed,
+    } = writer;
+    if let Some(err) = failed {
+        return Err(err.into());
+    }
+    let digest = fold.finish();
+    let end = EndLine {
+        end: true,
+        sessions: summary.sessions,
+        events: summary.events,
+        digest: hex(digest),
+    };
+    writeln!(out, "{}", json(&end)?)?;
+    out.flush()?;
+    summary.digest = Some(digest);
+    Ok(summary)
+}
+
+/// Writes each intact chain's head line as the walk finishes it.
+struct HeadWriter<'w, W> {
+    out: &'w mut W,
+    summary: CheckpointSummary,
+    fold: Fold,
+    /// The first write that failed; nothing is written after it.
+    failed: Option<std::io::Error>,
+}
+
+impl<W: Write> ChainVisitor for HeadWriter<'_, W> {
+    fn done(&mut self, walk: Walk) {
+        let chain = walk.finish();
+        if let Some(link) = chain.broken {
+            self.summary.broken.push(link);
+            return;
+        }
+        let Some(head) = chain.head else { return };
+        if self.failed.is_some() {
+            return;
+        }
+        let line = HeadLine {
+            session_id: chain.session_id,
+            events: chain.events,
+            head: hex(head),
+        };
+        match json(&line).and_then(|line| writeln!(self.out, "{line}")) {
+            Ok(()) => {
+                self.fold.add(chain.session_id, chain.events, head);
+                self.summary.sessions += 1;
+                self.summary.events += chain.events;
+            }
+            Err(err) => self.failed = Some(err),
+        }
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> std::io::Result<String> {
+    serde_json::to_string(value).map_err(std::io::Error::other)
+}
+
+/// A chain that no longer passes through its recorded head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    /// The session.
+    pub session_id: Uuid,
+    /// The position of the recorded head (its number of chained events then).
+    pub events: u64,
+    /// Chained events the session has now.
+    pub events_now: u64,
+}
+
+impl std::fmt::Display for Rewritten {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.events_now < self.events {
+            write!(
+                f,
+                "session {}: had {} chained events at the checkpoint, has {} now (events were removed)",
+                self.session_id, self.events, self.events_now
+            )
+        } else {
+            write!(
+                f,
+                "session {}: its chain no longer passes through the head recorded at event {} (rewritten)",
+                self.session_id, self.events
+            )
+        }
+    }
+}
+
+/// The verdict of [`verify_against`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckpointVerdict {
+    /// When the checkpoint was taken.
+    pub taken_at: Option<DateTime<Utc>>,
+    /// Sessions of the checkpoint whose chain still passes through its recorded head.
+    pub kept: u64,
+    /// Sessions of the checkpoint with no chained event now (purged since, or deleted).
+    pub gone: u64,
+    /// Sessions of the checkpoint whose chain was rewritten or cut short.
+    pub rewritten: Vec<Rewritten>,
+    /// Chains that do not verify on their own (every session, not only the checkpoint's).
+    pub broken: Vec<BrokenLink>,
+}
+
+impl CheckpointVerdict {
+    /// Whether no chain was rewritten and every chain verifies.
+    pub fn is_intact(&self) -> bool {
+        self.rewritten.is_empty() && self.broken.is_empty()
+    }
+}
+
+/// Each recorded session's position and head.
+type Heads = HashMap<Uuid, (u64, Digest)>;
+
+/// The newest complete checkpoint in `file`: its time and its heads. Memory grows with the
+/// sessions of one checkpoint (about 60 bytes each), not with the events.
+fn read_checkpoint<R: BufRead>(file: R) -> Result<(DateTime<Utc>, Heads), CheckpointError> {
+    let invalid =
+        |line: usize, what: &str| CheckpointError::Invalid(format!("line {line}: {what}"));
+    let mut newest = None;
+    let mut open: Option<(DateTime<Utc>, Heads, Fold)> = None;
+    for (index, line) in file.lines().enumerate() {
+        let number = index + 1;
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Ok(header) = serde_json::from_str::<Header>(&line) {
+            if header.arbiter_checkpoint != VERSION {
+                return Err(invalid(number, "unknown checkpoint version"));
+            }
+            open = Some((header.taken_at, HashMap::new(), Fold::default()));
+        } else if let Ok(head) = serde_json::from_str::<HeadLine>(&line) {
+            let (_, heads, fold) = open
+                .as_mut()
+                .ok_or_else(|| invalid(number, "a head before any checkpoint header"))?;
+            let digest = parse_hex(&head.head)
+                .ok_or_else(|| invalid(number, "a head that is not 64 hex digits"))?;
+            fold.add(head.session_id, head.events, digest);
+            heads.insert(head.session_id, (head.events, digest));
+        } else if let Ok(end) = serde_json::from_str::<EndLine>(&line) {
+            let (taken_at, heads, fold) = open
+                .take()
+                .ok_or_else(|| invalid(number, "an end line without its header"))?;
+            let recorded = parse_hex(&end.digest)
+                .ok_or_else(|| invalid(number, "a digest that is not 64 hex digits"))?;
+            if fold.finish() != recorded || u64::try_from(heads.len()).ok() != Some(end.sessions) {
+                return Err(invalid(
+                    number,
+                    "the checkpoint does not match its digest (edited or cut)",
+                ));
+            }
+            newest = Some((taken_at, heads));
+        } else {
+            return Err(invalid(number, "not a checkpoint line"));
+        }
+    }
+    newest.ok_or_else(|| CheckpointError::Invalid("no complete checkpoint".to_owned()))
+}
+
+/// Proves against the newest complete checkpoint in `file` that no chain it recorded was
+/// rewritten or cut short since, and verifies every chain on the way (flat memory in the
+/// trail's size).
+///
+/// # Errors
+/// The file holds no complete, intact checkpoint, or the database could not be read.
+pub async fn verify_against<R: BufRead>(
+    pool: &PgPool,
+    file: R,
+) -> Result<CheckpointVerdict, CheckpointError> {
+    let (taken_at, heads) = read_checkpoint(file)?;
+    let mut check = HeadCheck {
+        heads,
+        verdict: CheckpointVerdict {
+            taken_at: Some(taken_at),
+            ..CheckpointVerdict::default()
+        },
+    };
+    walk_all_chains(pool, &mut check).await?;
+    let HeadCheck { heads, mut verdict } = check;
+    // What is left was never walked: those sessions have no chained event now.
+    verdict.gone = u64::try_from(heads.len()).unwrap_or(u64::MAX);
+    Ok(verdict)
+}
+
+/// Compares each walked chain with its recorded head.
+struct HeadCheck {
+    heads: Heads,
+    verdict: CheckpointVerdict,
+}
+
+impl ChainVisitor for HeadCheck {
+    fn mark(&mut self, session_id: Uuid) -> Option<u64> {
+        self.heads.get(&session_id).map(|(events, _)| *events)
+    }
+
+    fn done(&mut self, walk: Walk) {
+        let at_mark = walk.head_at_mark();
+        let chain = walk.finish();
+        if let Some((events, head)) = self.heads.remove(&chain.session_id) {
+            if at_mark == Some(head) {
+                self.verdict.kept += 1;
+            } else if chain.broken.is_none() {
+                self.verdict.rewritten.push(Rewritten {
+                    session_id: chain.session_id,
+                    events,
+                    events_now: chain.events,
+                });
+            }
+        }
+        self.verdict.broken.extend(chain.broken);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint_text(heads: &[(Uuid, u64, Digest)], digest_of: &[(Uuid, u64, Digest)]) -> String {
+        let mut fold = Fold::default();
+        let mut text =
+            String::from("{\"arbiter_checkpoint\":1,\"taken_at\":\"2026-12-01T05:00:00Z\"}\n");
+        for (id, events, head) in heads {
+            text +=
+                &format!("{{\"session_id\":\"{id}\",\"events\":{events},\"head\":\"{head}\"}}\n");
+        }
+        for (id, events, head) in digest_of {
+            fold.add(*id, *events, *head);
+        }
+        text += &format!(
+            "{{\"end\":true,\"sessions\":{},\"events\":0,\"digest\":\"{}\"}}\n",
+            heads.len(),
+            fold.finish()
+        );
+        text
+    }
+
+    #[test]
+    fn the_newest_intact_checkpoint_is_read_and_an_edited_one_refused() {
+        let one = (Uuid::from_u128(1), 3, Digest([7; 32]));
+        let two = (Uuid::from_u128(2), 1, Digest([9; 32]));
+        let older = checkpoint_text(&[one], &[one]);
+        let newer = checkpoint_text(&[one, two], &[one, two]);
+        let (_, heads) = read_checkpoint((older.clone() + &newer).as_bytes()).unwrap();
+        assert_eq!(heads.len(), 2);
+        assert_eq!(heads[&two.0], (1, two.2));
+
+        let edited = checkpoint_text(&[(one.0, 4, one.2)], &[one]);
+        assert!(matches!(
+            read_checkpoint(edited.as_bytes()),
+            Err(CheckpointError::Invalid(_))
+        ));
+        let cut = newer.lines().take(2).collect::<Vec<_>>().join("\n");
+        assert!(matches!(
+            read_checkpoint(cut.as_bytes()),
+            Err(CheckpointError::Invalid(_))
+        ));
+        assert!(matches!(
+            read_checkpoint("garbage\n".as_bytes()),
+            Err(CheckpointError::Invalid(_))
+        ));
+        assert_eq!(
+            parse_hex(&Digest([0xab; 32]).to_string()),
+            Some(Digest([0xab; 32]))
+        );
+        assert_eq!(parse_hex("zz"), None);
+    }
+}
