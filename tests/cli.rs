@@ -405,3 +405,71 @@ async fn cli_checkpoint_proves_no_chain_was_rewritten_since(pool: PgPool) {
     assert_one_line_error(&out, "cannot open");
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn cli_exports_events_in_order_with_their_hashes(pool: PgPool) {
+    let data = known_dataset(&pool).await;
+    let url = common::database_url(&pool).await;
+    let range = ["--since", "2026-03-01", "--until", "2026-03-03"];
+    let out = cli(&url, &[&["export"][..], &range[..]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    // 4 + 2 + 3 state-changing events and 4 denials.
+    assert_eq!(events.len(), 13);
+    let ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["event_id"].as_i64().unwrap())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "in event_id order: {ids:?}"
+    );
+    for event in &events {
+        let denied = event["kind"] == "denied";
+        assert_eq!(event["hash"].is_null(), denied, "{event}");
+        assert_eq!(event["prev_hash"].is_null(), denied, "{event}");
+        if !denied {
+            assert_eq!(event["hash"].as_str().unwrap().len(), 64);
+        }
+    }
+    // The export carries what verifying a chain needs: each link names its predecessor.
+    let s1: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["session_id"] == data.s1.to_string() && e["kind"] != "denied")
+        .collect();
+    assert_eq!(s1[0]["prev_hash"], "0".repeat(64));
+    assert!(s1.windows(2).all(|w| w[1]["prev_hash"] == w[0]["hash"]));
+
+    let out = cli(
+        &url,
+        &[
+            &[
+                "export",
+                "--format",
+                "csv",
+                "--agent",
+                &data.agent_b.to_string(),
+            ][..],
+            &range[..],
+        ]
+        .concat(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let csv = stdout(&out);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(
+        lines[0].starts_with("event_id,event_key,session_id,agent_id,kind,"),
+        "{csv}"
+    );
+    assert!(lines[0].ends_with(",session_day,prev_hash,hash"), "{csv}");
+    // Agent B's session s3: created, a call, closed, and a denial after the close.
+    assert_eq!(lines.len(), 1 + 4, "{csv}");
+    let out = cli(
+        &url,
+        &["export", "--since", "2026-03-02", "--until", "2026-03-01"],
+    );
+    assert_one_line_error(&out, "export range is empty");
+}

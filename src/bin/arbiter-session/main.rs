@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use arbiter_session::operator::chain::{self, ChainSummary, SessionChain};
 use arbiter_session::operator::checkpoint::{self, CheckpointVerdict};
+use arbiter_session::operator::export::{self, ExportFormat, ExportRange};
 use arbiter_session::operator::partitions;
 use arbiter_session::operator::report::{self, Format, ReportFilter};
 use arbiter_session::operator::retention::{self, EventRetention};
@@ -30,7 +31,7 @@ const EXIT_TAMPERED: u8 = 3;
 #[command(
     name = "arbiter-session",
     version,
-    about = "Operate an arbiter-session database: migrate, inspect, report, verify, purge, partitions",
+    about = "Operate an arbiter-session database: migrate, inspect, report, export, verify, checkpoint, purge, partitions",
     after_help = "Exit status: 0 on success, 1 on an error (one line on stderr), \
                   2 on a usage error, 3 when `verify` or `checkpoint` finds a broken or rewritten audit chain."
 )]
@@ -73,6 +74,21 @@ enum Command {
     Partitions {
         #[command(subcommand)]
         action: PartitionsAction,
+    },
+    /// Stream the audit events that occurred in a time range, in order, with their hashes.
+    Export {
+        /// From: YYYY-MM-DD (midnight UTC) or an RFC 3339 timestamp (inclusive).
+        #[arg(long, value_parser = parse_cutoff)]
+        since: DateTime<Utc>,
+        /// Until: YYYY-MM-DD (midnight UTC) or an RFC 3339 timestamp (exclusive).
+        #[arg(long, value_parser = parse_cutoff)]
+        until: DateTime<Utc>,
+        /// Only this agent's events.
+        #[arg(long)]
+        agent: Option<Uuid>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ExportFormatArg::Jsonl)]
+        format: ExportFormatArg,
     },
     /// Verify the audit hash chain of one session, or of every session.
     Verify {
@@ -123,6 +139,14 @@ enum PartitionsAction {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ExportFormatArg {
+    /// JSON Lines: one object per event.
+    Jsonl,
+    /// CSV with a header line.
+    Csv,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -282,6 +306,24 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let list = partitions::list(&pool).await?;
             print!("{}", report::render(&list, format.into())?);
             warn_if_default_partition_used(&pool).await?;
+        }
+        Command::Export {
+            since,
+            until,
+            agent,
+            format,
+        } => {
+            let format = match format {
+                ExportFormatArg::Jsonl => ExportFormat::JsonLines,
+                ExportFormatArg::Csv => ExportFormat::Csv,
+            };
+            let range = ExportRange {
+                since,
+                until,
+                agent,
+            };
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+            export::export_events(&pool, range, format, &mut out).await?;
         }
         Command::Verify {
             session: Some(id), ..

@@ -11,5 +11,6 @@ mod rows;
 pub use reads::{
     ReportFilter, agent_activity, denials, session, session_events, tool_usage, utilization,
 };
+pub(crate) use render::csv_field;
 pub use render::{Format, Tabular, render};
 pub use rows::{AgentDay, DenialDay, EventRecord, SessionRecord, ToolDay, Utilization};

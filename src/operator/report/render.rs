@@ -282,18 +282,25 @@ fn printable(cell: &str) -> String {
     }
 }
 
-fn csv(columns: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
-    fn field(cell: &str) -> String {
-        if cell.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", cell.replace('"', "\"\""))
-        } else {
-            cell.to_owned()
-        }
+/// One CSV field (RFC 4180): quoted only when it holds a comma, a quote or a line break.
+pub(crate) fn csv_field(cell: &str) -> std::borrow::Cow<'_, str> {
+    if cell.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", cell.replace('"', "\"\"")).into()
+    } else {
+        cell.into()
     }
+}
+
+fn csv(columns: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
     let mut out = columns.join(",");
     out.push_str("\r\n");
     for row in rows {
-        out.push_str(&row.iter().map(|c| field(c)).collect::<Vec<_>>().join(","));
+        out.push_str(
+            &row.iter()
+                .map(|c| csv_field(c))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
         out.push_str("\r\n");
     }
     out
