@@ -623,7 +623,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     if std::env::var_os("ARBITER_BENCH_PROFILE_NO_CHAIN").is_some() {
         // Profiling aid only: what the audit hash chain costs per event.
         sqlx::raw_sql(
-            "ALTER TABLE arbiter.session_events DROP CONSTRAINT session_events_chained_unless_denied;
+            "ALTER TABLE arbiter.session_events DROP CONSTRAINT session_events_chained;
              ALTER TABLE arbiter.session_events DISABLE TRIGGER session_events_chain;",
         )
         .execute(storage.pool())

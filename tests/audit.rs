@@ -162,7 +162,7 @@ async fn audit_chain_verifies_and_finds_the_first_edited_row(pool: PgPool) {
     // Computed by PostgreSQL at insert, recomputed here: both encodings agree.
     let all = verify_all_audit_chains(&pool).await.unwrap();
     assert!(all.is_intact(), "{all:?}");
-    assert_eq!((all.sessions, all.events), (3, 9));
+    assert_eq!((all.sessions, all.events, all.denials), (3, 9, 4));
     let s1 = verify_audit_chain(&pool, data.s1).await.unwrap();
     assert_eq!(s1.events, 4);
     let head: Vec<u8> = sqlx::query_scalar(
@@ -251,4 +251,81 @@ async fn audit_chain_encodings_agree_on_every_tool_list(pool: PgPool) {
     let chain = verify_audit_chain(&pool, id).await.unwrap();
     assert!(chain.is_intact(), "{chain:?}");
     assert_eq!(chain.events, 5);
+}
+
+/// Denials form a chain of their own per session: an edited or deleted denial is found,
+/// and two processes recording denials of one session at once still make one valid chain.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn audit_denials_are_chained_even_when_two_processes_record_them_at_once(pool: PgPool) {
+    use arbiter_session::operator::chain::{LinkProblem, verify_audit_chain};
+    const EACH: usize = 40;
+    let clock = ManualClock::starting_now();
+    let a = common::store(&pool, &clock);
+    let other = common::other_process_pool(&pool).await;
+    let b = common::store(&other, &clock);
+    let id = common::new_session(&a, &["search"], 1).await;
+    a.use_session(id, "search", None)
+        .await
+        .expect("the one call");
+    b.get(id).await.expect("B caches it");
+    // Both spend their denials at once; each store's denial log writes them in batches.
+    let deny = |store: SessionStore| async move {
+        for _ in 0..EACH {
+            store
+                .use_session(id, "search", None)
+                .await
+                .expect_err("budget spent");
+        }
+        assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+    };
+    tokio::join!(deny(a), deny(b));
+
+    let chain = verify_audit_chain(&pool, id).await.unwrap();
+    assert!(chain.is_intact(), "{chain:?}");
+    assert_eq!((chain.events, chain.denials), (2, 2 * EACH as u64));
+    assert!(chain.denial_head.is_some());
+
+    let denials: Vec<i64> = sqlx::query_scalar(
+        "SELECT event_id FROM arbiter.session_events
+          WHERE session_id = $1 AND kind = 'denied' ORDER BY event_id",
+    )
+    .bind(id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    // Deleting a denial breaks its successor's link; editing one breaks its own.
+    common::tamper(
+        &pool,
+        &format!(
+            "DELETE FROM arbiter.session_events WHERE event_id = {}",
+            denials[5]
+        ),
+    )
+    .await;
+    let link = verify_audit_chain(&pool, id)
+        .await
+        .unwrap()
+        .broken
+        .expect("found");
+    assert_eq!(
+        (link.event_id, link.problem),
+        (denials[6], LinkProblem::PredecessorMismatch)
+    );
+    common::tamper(
+        &pool,
+        &format!(
+            "UPDATE arbiter.session_events SET reason = 'rate' WHERE event_id = {}",
+            denials[2]
+        ),
+    )
+    .await;
+    let link = verify_audit_chain(&pool, id)
+        .await
+        .unwrap()
+        .broken
+        .expect("found");
+    assert_eq!(
+        (link.event_id, link.problem),
+        (denials[2], LinkProblem::ContentMismatch)
+    );
 }

@@ -163,7 +163,7 @@ async fn cli_inspects_and_verifies_and_finds_tampering(pool: PgPool) {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
-        "ok: 3 sessions, 9 chained events, every chain intact\n"
+        "ok: 3 sessions, 9 chained events, 4 chained denials, every chain intact\n"
     );
     let out = cli(&url, &["verify", "--session", &s1]);
     assert!(stdout(&out).starts_with(&format!("ok: session {s1} has 4 chained events; head ")));
@@ -188,7 +188,9 @@ async fn cli_inspects_and_verifies_and_finds_tampering(pool: PgPool) {
         "{text}"
     );
     assert!(
-        text.ends_with("1 of 3 sessions have a broken audit chain (7 chained events checked)\n"),
+        text.ends_with(
+            "1 of 3 sessions have a broken audit chain (7 chained events, 3 chained denials checked)\n"
+        ),
         "{text}"
     );
     let out = cli(&url, &["verify", "--session", &data.s2.to_string()]);
@@ -327,7 +329,9 @@ async fn cli_checkpoint_proves_no_chain_was_rewritten_since(pool: PgPool) {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
-        format!("checkpoint of 3 sessions (9 chained events) appended to {path}\n")
+        format!(
+            "checkpoint of 3 sessions (9 chained events, 4 chained denials) appended to {path}\n"
+        )
     );
     let out = cli(&url, &["verify", "--against", path]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -359,14 +363,14 @@ async fn cli_checkpoint_proves_no_chain_was_rewritten_since(pool: PgPool) {
     let text = stdout(&out);
     assert!(
         text.contains(&format!(
-            "REWRITTEN session {}: its chain no longer passes through the head recorded at event 4 (rewritten)",
+            "REWRITTEN session {}: its chain no longer passes through the head recorded at link 4 (rewritten)",
             data.s1
         )),
         "{text}"
     );
     assert!(
         text.contains(&format!(
-            "REWRITTEN session {}: had 3 chained events at the checkpoint, has 2 now (events were removed)",
+            "REWRITTEN session {}: had 3 chained events at the checkpoint, has 2 now (links were removed)",
             data.s3
         )),
         "{text}"
@@ -428,20 +432,22 @@ async fn cli_exports_events_in_order_with_their_hashes(pool: PgPool) {
         "in event_id order: {ids:?}"
     );
     for event in &events {
-        let denied = event["kind"] == "denied";
-        assert_eq!(event["hash"].is_null(), denied, "{event}");
-        assert_eq!(event["prev_hash"].is_null(), denied, "{event}");
-        if !denied {
-            assert_eq!(event["hash"].as_str().unwrap().len(), 64);
-        }
+        assert_eq!(event["hash"].as_str().unwrap().len(), 64, "{event}");
+        assert_eq!(event["prev_hash"].as_str().unwrap().len(), 64, "{event}");
     }
-    // The export carries what verifying a chain needs: each link names its predecessor.
-    let s1: Vec<&serde_json::Value> = events
-        .iter()
-        .filter(|e| e["session_id"] == data.s1.to_string() && e["kind"] != "denied")
-        .collect();
-    assert_eq!(s1[0]["prev_hash"], "0".repeat(64));
-    assert!(s1.windows(2).all(|w| w[1]["prev_hash"] == w[0]["hash"]));
+    // The export carries what verifying a chain needs: each link names its predecessor, in
+    // each of a session's two chains (state-changing events, denials).
+    for denials in [false, true] {
+        let chain: Vec<&serde_json::Value> = events
+            .iter()
+            .filter(|e| {
+                e["session_id"] == data.s2.to_string() && (e["kind"] == "denied") == denials
+            })
+            .collect();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[0]["prev_hash"], "0".repeat(64));
+        assert_eq!(chain[1]["prev_hash"], chain[0]["hash"]);
+    }
 
     let out = cli(
         &url,

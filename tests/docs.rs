@@ -48,10 +48,11 @@ async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
     // went) and the nine days the migration created.
     assert_eq!(rows.remove(0).len(), 10);
     // On the data set: S1 ran out of budget; agent A's 2026-03-02 had one active hour;
-    // every one of the three sessions has a chain head.
+    // every one of the three sessions has two chain heads.
     assert_eq!(rows[1].len(), 1);
     assert_eq!(rows[8].len(), 1);
     assert_eq!(rows[8][0].get::<i64, _>("calls"), 1);
     assert_eq!(rows[8][0].get::<i64, _>("denied"), 2);
-    assert_eq!(rows[9].len(), 3);
+    // Three sessions, each with a state chain and a denial chain.
+    assert_eq!(rows[9].len(), 6);
 }

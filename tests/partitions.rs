@@ -155,7 +155,7 @@ async fn every_partition_is_append_only(pool: PgPool) {
 /// Three past days. Day 10's sessions all ended before the cutoff: its partition is
 /// dropped whole. Day 9 still holds a session (closed after the cutoff): kept, untouched.
 /// Day 8's session ended before the cutoff but a denial on it was recorded after: its
-/// partition is kept and only the rows before the cutoff are deleted.
+/// partition is kept, and so is that session's whole trail (retention never cuts a chain).
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn purge_drops_the_partitions_of_ended_days_whole(pool: PgPool) {
     let today = db_now(&pool).await.date_naive();
@@ -212,7 +212,7 @@ async fn purge_drops_the_partitions_of_ended_days_whole(pool: PgPool) {
     let purged = retention::purge_before(&pool, cutoff, EventRetention::Delete)
         .await
         .unwrap();
-    assert_eq!((purged.sessions, purged.events), (0, 5 + 3));
+    assert_eq!((purged.sessions, purged.events), (0, 5));
     assert!(
         !exists(&pool, &partition_name(day(10))).await,
         "day 10 was dropped whole"
@@ -233,9 +233,11 @@ async fn purge_drops_the_partitions_of_ended_days_whole(pool: PgPool) {
     .unwrap();
     assert_eq!(
         left,
-        ["denied"],
-        "only the event recorded after the cutoff is left"
+        ["created", "call_allowed", "closed", "denied"],
+        "a trail with an event recorded after the cutoff stays whole"
     );
+    let summary = chain::verify_all_audit_chains(&pool).await.unwrap();
+    assert!(summary.is_intact(), "{summary:?}");
     // Today's partition and the days ahead are untouched.
     assert!(exists(&pool, &partition_name(today)).await);
 }
@@ -290,7 +292,20 @@ async fn an_unpartitioned_trail_migrates_with_ids_hashes_and_chains_intact(pool:
     arbiter_session::migrate(&pool).await.expect("migrate");
 
     let after: Vec<Event> = sqlx::query_as(rows).fetch_all(&pool).await.unwrap();
-    assert_eq!(after, before, "ids, order and hashes are unchanged");
+    let state_links = |events: &[Event]| -> Vec<Event> {
+        events.iter().filter(|e| e.2 != "denied").cloned().collect()
+    };
+    assert_eq!(
+        state_links(&after),
+        state_links(&before),
+        "ids, order and state-chain hashes are unchanged"
+    );
+    let denial = after.iter().find(|e| e.2 == "denied").expect("the denial");
+    assert_eq!(
+        (denial.0, denial.3.as_deref()),
+        (5, Some(&[0u8; 32][..])),
+        "the old denial starts its session's denial chain"
+    );
     let a0 = Uuid::from_u128(0xa0);
     let a1 = Uuid::from_u128(0xa1);
     let a2 = Uuid::from_u128(0xa2);
@@ -303,7 +318,10 @@ async fn an_unpartitioned_trail_migrates_with_ids_hashes_and_chains_intact(pool:
     assert!(!partitions::default_partition_used(&pool).await.unwrap());
     let summary = chain::verify_all_audit_chains(&pool).await.unwrap();
     assert!(summary.is_intact(), "{summary:?}");
-    assert_eq!((summary.sessions, summary.events), (3, 6));
+    assert_eq!(
+        (summary.sessions, summary.events, summary.denials),
+        (3, 6, 1)
+    );
 
     // A store continues the migrated session's chain in its partition, with new ids.
     let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 3, 8, 30, 0).unwrap());

@@ -1,20 +1,20 @@
-//! Tamper evidence: verifying the SHA-256 hash chain of the audit trail.
+//! Tamper evidence: verifying the SHA-256 hash chains of the audit trail.
 //!
-//! # Invariant: every state-changing event is a link
-//! Within one session, the events of every kind but `denied` form a chain in `event_id`
-//! order: each stores `prev_hash` (its predecessor's `hash`, 32 zero bytes for the first)
-//! and `hash = SHA-256(prev_hash || canonical encoding)`. PostgreSQL computes the links as
-//! the rows are inserted (migration `20261124000004_audit_chain.sql` defines the encoding);
-//! this module recomputes them with an independent implementation, so an edit made with
-//! the append-only trigger disabled shows up as the first link that does not verify.
+//! # Invariant: every event is a link of one of its session's two chains
+//! Within one session, the state-changing events (every kind but `denied`) form one chain
+//! and the denials another, each in `event_id` order: each event stores `prev_hash` (its
+//! predecessor's `hash` in its chain, 32 zero bytes for the first) and
+//! `hash = SHA-256(prev_hash || canonical encoding)`. PostgreSQL computes the links as the
+//! rows are inserted (`arbiter.audit_link_hash`, migrations `20261124000004_audit_chain.sql`
+//! and `20261201000002_denial_chain.sql` define the encoding); this module recomputes them
+//! with an independent implementation, so an edit made with the append-only trigger
+//! disabled shows up as the first link that does not verify. Retention removes a session's
+//! events whole, so every chain starts at the genesis hash.
 //!
 //! What a chain cannot prove on its own: someone who can rewrite the table can also rewrite
 //! every later hash, or drop the newest events. A checkpoint
 //! ([`crate::operator::checkpoint`]) keeps every head outside the database, and a chain
 //! that still passes through its recorded head was not edited up to it.
-//!
-//! Denials are not links: they change no state and are recorded off the hot path, after
-//! the fact, without the session's row lock.
 
 use std::fmt;
 
@@ -106,16 +106,21 @@ impl fmt::Display for BrokenLink {
     }
 }
 
-/// The verdict on one session's chain.
+/// The verdict on one session's chains.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionChain {
     /// The session.
     pub session_id: Uuid,
     /// State-changing events checked (up to and including a broken one).
     pub events: u64,
-    /// The hash of the newest event, when the whole chain verifies; `None` when it has no
-    /// events or is broken.
+    /// The hash of the newest state-changing event, when both chains verify; `None` when
+    /// it has no such events or a chain is broken.
     pub head: Option<Digest>,
+    /// Denials checked (up to and including a broken one).
+    pub denials: u64,
+    /// The hash of the newest denial, when both chains verify; `None` when it has no
+    /// denials or a chain is broken.
+    pub denial_head: Option<Digest>,
     /// The first link that does not verify.
     pub broken: Option<BrokenLink>,
 }
@@ -134,6 +139,8 @@ pub struct ChainSummary {
     pub sessions: u64,
     /// State-changing events checked.
     pub events: u64,
+    /// Denials checked.
+    pub denials: u64,
     /// The first broken link of each broken session, in session id order.
     pub broken: Vec<BrokenLink>,
 }
@@ -160,8 +167,15 @@ struct ChainRow {
     occurred_at: DateTime<Utc>,
     recorded_at: DateTime<Utc>,
     instance_id: Uuid,
+    reason: Option<String>,
     prev_hash: Option<Vec<u8>>,
     hash: Option<Vec<u8>>,
+}
+
+impl ChainRow {
+    fn is_denial(&self) -> bool {
+        self.kind == "denied"
+    }
 }
 
 /// The canonical encoding, version 1 (see the migration): fixed-width big-endian integers,
@@ -192,62 +206,99 @@ fn link_hash(prev: Digest, row: &ChainRow) -> Digest {
     hasher.update(row.calls_made.to_be_bytes());
     hasher.update(row.rate_window_calls.to_be_bytes());
     text(&mut hasher, Some(&row.status));
-    // A state-changing event always has a version (a CHECK constraint); a row edited to
-    // lose it encodes as -1 and so fails to verify.
+    // A state-changing event always has a version (a CHECK constraint), a denial never:
+    // its link encodes -1, and so does a state event edited to lose it, which then fails.
     hasher.update(row.session_version.unwrap_or(-1).to_be_bytes());
     hasher.update(row.occurred_at.timestamp_micros().to_be_bytes());
     hasher.update(row.recorded_at.timestamp_micros().to_be_bytes());
     hasher.update(row.instance_id.as_bytes());
+    // A denial's link ends with its reason (migration 20261201000002).
+    if row.is_denial() {
+        text(&mut hasher, row.reason.as_deref());
+    }
     Digest(hasher.finalize().into())
 }
 
-/// Walks one session's chain, row by row, in `event_id` order.
+/// Where a walk of one chain stands.
 #[derive(Debug)]
-pub(super) struct Walk {
-    session_id: Uuid,
-    events: u64,
+struct Link {
+    count: u64,
     head: Digest,
-    broken: Option<BrokenLink>,
     /// A link whose hash to keep (its position, from 1), for checkpoints.
     mark: Option<u64>,
-    head_at_mark: Option<Digest>,
+    at_mark: Option<Digest>,
 }
 
-impl Walk {
-    fn new(session_id: Uuid, mark: Option<u64>) -> Self {
-        Walk {
-            session_id,
-            events: 0,
+impl Link {
+    fn new(mark: Option<u64>) -> Self {
+        Link {
+            count: 0,
             head: Digest::GENESIS,
-            broken: None,
             mark,
-            head_at_mark: None,
+            at_mark: None,
         }
     }
 
-    /// The hash of the marked link, if the chain verified up to it.
-    pub(super) fn head_at_mark(&self) -> Option<Digest> {
-        self.head_at_mark
+    /// The head, when the chain has links (and, as walks stop at a break, verified).
+    fn head(&self) -> Option<Digest> {
+        (self.count > 0).then_some(self.head)
+    }
+}
+
+/// Positions whose hashes a walk keeps: in the state chain and in the denial chain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Marks {
+    pub(super) events: Option<u64>,
+    pub(super) denials: Option<u64>,
+}
+
+/// Walks one session's two chains, row by row, in `event_id` order.
+#[derive(Debug)]
+pub(super) struct Walk {
+    session_id: Uuid,
+    events: Link,
+    denials: Link,
+    broken: Option<BrokenLink>,
+}
+
+impl Walk {
+    fn new(session_id: Uuid, marks: Marks) -> Self {
+        Walk {
+            session_id,
+            events: Link::new(marks.events),
+            denials: Link::new(marks.denials),
+            broken: None,
+        }
+    }
+
+    /// The hashes at the marked positions, where each chain verified up to them.
+    pub(super) fn at_marks(&self) -> (Option<Digest>, Option<Digest>) {
+        (self.events.at_mark, self.denials.at_mark)
     }
 
     fn step(&mut self, row: &ChainRow) {
         if self.broken.is_some() {
             return;
         }
-        self.events += 1;
+        let link = if row.is_denial() {
+            &mut self.denials
+        } else {
+            &mut self.events
+        };
+        link.count += 1;
         let problem = match (
             Digest::from_stored(row.prev_hash.as_deref()),
             Digest::from_stored(row.hash.as_deref()),
         ) {
             (Some(prev), Some(hash)) => {
-                if prev != self.head {
+                if prev != link.head {
                     Some(LinkProblem::PredecessorMismatch)
                 } else if hash != link_hash(prev, row) {
                     Some(LinkProblem::ContentMismatch)
                 } else {
-                    self.head = hash;
-                    if self.mark == Some(self.events) {
-                        self.head_at_mark = Some(hash);
+                    link.head = hash;
+                    if link.mark == Some(link.count) {
+                        link.at_mark = Some(hash);
                     }
                     None
                 }
@@ -263,18 +314,21 @@ impl Walk {
     }
 
     pub(super) fn finish(self) -> SessionChain {
+        let intact = self.broken.is_none();
         SessionChain {
             session_id: self.session_id,
-            events: self.events,
-            head: (self.events > 0 && self.broken.is_none()).then_some(self.head),
+            events: self.events.count,
+            head: self.events.head().filter(|_| intact),
+            denials: self.denials.count,
+            denial_head: self.denials.head().filter(|_| intact),
             broken: self.broken,
         }
     }
 }
 
-/// Verifies the chain of `session_id`'s state-changing events and reports the first link
-/// that does not verify. A session without events (never created, or purged with its
-/// events) verifies with `events == 0`.
+/// Verifies the two chains of `session_id` (its state-changing events and its denials) and
+/// reports the first link that does not verify. A session without events (never created,
+/// or purged with its events) verifies with `events == 0`.
 ///
 /// # Errors
 /// The database could not be read.
@@ -289,7 +343,7 @@ pub async fn verify_audit_chain(
     )
     .fetch_all(pool)
     .await?;
-    let mut walk = Walk::new(session_id, None);
+    let mut walk = Walk::new(session_id, Marks::default());
     rows.iter().for_each(|row| walk.step(row));
     Ok(walk.finish())
 }
@@ -310,9 +364,9 @@ pub async fn verify_all_audit_chains(pool: &PgPool) -> Result<ChainSummary, Stor
 
 /// What [`walk_all_chains`] reports each session's walk to.
 pub(super) trait ChainVisitor {
-    /// A link of `session_id` whose hash the walk should keep (its position, from 1).
-    fn mark(&mut self, _session_id: Uuid) -> Option<u64> {
-        None
+    /// The links of `session_id` whose hashes the walk should keep.
+    fn marks(&mut self, _session_id: Uuid) -> Marks {
+        Marks::default()
     }
     /// The session's walk, finished.
     fn done(&mut self, walk: Walk);
@@ -333,7 +387,8 @@ pub(super) async fn walk_all_chains(
     let mut walk: Option<Walk> = None;
     let mut after = (Uuid::nil(), i64::MIN);
     loop {
-        // Keyset pagination on the chain index; no transaction is held between pages.
+        // Keyset pagination on the primary key (session_id, event_id, …); no transaction
+        // is held between pages.
         let page = sqlx::query_file_as!(
             ChainRow,
             "src/operator/sql/chain_page.sql",
@@ -350,7 +405,7 @@ pub(super) async fn walk_all_chains(
                 if let Some(finished) = walk.take() {
                     visitor.done(finished);
                 }
-                walk = Some(Walk::new(row.session_id, visitor.mark(row.session_id)));
+                walk = Some(Walk::new(row.session_id, visitor.marks(row.session_id)));
             }
             if let Some(walk) = walk.as_mut() {
                 walk.step(row);
@@ -367,6 +422,7 @@ impl ChainSummary {
     fn add(&mut self, chain: SessionChain) {
         self.sessions += 1;
         self.events += chain.events;
+        self.denials += chain.denials;
         self.broken.extend(chain.broken);
     }
 }
@@ -390,6 +446,7 @@ mod tests {
             occurred_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
             recorded_at: DateTime::from_timestamp_micros(1_700_000_000_223_456).unwrap(),
             instance_id: Uuid::from_u128(4),
+            reason: None,
             prev_hash: None,
             hash: None,
         }
@@ -425,7 +482,7 @@ mod tests {
         second.prev_hash = Some(h1.0.to_vec());
         second.hash = Some(link_hash(h1, &second).0.to_vec());
 
-        let mut walk = Walk::new(first.session_id, None);
+        let mut walk = Walk::new(first.session_id, Marks::default());
         walk.step(&first);
         walk.step(&second);
         let intact = walk.finish();
@@ -435,7 +492,7 @@ mod tests {
         let mut third = row();
         third.event_id = 3;
         third.prev_hash = Some(vec![0; 31]);
-        let mut walk = Walk::new(first.session_id, None);
+        let mut walk = Walk::new(first.session_id, Marks::default());
         for r in [&first, &second, &third] {
             walk.step(r);
         }

@@ -9,13 +9,15 @@
 //! # Format (JSON Lines; a file may hold several checkpoints, appended)
 //! ```text
 //! {"arbiter_checkpoint":1,"taken_at":"2026-12-01T05:00:00Z"}
-//! {"session_id":"…","events":5,"head":"<64 hex digits>"}
+//! {"session_id":"…","events":5,"head":"<64 hex>","denials":1,"denial_head":"<64 hex>"}
 //! …one line per session with chained events…
-//! {"end":true,"sessions":2,"events":9,"digest":"<64 hex digits>"}
+//! {"end":true,"sessions":2,"events":9,"denials":4,"digest":"<64 hex digits>"}
 //! ```
-//! `digest` is SHA-256 over every head line's session id (16 bytes), event count (8 bytes,
-//! big-endian) and head (32 bytes), in order: a checkpoint cut short or edited by accident
-//! is refused. [`verify_against`] checks the newest complete checkpoint of a file.
+//! Each session has two chains (state-changing events and denials, see
+//! [`crate::operator::chain`]); `denial_head` is `null` when it has no denials. `digest` is
+//! SHA-256 over every head line's session id (16 bytes), event count (8 bytes, big-endian),
+//! head (32 bytes), denial count (8 bytes) and denial head (32 bytes, zeros when none), in
+//! order: a checkpoint cut short or edited by accident is refused. [`verify_against`] checks the newest complete checkpoint of a file.
 //!
 //! Sessions purged since (retention deletes whole chains) are counted as gone, not as
 //! rewritten: compare their number with what `purge` reported.
@@ -30,7 +32,7 @@ use sqlx::PgPool;
 use thiserror::Error;
 use uuid::Uuid;
 
-use super::chain::{BrokenLink, ChainVisitor, Digest, Walk, walk_all_chains};
+use super::chain::{BrokenLink, ChainVisitor, Digest, Marks, Walk, walk_all_chains};
 use crate::error::StorageError;
 
 /// The format's version, in each checkpoint's first line.
@@ -56,8 +58,10 @@ pub enum CheckpointError {
 pub struct CheckpointSummary {
     /// Sessions whose head was recorded.
     pub sessions: u64,
-    /// Chained events up to those heads.
+    /// Chained state-changing events up to those heads.
     pub events: u64,
+    /// Chained denials up to those heads.
+    pub denials: u64,
     /// The digest over every recorded head.
     pub digest: Option<Digest>,
     /// Chains already broken (their heads are not recorded): `verify` reports them too.
@@ -75,6 +79,8 @@ struct HeadLine {
     session_id: Uuid,
     events: u64,
     head: String,
+    denials: u64,
+    denial_head: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -82,6 +88,7 @@ struct EndLine {
     end: bool,
     sessions: u64,
     events: u64,
+    denials: u64,
     digest: String,
 }
 
@@ -89,11 +96,23 @@ struct EndLine {
 #[derive(Default)]
 struct Fold(Sha256);
 
+/// One session's recorded heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Recorded {
+    events: u64,
+    head: Digest,
+    denials: u64,
+    denial_head: Option<Digest>,
+}
+
 impl Fold {
-    fn add(&mut self, session_id: Uuid, events: u64, head: Digest) {
+    fn add(&mut self, session_id: Uuid, recorded: &Recorded) {
         self.0.update(session_id.as_bytes());
-        self.0.update(events.to_be_bytes());
-        self.0.update(head.0);
+        self.0.update(recorded.events.to_be_bytes());
+        self.0.update(recorded.head.0);
+        self.0.update(recorded.denials.to_be_bytes());
+        self.0
+            .update(recorded.denial_head.unwrap_or(Digest::GENESIS).0);
     }
 
     fn finish(self) -> Digest {
@@ -156,6 +175,7 @@ pub async fn write_checkpoint<W: Write>(
         end: true,
         sessions: summary.sessions,
         events: summary.events,
+        denials: summary.denials,
         digest: hex(digest),
     };
     writeln!(out, "{}", json(&end)?)?;
@@ -184,16 +204,25 @@ impl<W: Write> ChainVisitor for HeadWriter<'_, W> {
         if self.failed.is_some() {
             return;
         }
+        let recorded = Recorded {
+            events: chain.events,
+            head,
+            denials: chain.denials,
+            denial_head: chain.denial_head,
+        };
         let line = HeadLine {
             session_id: chain.session_id,
-            events: chain.events,
+            events: recorded.events,
             head: hex(head),
+            denials: recorded.denials,
+            denial_head: recorded.denial_head.map(hex),
         };
         match json(&line).and_then(|line| writeln!(self.out, "{line}")) {
             Ok(()) => {
-                self.fold.add(chain.session_id, chain.events, head);
+                self.fold.add(chain.session_id, &recorded);
                 self.summary.sessions += 1;
                 self.summary.events += chain.events;
+                self.summary.denials += chain.denials;
             }
             Err(err) => self.failed = Some(err),
         }
@@ -204,30 +233,45 @@ fn json<T: Serialize>(value: &T) -> std::io::Result<String> {
     serde_json::to_string(value).map_err(std::io::Error::other)
 }
 
+/// Which of a session's two chains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainKind {
+    /// Its state-changing events.
+    Events,
+    /// Its denials.
+    Denials,
+}
+
 /// A chain that no longer passes through its recorded head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewritten {
     /// The session.
     pub session_id: Uuid,
-    /// The position of the recorded head (its number of chained events then).
-    pub events: u64,
-    /// Chained events the session has now.
-    pub events_now: u64,
+    /// Which of its chains.
+    pub chain: ChainKind,
+    /// The position of the recorded head (the chain's links then).
+    pub links: u64,
+    /// The chain's links now.
+    pub links_now: u64,
 }
 
 impl std::fmt::Display for Rewritten {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.events_now < self.events {
+        let (chain, links) = match self.chain {
+            ChainKind::Events => ("chain", "chained events"),
+            ChainKind::Denials => ("denial chain", "chained denials"),
+        };
+        if self.links_now < self.links {
             write!(
                 f,
-                "session {}: had {} chained events at the checkpoint, has {} now (events were removed)",
-                self.session_id, self.events, self.events_now
+                "session {}: had {} {links} at the checkpoint, has {} now (links were removed)",
+                self.session_id, self.links, self.links_now
             )
         } else {
             write!(
                 f,
-                "session {}: its chain no longer passes through the head recorded at event {} (rewritten)",
-                self.session_id, self.events
+                "session {}: its {chain} no longer passes through the head recorded at link {} (rewritten)",
+                self.session_id, self.links
             )
         }
     }
@@ -242,7 +286,7 @@ pub struct CheckpointVerdict {
     pub kept: u64,
     /// Sessions of the checkpoint with no chained event now (purged since, or deleted).
     pub gone: u64,
-    /// Sessions of the checkpoint whose chain was rewritten or cut short.
+    /// Chains of the checkpoint's sessions that were rewritten or cut short.
     pub rewritten: Vec<Rewritten>,
     /// Chains that do not verify on their own (every session, not only the checkpoint's).
     pub broken: Vec<BrokenLink>,
@@ -255,8 +299,8 @@ impl CheckpointVerdict {
     }
 }
 
-/// Each recorded session's position and head.
-type Heads = HashMap<Uuid, (u64, Digest)>;
+/// Each recorded session's heads.
+type Heads = HashMap<Uuid, Recorded>;
 
 /// The newest complete checkpoint in `file`: its time and its heads. Memory grows with the
 /// sessions of one checkpoint (about 60 bytes each), not with the events.
@@ -280,10 +324,18 @@ fn read_checkpoint<R: BufRead>(file: R) -> Result<(DateTime<Utc>, Heads), Checkp
             let (_, heads, fold) = open
                 .as_mut()
                 .ok_or_else(|| invalid(number, "a head before any checkpoint header"))?;
-            let digest = parse_hex(&head.head)
-                .ok_or_else(|| invalid(number, "a head that is not 64 hex digits"))?;
-            fold.add(head.session_id, head.events, digest);
-            heads.insert(head.session_id, (head.events, digest));
+            let not_hex = || invalid(number, "a head that is not 64 hex digits");
+            let recorded = Recorded {
+                events: head.events,
+                head: parse_hex(&head.head).ok_or_else(not_hex)?,
+                denials: head.denials,
+                denial_head: match &head.denial_head {
+                    Some(text) => Some(parse_hex(text).ok_or_else(not_hex)?),
+                    None => None,
+                },
+            };
+            fold.add(head.session_id, &recorded);
+            heads.insert(head.session_id, recorded);
         } else if let Ok(end) = serde_json::from_str::<EndLine>(&line) {
             let (taken_at, heads, fold) = open
                 .take()
@@ -336,22 +388,39 @@ struct HeadCheck {
 }
 
 impl ChainVisitor for HeadCheck {
-    fn mark(&mut self, session_id: Uuid) -> Option<u64> {
-        self.heads.get(&session_id).map(|(events, _)| *events)
+    fn marks(&mut self, session_id: Uuid) -> Marks {
+        self.heads
+            .get(&session_id)
+            .map(|recorded| Marks {
+                events: Some(recorded.events),
+                denials: (recorded.denials > 0).then_some(recorded.denials),
+            })
+            .unwrap_or_default()
     }
 
     fn done(&mut self, walk: Walk) {
-        let at_mark = walk.head_at_mark();
+        let (events_at_mark, denials_at_mark) = walk.at_marks();
         let chain = walk.finish();
-        if let Some((events, head)) = self.heads.remove(&chain.session_id) {
-            if at_mark == Some(head) {
+        if let Some(recorded) = self.heads.remove(&chain.session_id) {
+            let events_kept = events_at_mark == Some(recorded.head);
+            let denials_kept = denials_at_mark == recorded.denial_head;
+            if events_kept && denials_kept {
                 self.verdict.kept += 1;
             } else if chain.broken.is_none() {
-                self.verdict.rewritten.push(Rewritten {
-                    session_id: chain.session_id,
-                    events,
-                    events_now: chain.events,
-                });
+                let mut rewritten = |chain_kind, links, links_now| {
+                    self.verdict.rewritten.push(Rewritten {
+                        session_id: chain.session_id,
+                        chain: chain_kind,
+                        links,
+                        links_now,
+                    });
+                };
+                if !events_kept {
+                    rewritten(ChainKind::Events, recorded.events, chain.events);
+                }
+                if !denials_kept {
+                    rewritten(ChainKind::Denials, recorded.denials, chain.denials);
+                }
             }
         }
         self.verdict.broken.extend(chain.broken);
@@ -362,19 +431,34 @@ impl ChainVisitor for HeadCheck {
 mod tests {
     use super::*;
 
-    fn checkpoint_text(heads: &[(Uuid, u64, Digest)], digest_of: &[(Uuid, u64, Digest)]) -> String {
+    fn recorded(events: u64, byte: u8) -> Recorded {
+        Recorded {
+            events,
+            head: Digest([byte; 32]),
+            denials: 0,
+            denial_head: None,
+        }
+    }
+
+    fn checkpoint_text(heads: &[(Uuid, Recorded)], digest_of: &[(Uuid, Recorded)]) -> String {
         let mut fold = Fold::default();
         let mut text =
             String::from("{\"arbiter_checkpoint\":1,\"taken_at\":\"2026-12-01T05:00:00Z\"}\n");
-        for (id, events, head) in heads {
-            text +=
-                &format!("{{\"session_id\":\"{id}\",\"events\":{events},\"head\":\"{head}\"}}\n");
+        for (id, r) in heads {
+            let line = HeadLine {
+                session_id: *id,
+                events: r.events,
+                head: hex(r.head),
+                denials: r.denials,
+                denial_head: r.denial_head.map(hex),
+            };
+            text += &(json(&line).unwrap() + "\n");
         }
-        for (id, events, head) in digest_of {
-            fold.add(*id, *events, *head);
+        for (id, r) in digest_of {
+            fold.add(*id, r);
         }
         text += &format!(
-            "{{\"end\":true,\"sessions\":{},\"events\":0,\"digest\":\"{}\"}}\n",
+            "{{\"end\":true,\"sessions\":{},\"events\":0,\"denials\":0,\"digest\":\"{}\"}}\n",
             heads.len(),
             fold.finish()
         );
@@ -383,15 +467,22 @@ mod tests {
 
     #[test]
     fn the_newest_intact_checkpoint_is_read_and_an_edited_one_refused() {
-        let one = (Uuid::from_u128(1), 3, Digest([7; 32]));
-        let two = (Uuid::from_u128(2), 1, Digest([9; 32]));
+        let one = (Uuid::from_u128(1), recorded(3, 7));
+        let two = (
+            Uuid::from_u128(2),
+            Recorded {
+                denials: 2,
+                denial_head: Some(Digest([5; 32])),
+                ..recorded(1, 9)
+            },
+        );
         let older = checkpoint_text(&[one], &[one]);
         let newer = checkpoint_text(&[one, two], &[one, two]);
         let (_, heads) = read_checkpoint((older.clone() + &newer).as_bytes()).unwrap();
         assert_eq!(heads.len(), 2);
-        assert_eq!(heads[&two.0], (1, two.2));
+        assert_eq!(heads[&two.0], two.1);
 
-        let edited = checkpoint_text(&[(one.0, 4, one.2)], &[one]);
+        let edited = checkpoint_text(&[(one.0, recorded(4, 7))], &[one]);
         assert!(matches!(
             read_checkpoint(edited.as_bytes()),
             Err(CheckpointError::Invalid(_))

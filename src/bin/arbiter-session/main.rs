@@ -372,9 +372,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             if let Some(path) = &append {
                 println!(
-                    "checkpoint of {} sessions ({} chained events) appended to {}",
+                    "checkpoint of {} sessions ({} chained events, {} chained denials) appended to {}",
                     summary.sessions,
                     summary.events,
+                    summary.denials,
                     path.display()
                 );
             }
@@ -478,8 +479,14 @@ fn print_session_verdict(verdict: &SessionChain) -> ExitCode {
             ExitCode::from(EXIT_TAMPERED)
         }
         (None, Some(head)) => {
+            let denials = match verdict.denial_head {
+                Some(denial_head) => {
+                    format!("; {} chained denials, head {denial_head}", verdict.denials)
+                }
+                None => String::new(),
+            };
             println!(
-                "ok: session {} has {} chained events; head {head}",
+                "ok: session {} has {} chained events; head {head}{denials}",
                 verdict.session_id, verdict.events
             );
             ExitCode::SUCCESS
@@ -497,16 +504,17 @@ fn print_summary(summary: &ChainSummary) -> ExitCode {
     }
     if summary.is_intact() {
         println!(
-            "ok: {} sessions, {} chained events, every chain intact",
-            summary.sessions, summary.events
+            "ok: {} sessions, {} chained events, {} chained denials, every chain intact",
+            summary.sessions, summary.events, summary.denials
         );
         ExitCode::SUCCESS
     } else {
         println!(
-            "{} of {} sessions have a broken audit chain ({} chained events checked)",
+            "{} of {} sessions have a broken audit chain ({} chained events, {} chained denials checked)",
             summary.broken.len(),
             summary.sessions,
-            summary.events
+            summary.events,
+            summary.denials
         );
         ExitCode::from(EXIT_TAMPERED)
     }

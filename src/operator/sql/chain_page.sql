@@ -1,8 +1,8 @@
 SELECT event_id, event_key, session_id, agent_id, kind,
        tools AS "tools: Vec<Option<String>>", calls_made, rate_window_calls,
-       status, session_version, occurred_at, recorded_at, instance_id,
+       status, session_version, occurred_at, recorded_at, instance_id, reason,
        prev_hash, hash
   FROM arbiter.session_events
- WHERE kind <> 'denied' AND (session_id, event_id) > ($1, $2)
+ WHERE (session_id, event_id) > ($1, $2)
  ORDER BY session_id, event_id
  LIMIT $3
