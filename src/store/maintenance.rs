@@ -21,6 +21,8 @@ use crate::storage::Storage;
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 /// When a failed run is tried again (unless the interval is shorter).
 const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// The shortest interval: the upkeep is DDL, not something to run in a loop.
+const MIN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The maintenance schedule, its task and what it did.
 #[derive(Debug)]
@@ -39,10 +41,11 @@ pub(super) struct MaintenanceCounts {
 }
 
 impl Maintenance {
-    /// `every: None` runs nothing (the operator runs `arbiter-session partitions ensure`).
+    /// `every: None` runs nothing (the operator runs `arbiter-session partitions ensure`);
+    /// an interval under a minute is taken as a minute.
     pub(super) fn new(every: Option<Duration>) -> Self {
         Maintenance {
-            every,
+            every: every.map(|every| std::cmp::max(every, MIN_INTERVAL)),
             task: Worker::default(),
             runs: AtomicU64::new(0),
             failures: AtomicU64::new(0),
