@@ -306,7 +306,13 @@ async fn failure_hung_write_gives_up_at_the_deadline(pool: PgPool) {
         matches!(failed, Err(SessionError::StorageWriteThrough { detail, .. }) if detail.contains("within"))
     );
     storage.release_writes();
-    assert_eq!(store.reconcile_now().await.still_pending, 0);
+    // A pass's own write has the same 200 ms; on a loaded machine (a fresh-clone CI run
+    // failed here) it can run out, and the reconciler tries again: so does this, bounded.
+    let mut passes = 1;
+    while store.reconcile_now().await.still_pending > 0 {
+        passes += 1;
+        assert!(passes <= 20, "still pending after {passes} passes");
+    }
     assert_eq!(row(&pool, id).await.calls_made, 1);
 }
 
