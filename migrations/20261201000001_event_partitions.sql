@@ -9,8 +9,8 @@
 --     `arbiter.ensure_event_partitions()` (the store calls it at start and daily;
 --     `arbiter-session partitions ensure` calls it by hand). `session_events_default`
 --     catches a day that has no partition yet; `inspect` warns when it holds rows.
---   * Retention drops whole partitions (`arbiter.purge_before`, below) and deletes rows only
---     in a partition that still holds a session or an event recorded after the cutoff.
+--   * Retention drops whole partitions (`arbiter.purge_before`, migration
+--     20261201000002_denial_chain.sql, which lists them with `event_partitions()` below).
 --   * Every guarantee of the unpartitioned table holds: append-only (row triggers are cloned
 --     to every partition; the TRUNCATE trigger is created on each, since statement triggers
 --     are not), the hash chain (same encoding, same hashes: existing chains stay valid), the
@@ -361,7 +361,7 @@ COMMENT ON VIEW arbiter.denials_by_reason IS
     'One row per UTC day, agent and denial reason: denied requests and the sessions they were made on.';
 
 -- The partitions of the audit trail: each one's day (NULL for the default partition) and
--- name, oldest first. `inspect`, `partitions list` and purge_before read it.
+-- name, oldest first. `partitions list` and purge_before read it.
 CREATE FUNCTION arbiter.event_partitions()
 RETURNS TABLE (partition regclass, day date)
 LANGUAGE sql STABLE AS $$
@@ -372,70 +372,4 @@ LANGUAGE sql STABLE AS $$
       JOIN pg_class c ON c.oid = i.inhrelid
      WHERE i.inhparent = 'arbiter.session_events'::regclass
      ORDER BY 2 NULLS FIRST
-$$;
-
--- Retention by partition. The rules of migration 20261124000005 hold; only the way events
--- go changes. A partition goes whole (DROP TABLE: no row-by-row delete, no bloat) when its
--- day is over (before the cutoff's day and before yesterday), no session created on its
--- day is left, and none of its events was recorded at or after the cutoff: then every one
--- of its rows is one the row-by-row rule would delete. Rows are
--- deleted one by one only in the partitions that fail that test (the day that straddles the
--- cutoff, a day that still holds a live session) and in the default partition.
-CREATE OR REPLACE FUNCTION arbiter.purge_before(
-    cutoff timestamptz, with_events boolean DEFAULT false,
-    OUT sessions_deleted bigint, OUT events_deleted bigint)
-LANGUAGE plpgsql AS $$
-DECLARE
-    partition regclass;
-    partition_day date;
-    rows bigint;
-    days_with_sessions date[];
-    recorded_late boolean;
-BEGIN
-    IF cutoff IS NULL OR cutoff > now() THEN
-        RAISE EXCEPTION 'purge cutoff % is not in the past', cutoff
-            USING ERRCODE = 'invalid_parameter_value', CONSTRAINT = 'purge_cutoff_in_past';
-    END IF;
-    PERFORM set_config('arbiter.purge_cutoff', cutoff::text, true);
-    PERFORM set_config('arbiter.purge_events', CASE WHEN with_events THEN 'on' ELSE '' END, true);
-
-    DELETE FROM arbiter.sessions s
-     WHERE (s.status <> 'active' AND s.updated_at < cutoff)
-        OR (s.status = 'active' AND s.expires_at < least(cutoff, now()));
-    GET DIAGNOSTICS sessions_deleted = ROW_COUNT;
-
-    events_deleted := 0;
-    IF with_events THEN
-        SELECT coalesce(array_agg(DISTINCT (s.created_at AT TIME ZONE 'UTC')::date), '{}')
-          INTO days_with_sessions
-          FROM arbiter.sessions s;
-        FOR partition, partition_day IN
-            SELECT p.partition, p.day FROM arbiter.event_partitions() p
-             WHERE p.day IS NOT NULL
-               -- A day before the cutoff's, and before yesterday: no store whose clock
-               -- is right still creates sessions of that day, and a session lives at
-               -- most a day. Today's and the days ahead stay, however empty.
-               AND p.day < least((cutoff AT TIME ZONE 'UTC')::date,
-                                 (now() AT TIME ZONE 'UTC')::date - 1)
-               AND NOT p.day = ANY (days_with_sessions)
-             ORDER BY p.day
-        LOOP
-            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE recorded_at >= $1)', partition)
-               INTO recorded_late USING cutoff;
-            CONTINUE WHEN recorded_late;
-            EXECUTE format('SELECT count(*) FROM %s', partition) INTO rows;
-            EXECUTE format('DROP TABLE %s', partition);
-            events_deleted := events_deleted + rows;
-        END LOOP;
-
-        DELETE FROM arbiter.session_events e
-         WHERE e.recorded_at < cutoff
-           AND NOT EXISTS (SELECT 1 FROM arbiter.sessions s WHERE s.session_id = e.session_id);
-        GET DIAGNOSTICS rows = ROW_COUNT;
-        events_deleted := events_deleted + rows;
-    END IF;
-
-    PERFORM set_config('arbiter.purge_cutoff', '', true);
-    PERFORM set_config('arbiter.purge_events', '', true);
-END
 $$;

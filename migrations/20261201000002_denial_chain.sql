@@ -118,6 +118,14 @@ COMMENT ON COLUMN arbiter.session_events.prev_hash IS
 COMMENT ON COLUMN arbiter.session_events.hash IS
     'sha256(prev_hash || canonical encoding of this row), see arbiter.audit_link_hash.';
 
+-- Retention by partition. The rules of migration 20261124000005 hold; only the way events
+-- go changes. A partition goes whole (DROP TABLE: no row-by-row delete, no bloat) when its
+-- day is over (before the cutoff's day and before yesterday), no session created on its
+-- day is left, and none of its events was recorded at or after the cutoff: then every one
+-- of its rows is one the row-by-row rule would delete. Rows are
+-- deleted one by one only in the partitions that fail that test (the day that straddles the
+-- cutoff, a day that still holds a live session) and in the default partition.
+--
 -- Retention removes a session's events whole: the events of a session whose row is gone
 -- are deleted only when every one of them was recorded before the cutoff (a denial recorded
 -- later keeps the whole trail until a later purge). Chains are never cut in the middle.
