@@ -129,6 +129,52 @@ async fn cli_reports_in_every_format(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn cli_rolls_up_past_days_and_reports_the_same(pool: PgPool) {
+    known_dataset(&pool).await;
+    let url = common::database_url(&pool).await;
+    let before = cli(&url, &["report", "agents", "--format", "csv"]);
+    assert!(before.status.success(), "{}", stderr(&before));
+
+    let out = cli(&url, &["rollup"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    // Every day from the data set's first to yesterday that the store's upkeep had not
+    // sealed (it may have sealed some while the data set was written) is rolled up now.
+    let today = chrono::Utc::now().date_naive();
+    let mut lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.pop(),
+        Some(format!("reports read rollups before {today} and raw events from it on").as_str())
+    );
+    assert!(
+        lines.iter().all(|line| line.starts_with("rolled up 2026-")),
+        "{text}"
+    );
+    let sealed = sqlx::query!(
+        "SELECT day, events FROM arbiter.rollup_days WHERE day < '2026-03-03' ORDER BY day"
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let sealed: Vec<_> = sealed
+        .iter()
+        .map(|r| (r.day.to_string(), r.events))
+        .collect();
+    assert_eq!(
+        sealed,
+        vec![("2026-03-01".to_owned(), 5), ("2026-03-02".to_owned(), 8)]
+    );
+    let after = cli(&url, &["report", "agents", "--format", "csv"]);
+    assert_eq!(stdout(&after), stdout(&before));
+
+    let again = cli(&url, &["rollup"]);
+    assert_eq!(
+        stdout(&again),
+        format!("reports read rollups before {today} and raw events from it on\n")
+    );
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn cli_inspects_and_verifies_and_finds_tampering(pool: PgPool) {
     let data = known_dataset(&pool).await;
     let url = common::database_url(&pool).await;

@@ -34,7 +34,7 @@ async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
     let blocks = sql_blocks(questions);
     assert_eq!(blocks.len(), 10, "the guide answers ten questions");
     let schema_blocks = sql_blocks(schema);
-    assert_eq!(schema_blocks.len(), 1, "the partitions query");
+    assert_eq!(schema_blocks.len(), 2, "the partitions and rollups queries");
     let mut rows = Vec::new();
     for sql in schema_blocks.iter().chain(&blocks) {
         // The guide's SQL is text meant to be pasted; it cannot be a checked macro.
@@ -47,6 +47,8 @@ async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
     // The partitions query: the default partition (where the data set's days of 2026-03
     // went) and the nine days the migration created.
     assert_eq!(rows.remove(0).len(), 10);
+    // The rollups query: one row, whatever the data set's store rolled up.
+    assert_eq!(rows.remove(0).len(), 1);
     // On the data set: S1 ran out of budget; agent A's 2026-03-02 had one active hour;
     // every one of the three sessions has two chain heads.
     assert_eq!(rows[1].len(), 1);

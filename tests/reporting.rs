@@ -5,9 +5,11 @@ mod common;
 
 use arbiter_session::operator::report::{self, Format, ReportFilter};
 use arbiter_session::operator::retention::{self, EventRetention, PurgeError};
+use arbiter_session::operator::rollup;
 use chrono::{NaiveDate, Utc};
 use common::{AGENT_A, AGENT_B, known_dataset};
 use sqlx::PgPool;
+use std::time::Duration;
 use uuid::Uuid;
 
 fn day(d: u32) -> NaiveDate {
@@ -449,4 +451,270 @@ async fn deletion_outside_purge_is_refused(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(sessions, 4);
+}
+
+/// How far each rollup-backed view is from the raw definition of migration
+/// 20261124000006 on the same events: (rows in one and not the other, both ways; rows in
+/// the view), for agent_daily_activity, tool_daily_usage and denials_by_reason.
+async fn views_against_raw(pool: &PgPool) -> [(i64, i64); 3] {
+    let row = sqlx::query!(
+        r#"WITH raw_agents AS (
+               SELECT e.agent_id, (e.occurred_at AT TIME ZONE 'UTC')::date AS day,
+                      count(*) FILTER (WHERE e.kind = 'created') AS sessions_opened,
+                      coalesce(sum(cardinality(e.tools))
+                               FILTER (WHERE e.kind IN ('call_allowed', 'batch_allowed')), 0)
+                          AS calls_allowed,
+                      count(*) FILTER (WHERE e.kind = 'denied') AS calls_denied,
+                      count(*) FILTER (WHERE e.reason = 'agent_mismatch') AS m,
+                      count(*) FILTER (WHERE e.reason = 'closed') AS c,
+                      count(*) FILTER (WHERE e.reason = 'expired') AS x,
+                      count(*) FILTER (WHERE e.reason = 'budget') AS b,
+                      count(*) FILTER (WHERE e.reason = 'tool') AS t,
+                      count(*) FILTER (WHERE e.reason = 'rate') AS r,
+                      count(*) FILTER (WHERE e.reason = 'write_through') AS w,
+                      count(*) FILTER (WHERE e.reason = 'invalid') AS i
+                 FROM arbiter.session_events e
+                GROUP BY e.agent_id, (e.occurred_at AT TIME ZONE 'UTC')::date
+           ), view_agents AS (
+               SELECT * FROM arbiter.agent_daily_activity
+           ), raw_tools AS (
+               SELECT (e.occurred_at AT TIME ZONE 'UTC')::date AS day, e.agent_id, t.tool,
+                      count(*) FILTER (WHERE e.kind <> 'denied') AS calls_allowed,
+                      count(*) FILTER (WHERE e.kind = 'denied') AS calls_denied,
+                      count(DISTINCT e.session_id) AS sessions
+                 FROM arbiter.session_events e
+                CROSS JOIN LATERAL unnest(e.tools) AS t(tool)
+                WHERE e.kind IN ('call_allowed', 'batch_allowed', 'denied')
+                GROUP BY 1, 2, 3
+           ), view_tools AS (
+               SELECT * FROM arbiter.tool_daily_usage
+           ), raw_denials AS (
+               SELECT (e.occurred_at AT TIME ZONE 'UTC')::date AS day, e.agent_id, e.reason,
+                      count(*) AS denials, count(DISTINCT e.session_id) AS sessions
+                 FROM arbiter.session_events e
+                WHERE e.kind = 'denied'
+                GROUP BY 1, 2, 3
+           ), view_denials AS (
+               SELECT * FROM arbiter.denials_by_reason
+           )
+           SELECT (SELECT count(*) FROM ((SELECT * FROM raw_agents EXCEPT ALL SELECT * FROM view_agents)
+                   UNION ALL (SELECT * FROM view_agents EXCEPT ALL SELECT * FROM raw_agents)) d)
+                      AS "agents_off!",
+                  (SELECT count(*) FROM view_agents) AS "agents!",
+                  (SELECT count(*) FROM ((SELECT * FROM raw_tools EXCEPT ALL SELECT * FROM view_tools)
+                   UNION ALL (SELECT * FROM view_tools EXCEPT ALL SELECT * FROM raw_tools)) d)
+                      AS "tools_off!",
+                  (SELECT count(*) FROM view_tools) AS "tools!",
+                  (SELECT count(*) FROM ((SELECT * FROM raw_denials EXCEPT ALL SELECT * FROM view_denials)
+                   UNION ALL (SELECT * FROM view_denials EXCEPT ALL SELECT * FROM raw_denials)) d)
+                      AS "denials_off!",
+                  (SELECT count(*) FROM view_denials) AS "denials!""#
+    )
+    .fetch_one(pool)
+    .await
+    .expect("compare the views with the raw events");
+    [
+        (row.agents_off, row.agents),
+        (row.tools_off, row.tools),
+        (row.denials_off, row.denials),
+    ]
+}
+
+/// The sealed days through `last` and their events.
+async fn sealed_days(pool: &PgPool, last: NaiveDate) -> Vec<(NaiveDate, i64)> {
+    sqlx::query!(
+        "SELECT day, events FROM arbiter.rollup_days WHERE sealed AND day <= $1 ORDER BY day",
+        last
+    )
+    .fetch_all(pool)
+    .await
+    .expect("sealed days")
+    .into_iter()
+    .map(|r| (r.day, r.events))
+    .collect()
+}
+
+/// Rows of the rollup tables for a day (agents, tools, reasons).
+async fn rollup_rows(pool: &PgPool, d: NaiveDate) -> (i64, i64, i64) {
+    let row = sqlx::query!(
+        r#"SELECT (SELECT count(*) FROM arbiter.agent_day_rollup WHERE day = $1) AS "agents!",
+                  (SELECT count(*) FROM arbiter.tool_day_rollup WHERE day = $1) AS "tools!",
+                  (SELECT count(*) FROM arbiter.denial_day_rollup WHERE day = $1) AS "reasons!""#,
+        d
+    )
+    .fetch_one(pool)
+    .await
+    .expect("rollup rows");
+    (row.agents, row.tools, row.reasons)
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
+    let data = known_dataset(&pool).await;
+    // The data set's store may have rolled up some days with its upkeep while it wrote;
+    // the views are exact whatever it did.
+    let before = views_against_raw(&pool).await;
+    assert_eq!(before, [(0, 3), (0, 5), (0, 4)]);
+
+    let outcome = rollup::roll_up(&pool).await.unwrap();
+    assert_eq!(outcome.stopped_at, None);
+    // Day 1: S1's created, 3 calls, denial, closed; day 2: S2's created, 2 denials, call,
+    // S3's created, call, closed, denial.
+    assert_eq!(
+        sealed_days(&pool, day(2)).await,
+        vec![(day(1), 5), (day(2), 8)]
+    );
+    let today = Utc::now().date_naive();
+    assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(today));
+    // The data set's days now come from the rollup tables alone, and still match.
+    assert_eq!(rollup_rows(&pool, day(1)).await, (1, 2, 1));
+    assert_eq!(rollup_rows(&pool, day(2)).await, (2, 3, 3));
+    assert_eq!(views_against_raw(&pool).await, before);
+    assert!(rollup::roll_up(&pool).await.unwrap().rolled.is_empty());
+
+    // A late event (a denial on a closed session, occurring on day 2) sends day 2 back to
+    // the raw events until the next rollup; day 1 stays rolled up.
+    let clock =
+        arbiter_session::testing::ManualClock::new(day(2).and_hms_opt(13, 0, 0).unwrap().and_utc());
+    let store = store_without_upkeep(&pool, &clock);
+    store
+        .use_session(data.s3, "fetch", Some(AGENT_B))
+        .await
+        .expect_err("closed");
+    assert_eq!(
+        store
+            .shutdown(Duration::from_secs(5))
+            .await
+            .unrecorded_denials,
+        0
+    );
+    assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(day(2)));
+    let late = views_against_raw(&pool).await;
+    assert_eq!(late.map(|(off, _)| off), [0, 0, 0]);
+    let rolled = rollup::roll_up(&pool).await.unwrap();
+    assert_eq!(rolled.rolled.first().map(|r| r.day), Some(day(2)));
+    assert_eq!(
+        sealed_days(&pool, day(2)).await,
+        vec![(day(1), 5), (day(2), 9)]
+    );
+    assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(today));
+    assert_eq!(views_against_raw(&pool).await, late);
+
+    // Retention counts again the days it removed events of. The data set goes; a session
+    // of day 2 that ended after the cutoff stays, in day 2's rollup.
+    let cutoff = sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let agent = Uuid::new_v4();
+    clock.set(day(2).and_hms_opt(14, 0, 0).unwrap().and_utc());
+    let store = store_without_upkeep(&pool, &clock);
+    let kept = store
+        .create(common::request(agent, &["search"], 2))
+        .await
+        .unwrap()
+        .session_id;
+    store
+        .use_session(kept, "search", Some(agent))
+        .await
+        .unwrap();
+    store.close(kept).await.unwrap();
+    assert!(
+        store
+            .shutdown(Duration::from_secs(5))
+            .await
+            .unflushed
+            .is_empty()
+    );
+    assert_eq!(rollup::roll_up(&pool).await.unwrap().stopped_at, None);
+    assert_eq!(rollup_rows(&pool, day(2)).await, (3, 4, 3));
+
+    let purged = retention::purge_before(&pool, cutoff, EventRetention::Delete)
+        .await
+        .unwrap();
+    // The data set's 13 events and the late denial.
+    assert_eq!((purged.sessions, purged.events), (3, 14));
+    assert_eq!(rollup_rows(&pool, day(1)).await, (0, 0, 0));
+    assert_eq!(rollup_rows(&pool, day(2)).await, (1, 1, 0));
+    assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(today));
+    assert_eq!(views_against_raw(&pool).await, [(0, 1), (0, 1), (0, 0)]);
+}
+
+/// A store over `pool` whose time is `clock` and which runs no upkeep (so no rollup but
+/// the test's own).
+fn store_without_upkeep(
+    pool: &PgPool,
+    clock: &arbiter_session::testing::ManualClock,
+) -> arbiter_session::SessionStore {
+    arbiter_session::SessionStore::builder(arbiter_session::PgStorage::new(pool.clone()))
+        .clock(std::sync::Arc::new(clock.clone()))
+        .maintenance_interval(None)
+        .build()
+}
+
+/// Records a denial that occurred at `at` on a session of `at`'s day, in `conn`'s
+/// transaction, as a store's denial log would.
+async fn insert_denial(conn: &mut sqlx::PgConnection, at: chrono::DateTime<Utc>) {
+    sqlx::query!(
+        "INSERT INTO arbiter.session_events (event_key, session_id, agent_id, kind, tools,
+             calls_made, rate_window_calls, status, occurred_at, instance_id, reason, session_day)
+         VALUES (gen_random_uuid(), gen_random_uuid(), $1, 'denied', '{search}', 0, 0,
+             'closed', $2, gen_random_uuid(), 'closed', $3)",
+        AGENT_A,
+        at,
+        at.date_naive()
+    )
+    .execute(conn)
+    .await
+    .expect("insert a denial");
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn a_rollup_and_an_insert_of_the_same_day_wait_for_each_other(pool: PgPool) {
+    let yesterday = Utc::now().date_naive() - chrono::Days::new(1);
+    let late = yesterday.and_hms_opt(23, 59, 59).unwrap().and_utc();
+
+    // An insert in flight: the rollup cannot count it, so it does not seal the day.
+    let mut inserting = pool.begin().await.unwrap();
+    insert_denial(&mut inserting, late).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), rollup::roll_up(&pool))
+        .await
+        .expect("a rollup does not queue behind an insert")
+        .unwrap();
+    assert_eq!(outcome.stopped_at, Some(yesterday));
+    assert!(outcome.rolled.is_empty());
+    inserting.commit().await.unwrap();
+    assert_eq!(views_against_raw(&pool).await, [(0, 1), (0, 1), (0, 1)]);
+    assert_eq!(rollup::roll_up(&pool).await.unwrap().stopped_at, None);
+    assert_eq!(sealed_days(&pool, yesterday).await, vec![(yesterday, 1)]);
+
+    // A rollup in flight: an insert of its day waits for it, then sends the day back to
+    // the raw events, so that the event it adds is never left out of a sealed count.
+    let mut rolling = pool.begin().await.unwrap();
+    let counted = sqlx::query_scalar!("SELECT arbiter.rollup_day($1)", yesterday)
+        .fetch_one(&mut *rolling)
+        .await
+        .unwrap();
+    assert_eq!(counted, Some(1));
+    let insert = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut conn = pool.acquire().await.unwrap();
+            insert_denial(&mut conn, late).await;
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !insert.is_finished(),
+        "the insert waits for the rollup's lock"
+    );
+    rolling.commit().await.unwrap();
+    insert.await.unwrap();
+    // Its only sealed day unsealed, the views read raw events only.
+    assert_eq!(rollup::horizon(&pool).await.unwrap(), None);
+    assert_eq!(sealed_days(&pool, yesterday).await, vec![]);
+    assert_eq!(views_against_raw(&pool).await, [(0, 1), (0, 1), (0, 1)]);
+    assert_eq!(rollup::roll_up(&pool).await.unwrap().stopped_at, None);
+    assert_eq!(sealed_days(&pool, yesterday).await, vec![(yesterday, 2)]);
+    assert_eq!(rollup_rows(&pool, yesterday).await, (1, 1, 1));
 }

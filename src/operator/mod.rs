@@ -2,8 +2,8 @@
 //! [`chain`] verifies the audit trail's hash chain, [`checkpoint`] keeps its heads outside
 //! the database and proves later that no chain was rewritten, [`retention`] purges what has
 //! ended, [`export`] streams the trail out as JSON Lines or CSV,
-//! [`partitions`] keeps the audit trail's daily partitions, and [`report`] reads the
-//! reporting views. The `arbiter-session` command-line tool (the
+//! [`partitions`] keeps the audit trail's daily partitions, [`rollup`] keeps the daily
+//! aggregates the reports read, and [`report`] reads the reporting views. The `arbiter-session` command-line tool (the
 //! `cli` feature) is a thin shell over this module.
 
 pub mod chain;
@@ -12,3 +12,4 @@ pub mod export;
 pub mod partitions;
 pub mod report;
 pub mod retention;
+pub mod rollup;

@@ -17,6 +17,7 @@ use arbiter_session::operator::export::{self, ExportFormat, ExportRange};
 use arbiter_session::operator::partitions;
 use arbiter_session::operator::report::{self, Format, ReportFilter};
 use arbiter_session::operator::retention::{self, EventRetention};
+use arbiter_session::operator::rollup;
 use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
@@ -75,6 +76,9 @@ enum Command {
         #[command(subcommand)]
         action: PartitionsAction,
     },
+    /// Roll up the days that are over for the reports (stores do this at start and daily;
+    /// run it from cron if they don't).
+    Rollup,
     /// Stream the audit events that occurred in a time range, in order, with their hashes.
     Export {
         /// From: YYYY-MM-DD (midnight UTC) or an RFC 3339 timestamp (inclusive).
@@ -306,6 +310,22 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let list = partitions::list(&pool).await?;
             print!("{}", report::render(&list, format.into())?);
             warn_if_default_partition_used(&pool).await?;
+        }
+        Command::Rollup => {
+            let outcome = rollup::roll_up(&pool).await?;
+            for day in &outcome.rolled {
+                println!("rolled up {} ({} events)", day.day, day.events);
+            }
+            match (outcome.stopped_at, rollup::horizon(&pool).await?) {
+                (Some(day), _) => eprintln!(
+                    "arbiter-session: {day} is still receiving events; the reports read it \
+                     and later days from raw events until the next rollup"
+                ),
+                (None, Some(horizon)) => {
+                    println!("reports read rollups before {horizon} and raw events from it on")
+                }
+                (None, None) => println!("no day to roll up"),
+            }
         }
         Command::Export {
             since,

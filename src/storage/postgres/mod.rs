@@ -326,11 +326,16 @@ impl Storage for PgStorage {
     }
 
     /// Creates the audit trail's partitions for yesterday through a week ahead that do not
-    /// exist yet (`arbiter.ensure_event_partitions`).
+    /// exist yet (`arbiter.ensure_event_partitions`), then rolls up the days that are over
+    /// ([`operator::rollup::roll_up`](crate::operator::rollup::roll_up)).
     async fn maintain(&self) -> Result<(), StorageError> {
         sqlx::query_scalar!("SELECT arbiter.ensure_event_partitions()")
             .fetch_one(&self.pool)
             .await?;
+        let rollup = crate::operator::rollup::roll_up(&self.pool).await?;
+        if let Some(day) = rollup.stopped_at {
+            tracing::info!(%day, "rollup stopped at a day whose events are still being inserted; the next upkeep goes on");
+        }
         Ok(())
     }
 

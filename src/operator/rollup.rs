@@ -1,0 +1,101 @@
+//! Rollups for reports (migration `20261201000003_rollups.sql`): the daily aggregates behind
+//! `agent_daily_activity`, `tool_daily_usage` and `denials_by_reason`, kept for days that
+//! are over, so a report reads one row per agent, tool or reason and day instead of the
+//! day's events. The views read rollups before the *rollup horizon* and raw events from it
+//! on; their answers are exactly those of the raw events (the migration states why).
+//!
+//! The store rolls up at start and daily with its upkeep (see
+//! [`SessionStoreBuilder::maintenance_interval`](crate::SessionStoreBuilder::maintenance_interval));
+//! `arbiter-session rollup` does it by hand, e.g. from cron where stores run with upkeep off.
+//! A late event (one that occurred on a day already rolled up) sends its day back to raw
+//! events until the next rollup.
+
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::error::StorageError;
+
+/// How often a day whose events are still being inserted is tried again before the rollup
+/// stops at it (the next rollup goes on from there).
+const BUSY_ATTEMPTS: u32 = 5;
+/// The pause between two attempts at a busy day.
+const BUSY_PAUSE: Duration = Duration::from_millis(200);
+
+/// One day rolled up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RolledDay {
+    /// The UTC day.
+    pub day: NaiveDate,
+    /// Its events, all counted.
+    pub events: i64,
+}
+
+/// What [`roll_up`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RollupOutcome {
+    /// The days sealed, oldest first.
+    pub rolled: Vec<RolledDay>,
+    /// The day it stopped at because inserts of that day's events kept it busy; it and the
+    /// days after it stay with the raw events until the next rollup.
+    pub stopped_at: Option<NaiveDate>,
+}
+
+/// Rolls up every day that is over and not sealed yet, oldest first, one transaction per
+/// day. Safe to run from several processes at once, and beside the gateways: a day is
+/// counted while no insert of one of its events is in flight, and an insert waits at most
+/// for one day's count.
+///
+/// # Errors
+/// The storage error; the days sealed before it stay sealed.
+pub async fn roll_up(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
+    let pending =
+        sqlx::query_scalar!(r#"SELECT day AS "day!" FROM arbiter.rollup_pending_days() AS day"#)
+            .fetch_all(pool)
+            .await?;
+    let mut outcome = RollupOutcome::default();
+    for day in pending {
+        match roll_up_day(pool, day).await? {
+            Some(events) => outcome.rolled.push(RolledDay { day, events }),
+            None => {
+                // The horizon is the first day not sealed: sealing later days would not
+                // move it, so the rollup stops here.
+                outcome.stopped_at = Some(day);
+                break;
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// One day, tried [`BUSY_ATTEMPTS`] times while it is busy; `None` if it stayed busy.
+async fn roll_up_day(pool: &PgPool, day: NaiveDate) -> Result<Option<i64>, StorageError> {
+    for attempt in 1..=BUSY_ATTEMPTS {
+        let events = sqlx::query_scalar!("SELECT arbiter.rollup_day($1)", day)
+            .fetch_one(pool)
+            .await?;
+        if events.is_some() || attempt == BUSY_ATTEMPTS {
+            return Ok(events);
+        }
+        tokio::time::sleep(BUSY_PAUSE).await;
+    }
+    Ok(None)
+}
+
+/// The rollup horizon: the first UTC day the reporting views read from raw events (every
+/// day before it is read from rollups); `None` before the first rollup, when they read
+/// raw events only.
+///
+/// # Errors
+/// The storage error.
+pub async fn horizon(pool: &PgPool) -> Result<Option<NaiveDate>, StorageError> {
+    // -infinity, before the first rollup, decodes as no day.
+    let day = sqlx::query_scalar!(
+        r#"SELECT CASE WHEN isfinite(h) THEN h END AS day FROM arbiter.rollup_horizon() AS h"#
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(day)
+}
