@@ -118,12 +118,27 @@ $$;
 -- snapshot taken after the lock (a volatile function at READ COMMITTED), so it sees every
 -- insert that held the lock before.
 CREATE FUNCTION arbiter.rollup_count_day(rolled_day date) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Its plans span every partition, and their estimates pass the JIT thresholds while the
+-- work takes milliseconds: compiling cost seconds per statement (docs/reporting.md).
+SET jit = off
+AS $$
 DECLARE
     day_start timestamptz := rolled_day::timestamp AT TIME ZONE 'UTC';
     day_end   timestamptz := (rolled_day + 1)::timestamp AT TIME ZONE 'UTC';
     counted   bigint;
 BEGIN
+    -- The BRIN indexes on occurred_at of the day's partitions (events occur on their
+    -- session's day or the next) summarize what was written since autovacuum last did:
+    -- an unsummarized block range matches every query, so the count below and the raw
+    -- part of the views would read it whole.
+    PERFORM brin_summarize_new_values(i.indexrelid)
+       FROM arbiter.event_partitions() p
+       JOIN pg_index i ON i.indrelid = p.partition
+       JOIN pg_class c ON c.oid = i.indexrelid
+       JOIN pg_am a ON a.oid = c.relam AND a.amname = 'brin'
+      WHERE p.day BETWEEN rolled_day - 1 AND rolled_day;
+
     DELETE FROM arbiter.agent_day_rollup WHERE day = rolled_day;
     DELETE FROM arbiter.tool_day_rollup WHERE day = rolled_day;
     DELETE FROM arbiter.denial_day_rollup WHERE day = rolled_day;
@@ -180,7 +195,7 @@ $$;
 -- its events is still in flight (try again later). `arbiter-session rollup` and the
 -- store's upkeep call it for each of arbiter.rollup_pending_days(), oldest first.
 CREATE FUNCTION arbiter.rollup_day(rolled_day date) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET jit = off AS $$
 BEGIN
     IF rolled_day IS NULL OR rolled_day >= (clock_timestamp() AT TIME ZONE 'UTC')::date THEN
         RAISE EXCEPTION 'day % is not over yet', rolled_day
@@ -365,6 +380,9 @@ LANGUAGE plpgsql
 -- A batch job over whole days: the planner, which cannot know how many sessions have late
 -- events, would loop over them for every row; hash joins are what every step here needs.
 SET enable_nestloop = off
+-- Compiling these statements' plans, which span every partition, would cost more than
+-- running them (see rollup_count_day).
+SET jit = off
 AS $$
 DECLARE
     partition regclass;

@@ -73,9 +73,16 @@ pub async fn roll_up(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
 /// One day, tried [`BUSY_ATTEMPTS`] times while it is busy; `None` if it stayed busy.
 async fn roll_up_day(pool: &PgPool, day: NaiveDate) -> Result<Option<i64>, StorageError> {
     for attempt in 1..=BUSY_ATTEMPTS {
-        let events = sqlx::query_scalar!("SELECT arbiter.rollup_day($1)", day)
-            .fetch_one(pool)
+        let mut tx = pool.begin().await?;
+        // A day of a busy trail takes seconds to count: more than a gateway's pool allows
+        // one statement (PgStorage::connect sets 5 s).
+        sqlx::query_scalar!("SELECT set_config('statement_timeout', '10min', true)")
+            .fetch_one(&mut *tx)
             .await?;
+        let events = sqlx::query_scalar!("SELECT arbiter.rollup_day($1)", day)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
         if events.is_some() || attempt == BUSY_ATTEMPTS {
             return Ok(events);
         }

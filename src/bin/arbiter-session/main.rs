@@ -247,7 +247,11 @@ async fn connect(url: &str) -> Result<PgPool, Failure> {
             Failure::from(err).0
         ))
     };
-    let options = PgConnectOptions::from_str(url).map_err(cannot)?;
+    // JIT off: the operator's statements span every partition of the audit trail, and
+    // compiling their plans cost seconds where running them takes milliseconds.
+    let options = PgConnectOptions::from_str(url)
+        .map_err(cannot)?
+        .options([("jit", "off")]);
     // One direct connection first: a pool retries until its timeout and then reports only
     // that it timed out, where the operator needs "connection refused" or "no such role".
     PgConnection::connect_with(&options)

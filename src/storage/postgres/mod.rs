@@ -102,9 +102,12 @@ impl PgStorage {
     ///   size, and keeps it as they grow: a long-running gateway's writes became several
     ///   times slower (`tests/failure.rs`, `connect_plans_each_write_for_its_own_parameters`).
     ///   Planning each statement costs microseconds; a commit costs milliseconds.
+    /// * `jit` `off`: the JIT compiler starts above a plan cost that statements over the
+    ///   partitioned audit trail reach while taking milliseconds, and then spends up to
+    ///   seconds compiling (the upkeep's rollups and reports measured it).
     ///
-    /// A deployment that builds its own pool should set the same four (in the URL's
-    /// `options` or with [`PgConnectOptions::options`]).
+    /// A deployment that builds its own pool should set the same (in the URL's `options` or
+    /// with [`PgConnectOptions::options`]).
     ///
     /// # Errors
     /// The URL does not parse, or PostgreSQL cannot be reached.
@@ -132,8 +135,9 @@ impl PgStorage {
                 keepalive_interval.as_secs().to_string(),
             ),
             ("tcp_keepalives_count", keepalive_count.to_string()),
-            // See the setting's entry above.
+            // See the settings' entries above.
             ("plan_cache_mode", "force_custom_plan".to_owned()),
+            ("jit", "off".to_owned()),
         ]);
         Ok(PgStorage::new(pool.connect_with(options).await?))
     }

@@ -9,6 +9,8 @@
 //! The harness (`sample`, `measure`, `compare`, `Bench`) comes first; then one function
 //! per figure or group of figures, called in order by `main`.
 
+mod history;
+
 use std::collections::BTreeMap;
 use std::error::Error;
 use std::future::Future;
@@ -24,6 +26,8 @@ use uuid::Uuid;
 
 struct Options {
     quick: bool,
+    /// Historical events for the scale figures (0: none).
+    history: u64,
     /// Seconds per throughput measurement.
     secs: f64,
     /// Sessions stored for the startup figure.
@@ -36,15 +40,29 @@ struct Options {
 impl Options {
     fn parse() -> Result<Self, String> {
         let mut quick = false;
-        for arg in std::env::args().skip(1) {
+        let mut history = None;
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
-                other => return Err(format!("unknown argument {other:?} (expected --quick)")),
+                "--history" => {
+                    let n = args.next().ok_or("--history needs a number of events")?;
+                    history = Some(
+                        n.parse()
+                            .map_err(|_| format!("--history {n:?}: not a number"))?,
+                    );
+                }
+                other => {
+                    return Err(format!(
+                        "unknown argument {other:?} (expected --quick, --history N)"
+                    ));
+                }
             }
         }
         Ok(if quick {
             Options {
                 quick,
+                history: history.unwrap_or(500_000),
                 secs: 1.0,
                 stored_sessions: 100_000,
                 distinct_gets: 100_000,
@@ -53,6 +71,7 @@ impl Options {
         } else {
             Options {
                 quick,
+                history: history.unwrap_or(10_000_000),
                 secs: 5.0,
                 stored_sessions: 1_000_000,
                 distinct_gets: 1_000_000,
@@ -648,6 +667,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let startup_ms = startup(&bench, first).await?;
     let distinct_gets = ids.len();
     let rss = cold_gets_and_memory(&mut bench, ids).await?;
+    let history = match bench.options.history {
+        0 => None,
+        events => Some(history::history(&mut bench, events).await?),
+    };
 
     let summary = serde_json::json!({
         "date": Utc::now().format("%Y-%m-%d").to_string(),
@@ -663,6 +686,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "ratio_distinct_16": bench.ratio("use_distinct_16", "limit_16"),
         "ratio_hot_64": bench.ratio("use_hot_64", "use_distinct_1"),
         "ratio_http_64": bench.ratio("http_use_64", "inprocess_use_64"),
+        "ratio_history_64": bench.ratio("use_history_64", "use_empty_64"),
+        "history": history,
     });
     println!("{summary}");
     Ok(())
