@@ -238,8 +238,20 @@ $$;
 
 -- The chain trigger of migration 20261201000002 with, first, the event's rollup lock
 -- (shared) and, for a late event, the unsealing of its day.
+--
+-- Its settings: each lookup here is "the newest link of one session", which an ordered
+-- scan of the chain's index answers at once. With a partition's statistics behind a hot
+-- session, the planner expected a handful of rows, fetched and sorted every denial of the
+-- session instead (27 ms per denial after 18,000 of them: a batch of denials outlived its
+-- statement timeout and was retried forever); and with the pool's force_custom_plan, every
+-- row planned each lookup again. So sorts and bitmap scans are off and the plans generic
+-- (planned once per connection, partitions pruned at execution).
 CREATE OR REPLACE FUNCTION arbiter.session_events_chain() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+SET enable_sort = off
+SET enable_bitmapscan = off
+AS $$
 DECLARE
     occurred_day date := (NEW.occurred_at AT TIME ZONE 'UTC')::date;
 BEGIN
@@ -371,10 +383,17 @@ SELECT s.session_id,
          AND e.kind = 'denied'
   ) denied ON true;
 
--- Retention (migration 20261201000002) with one addition: every sealed day it removed
--- events of is counted again, under its rollup lock, before the purge commits.
-CREATE OR REPLACE FUNCTION arbiter.purge_before(
+-- Retention (migration 20261201000002) with two additions:
+--   * every sealed day it removed events of is counted again, under its rollup lock,
+--     before the purge commits;
+--   * an archiving purge (`purge --archive`: archived_days and archived_rows given) drops
+--     only the partitions written out beforehand, each only if it still holds exactly the
+--     rows written, and deletes no event row by row: what goes is what was archived. The
+--     rest waits until its whole partition can go (purge_partition_candidates).
+DROP FUNCTION arbiter.purge_before(timestamptz, boolean);
+CREATE FUNCTION arbiter.purge_before(
     cutoff timestamptz, with_events boolean DEFAULT false,
+    archived_days date[] DEFAULT NULL, archived_rows bigint[] DEFAULT NULL,
     OUT sessions_deleted bigint, OUT events_deleted bigint)
 LANGUAGE plpgsql
 -- A batch job over whole days: the planner, which cannot know how many sessions have late
@@ -430,6 +449,11 @@ BEGIN
                            ' min(occurred_at), max(occurred_at) FROM %s', partition)
                INTO rows, recorded_late, first_occurred, last_occurred USING cutoff;
             CONTINUE WHEN recorded_late;
+            IF archived_days IS NOT NULL THEN
+                CONTINUE WHEN NOT partition_day = ANY (archived_days)
+                    OR rows IS DISTINCT FROM
+                       archived_rows[array_position(archived_days, partition_day)];
+            END IF;
             EXECUTE format('DROP TABLE %s', partition);
             events_deleted := events_deleted + rows;
             purged_from := least(purged_from, (first_occurred AT TIME ZONE 'UTC')::date);
@@ -441,13 +465,15 @@ BEGIN
         -- it was created (a day's slack for a store's clock). Later days are not read.
         -- The sessions with an event recorded at or after the cutoff keep their whole
         -- trail: found once, as a set (a probe per row would cost more than the delete).
+        -- An archiving purge deletes nothing row by row (rows stays 0).
         WITH late AS MATERIALIZED (
             SELECT DISTINCT l.session_id FROM arbiter.session_events l
              WHERE l.recorded_at >= cutoff
                AND l.session_day <= (cutoff AT TIME ZONE 'UTC')::date + 1
         ), purged AS (
             DELETE FROM arbiter.session_events e
-             WHERE e.recorded_at < cutoff
+             WHERE archived_days IS NULL
+               AND e.recorded_at < cutoff
                AND e.session_day <= (cutoff AT TIME ZONE 'UTC')::date + 1
                AND NOT EXISTS (SELECT 1 FROM arbiter.sessions s WHERE s.session_id = e.session_id)
                AND NOT EXISTS (SELECT 1 FROM late WHERE late.session_id = e.session_id)
@@ -476,4 +502,24 @@ BEGIN
     PERFORM set_config('arbiter.purge_cutoff', '', true);
     PERFORM set_config('arbiter.purge_events', '', true);
 END
+$$;
+
+-- The partitions an archiving purge at `cutoff` may drop, oldest first: days before the
+-- cutoff's and before yesterday with no session that the purge would keep. purge_before
+-- checks each again (and its rows against the archive) when it runs.
+CREATE FUNCTION arbiter.purge_partition_candidates(cutoff timestamptz)
+RETURNS TABLE (partition regclass, day date)
+LANGUAGE sql STABLE AS $$
+    WITH kept AS (
+        SELECT DISTINCT (s.created_at AT TIME ZONE 'UTC')::date AS day
+          FROM arbiter.sessions s
+         WHERE NOT arbiter.session_purgeable(s.status, s.updated_at, s.expires_at, cutoff)
+    )
+    SELECT p.partition, p.day
+      FROM arbiter.event_partitions() p
+     WHERE p.day IS NOT NULL
+       AND p.day < least((cutoff AT TIME ZONE 'UTC')::date,
+                         (now() AT TIME ZONE 'UTC')::date - 1)
+       AND NOT EXISTS (SELECT 1 FROM kept WHERE kept.day = p.day)
+     ORDER BY p.day
 $$;

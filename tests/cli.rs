@@ -244,6 +244,48 @@ async fn cli_inspects_and_verifies_and_finds_tampering(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn cli_archives_only_what_it_can_drop_whole(pool: PgPool) {
+    known_dataset(&pool).await;
+    let url = common::database_url(&pool).await;
+    let dir = std::env::temp_dir().join(format!("arbiter-archive-{}", uuid::Uuid::new_v4()));
+    let dir_arg = dir.to_string_lossy().into_owned();
+
+    let out = cli(
+        &url,
+        &["purge", "--before", "2026-03-01", "--archive", &dir_arg],
+    );
+    assert_eq!(out.status.code(), Some(2), "--archive needs --events");
+
+    let now = sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(&pool)
+        .await
+        .expect("now");
+    let out = cli(
+        &url,
+        &[
+            "purge",
+            "--before",
+            &now.to_rfc3339(),
+            "--events",
+            "--archive",
+            &dir_arg,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The data set's days have no partition of their own (their events are in the default
+    // partition): no partition can go whole, so no event goes, and nothing is written.
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "purged 3 sessions and 0 events that ended before {}\n",
+            now.to_rfc3339()
+        )
+    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn cli_purges_and_fails_in_one_line(pool: PgPool) {
     known_dataset(&pool).await;
     let url = common::database_url(&pool).await;

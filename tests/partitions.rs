@@ -338,3 +338,83 @@ async fn an_unpartitioned_trail_migrates_with_ids_hashes_and_chains_intact(pool:
     assert!(summary.is_intact(), "{summary:?}");
     assert_eq!(summary.events, 7);
 }
+
+#[cfg(feature = "archive")]
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn an_archiving_purge_drops_only_what_it_wrote_out(pool: PgPool) {
+    use std::io::BufRead as _;
+
+    let today = db_now(&pool).await.date_naive();
+    let day = |ago: u64| today - chrono::Days::new(ago);
+    for ago in [9, 10] {
+        let made = sqlx::query_scalar::<_, bool>("SELECT arbiter.create_event_partition($1)")
+            .bind(day(ago))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(made);
+    }
+    let at = |ago: u64| day(ago).and_hms_opt(12, 0, 0).unwrap().and_utc();
+    let clocks = [10, 9].map(|ago| ManualClock::new(at(ago)));
+    let stores = clocks.each_ref().map(|clock| common::store(&pool, clock));
+    // Day 10: one ended session. Day 9: one ended (its events would go row by row) and one
+    // that ends after the cutoff, so day 9's partition stays.
+    let mut ids = Vec::new();
+    for store in [&stores[0], &stores[1], &stores[1]] {
+        let id = common::new_session(store, &["search"], 5).await;
+        store.use_session(id, "search", None).await.expect("call");
+        ids.push(id);
+    }
+    let [ten, nine, nine_later] = [ids[0], ids[1], ids[2]];
+    stores[0].close(ten).await.expect("close");
+    stores[1].close(nine).await.expect("close");
+    let cutoff = db_now(&pool).await;
+    stores[1].close(nine_later).await.expect("close");
+    for store in &stores {
+        assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+    }
+    assert_eq!(events_of(&pool, ten).await, 3);
+
+    // The database drops an archived partition only with exactly the rows archived.
+    let wrong = sqlx::query_as::<_, (i64, i64)>(
+        "SELECT * FROM arbiter.purge_before($1, true, ARRAY[$2::date], ARRAY[2::bigint])",
+    )
+    .bind(cutoff)
+    .bind(day(10))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(wrong, (2, 0), "two sessions go, no event");
+    assert!(exists(&pool, &partition_name(day(10))).await);
+
+    let dir = std::env::temp_dir().join(format!("arbiter-archive-{}", Uuid::new_v4()));
+    let report = retention::purge_archiving(&pool, cutoff, &dir)
+        .await
+        .unwrap();
+    assert_eq!((report.purge.sessions, report.purge.events), (0, 3));
+    assert_eq!(report.partitions.len(), 1, "{report:?}");
+    let archived = &report.partitions[0];
+    assert_eq!(
+        (archived.day, archived.events, archived.dropped),
+        (day(10), 3, true)
+    );
+    assert!(!exists(&pool, &partition_name(day(10))).await);
+    // Nothing goes row by row: the ended session of day 9 keeps its trail.
+    assert!(exists(&pool, &partition_name(day(9))).await);
+    assert_eq!(events_of(&pool, nine).await, 3);
+
+    // The file holds the dropped partition's events, in order, with their hashes.
+    let file = std::fs::File::open(&archived.path).unwrap();
+    let lines: Vec<serde_json::Value> = std::io::BufReader::new(flate2::read::GzDecoder::new(file))
+        .lines()
+        .map(|line| serde_json::from_str(&line.unwrap()).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["created", "call_allowed", "closed"]);
+    assert!(lines.iter().all(|l| l["session_id"] == ten.to_string()));
+    assert_eq!(lines[1]["prev_hash"], lines[0]["hash"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let summary = chain::verify_all_audit_chains(&pool).await.unwrap();
+    assert!(summary.is_intact(), "{summary:?}");
+}

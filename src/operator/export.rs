@@ -192,6 +192,46 @@ pub async fn export_events<W: Write>(
     Ok(written)
 }
 
+/// What [`export_partition`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartitionExport {
+    /// Events written.
+    pub events: u64,
+    /// The latest `recorded_at` among them (`None` for an empty partition).
+    pub last_recorded_at: Option<DateTime<Utc>>,
+}
+
+/// Writes every event of one day's partition (the sessions created on `day`) to `out` as
+/// JSON Lines, in `event_id` order, from one snapshot: what `purge --archive` keeps of a
+/// partition before dropping it.
+///
+/// # Errors
+/// A storage or output failure stops the export where it happened.
+pub async fn export_partition<W: Write>(
+    pool: &PgPool,
+    day: NaiveDate,
+    out: &mut W,
+) -> Result<PartitionExport, ExportError> {
+    let mut tx = pool.begin().await.map_err(StorageError::from)?;
+    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(StorageError::from)?;
+    let mut rows =
+        sqlx::query_file_as!(ExportedEvent, "src/operator/sql/export_day.sql", day).fetch(&mut *tx);
+    let mut written = PartitionExport::default();
+    while let Some(event) = rows.try_next().await.map_err(StorageError::from)? {
+        serde_json::to_writer(&mut *out, &event).map_err(std::io::Error::other)?;
+        out.write_all(b"\n")?;
+        written.events += 1;
+        written.last_recorded_at = std::cmp::max(written.last_recorded_at, Some(event.recorded_at));
+    }
+    drop(rows);
+    out.flush()?;
+    tx.commit().await.map_err(StorageError::from)?;
+    Ok(written)
+}
+
 fn write_csv_row<W: Write>(
     out: &mut W,
     cells: impl IntoIterator<Item = String>,

@@ -6,6 +6,11 @@
 //! is over (closed or expired and last changed before the cutoff, or past its time limit),
 //! an event only when its session is gone, it was recorded before the cutoff, and the
 //! caller asked for [`EventRetention::Delete`]. By default the audit trail is kept.
+//!
+//! # Invariant: an archiving purge drops only what it archived
+//! [`purge_archiving`] (feature `archive`) writes each partition it may drop to a file,
+//! synced to disk, and then has `arbiter.purge_before` drop only those partitions, each
+//! only if it still holds exactly the rows written; it deletes no event row by row.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -46,6 +51,15 @@ pub enum PurgeError {
     /// The database refused or could not be reached; nothing was deleted.
     #[error("purge failed")]
     Storage(#[from] StorageError),
+    /// An archive file could not be written; nothing was deleted.
+    #[error("writing the archive {} failed", path.display())]
+    Archive {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Deletes the sessions that ended before `cutoff` and, with [`EventRetention::Delete`],
@@ -80,4 +94,148 @@ pub async fn purge_before(
         }
         Err(other) => Err(other.into()),
     }
+}
+
+/// A partition written out by [`purge_archiving`].
+#[cfg(feature = "archive")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedPartition {
+    /// The day of the sessions whose events it holds.
+    pub day: chrono::NaiveDate,
+    /// Its file: `session_events_YYYYMMDD.jsonl.gz` in the archive directory, one JSON
+    /// object per event as `export` writes them, in `event_id` order.
+    pub path: std::path::PathBuf,
+    /// Events written.
+    pub events: u64,
+    /// Whether the purge dropped the partition. If not (an event or a session of its day
+    /// came since it was written), the file is a copy and the partition waits for a later
+    /// purge, which writes it again.
+    pub dropped: bool,
+}
+
+/// What [`purge_archiving`] did.
+#[cfg(feature = "archive")]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ArchiveReport {
+    /// Sessions and events deleted.
+    pub purge: PurgeReport,
+    /// The partitions written, oldest first.
+    pub partitions: Vec<ArchivedPartition>,
+}
+
+/// [`purge_before`] with [`EventRetention::Delete`], keeping a copy of every event it
+/// deletes: each partition the purge may drop is first written to
+/// `dir/session_events_YYYYMMDD.jsonl.gz` (gzip-compressed JSON Lines, synced to disk),
+/// and then only the partitions written, still holding exactly the rows written, are
+/// dropped. No event is deleted row by row: events outside a partition that can go whole
+/// (the day that straddles the cutoff, a day still holding a session) stay until a later
+/// purge can drop their partition.
+///
+/// # Errors
+/// [`PurgeError::CutoffInFuture`] before anything is written, [`PurgeError::Archive`] when
+/// a file cannot be written (nothing is deleted), or the storage error.
+#[cfg(feature = "archive")]
+pub async fn purge_archiving(
+    pool: &PgPool,
+    cutoff: DateTime<Utc>,
+    dir: &std::path::Path,
+) -> Result<ArchiveReport, PurgeError> {
+    use std::io::Write as _;
+
+    let archive_error = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| PurgeError::Archive { path, source }
+    };
+    let in_future = sqlx::query_scalar!(r#"SELECT $1::timestamptz > now() AS "future!""#, cutoff)
+        .fetch_one(pool)
+        .await
+        .map_err(StorageError::from)?;
+    if in_future {
+        return Err(PurgeError::CutoffInFuture { cutoff });
+    }
+    std::fs::create_dir_all(dir).map_err(archive_error(dir))?;
+    let candidates = sqlx::query_scalar!(
+        r#"SELECT day AS "day!" FROM arbiter.purge_partition_candidates($1)"#,
+        cutoff
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(StorageError::from)?;
+
+    let mut partitions = Vec::new();
+    for day in candidates {
+        let path = dir.join(format!("session_events_{}.jsonl.gz", day.format("%Y%m%d")));
+        let partial = dir.join(format!(
+            "session_events_{}.jsonl.gz.partial",
+            day.format("%Y%m%d")
+        ));
+        let file = std::fs::File::create(&partial).map_err(archive_error(&partial))?;
+        let mut gzip = flate2::write::GzEncoder::new(
+            std::io::BufWriter::new(file),
+            flate2::Compression::default(),
+        );
+        let written = match crate::operator::export::export_partition(pool, day, &mut gzip).await {
+            Ok(written) => written,
+            Err(crate::operator::export::ExportError::Storage(err)) => return Err(err.into()),
+            Err(err) => return Err(archive_error(&partial)(std::io::Error::other(err))),
+        };
+        let file = gzip
+            .finish()
+            .and_then(|mut out| {
+                out.flush()?;
+                out.into_inner()
+                    .map_err(std::io::IntoInnerError::into_error)
+            })
+            .map_err(archive_error(&partial))?;
+        file.sync_all().map_err(archive_error(&partial))?;
+        if written.last_recorded_at.is_some_and(|at| at >= cutoff) {
+            // An event recorded after the cutoff keeps the partition: no copy needed.
+            std::fs::remove_file(&partial).map_err(archive_error(&partial))?;
+            continue;
+        }
+        std::fs::rename(&partial, &path).map_err(archive_error(&path))?;
+        partitions.push(ArchivedPartition {
+            day,
+            path,
+            events: written.events,
+            dropped: false,
+        });
+    }
+    // The renames themselves reach the disk before anything is dropped.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(archive_error(dir))?;
+
+    let days: Vec<chrono::NaiveDate> = partitions.iter().map(|p| p.day).collect();
+    let rows: Vec<i64> = partitions
+        .iter()
+        .map(|p| i64::try_from(p.events).unwrap_or(i64::MAX))
+        .collect();
+    let result = sqlx::query_file!("src/operator/sql/purge_archived.sql", cutoff, &days, &rows)
+        .fetch_one(pool)
+        .await
+        .map_err(StorageError::from);
+    let purged = match result {
+        Ok(row) => PurgeReport {
+            sessions: u64::try_from(row.sessions).unwrap_or(0),
+            events: u64::try_from(row.events).unwrap_or(0),
+        },
+        Err(StorageError::Constraint { name, .. }) if name == "purge_cutoff_in_past" => {
+            return Err(PurgeError::CutoffInFuture { cutoff });
+        }
+        Err(other) => return Err(other.into()),
+    };
+    let remaining = sqlx::query_scalar!(
+        r#"SELECT day AS "day!" FROM arbiter.event_partitions() WHERE day IS NOT NULL"#
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(StorageError::from)?;
+    for partition in &mut partitions {
+        partition.dropped = !remaining.contains(&partition.day);
+    }
+    Ok(ArchiveReport {
+        purge: purged,
+        partitions,
+    })
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::error::StorageError;
 
@@ -51,10 +51,13 @@ pub struct RollupOutcome {
 /// # Errors
 /// The storage error; the days sealed before it stay sealed.
 pub async fn roll_up(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
+    // Before the first rollup this finds the trail's first day, which reads every event.
+    let mut tx = unhurried(pool).await?;
     let pending =
         sqlx::query_scalar!(r#"SELECT day AS "day!" FROM arbiter.rollup_pending_days() AS day"#)
-            .fetch_all(pool)
+            .fetch_all(&mut *tx)
             .await?;
+    tx.commit().await?;
     let mut outcome = RollupOutcome::default();
     for day in pending {
         match roll_up_day(pool, day).await? {
@@ -73,12 +76,7 @@ pub async fn roll_up(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
 /// One day, tried [`BUSY_ATTEMPTS`] times while it is busy; `None` if it stayed busy.
 async fn roll_up_day(pool: &PgPool, day: NaiveDate) -> Result<Option<i64>, StorageError> {
     for attempt in 1..=BUSY_ATTEMPTS {
-        let mut tx = pool.begin().await?;
-        // A day of a busy trail takes seconds to count: more than a gateway's pool allows
-        // one statement (PgStorage::connect sets 5 s).
-        sqlx::query_scalar!("SELECT set_config('statement_timeout', '10min', true)")
-            .fetch_one(&mut *tx)
-            .await?;
+        let mut tx = unhurried(pool).await?;
         let events = sqlx::query_scalar!("SELECT arbiter.rollup_day($1)", day)
             .fetch_one(&mut *tx)
             .await?;
@@ -89,6 +87,16 @@ async fn roll_up_day(pool: &PgPool, day: NaiveDate) -> Result<Option<i64>, Stora
         tokio::time::sleep(BUSY_PAUSE).await;
     }
     Ok(None)
+}
+
+/// A transaction whose statements may take minutes: a day of a busy trail takes seconds to
+/// count, more than a gateway's pool allows one statement (`PgStorage::connect` sets 5 s).
+async fn unhurried(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StorageError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query_scalar!("SELECT set_config('statement_timeout', '10min', true)")
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(tx)
 }
 
 /// The rollup horizon: the first UTC day the reporting views read from raw events (every

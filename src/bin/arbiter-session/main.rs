@@ -124,6 +124,11 @@ enum Command {
         /// Also delete the events of deleted sessions recorded before the cutoff.
         #[arg(long)]
         events: bool,
+        /// With --events: first write each day's partition that can go whole to
+        /// DIR/session_events_YYYYMMDD.jsonl.gz, then drop only those; no event is deleted
+        /// row by row (the rest waits until its whole day can go).
+        #[arg(long, value_name = "DIR", requires = "events")]
+        archive: Option<std::path::PathBuf>,
     },
 }
 
@@ -410,7 +415,33 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         #[cfg(feature = "server")]
         // Handled in `main`, on a runtime of its own.
         Command::Serve(_) => return Err(Failure("serve runs from main".to_owned())),
-        Command::Purge { before, events } => {
+        Command::Purge {
+            before,
+            archive: Some(dir),
+            ..
+        } => {
+            let report = retention::purge_archiving(&pool, before, &dir).await?;
+            for partition in &report.partitions {
+                let outcome = if partition.dropped {
+                    "dropped"
+                } else {
+                    "kept: it changed after it was written, a later purge writes it again"
+                };
+                println!(
+                    "archived {} ({} events) to {}; {outcome}",
+                    partition.day,
+                    partition.events,
+                    partition.path.display()
+                );
+            }
+            println!(
+                "purged {} sessions and {} events that ended before {}",
+                report.purge.sessions,
+                report.purge.events,
+                before.to_rfc3339()
+            );
+        }
+        Command::Purge { before, events, .. } => {
             let retention = if events {
                 EventRetention::Delete
             } else {
