@@ -37,7 +37,7 @@ CREATE TABLE arbiter.rollup_days (
 );
 
 COMMENT ON TABLE arbiter.rollup_days IS
-    'The UTC days of the rollups: sealed when the rollup tables count every event of the day (events: how many); unsealed when a late event or a failed rollup left the day to the raw events.';
+    'The UTC days of the rollups: sealed when the rollup tables count every event of the day (events: how many); unsealed when an event came for the day after its rollup, which leaves the day to the raw events until the next rollup.';
 
 CREATE TABLE arbiter.agent_day_rollup (
     day                   date   NOT NULL,

@@ -8,7 +8,7 @@
 //! caller asked for [`EventRetention::Delete`]. By default the audit trail is kept.
 //!
 //! # Invariant: an archiving purge drops only what it archived
-//! [`purge_archiving`] (feature `archive`) writes each partition it may drop to a file,
+//! `purge_archiving` (feature `archive`) writes each partition it may drop to a file,
 //! synced to disk, and then has `arbiter.purge_before` drop only those partitions, each
 //! only if it still holds exactly the rows written; it deletes no event row by row.
 
