@@ -556,8 +556,7 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
     let before = views_against_raw(&pool).await;
     assert_eq!(before, [(0, 3), (0, 5), (0, 4)]);
 
-    let outcome = rollup::roll_up(&pool).await.unwrap();
-    assert_eq!(outcome.stopped_at, None);
+    roll_up_all(&pool).await;
     // Day 1: S1's created, 3 calls, denial, closed; day 2: S2's created, 2 denials, call,
     // S3's created, call, closed, denial.
     assert_eq!(
@@ -570,7 +569,7 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
     assert_eq!(rollup_rows(&pool, day(1)).await, (1, 2, 1));
     assert_eq!(rollup_rows(&pool, day(2)).await, (2, 3, 3));
     assert_eq!(views_against_raw(&pool).await, before);
-    assert!(rollup::roll_up(&pool).await.unwrap().rolled.is_empty());
+    assert!(roll_up_all(&pool).await.is_empty());
 
     // A late event (a denial on a closed session, occurring on day 2) sends day 2 back to
     // the raw events until the next rollup; day 1 stays rolled up.
@@ -591,8 +590,8 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
     assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(day(2)));
     let late = views_against_raw(&pool).await;
     assert_eq!(late.map(|(off, _)| off), [0, 0, 0]);
-    let rolled = rollup::roll_up(&pool).await.unwrap();
-    assert_eq!(rolled.rolled.first().map(|r| r.day), Some(day(2)));
+    let rolled = roll_up_all(&pool).await;
+    assert_eq!(rolled.first().map(|r| r.day), Some(day(2)));
     assert_eq!(
         sealed_days(&pool, day(2)).await,
         vec![(day(1), 5), (day(2), 9)]
@@ -626,7 +625,7 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
             .unflushed
             .is_empty()
     );
-    assert_eq!(rollup::roll_up(&pool).await.unwrap().stopped_at, None);
+    roll_up_all(&pool).await;
     assert_eq!(rollup_rows(&pool, day(2)).await, (3, 4, 3));
 
     let purged = retention::purge_before(&pool, cutoff, EventRetention::Delete)
@@ -638,6 +637,21 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
     assert_eq!(rollup_rows(&pool, day(2)).await, (1, 1, 0));
     assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(today));
     assert_eq!(views_against_raw(&pool).await, [(0, 1), (0, 1), (0, 0)]);
+}
+
+/// Rolls up until no day is left busy, and returns the days this test's rollups sealed. The
+/// data set's store may still be rolling up with its upkeep: a day one rollup holds is busy
+/// for the other, which then stops there.
+async fn roll_up_all(pool: &PgPool) -> Vec<rollup::RolledDay> {
+    let mut rolled = Vec::new();
+    for _ in 0..20 {
+        let outcome = rollup::roll_up(pool).await.expect("roll up");
+        rolled.extend(outcome.rolled);
+        if outcome.stopped_at.is_none() {
+            return rolled;
+        }
+    }
+    panic!("a day stayed busy through 20 rollups");
 }
 
 /// A store over `pool` whose time is `clock` and which runs no upkeep (so no rollup but

@@ -18,8 +18,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::error::StorageError;
 
-/// How often a day whose events are still being inserted is tried again before the rollup
-/// stops at it (the next rollup goes on from there).
+/// How often a busy day (inserts of its events, or another rollup of it, in flight) is
+/// tried again before the rollup stops at it (the next rollup goes on from there).
 const BUSY_ATTEMPTS: u32 = 5;
 /// The pause between two attempts at a busy day.
 const BUSY_PAUSE: Duration = Duration::from_millis(200);
@@ -38,8 +38,9 @@ pub struct RolledDay {
 pub struct RollupOutcome {
     /// The days sealed, oldest first.
     pub rolled: Vec<RolledDay>,
-    /// The day it stopped at because inserts of that day's events kept it busy; it and the
-    /// days after it stay with the raw events until the next rollup.
+    /// The day it stopped at because it stayed busy (inserts of its events, or another
+    /// process's rollup of it, in flight); it and the days after it stay with the raw
+    /// events until the next rollup.
     pub stopped_at: Option<NaiveDate>,
 }
 

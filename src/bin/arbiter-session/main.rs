@@ -327,8 +327,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             match (outcome.stopped_at, rollup::horizon(&pool).await?) {
                 (Some(day), _) => eprintln!(
-                    "arbiter-session: {day} is still receiving events; the reports read it \
-                     and later days from raw events until the next rollup"
+                    "arbiter-session: {day} is busy (inserts of its events, or another \
+                     rollup, in flight); the reports read it and later days from raw events \
+                     until the next rollup"
                 ),
                 (None, Some(horizon)) => {
                     println!("reports read rollups before {horizon} and raw events from it on")

@@ -338,7 +338,7 @@ impl Storage for PgStorage {
             .await?;
         let rollup = crate::operator::rollup::roll_up(&self.pool).await?;
         if let Some(day) = rollup.stopped_at {
-            tracing::info!(%day, "rollup stopped at a day whose events are still being inserted; the next upkeep goes on");
+            tracing::info!(%day, "rollup stopped at a busy day (inserts or another rollup in flight); the next upkeep goes on");
         }
         Ok(())
     }
