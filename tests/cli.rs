@@ -137,13 +137,20 @@ async fn cli_rolls_up_past_days_and_reports_the_same(pool: PgPool) {
 
     // Every day from the data set's first to yesterday that the store's upkeep had not
     // sealed is rolled up now. The upkeep may still be rolling up too: a day it holds is
-    // busy for the command, which then stops there (and says so); a later run goes on.
+    // busy for the command, which then stops there (and says so); a later run goes on. The
+    // command runs off this runtime's only thread, so that the upkeep's task, on this
+    // thread, can finish the day it holds meanwhile.
     let today = chrono::Utc::now().date_naive();
     let horizon = format!("reports read rollups before {today} and raw events from it on");
     let mut runs = 0;
     loop {
         runs += 1;
-        let out = cli(&url, &["rollup"]);
+        let out = {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || cli(&url, &["rollup"]))
+                .await
+                .expect("the command ran")
+        };
         assert!(out.status.success(), "{}", stderr(&out));
         let text = stdout(&out);
         let mut lines: Vec<&str> = text.lines().collect();
