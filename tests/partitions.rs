@@ -49,6 +49,18 @@ async fn events_of(pool: &PgPool, id: Uuid) -> i64 {
     .expect("count events")
 }
 
+/// Creates the partitions of `days`, none of which may exist yet.
+async fn create_partitions<const N: usize>(pool: &PgPool, days: [NaiveDate; N]) {
+    for day in days {
+        let made = sqlx::query_scalar::<_, bool>("SELECT arbiter.create_event_partition($1)")
+            .bind(day)
+            .fetch_one(pool)
+            .await
+            .expect("create a partition");
+        assert!(made, "{day} had no partition");
+    }
+}
+
 async fn db_now(pool: &PgPool) -> DateTime<Utc> {
     sqlx::query_scalar::<_, DateTime<Utc>>("SELECT now()")
         .fetch_one(pool)
@@ -160,14 +172,7 @@ async fn every_partition_is_append_only(pool: PgPool) {
 async fn purge_drops_the_partitions_of_ended_days_whole(pool: PgPool) {
     let today = db_now(&pool).await.date_naive();
     let day = |ago: u64| today - chrono::Days::new(ago);
-    for ago in [8, 9, 10] {
-        let made = sqlx::query_scalar::<_, bool>("SELECT arbiter.create_event_partition($1)")
-            .bind(day(ago))
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert!(made);
-    }
+    create_partitions(&pool, [8, 9, 10].map(day)).await;
     let at = |ago: u64| day(ago).and_hms_opt(12, 0, 0).unwrap().and_utc();
     let clocks = [10, 9, 8].map(|ago| ManualClock::new(at(ago)));
     let stores = clocks.each_ref().map(|clock| common::store(&pool, clock));
@@ -346,14 +351,7 @@ async fn an_archiving_purge_drops_only_what_it_wrote_out(pool: PgPool) {
 
     let today = db_now(&pool).await.date_naive();
     let day = |ago: u64| today - chrono::Days::new(ago);
-    for ago in [9, 10] {
-        let made = sqlx::query_scalar::<_, bool>("SELECT arbiter.create_event_partition($1)")
-            .bind(day(ago))
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert!(made);
-    }
+    create_partitions(&pool, [9, 10].map(day)).await;
     let at = |ago: u64| day(ago).and_hms_opt(12, 0, 0).unwrap().and_utc();
     let clocks = [10, 9].map(|ago| ManualClock::new(at(ago)));
     let stores = clocks.each_ref().map(|clock| common::store(&pool, clock));

@@ -158,12 +158,7 @@ pub async fn export_events<W: Write>(
     if range.until <= range.since {
         return Err(ExportError::EmptyRange);
     }
-    let mut tx = pool.begin().await.map_err(StorageError::from)?;
-    // One snapshot for the whole export; nothing written.
-    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .map_err(StorageError::from)?;
+    let mut tx = snapshot(pool).await?;
     if format == ExportFormat::Csv {
         write_csv_row(out, CSV_COLUMNS.iter().map(|c| (*c).to_owned()))?;
     }
@@ -212,11 +207,7 @@ pub async fn export_partition<W: Write>(
     day: NaiveDate,
     out: &mut W,
 ) -> Result<PartitionExport, ExportError> {
-    let mut tx = pool.begin().await.map_err(StorageError::from)?;
-    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .map_err(StorageError::from)?;
+    let mut tx = snapshot(pool).await?;
     let mut rows =
         sqlx::query_file_as!(ExportedEvent, "src/operator/sql/export_day.sql", day).fetch(&mut *tx);
     let mut written = PartitionExport::default();
@@ -230,6 +221,17 @@ pub async fn export_partition<W: Write>(
     out.flush()?;
     tx.commit().await.map_err(StorageError::from)?;
     Ok(written)
+}
+
+/// A read-only transaction on one snapshot, for a whole export; nothing is written.
+async fn snapshot(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StorageError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
 }
 
 fn write_csv_row<W: Write>(

@@ -82,12 +82,20 @@ pub async fn purge_before(
     )
     .fetch_one(pool)
     .await
-    .map_err(StorageError::from);
-    match result {
-        Ok(row) => Ok(PurgeReport {
+    .map(|row| (row.sessions, row.events));
+    purge_outcome(result, cutoff)
+}
+
+/// What `arbiter.purge_before` answered (its two counts), as a report or a purge error.
+fn purge_outcome(
+    result: Result<(i64, i64), sqlx::Error>,
+    cutoff: DateTime<Utc>,
+) -> Result<PurgeReport, PurgeError> {
+    match result.map_err(StorageError::from) {
+        Ok((sessions, events)) => Ok(PurgeReport {
             // ROW_COUNT is never negative.
-            sessions: u64::try_from(row.sessions).unwrap_or(0),
-            events: u64::try_from(row.events).unwrap_or(0),
+            sessions: u64::try_from(sessions).unwrap_or(0),
+            events: u64::try_from(events).unwrap_or(0),
         }),
         Err(StorageError::Constraint { name, .. }) if name == "purge_cutoff_in_past" => {
             Err(PurgeError::CutoffInFuture { cutoff })
@@ -214,17 +222,8 @@ pub async fn purge_archiving(
     let result = sqlx::query_file!("src/operator/sql/purge_archived.sql", cutoff, &days, &rows)
         .fetch_one(pool)
         .await
-        .map_err(StorageError::from);
-    let purged = match result {
-        Ok(row) => PurgeReport {
-            sessions: u64::try_from(row.sessions).unwrap_or(0),
-            events: u64::try_from(row.events).unwrap_or(0),
-        },
-        Err(StorageError::Constraint { name, .. }) if name == "purge_cutoff_in_past" => {
-            return Err(PurgeError::CutoffInFuture { cutoff });
-        }
-        Err(other) => return Err(other.into()),
-    };
+        .map(|row| (row.sessions, row.events));
+    let purged = purge_outcome(result, cutoff)?;
     let remaining = sqlx::query_scalar!(
         r#"SELECT day AS "day!" FROM arbiter.event_partitions() WHERE day IS NOT NULL"#
     )

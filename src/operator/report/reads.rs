@@ -18,7 +18,7 @@ pub struct ReportFilter {
 
 /// A transaction for one report, with PostgreSQL's JIT compiler off. The views' plans span
 /// every partition of the audit trail, so their cost estimates pass the JIT thresholds
-/// while the queries take milliseconds: with JIT, a report over 500,000 events spent 9 s
+/// while the queries take milliseconds: with JIT, a report over 180,000 events spent 9 s
 /// compiling and 12 ms running (docs/reporting.md, "Reading the views").
 async fn without_jit(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StorageError> {
     let mut tx = pool.begin().await?;
