@@ -1,9 +1,10 @@
-//! Five defects a review of the store found, each reproduced with the public API and kept
+//! Six defects reviews of the store found, each reproduced with the public API and kept
 //! as a regression test: a rate window overspent through a reconcile merge, a pending
 //! change lost when a second cache slot met the first, a denial log jammed by an
-//! ambiguous commit, a reconciler stopped by one locked row, and a caller kept waiting past
-//! `storage_timeout` under load. Each test fails with its fix reverted (checked for each,
-//! and for each of the three waits the one deadline of defect 5 covers).
+//! ambiguous commit, a reconciler stopped by one locked row, a caller kept waiting past
+//! `storage_timeout` under load, and an upkeep run outliving `shutdown` and the store.
+//! Each test fails with its fix reverted (checked for each, for each of the three waits
+//! the one deadline of defect 5 covers, and for both ends of defect 6).
 
 mod common;
 
@@ -338,4 +339,47 @@ async fn answered_within(
         slowest = std::cmp::max(slowest, took);
     }
     slowest
+}
+
+/// Defect 6. An upkeep run (a rollup of a big trail takes minutes) went on after
+/// `shutdown` returned, writing through the pool for up to its 60 s timeout, and held the
+/// store's state, so dropping the store did not end it either. Now `shutdown` cancels a
+/// run in progress and starts none after it, and dropping the store cancels its run.
+#[tokio::test(start_paused = true)]
+async fn shutdown_and_drop_cancel_an_upkeep_run_in_progress() {
+    const EVERY: Duration = Duration::from_secs(60);
+    let memory = MemoryStorage::new();
+    let storage = FaultyStorage::new(memory.clone());
+    storage.hang_maintenance();
+    let store = SessionStore::builder(storage.clone())
+        .maintenance_interval(Some(EVERY))
+        .build();
+    let id = new_session(&store, &["t"], 5).await;
+    until("the first use starts an upkeep run", || {
+        storage.hung_maintenance() == 1
+    })
+    .await;
+
+    assert!(store.shutdown(Duration::from_secs(5)).await.is_clean());
+    assert_eq!(storage.hung_maintenance(), 0, "shutdown cancelled the run");
+    // An hour of paused time: a run after shutdown would hang again, and count.
+    tokio::time::sleep(EVERY * 60).await;
+    store
+        .use_session(id, "t", None)
+        .await
+        .expect("the store stays usable");
+    tokio::time::sleep(EVERY * 2).await;
+    assert_eq!(storage.hung_maintenance(), 0, "no upkeep after shutdown");
+    assert_eq!(store.stats().maintenance_runs, 0);
+
+    let other = SessionStore::builder(storage.clone())
+        .maintenance_interval(Some(EVERY))
+        .build();
+    other.get(id).await.expect("the first use of another store");
+    until("its upkeep run hangs", || storage.hung_maintenance() == 1).await;
+    drop(other);
+    until("dropping the store cancelled its run", || {
+        storage.hung_maintenance() == 0
+    })
+    .await;
 }

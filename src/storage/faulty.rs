@@ -41,6 +41,11 @@ struct Faults {
     hung: AtomicUsize,
     /// Latency added to every write, in microseconds.
     write_delay_micros: AtomicU64,
+    /// `true` while the upkeep hangs; a [`Storage::maintain`] run waits for it to turn
+    /// `false`.
+    hang_maintenance: watch::Sender<bool>,
+    /// Upkeep runs waiting in a hang right now.
+    hung_maintenance: AtomicUsize,
     /// Bumped to make the change feed report a reconnection.
     feed_resets: watch::Sender<u64>,
     injected: AtomicU64,
@@ -58,6 +63,8 @@ impl Default for Faults {
             hang_after: AtomicI64::new(-1),
             hung: AtomicUsize::new(0),
             write_delay_micros: AtomicU64::new(0),
+            hang_maintenance: watch::Sender::new(false),
+            hung_maintenance: AtomicUsize::new(0),
             feed_resets: watch::Sender::new(0),
             injected: AtomicU64::new(0),
         }
@@ -140,6 +147,17 @@ impl<S> FaultyStorage<S> {
         self.faults.hung.load(Ordering::SeqCst)
     }
 
+    /// Makes every upkeep run ([`Storage::maintain`]) wait until [`Self::heal`]: a run that
+    /// takes long, as the first rollup of a big trail does.
+    pub fn hang_maintenance(&self) {
+        self.faults.hang_maintenance.send_replace(true);
+    }
+
+    /// How many upkeep runs are waiting in a hang right now (a cancelled run stops counting).
+    pub fn hung_maintenance(&self) -> usize {
+        self.faults.hung_maintenance.load(Ordering::SeqCst)
+    }
+
     /// Refuses every write with [`StorageError::Constraint`] (named `injected`) until
     /// [`Self::heal`]: a write storage will never accept as it is.
     pub fn refuse_writes(&self) {
@@ -167,6 +185,7 @@ impl<S> FaultyStorage<S> {
         self.faults.refuse_writes.store(false, Ordering::SeqCst);
         self.faults.write_delay_micros.store(0, Ordering::SeqCst);
         self.faults.fail_reads.store(false, Ordering::SeqCst);
+        self.faults.hang_maintenance.send_replace(false);
         self.release_writes();
     }
 
@@ -247,7 +266,7 @@ fn injected(what: &str) -> StorageError {
     StorageError::Transient(format!("injected {what} failure").into())
 }
 
-/// Counts a hung write out again when it stops waiting, cancelled or not.
+/// Counts a hung write (or upkeep run) out again when it stops waiting, cancelled or not.
 struct Unhung<'a>(&'a AtomicUsize);
 
 impl Drop for Unhung<'_> {
@@ -298,6 +317,14 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     }
 
     async fn maintain(&self) -> Result<(), StorageError> {
+        let f = &self.faults;
+        let mut hang = f.hang_maintenance.subscribe();
+        if *hang.borrow() {
+            f.hung_maintenance.fetch_add(1, Ordering::SeqCst);
+            let _unhung = Unhung(&f.hung_maintenance);
+            // An error means the sender is gone, which cannot happen while `self` holds it.
+            let _ = hang.wait_for(|hanging| !hanging).await;
+        }
         self.inner.maintain().await
     }
 

@@ -129,7 +129,8 @@ impl<S: Storage> SessionStoreBuilder<S> {
     }
 
     /// How often the store runs the storage's upkeep ([`Storage::maintain`]: for PostgreSQL,
-    /// creating the audit trail's daily partitions a week ahead): when the store is first
+    /// creating the audit trail's daily partitions a week ahead and rolling up the days
+    /// that are over for the reports): when the store is first
     /// used, then at this interval (default 24 h, at least a minute). `None` runs none; the
     /// operator then runs `arbiter-session partitions ensure` daily (events of a day without
     /// a partition still land, in the default partition, where retention cannot drop them

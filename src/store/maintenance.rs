@@ -6,14 +6,20 @@
 //! in the default partition. It keeps the audit trail cheap (one partition per day, dropped
 //! whole by retention), so a failure is logged, counted and tried again after a minute
 //! (or the interval, if shorter) rather than reported to a caller.
+//!
+//! A run ends with the store: [`SessionStore::shutdown`](crate::SessionStore::shutdown)
+//! and dropping the store both cancel a run in progress, so no upkeep writes through the
+//! pool of a store its gateway has let go.
 
-use std::sync::Weak;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use tokio::time::error::Elapsed;
 
 use super::inner::Inner;
 use super::worker::{Parking, Worker};
-use crate::error::error_chain;
+use crate::error::{StorageError, error_chain};
 use crate::storage::Storage;
 
 /// How long one maintenance run may take. Longer than a call's `storage_timeout`: creating
@@ -60,6 +66,35 @@ impl Maintenance {
             .start(|parking| Some(run_every(store.clone(), every, parking)));
     }
 
+    /// Stops the upkeep for good: cancels a run in progress and returns once it has ended.
+    pub(super) async fn stop(&self) {
+        self.task.stop().await;
+    }
+
+    /// Counts a run's outcome and says when to run next.
+    fn record(
+        &self,
+        outcome: Result<Result<(), StorageError>, Elapsed>,
+        every: Duration,
+    ) -> Duration {
+        match outcome {
+            Ok(Ok(())) => {
+                self.runs.fetch_add(1, Ordering::Relaxed);
+                every
+            }
+            Ok(Err(err)) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %error_chain(&err), "storage maintenance failed; trying again");
+                std::cmp::min(every, RETRY_AFTER)
+            }
+            Err(_) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(timeout = ?RUN_TIMEOUT, "storage maintenance timed out; trying again");
+                std::cmp::min(every, RETRY_AFTER)
+            }
+        }
+    }
+
     pub(super) fn counts(&self) -> MaintenanceCounts {
         MaintenanceCounts {
             runs: self.runs.load(Ordering::Relaxed),
@@ -68,29 +103,23 @@ impl Maintenance {
     }
 }
 
+/// The upkeep task. During a run it holds the storage, not the store: dropping the store
+/// (or [`Maintenance::stop`]) closes `parking`, which cancels the run where it waits. For
+/// PostgreSQL that rolls back its open transaction and starts no further statement.
 async fn run_every<S: Storage>(store: Weak<Inner<S>>, every: Duration, parking: Parking) {
     loop {
-        let wait = {
-            let Some(inner) = store.upgrade() else { return };
-            let maintenance = &inner.maintenance;
-            let outcome = tokio::time::timeout(RUN_TIMEOUT, inner.storage.inner().maintain()).await;
-            match outcome {
-                Ok(Ok(())) => {
-                    maintenance.runs.fetch_add(1, Ordering::Relaxed);
-                    every
-                }
-                Ok(Err(err)) => {
-                    maintenance.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %error_chain(&err), "storage maintenance failed; trying again");
-                    std::cmp::min(every, RETRY_AFTER)
-                }
-                Err(_) => {
-                    maintenance.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(timeout = ?RUN_TIMEOUT, "storage maintenance timed out; trying again");
-                    std::cmp::min(every, RETRY_AFTER)
-                }
-            }
+        let Some(storage) = store.upgrade().map(|inner| Arc::clone(&inner.storage)) else {
+            return;
         };
+        let outcome = tokio::select! {
+            biased;
+            () = parking.closed() => return,
+            outcome = tokio::time::timeout(RUN_TIMEOUT, storage.inner().maintain()) => outcome,
+        };
+        drop(storage);
+        let Some(inner) = store.upgrade() else { return };
+        let wait = inner.maintenance.record(outcome, every);
+        drop(inner);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = parking.closed() => return,

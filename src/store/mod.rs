@@ -402,10 +402,17 @@ impl<S: Storage> SessionStore<S> {
 
     /// Makes the pending set and the buffered denials durable, retrying with the
     /// reconciler's backoff until both are empty or `within` has passed, and reports what
-    /// it could not. Call before the process exits; the store remains usable afterwards.
+    /// it could not. Call before the process exits.
+    ///
+    /// First it stops the storage's upkeep for good (see
+    /// [`SessionStoreBuilder::maintenance_interval`]): a run in progress is cancelled and
+    /// none starts again. For PostgreSQL the run starts no further statement, and its open
+    /// transaction rolls back once a statement in flight has ended (a rollup keeps the days
+    /// it sealed before). The store remains usable for calls afterwards.
     pub async fn shutdown(&self, within: Duration) -> ShutdownReport {
         let inner = &self.inner;
         let deadline = Instant::now() + within;
+        inner.maintenance.stop().await;
         let mut delay = inner.reconciler.first_delay();
         loop {
             let report = tokio::time::timeout_at(deadline, inner.reconciler.pass(inner)).await;

@@ -8,7 +8,8 @@
 //! handed over between the task's last look and its parking is seen at once: a task
 //! parks only after it found nothing to do, and anything added after that wakes it.
 //! While parked, a task holds only a weak reference to its owner and the shared
-//! [`Parking`]; dropping the [`Worker`] marks it closed and wakes it, and the task ends.
+//! [`Parking`]; dropping the [`Worker`] (or [`Worker::stop`]) marks it closed and wakes
+//! it, and the task ends. A closed worker starts no task again.
 //! A task that ends for another reason (its runtime shut down) clears `started` on the
 //! way out, so the next wake, in whatever runtime, starts a new one.
 
@@ -27,11 +28,13 @@ pub(crate) struct Worker {
 #[derive(Debug, Default)]
 struct Shared {
     wake: Notify,
-    /// True while a task exists (or, for a worker whose start found nothing to run, for
-    /// good: see [`Worker::start`]).
+    /// True while a task exists.
     started: AtomicBool,
-    /// Set when the [`Worker`] is dropped.
+    /// Set when the [`Worker`] is dropped or stopped, or its start found nothing to run
+    /// (see [`Worker::start`]).
     closed: AtomicBool,
+    /// Notified when a task ends (its [`Parking`] is dropped).
+    ended: Notify,
 }
 
 /// The task's side of its [`Worker`]: where it parks. Dropping it (the task ended) lets
@@ -51,7 +54,12 @@ impl Worker {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let shared = &self.shared;
-        if shared.started.load(Ordering::Relaxed) || shared.started.swap(true, Ordering::AcqRel) {
+        if shared.started.load(Ordering::Relaxed) {
+            return;
+        }
+        // SeqCst, paired with `stop`: either this sees the worker closed, or `stop` sees
+        // the task started and waits for it.
+        if shared.closed.load(Ordering::SeqCst) || shared.started.swap(true, Ordering::SeqCst) {
             return;
         }
         if let Some(run) = task(Parking {
@@ -59,8 +67,8 @@ impl Worker {
         }) {
             tokio::spawn(run);
         } else {
-            // `Parking` was dropped, clearing the flag: set it again, for good.
-            shared.started.store(true, Ordering::Release);
+            // Nothing to run, ever: closed, so later calls return at the check above.
+            shared.closed.store(true, Ordering::SeqCst);
         }
     }
 
@@ -73,6 +81,25 @@ impl Worker {
     {
         self.start(|parking| Some(task(parking)));
         self.shared.wake.notify_one();
+    }
+
+    /// Closes the worker for good and waits until its task, if one runs, has ended: the
+    /// task sees [`Parking::closed`] resolve and returns, dropping whatever it was awaiting.
+    /// No task starts after this.
+    pub(crate) async fn stop(&self) {
+        let shared = &self.shared;
+        shared.closed.store(true, Ordering::SeqCst);
+        shared.wake.notify_one();
+        loop {
+            let ended = shared.ended.notified();
+            tokio::pin!(ended);
+            // Registered before the check, so an end between the two is not missed.
+            ended.as_mut().enable();
+            if !shared.started.load(Ordering::SeqCst) {
+                return;
+            }
+            ended.await;
+        }
     }
 }
 
@@ -107,7 +134,8 @@ impl Parking {
 
 impl Drop for Parking {
     fn drop(&mut self) {
-        self.shared.started.store(false, Ordering::Release);
+        self.shared.started.store(false, Ordering::SeqCst);
+        self.shared.ended.notify_waiters();
     }
 }
 
@@ -169,6 +197,49 @@ mod tests {
             });
         }
         assert_eq!(asked.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn stop_ends_a_busy_task_before_it_returns_and_nothing_starts_after_it() {
+        /// Marks its future dropped: the task's work was cancelled.
+        struct Cancelled(Arc<AtomicBool>);
+        impl Drop for Cancelled {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let worker = Worker::default();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&cancelled);
+        worker.start(|parking| {
+            Some(async move {
+                let _guard = Cancelled(flag);
+                // Work that would never end on its own.
+                tokio::select! {
+                    () = std::future::pending() => {}
+                    () = parking.closed() => {}
+                }
+            })
+        });
+        tokio::task::yield_now().await;
+        assert!(!cancelled.load(Ordering::SeqCst), "the task is busy");
+        worker.stop().await;
+        assert!(
+            cancelled.load(Ordering::SeqCst),
+            "ended before stop returned"
+        );
+        let asked = AtomicUsize::new(0);
+        worker.start(|_| {
+            asked.fetch_add(1, Ordering::SeqCst);
+            None::<std::future::Ready<()>>
+        });
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            0,
+            "a stopped worker starts nothing"
+        );
+        // A second stop, with no task, returns at once.
+        worker.stop().await;
     }
 
     #[test]
