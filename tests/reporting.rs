@@ -455,8 +455,9 @@ async fn deletion_outside_purge_is_refused(pool: PgPool) {
 
 /// How far each rollup-backed view is from the raw definition of migration
 /// 20261124000006 on the same events: (rows in one and not the other, both ways; rows in
-/// the view), for agent_daily_activity, tool_daily_usage and denials_by_reason.
-async fn views_against_raw(pool: &PgPool) -> [(i64, i64); 3] {
+/// the view), for agent_daily_activity, tool_daily_usage, denials_by_reason and
+/// session_utilization.
+async fn views_against_raw(pool: &PgPool) -> [(i64, i64); 4] {
     let row = sqlx::query!(
         r#"WITH raw_agents AS (
                SELECT e.agent_id, (e.occurred_at AT TIME ZONE 'UTC')::date AS day,
@@ -496,6 +497,31 @@ async fn views_against_raw(pool: &PgPool) -> [(i64, i64); 3] {
                 GROUP BY 1, 2, 3
            ), view_denials AS (
                SELECT * FROM arbiter.denials_by_reason
+           ), raw_sessions AS (
+               SELECT s.session_id, s.agent_id,
+                      CASE WHEN s.status = 'active' AND s.expires_at <= now() THEN 'expired'
+                           ELSE s.status END AS status,
+                      s.call_budget, s.calls_made,
+                      round(100.0 * s.calls_made / s.call_budget, 1) AS budget_used_pct,
+                      s.calls_made >= s.call_budget AS budget_exhausted,
+                      s.created_at, ended.at AS ended_at, ended.at - s.created_at AS duration,
+                      coalesce(denied.count, 0) AS denials
+                 FROM arbiter.sessions s
+                CROSS JOIN LATERAL (
+                    SELECT CASE
+                               WHEN s.status = 'closed' THEN coalesce(
+                                   (SELECT min(e.occurred_at) FROM arbiter.session_events e
+                                     WHERE e.session_id = s.session_id AND e.kind = 'closed'),
+                                   s.updated_at)
+                               WHEN s.status = 'expired' OR s.expires_at <= now() THEN s.expires_at
+                           END AS at
+                ) ended
+                LEFT JOIN LATERAL (
+                    SELECT count(*) AS count FROM arbiter.session_events e
+                     WHERE e.session_id = s.session_id AND e.kind = 'denied'
+                ) denied ON true
+           ), view_sessions AS (
+               SELECT * FROM arbiter.session_utilization
            )
            SELECT (SELECT count(*) FROM ((SELECT * FROM raw_agents EXCEPT ALL SELECT * FROM view_agents)
                    UNION ALL (SELECT * FROM view_agents EXCEPT ALL SELECT * FROM raw_agents)) d)
@@ -508,7 +534,11 @@ async fn views_against_raw(pool: &PgPool) -> [(i64, i64); 3] {
                   (SELECT count(*) FROM ((SELECT * FROM raw_denials EXCEPT ALL SELECT * FROM view_denials)
                    UNION ALL (SELECT * FROM view_denials EXCEPT ALL SELECT * FROM raw_denials)) d)
                       AS "denials_off!",
-                  (SELECT count(*) FROM view_denials) AS "denials!""#
+                  (SELECT count(*) FROM view_denials) AS "denials!",
+                  (SELECT count(*) FROM ((SELECT * FROM raw_sessions EXCEPT ALL SELECT * FROM view_sessions)
+                   UNION ALL (SELECT * FROM view_sessions EXCEPT ALL SELECT * FROM raw_sessions)) d)
+                      AS "sessions_off!",
+                  (SELECT count(*) FROM view_sessions) AS "sessions!""#
     )
     .fetch_one(pool)
     .await
@@ -517,6 +547,7 @@ async fn views_against_raw(pool: &PgPool) -> [(i64, i64); 3] {
         (row.agents_off, row.agents),
         (row.tools_off, row.tools),
         (row.denials_off, row.denials),
+        (row.sessions_off, row.sessions),
     ]
 }
 
@@ -534,18 +565,19 @@ async fn sealed_days(pool: &PgPool, last: NaiveDate) -> Vec<(NaiveDate, i64)> {
     .collect()
 }
 
-/// Rows of the rollup tables for a day (agents, tools, reasons).
-async fn rollup_rows(pool: &PgPool, d: NaiveDate) -> (i64, i64, i64) {
+/// Rows of the rollup tables for a day (agents, tools, reasons, sessions).
+async fn rollup_rows(pool: &PgPool, d: NaiveDate) -> (i64, i64, i64, i64) {
     let row = sqlx::query!(
         r#"SELECT (SELECT count(*) FROM arbiter.agent_day_rollup WHERE day = $1) AS "agents!",
                   (SELECT count(*) FROM arbiter.tool_day_rollup WHERE day = $1) AS "tools!",
-                  (SELECT count(*) FROM arbiter.denial_day_rollup WHERE day = $1) AS "reasons!""#,
+                  (SELECT count(*) FROM arbiter.denial_day_rollup WHERE day = $1) AS "reasons!",
+                  (SELECT count(*) FROM arbiter.session_day_rollup WHERE day = $1) AS "sessions!""#,
         d
     )
     .fetch_one(pool)
     .await
     .expect("rollup rows");
-    (row.agents, row.tools, row.reasons)
+    (row.agents, row.tools, row.reasons, row.sessions)
 }
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
@@ -554,7 +586,7 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
     // The data set's store may have rolled up some days with its upkeep while it wrote;
     // the views are exact whatever it did.
     let before = views_against_raw(&pool).await;
-    assert_eq!(before, [(0, 3), (0, 5), (0, 4)]);
+    assert_eq!(before, [(0, 3), (0, 5), (0, 4), (0, 3)]);
 
     roll_up_all(&pool).await;
     // Day 1: S1's created, 3 calls, denial, closed; day 2: S2's created, 2 denials, call,
@@ -566,8 +598,8 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
     let today = Utc::now().date_naive();
     assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(today));
     // The data set's days now come from the rollup tables alone, and still match.
-    assert_eq!(rollup_rows(&pool, day(1)).await, (1, 2, 1));
-    assert_eq!(rollup_rows(&pool, day(2)).await, (2, 3, 3));
+    assert_eq!(rollup_rows(&pool, day(1)).await, (1, 2, 1, 1));
+    assert_eq!(rollup_rows(&pool, day(2)).await, (2, 3, 3, 2));
     assert_eq!(views_against_raw(&pool).await, before);
     assert!(roll_up_all(&pool).await.is_empty());
 
@@ -589,7 +621,7 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
     );
     assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(day(2)));
     let late = views_against_raw(&pool).await;
-    assert_eq!(late.map(|(off, _)| off), [0, 0, 0]);
+    assert_eq!(late.map(|(off, _)| off), [0, 0, 0, 0]);
     let rolled = roll_up_all(&pool).await;
     assert_eq!(rolled.first().map(|r| r.day), Some(day(2)));
     assert_eq!(
@@ -626,17 +658,48 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
             .is_empty()
     );
     roll_up_all(&pool).await;
-    assert_eq!(rollup_rows(&pool, day(2)).await, (3, 4, 3));
+    assert_eq!(rollup_rows(&pool, day(2)).await, (3, 4, 3, 3));
 
     let purged = retention::purge_before(&pool, cutoff, EventRetention::Delete)
         .await
         .unwrap();
     // The data set's 13 events and the late denial.
     assert_eq!((purged.sessions, purged.events), (3, 14));
-    assert_eq!(rollup_rows(&pool, day(1)).await, (0, 0, 0));
-    assert_eq!(rollup_rows(&pool, day(2)).await, (1, 1, 0));
+    assert_eq!(rollup_rows(&pool, day(1)).await, (0, 0, 0, 0));
+    assert_eq!(rollup_rows(&pool, day(2)).await, (1, 1, 0, 1));
     assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(today));
-    assert_eq!(views_against_raw(&pool).await, [(0, 1), (0, 1), (0, 0)]);
+    assert_eq!(
+        views_against_raw(&pool).await,
+        [(0, 1), (0, 1), (0, 0), (0, 1)]
+    );
+}
+
+/// The last migration before the sessions' rollup.
+const BEFORE_SESSION_ROLLUP: i64 = 20261201000003;
+
+/// A database rolled up before migration `20261201000004` gets the sessions' part of its
+/// sealed days from the migration: the horizon stays where it was and session_utilization
+/// answers what the raw events say.
+#[sqlx::test(migrations = false)]
+async fn a_rolled_up_trail_upgrades_with_its_sessions_rolled_up_too(pool: PgPool) {
+    arbiter_session::MIGRATOR
+        .run_to(BEFORE_SESSION_ROLLUP, &pool)
+        .await
+        .expect("migrate to the schema before the sessions' rollup");
+    known_dataset(&pool).await;
+    roll_up_all(&pool).await;
+    let today = Utc::now().date_naive();
+    assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(today));
+
+    arbiter_session::migrate(&pool).await.expect("migrate");
+
+    assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(today));
+    assert_eq!(rollup_rows(&pool, day(1)).await, (1, 2, 1, 1));
+    assert_eq!(rollup_rows(&pool, day(2)).await, (2, 3, 3, 2));
+    assert_eq!(
+        views_against_raw(&pool).await,
+        [(0, 3), (0, 5), (0, 4), (0, 3)]
+    );
 }
 
 /// Rolls up until no day is left busy, and returns the days this test's rollups sealed. The
@@ -698,7 +761,10 @@ async fn a_rollup_and_an_insert_of_the_same_day_wait_for_each_other(pool: PgPool
     assert_eq!(outcome.stopped_at, Some(yesterday));
     assert!(outcome.rolled.is_empty());
     inserting.commit().await.unwrap();
-    assert_eq!(views_against_raw(&pool).await, [(0, 1), (0, 1), (0, 1)]);
+    assert_eq!(
+        views_against_raw(&pool).await,
+        [(0, 1), (0, 1), (0, 1), (0, 0)]
+    );
     assert_eq!(rollup::roll_up(&pool).await.unwrap().stopped_at, None);
     assert_eq!(sealed_days(&pool, yesterday).await, vec![(yesterday, 1)]);
 
@@ -727,8 +793,12 @@ async fn a_rollup_and_an_insert_of_the_same_day_wait_for_each_other(pool: PgPool
     // Its only sealed day unsealed, the views read raw events only.
     assert_eq!(rollup::horizon(&pool).await.unwrap(), None);
     assert_eq!(sealed_days(&pool, yesterday).await, vec![]);
-    assert_eq!(views_against_raw(&pool).await, [(0, 1), (0, 1), (0, 1)]);
+    assert_eq!(
+        views_against_raw(&pool).await,
+        [(0, 1), (0, 1), (0, 1), (0, 0)]
+    );
     assert_eq!(rollup::roll_up(&pool).await.unwrap().stopped_at, None);
     assert_eq!(sealed_days(&pool, yesterday).await, vec![(yesterday, 2)]);
-    assert_eq!(rollup_rows(&pool, yesterday).await, (1, 1, 1));
+    // The two denials are of two sessions: two rows of session_day_rollup.
+    assert_eq!(rollup_rows(&pool, yesterday).await, (1, 1, 1, 2));
 }

@@ -1,7 +1,8 @@
-//! Rollups for reports (migration `20261201000003_rollups.sql`): the daily aggregates behind
-//! `agent_daily_activity`, `tool_daily_usage` and `denials_by_reason`, kept for days that
-//! are over, so a report reads one row per agent, tool or reason and day instead of the
-//! day's events. The views read rollups before the *rollup horizon* and raw events from it
+//! Rollups for reports (migrations `20261201000003_rollups.sql` and
+//! `20261201000004_session_rollup.sql`): the daily aggregates behind
+//! `agent_daily_activity`, `tool_daily_usage` and `denials_by_reason`, and each session's
+//! denials and close time behind `session_utilization`, kept for days that are over, so a
+//! report reads one row per agent, tool, reason or session and day instead of the events. The views read rollups before the *rollup horizon* and raw events from it
 //! on; their answers are exactly those of the raw events (the migration states why).
 //!
 //! The store rolls up at start and daily with its upkeep (see
