@@ -42,6 +42,12 @@ ALTER FUNCTION arbiter.rollup_count_day(date) RENAME TO rollup_count_day_views;
 CREATE FUNCTION arbiter.rollup_count_day(rolled_day date) RETURNS bigint
 LANGUAGE plpgsql
 SET jit = off
+-- purge_before, which calls this, turns nested loops off for its own statements, and the
+-- setting reached these: the tools' count (a nested loop over each event's tools, which
+-- nothing else can do) was costed as if forbidden and read every partition through the
+-- agent index, 500 ms of a 650 ms purge of one day of 66,700 events. The counts here are
+-- planned with the default.
+SET enable_nestloop = on
 AS $$
 DECLARE
     day_start timestamptz := rolled_day::timestamp AT TIME ZONE 'UTC';
