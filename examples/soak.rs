@@ -11,7 +11,11 @@
 //!   `calls_made`;
 //! * no call event follows a session's `closed` event, and no `Ok` call started after
 //!   this parent's close of that session was acknowledged;
-//! * every process's pending set drained at its shutdown.
+//! * every process's pending set drained at its shutdown;
+//! * per session, the limited tool (`write_file`, [`WRITE_FILE_LIMIT`] calls of its own):
+//!   `ok <= counted <= min(limit, ok + write_through)` for its calls alone, and the audit
+//!   trail counts exactly what the row does, so the processes together are granted at
+//!   most the limit, and exactly it unless a write of one of those calls failed.
 //!
 //! `scripts/test` runs it for 20 s: `cargo run --example soak -- --duration 20`.
 //! Options: `--duration SECS`, `--processes N`, `--tasks N` (per process), `--sessions N`.
@@ -25,6 +29,10 @@ use arbiter_session::{CreateSessionRequest, PgStorage, SessionError, SessionStor
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use uuid::Uuid;
+
+/// The tool every session limits, and its limit.
+const WRITE_FILE: &str = "write_file";
+const WRITE_FILE_LIMIT: u64 = 3;
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -81,6 +89,9 @@ struct SessionTally {
     ok: u64,
     write_through: u64,
     last_ok_started_ms: u64,
+    /// The same two counts for calls of the limited tool alone.
+    write_file_ok: u64,
+    write_file_write_through: u64,
 }
 
 impl WorkerReport {
@@ -92,6 +103,8 @@ impl WorkerReport {
             let sum = self.sessions.entry(id).or_default();
             sum.ok += t.ok;
             sum.write_through += t.write_through;
+            sum.write_file_ok += t.write_file_ok;
+            sum.write_file_write_through += t.write_file_write_through;
             sum.last_ok_started_ms = std::cmp::max(sum.last_ok_started_ms, t.last_ok_started_ms);
         }
         for (reason, n) in other.denials {
@@ -156,24 +169,35 @@ async fn worker(
             while Instant::now() < deadline {
                 let id = ids[dice.roll(ids.len())];
                 let started = now_ms();
-                let (outcome, calls) = match dice.roll(20) {
-                    0 => (store.use_session(id, "delete_everything", None).await, 1),
+                let (outcome, calls, write_files) = match dice.roll(20) {
+                    0 => (store.use_session(id, "delete_everything", None).await, 1, 0),
                     1 | 2 => (
                         store.use_session_batch(id, &["read", "write"], None).await,
                         2,
+                        0,
                     ),
-                    _ => (store.use_session(id, "read", None).await, 1),
+                    3 => (store.use_session(id, WRITE_FILE, None).await, 1, 1),
+                    4 => (
+                        store
+                            .use_session_batch(id, &["read", WRITE_FILE], None)
+                            .await,
+                        2,
+                        1,
+                    ),
+                    _ => (store.use_session(id, "read", None).await, 1, 0),
                 };
                 report.operations += 1;
                 let tally = report.sessions.entry(id).or_default();
                 match outcome {
                     Ok(_) => {
                         tally.ok += calls;
+                        tally.write_file_ok += write_files;
                         tally.last_ok_started_ms = std::cmp::max(tally.last_ok_started_ms, started);
                     }
                     Err(err) => {
                         if matches!(err, SessionError::StorageWriteThrough { .. }) {
                             tally.write_through += calls;
+                            tally.write_file_write_through += write_files;
                         }
                         *report
                             .denials
@@ -238,6 +262,8 @@ struct Stored {
     call_budget: i64,
     audited: i64,
     calls_after_close: i64,
+    write_files: i64,
+    audited_write_files: i64,
 }
 
 async fn stored(pool: &sqlx::PgPool, id: Uuid) -> Result<Stored, sqlx::Error> {
@@ -255,11 +281,17 @@ async fn stored(pool: &sqlx::PgPool, id: Uuid) -> Result<Stored, sqlx::Error> {
                    AND e.kind IN ('call_allowed', 'batch_allowed')
                    AND e.event_id > (SELECT min(c.event_id) FROM arbiter.session_events c
                                       WHERE c.session_id = s.session_id AND c.kind = 'closed')
-               ) AS "calls_after_close!"
+               ) AS "calls_after_close!",
+               s.tool_calls[array_position(s.limited_tools, $2)] AS "write_files!",
+               (SELECT count(*)
+                  FROM arbiter.session_events e, unnest(e.tools) AS t(tool)
+                 WHERE e.session_id = s.session_id AND t.tool = $2
+                   AND e.kind IN ('call_allowed', 'batch_allowed')) AS "audited_write_files!"
           FROM arbiter.sessions s
          WHERE s.session_id = $1
         "#,
-        id
+        id,
+        WRITE_FILE
     )
     .fetch_one(pool)
     .await
@@ -278,10 +310,11 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
         let budget = 200 + dice.roll(2000) as u64;
         let mut req = CreateSessionRequest::new(
             Uuid::new_v4(),
-            ["read", "write"],
+            ["read", "write", WRITE_FILE],
             budget,
             chrono::Duration::hours(1),
-        );
+        )
+        .with_tool_limit(WRITE_FILE, WRITE_FILE_LIMIT);
         // A third of the sessions are rate limited, so windows are exercised too.
         if n % 3 == 0 {
             req.rate_limit_per_minute = Some(50);
@@ -341,7 +374,7 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
             total.unflushed
         ));
     }
-    let (mut ok_calls, mut counted) = (0, 0);
+    let (mut ok_calls, mut counted, mut write_files) = (0, 0, 0);
     for id in &ids {
         let t = total.sessions.get(id).copied().unwrap_or_default();
         let row = stored(&pool, *id).await?;
@@ -352,6 +385,26 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
             failures.push(format!(
                 "session {id}: calls_made {calls}, budget {budget}, ok {}, write-through {}",
                 t.ok, t.write_through
+            ));
+        }
+        let granted = row.write_files as u64;
+        write_files += granted;
+        if t.write_file_ok > granted
+            || granted
+                > std::cmp::min(
+                    WRITE_FILE_LIMIT,
+                    t.write_file_ok + t.write_file_write_through,
+                )
+        {
+            failures.push(format!(
+                "session {id}: {WRITE_FILE} counted {granted} (limit {WRITE_FILE_LIMIT}), ok {}, write-through {}",
+                t.write_file_ok, t.write_file_write_through
+            ));
+        }
+        if row.audited_write_files != row.write_files {
+            failures.push(format!(
+                "session {id}: {} audited {WRITE_FILE} calls, {} counted",
+                row.audited_write_files, row.write_files
             ));
         }
         if row.audited != row.calls_made {
@@ -388,7 +441,8 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
         .collect::<Vec<_>>()
         .join(" ");
     println!(
-        "soak: {} processes x {} tasks, {} sessions, {:.1} s: {} operations, {} calls ok, {} write-through; \
+        "soak: {} processes x {} tasks, {} sessions, {:.1} s: {} operations, {} calls ok, {} write-through, \
+         {} {WRITE_FILE} calls counted (at most {WRITE_FILE_LIMIT} a session); \
          denials {}; faults: {} closes, {} connection kills; {} chained events verified; {}",
         options.processes,
         options.tasks,
@@ -397,6 +451,7 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
         total.operations,
         ok_calls,
         counted,
+        write_files,
         if denials.is_empty() {
             "none".to_owned()
         } else {

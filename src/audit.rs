@@ -63,6 +63,9 @@ pub enum DenialReason {
     Expired,
     /// No budget left for the call(s).
     Budget,
+    /// A tool of the call has used up its own limit (see
+    /// [`CreateSessionRequest::tool_limits`](crate::CreateSessionRequest::tool_limits)).
+    ToolBudget,
     /// A tool is not in the allow-list.
     Tool,
     /// The rate window is full.
@@ -81,6 +84,7 @@ impl DenialReason {
             DenialReason::Closed => "closed",
             DenialReason::Expired => "expired",
             DenialReason::Budget => "budget",
+            DenialReason::ToolBudget => "tool_budget",
             DenialReason::Tool => "tool",
             DenialReason::Rate => "rate",
             DenialReason::WriteThrough => "write_through",
@@ -88,8 +92,23 @@ impl DenialReason {
         }
     }
 
+    /// The reason for a call on `session` denied with `err`: [`Self::of`], except that a
+    /// [`SessionError::BudgetExceeded`] whose limit is below the session's budget is a
+    /// tool's limit ([`DenialReason::ToolBudget`]). A tool's limit at or above the budget
+    /// is never the one reached (the budget is checked first, and a tool's calls are some
+    /// of the session's), so the two cannot be confused.
+    pub fn of_call(err: &SessionError, session: &TaskSession) -> Option<Self> {
+        match err {
+            SessionError::BudgetExceeded { limit, .. } if *limit < session.call_budget => {
+                Some(DenialReason::ToolBudget)
+            }
+            _ => Self::of(err),
+        }
+    }
+
     /// The reason for a call denied with `err`; `None` for errors that say nothing about the
-    /// session (not found, a failed read), which are not recorded.
+    /// session (not found, a failed read), which are not recorded. A tool's limit reads as
+    /// [`DenialReason::Budget`] here: [`Self::of_call`] tells it apart.
     pub fn of(err: &SessionError) -> Option<Self> {
         Some(match err {
             SessionError::AgentMismatch { .. } => DenialReason::AgentMismatch,

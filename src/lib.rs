@@ -53,7 +53,7 @@ pub mod testing;
 pub use sqlx;
 
 pub use error::SessionError;
-pub use model::{CreateSessionRequest, DataSensitivity, SessionStatus, TaskSession};
+pub use model::{CreateSessionRequest, DataSensitivity, SessionStatus, TaskSession, ToolLimit};
 pub use storage::{MemoryStorage, PgStorage, Storage};
 pub use store::{ReconcileReport, SessionStore, SessionStoreBuilder, ShutdownReport, StoreStats};
 

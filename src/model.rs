@@ -1,6 +1,7 @@
 //! Session data: what a gateway asks for ([`CreateSessionRequest`]) and what the store keeps
 //! ([`TaskSession`]), with the validation limits of a create request.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -143,6 +144,12 @@ pub struct CreateSessionRequest {
     pub rate_limit_window_secs: u64,
     /// The most sensitive data the session may touch.
     pub data_sensitivity_ceiling: DataSensitivity,
+    /// Call limits of single tools inside the budget, by tool name: a call of a limited
+    /// tool counts against its limit and against `call_budget`; a tool without one is
+    /// bounded by `call_budget` alone. Each limit is at least 1, each name must be
+    /// authorized by `authorized_tools` (where `"*"` authorizes any), and there are at
+    /// most as many entries as `authorized_tools` has. Empty by default.
+    pub tool_limits: BTreeMap<String, u64>,
 }
 
 impl CreateSessionRequest {
@@ -165,7 +172,16 @@ impl CreateSessionRequest {
             rate_limit_per_minute: None,
             rate_limit_window_secs: 60,
             data_sensitivity_ceiling: DataSensitivity::Public,
+            tool_limits: BTreeMap::new(),
         }
+    }
+
+    /// The request with a call limit of its own for `tool` (see
+    /// [`tool_limits`](Self::tool_limits)).
+    #[must_use]
+    pub fn with_tool_limit(mut self, tool: impl Into<String>, limit: u64) -> Self {
+        self.tool_limits.insert(tool.into(), limit);
+        self
     }
 
     /// Checks every field against [`limits`]. Returns [`SessionError::InvalidRequest`] naming
@@ -203,8 +219,44 @@ impl CreateSessionRequest {
         ] {
             validate_names(field, names)?;
         }
+        self.validate_tool_limits()
+    }
+
+    fn validate_tool_limits(&self) -> Result<(), SessionError> {
+        use limits::*;
+        let invalid = |reason: String| Err(SessionError::InvalidRequest { reason });
+        if self.tool_limits.len() > self.authorized_tools.len() {
+            return invalid("tool_limits has more entries than authorized_tools".to_owned());
+        }
+        for (tool, &limit) in &self.tool_limits {
+            // Checked first: a name that is not valid is not echoed back.
+            if !is_valid_name(tool) {
+                return invalid(format!(
+                    "tool_limits names must be 1..={MAX_NAME_BYTES} bytes without NUL"
+                ));
+            }
+            if !list_authorizes(&self.authorized_tools, tool) {
+                return invalid(format!(
+                    "tool_limits names {tool:?}, which authorized_tools does not authorize"
+                ));
+            }
+            if limit == 0 || limit > MAX_COUNT {
+                return invalid(format!("tool_limits[{tool:?}] must be 1..={MAX_COUNT}"));
+            }
+        }
         Ok(())
     }
+}
+
+/// A tool with a call limit of its own inside a session, and its calls so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolLimit {
+    /// The tool's name.
+    pub tool: Arc<str>,
+    /// Calls of the tool allowed in the session.
+    pub limit: u64,
+    /// Calls of the tool counted so far.
+    pub calls: u64,
 }
 
 fn validate_names(field: &str, names: &[String]) -> Result<(), SessionError> {
@@ -263,6 +315,9 @@ pub struct TaskSession {
     pub expires_at: DateTime<Utc>,
     /// Lifecycle status.
     pub status: SessionStatus,
+    /// The tools with a call limit of their own, sorted by name, with their calls so far;
+    /// empty when no tool has one.
+    pub tool_limits: Arc<[ToolLimit]>,
 }
 
 impl TaskSession {
@@ -293,6 +348,15 @@ impl TaskSession {
             created_at: now,
             expires_at,
             status: SessionStatus::Active,
+            tool_limits: req
+                .tool_limits
+                .iter()
+                .map(|(tool, &limit)| ToolLimit {
+                    tool: tool.as_str().into(),
+                    limit,
+                    calls: 0,
+                })
+                .collect(),
         }
     }
 
@@ -319,6 +383,19 @@ impl TaskSession {
     /// Calls left in the budget.
     pub fn calls_remaining(&self) -> u64 {
         self.call_budget.saturating_sub(self.calls_made)
+    }
+
+    /// The limit of `tool` and its calls so far, if it has a limit of its own.
+    pub fn tool_limit(&self, tool: &str) -> Option<&ToolLimit> {
+        let index = self.tool_limit_index(tool)?;
+        self.tool_limits.get(index)
+    }
+
+    /// Where `tool`'s limit is in [`tool_limits`](Self::tool_limits) (sorted by name).
+    pub(crate) fn tool_limit_index(&self, tool: &str) -> Option<usize> {
+        self.tool_limits
+            .binary_search_by(|limit| (*limit.tool).cmp(tool))
+            .ok()
     }
 }
 
@@ -392,6 +469,53 @@ mod tests {
         assert!(s.allows_sensitivity(DataSensitivity::Internal));
         assert!(s.allows_sensitivity(DataSensitivity::Confidential));
         assert!(!s.allows_sensitivity(DataSensitivity::Restricted));
+    }
+
+    #[test]
+    fn tool_limits_name_authorized_tools_with_limits_of_at_least_one() {
+        let base =
+            CreateSessionRequest::new(Uuid::new_v4(), ["read", "write"], 10, Duration::minutes(5));
+        let ok = |r: CreateSessionRequest| r.validate().is_ok();
+        assert!(ok(base.clone().with_tool_limit("write", 3)));
+        assert!(ok(base
+            .clone()
+            .with_tool_limit("write", 1)
+            .with_tool_limit("read", limits::MAX_COUNT)));
+        assert!(!ok(base.clone().with_tool_limit("write", 0)));
+        assert!(!ok(base
+            .clone()
+            .with_tool_limit("write", limits::MAX_COUNT + 1)));
+        assert!(
+            !ok(base.clone().with_tool_limit("delete", 1)),
+            "not authorized"
+        );
+        assert!(!ok(base.clone().with_tool_limit("", 1)));
+        assert!(!ok(base.clone().with_tool_limit("a\0b", 1)));
+        assert!(!ok(base.with_tool_limit("w".repeat(257), 1)));
+        let wildcard = CreateSessionRequest::new(Uuid::new_v4(), ["*"], 10, Duration::minutes(5));
+        assert!(ok(wildcard.clone().with_tool_limit("anything", 1)));
+        assert!(
+            !ok(wildcard
+                .with_tool_limit("anything", 1)
+                .with_tool_limit("else", 1)),
+            "more entries than the allow-list"
+        );
+    }
+
+    #[test]
+    fn a_new_session_has_its_tool_limits_sorted_and_unused() {
+        let req = CreateSessionRequest::new(Uuid::new_v4(), ["b", "a"], 10, Duration::minutes(5))
+            .with_tool_limit("b", 2)
+            .with_tool_limit("a", 1);
+        let s = TaskSession::from_request(Uuid::new_v4(), &req, Utc::now());
+        let limits: Vec<(&str, u64, u64)> = s
+            .tool_limits
+            .iter()
+            .map(|l| (&*l.tool, l.limit, l.calls))
+            .collect();
+        assert_eq!(limits, [("a", 1, 0), ("b", 2, 0)]);
+        assert_eq!(s.tool_limit("b").map(|l| l.limit), Some(2));
+        assert!(s.tool_limit("c").is_none());
     }
 
     #[test]

@@ -3,24 +3,33 @@
 //!
 //! # Invariant: check order
 //! A call is checked in this order, and the first failing check is the error reported:
-//! agent binding -> closed -> expired (status or time) -> budget -> tool allow-list -> rate
-//! window. A denied call consumes nothing: the input session is never modified, and a
-//! denial returns no new state. A batch is all-or-nothing: every tool is checked, and the
-//! budget and rate window must have room for the whole batch.
+//! agent binding -> closed -> expired (status or time) -> budget -> tool allow-list -> tool
+//! limit -> rate window. A denied call consumes nothing: the input session is never
+//! modified, and a denial returns no new state. A batch is all-or-nothing: every tool is
+//! checked, and the budget, each limited tool (counting its repeats in the batch) and the
+//! rate window must have room for the whole batch.
 //!
-//! # Invariant: one budget and window rule
+//! A tool's limit is reported as [`SessionError::BudgetExceeded`] with the tool's limit
+//! and calls. Its limit is always below the session's budget: a tool's calls are some of
+//! the session's, so a limit at or above the budget is never reached before the budget
+//! is, which is checked first. That is how the audit trail tells the two apart
+//! ([`DenialReason::of_call`](crate::audit::DenialReason::of_call)).
+//!
+//! # Invariant: one budget, tool limit and window rule
 //! `decide` (a new call) and `merge_unwritten` (a call a store counted but could not
-//! write, re-applied on top of a newer stored row) count calls with the same two helpers,
-//! `calls_after` and `window_after`. So inside one stored rate window the calls of
-//! every store, `Ok` or reconciled, never pass the window's limit, and no call passes the
-//! budget, however the writes interleave.
+//! write, re-applied on top of a newer stored row) count calls with the same three
+//! helpers, `calls_after`, `tool_limits_after` and `window_after`. So inside one stored
+//! rate window the calls of every store, `Ok` or reconciled, never pass the window's
+//! limit, and no call passes the budget or a tool's limit, however the writes interleave.
+
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
 use crate::audit::{AuditEvent, EventKind};
 use crate::error::SessionError;
-use crate::model::{SessionStatus, TaskSession, limits};
+use crate::model::{SessionStatus, TaskSession, ToolLimit, limits};
 
 /// A state change the store can be asked for.
 #[derive(Debug, Clone, Copy)]
@@ -134,6 +143,13 @@ fn decide_use(
             tool: (*tool).to_owned(),
         });
     }
+    let tool_limits = tool_limits_after(session, tools.iter().copied()).map_err(|full| {
+        SessionError::BudgetExceeded {
+            session_id: id,
+            limit: full.limit,
+            used: full.calls,
+        }
+    })?;
     let (window_started_at, window_calls) =
         window_after(session, calls, now).ok_or(SessionError::RateLimited {
             session_id: id,
@@ -143,6 +159,7 @@ fn decide_use(
         calls_made,
         rate_window_started_at: Some(window_started_at),
         rate_window_calls: window_calls,
+        tool_limits,
         ..session.clone()
     })
 }
@@ -153,6 +170,32 @@ fn calls_after(session: &TaskSession, calls: u64) -> Option<u64> {
         .calls_made
         .checked_add(calls)
         .filter(|&after| after <= session.call_budget)
+}
+
+/// The tool limits after a call of `tools` (each repeat counts), if every limited tool
+/// among them has room; otherwise the first one without, as it stood. Shares the limits
+/// when no tool of the call has one.
+fn tool_limits_after<'t>(
+    session: &TaskSession,
+    tools: impl IntoIterator<Item = &'t str>,
+) -> Result<Arc<[ToolLimit]>, ToolLimit> {
+    if session.tool_limits.is_empty() {
+        return Ok(Arc::clone(&session.tool_limits));
+    }
+    let mut after: Option<Vec<ToolLimit>> = None;
+    for tool in tools {
+        let Some(index) = session.tool_limit_index(tool) else {
+            continue;
+        };
+        let limits = after.get_or_insert_with(|| session.tool_limits.to_vec());
+        // `index` is a position in `session.tool_limits`, which `limits` copies.
+        let limit = &mut limits[index];
+        if limit.calls >= limit.limit {
+            return Err(session.tool_limits[index].clone());
+        }
+        limit.calls += 1;
+    }
+    Ok(after.map_or_else(|| Arc::clone(&session.tool_limits), Arc::from))
 }
 
 /// The rate window after `calls` more calls at `at` (its start and its count), if the
@@ -178,8 +221,9 @@ fn window_after(
 /// # Invariant: monotonic merge
 /// A terminal status in storage wins; an unwritten close or expiry applies only over
 /// active. Counters never decrease. Each unwritten call is counted by the rules of a new
-/// call at the time it was decided (`calls_after`, `window_after`): it must fit the
-/// budget and the rate window that was running then *in storage*, and the session must
+/// call at the time it was decided (`calls_after`, `tool_limits_after`, `window_after`):
+/// it must fit the budget, each limited tool's limit and the rate window that was running
+/// then *in storage*, and the session must
 /// still be active; a call that does not fit is dropped with its event. Every unwritten
 /// call was answered `StorageWriteThrough` (denied), so dropping one never takes back a
 /// call that got `Ok`, and a closed session never gains a call, even in the audit trail.
@@ -193,13 +237,15 @@ pub(crate) fn merge_unwritten(fresh: &TaskSession, unwritten: &mut Vec<AuditEven
                 }
                 // At most `limits::MAX_TOOLS` tools per event.
                 let calls = event.tools.len() as u64;
-                let (Some(calls_made), Some((window_started_at, window_calls))) = (
+                let (Some(calls_made), Ok(tool_limits), Some((window_started_at, window_calls))) = (
                     calls_after(&merged, calls),
+                    tool_limits_after(&merged, event.tools.iter().map(String::as_str)),
                     window_after(&merged, calls, event.occurred_at),
                 ) else {
                     return false;
                 };
                 merged.calls_made = calls_made;
+                merged.tool_limits = tool_limits;
                 merged.rate_window_started_at = Some(window_started_at);
                 merged.rate_window_calls = window_calls;
             }
@@ -459,5 +505,150 @@ mod tests {
         let merged = merge_unwritten(&merged, &mut unwritten);
         assert_eq!(merged.rate_window_started_at, Some(next));
         assert_eq!((merged.calls_made, merged.rate_window_calls), (6, 1));
+    }
+
+    /// A session of `budget` calls over `write`, `read` and `search`, where `write` may be
+    /// called `limit` times.
+    fn limited(budget: u64, limit: u64, rate: Option<u64>) -> (TaskSession, DateTime<Utc>) {
+        let now = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .map(|t| t.with_timezone(&Utc))
+            .expect("valid timestamp");
+        let mut req = CreateSessionRequest::new(
+            Uuid::new_v4(),
+            ["write", "read", "search"],
+            budget,
+            Duration::minutes(10),
+        )
+        .with_tool_limit("write", limit);
+        req.rate_limit_per_minute = rate;
+        req.validate().expect("a valid request");
+        (TaskSession::from_request(Uuid::new_v4(), &req, now), now)
+    }
+
+    fn write_calls(s: &TaskSession) -> u64 {
+        s.tool_limit("write").map_or(0, |l| l.calls)
+    }
+
+    #[test]
+    fn a_limited_tool_counts_against_its_limit_and_the_budget() {
+        let (mut s, now) = limited(10, 2, None);
+        for _ in 0..2 {
+            s = use_tools(&s, &["write"], None, now).expect("within the tool's limit");
+        }
+        s = use_tools(&s, &["read"], None, now).expect("an unlimited tool");
+        assert_eq!((s.calls_made, write_calls(&s)), (3, 2));
+        assert!(matches!(
+            use_tools(&s, &["write"], None, now),
+            Err(SessionError::BudgetExceeded {
+                limit: 2,
+                used: 2,
+                ..
+            })
+        ));
+        let next = use_tools(&s, &["read", "search"], None, now).expect("the budget has room");
+        assert_eq!((next.calls_made, write_calls(&next)), (5, 2));
+    }
+
+    #[test]
+    fn a_batch_counts_a_limited_tools_repeats_all_or_nothing() {
+        let (s, now) = limited(10, 2, None);
+        let denied = use_tools(
+            &s,
+            &["read", "write", "search", "write", "write"],
+            None,
+            now,
+        );
+        assert!(matches!(
+            denied,
+            Err(SessionError::BudgetExceeded {
+                limit: 2,
+                used: 0,
+                ..
+            })
+        ));
+        assert_eq!((s.calls_made, write_calls(&s)), (0, 0), "nothing counted");
+        let next = use_tools(&s, &["write", "read", "write"], None, now).expect("fits");
+        assert_eq!((next.calls_made, write_calls(&next)), (3, 2));
+        // Sessions without a limited tool in the call share the limits unchanged.
+        let again = use_tools(&next, &["read"], None, now).expect("fits");
+        assert!(Arc::ptr_eq(&again.tool_limits, &next.tool_limits));
+    }
+
+    #[test]
+    fn tool_limit_comes_after_the_allow_list_and_the_budget_and_before_the_rate() {
+        let (mut s, now) = limited(3, 1, Some(1));
+        s = use_tools(&s, &["write"], None, now).expect("first call");
+        // The rate window is full too: the tool's limit is reported first.
+        assert!(matches!(
+            use_tools(&s, &["write"], None, now),
+            Err(SessionError::BudgetExceeded {
+                limit: 1,
+                used: 1,
+                ..
+            })
+        ));
+        // A tool outside the allow-list is reported before the tool's limit.
+        assert!(matches!(
+            use_tools(&s, &["write", "delete"], None, now),
+            Err(SessionError::ToolNotAuthorized { tool, .. }) if tool == "delete"
+        ));
+        // The session's budget is reported before the tool's limit.
+        s.calls_made = 3;
+        assert!(matches!(
+            use_tools(&s, &["write"], None, now),
+            Err(SessionError::BudgetExceeded {
+                limit: 3,
+                used: 3,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_tool_limits_denial_is_told_apart_from_the_budgets() {
+        use crate::audit::DenialReason;
+        let (s, now) = limited(3, 1, None);
+        let s = use_tools(&s, &["write"], None, now).expect("first call");
+        let tool = use_tools(&s, &["write"], None, now).unwrap_err();
+        assert_eq!(
+            DenialReason::of_call(&tool, &s),
+            Some(DenialReason::ToolBudget)
+        );
+        let budget = use_tools(&s, &["read", "read", "read"], None, now).unwrap_err();
+        assert_eq!(
+            DenialReason::of_call(&budget, &s),
+            Some(DenialReason::Budget)
+        );
+    }
+
+    #[test]
+    fn merge_never_takes_a_limited_tool_past_its_limit() {
+        let (s, now) = limited(10, 2, None);
+        // Storage: another store made one `write` call meanwhile.
+        let stored = use_tools(&s, &["write"], None, now).expect("room");
+        let write = |at| {
+            AuditEvent::new(
+                EventKind::CallAllowed,
+                vec!["write".to_owned()],
+                &s,
+                at,
+                Uuid::nil(),
+            )
+        };
+        let read = AuditEvent::new(
+            EventKind::CallAllowed,
+            vec!["read".to_owned()],
+            &s,
+            now,
+            Uuid::nil(),
+        );
+        let mut unwritten = vec![write(now), write(now), read];
+        let merged = merge_unwritten(&stored, &mut unwritten);
+        assert_eq!(
+            (merged.calls_made, write_calls(&merged)),
+            (3, 2),
+            "one unwritten write fits the tool's limit, the other is dropped; the read fits"
+        );
+        assert_eq!(unwritten.len(), 2);
     }
 }

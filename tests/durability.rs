@@ -109,6 +109,72 @@ async fn two_stores_64_tasks_one_session_budget_is_exact(pool: PgPool) {
     assert_eq!(a.stats().pending + b.stats().pending, 0);
 }
 
+/// Two stores, 32 tasks each, on one session whose `write_file` may be called 3 times in a
+/// budget of 100: each task calls `write_file` until its limit denies it, then `search`
+/// until the budget does. Exactly 3 `write_file` calls are granted between them, and the
+/// row and the audit trail count exactly what was granted.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn two_stores_64_tasks_grant_a_limited_tool_exactly_its_limit(pool: PgPool) {
+    let a = SessionStore::postgres(other_process_pool(&pool).await);
+    let b = SessionStore::postgres(other_process_pool(&pool).await);
+    let req =
+        request(Uuid::new_v4(), &["search", "write_file"], 100).with_tool_limit("write_file", 3);
+    let id = a.create(req).await.unwrap().session_id;
+    b.get(id).await.unwrap();
+    let (writes, searches) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for store in [a.clone(), b.clone()] {
+        for _ in 0..32 {
+            let store = store.clone();
+            let (writes, searches) = (Arc::clone(&writes), Arc::clone(&searches));
+            tasks.push(tokio::spawn(async move {
+                let mut tool = "write_file";
+                loop {
+                    match store.use_session(id, tool, None).await {
+                        Ok(_) if tool == "write_file" => {
+                            writes.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(_) => {
+                            searches.fetch_add(1, Ordering::SeqCst);
+                        }
+                        // The tool's limit (3, below the budget): go on with `search`.
+                        Err(SessionError::BudgetExceeded {
+                            limit: 3, used: 3, ..
+                        }) => {
+                            tool = "search";
+                        }
+                        Err(SessionError::BudgetExceeded { limit: 100, .. }) => return,
+                        Err(other) => panic!("unexpected {other:?}"),
+                    }
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(writes.load(Ordering::SeqCst), 3);
+    assert_eq!(searches.load(Ordering::SeqCst), 97);
+    let stored = a.get(id).await.unwrap();
+    assert_eq!(stored.tool_limit("write_file").map(|l| l.calls), Some(3));
+    let row = sqlx::query!(
+        r#"SELECT s.calls_made, s.tool_calls,
+                  (SELECT count(*) FROM arbiter.session_events e
+                    WHERE e.session_id = s.session_id AND e.kind = 'call_allowed'
+                      AND e.tools = '{write_file}') AS "audited!"
+             FROM arbiter.sessions s WHERE s.session_id = $1"#,
+        id
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (row.calls_made, row.tool_calls, row.audited),
+        (100, vec![3], 3)
+    );
+    assert_eq!(a.stats().pending + b.stats().pending, 0);
+}
+
 /// 20 concurrent capped creates for one agent across two stores: the cap is decided inside
 /// PostgreSQL, so exactly `max` succeed.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]

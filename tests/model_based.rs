@@ -20,6 +20,10 @@
 //! answered `StorageWriteThrough` must still reach storage, and a `get` after a close
 //! answered `Ok` must never show the session active.
 //!
+//! Every session also limits one of its two tools (`w`, [`WRITE_LIMIT`] calls): the row
+//! never counts more, every `Ok` call of it is counted, none is counted that was not
+//! attempted, and the audit trail counts exactly what the row does.
+//!
 //! The default run is short (`ARBITER_PROPTEST_CASES`, default 12, raises it); each case
 //! uses fresh sessions in one database made for the test and dropped afterwards.
 
@@ -43,13 +47,18 @@ const BUDGET: u64 = 6;
 /// Every session allows `RATE_LIMIT` calls per fixed window of `RATE_WINDOW_SECS`.
 const RATE_LIMIT: u64 = 3;
 const RATE_WINDOW_SECS: i64 = 30;
+/// The limited tool, and its limit inside the budget.
+const WRITE: &str = "w";
+const WRITE_LIMIT: u64 = 2;
 
 #[derive(Debug, Clone)]
 enum Op {
+    /// A batch of `calls` calls, the first `writes` of them of the limited tool.
     Use {
         store: usize,
         session: usize,
         calls: usize,
+        writes: usize,
     },
     Close {
         store: usize,
@@ -89,8 +98,13 @@ fn op() -> impl Strategy<Value = Op> {
     let store = 0..2usize;
     let session = 0..SESSIONS;
     prop_oneof![
-        6 => (store.clone(), session.clone(), 1..=3usize)
-            .prop_map(|(store, session, calls)| Op::Use { store, session, calls }),
+        6 => (store.clone(), session.clone(), 1..=3usize, 0..=2usize)
+            .prop_map(|(store, session, calls, writes)| Op::Use {
+                store,
+                session,
+                calls,
+                writes: std::cmp::min(writes, calls),
+            }),
         1 => (store.clone(), session.clone())
             .prop_map(|(store, session)| Op::Close { store, session }),
         1 => store.clone().prop_map(|store| Op::Expire { store }),
@@ -110,6 +124,9 @@ fn op() -> impl Strategy<Value = Op> {
 struct Promised {
     ok: u64,
     uncertain: u64,
+    /// The same two counts for the limited tool's calls alone.
+    ok_writes: u64,
+    uncertain_writes: u64,
     closed_acked: bool,
     saw_terminal: bool,
     /// A close was answered `StorageWriteThrough`: it stays pending until storage has it.
@@ -120,11 +137,18 @@ impl Promised {
     fn used(
         &mut self,
         calls: u64,
+        writes: u64,
         result: &Result<TaskSession, SessionError>,
     ) -> Result<(), TestCaseError> {
         match result {
-            Ok(_) => self.ok += calls,
-            Err(SessionError::StorageWriteThrough { .. }) => self.uncertain += calls,
+            Ok(_) => {
+                self.ok += calls;
+                self.ok_writes += writes;
+            }
+            Err(SessionError::StorageWriteThrough { .. }) => {
+                self.uncertain += calls;
+                self.uncertain_writes += writes;
+            }
             // Closed is a status; `Expired` may only mean the time limit passed.
             Err(SessionError::AlreadyClosed(_)) => self.saw_terminal = true,
             Err(
@@ -176,7 +200,8 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
         .collect();
     let mut ids = Vec::new();
     for _ in 0..SESSIONS {
-        let mut req = request(Uuid::new_v4(), &["t"], BUDGET);
+        let mut req =
+            request(Uuid::new_v4(), &["t", WRITE], BUDGET).with_tool_limit(WRITE, WRITE_LIMIT);
         req.time_limit = Duration::seconds(60);
         req.rate_limit_per_minute = Some(RATE_LIMIT);
         req.rate_limit_window_secs = RATE_WINDOW_SECS.unsigned_abs();
@@ -194,12 +219,14 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
                 store,
                 session,
                 calls,
+                writes,
             } => {
-                let tools = vec!["t"; calls];
+                let mut tools = vec![WRITE; writes];
+                tools.resize(calls, "t");
                 let result = stores[store]
                     .use_session_batch(ids[session], &tools, None)
                     .await;
-                promised[session].used(calls as u64, &result)?;
+                promised[session].used(calls as u64, writes as u64, &result)?;
             }
             Op::Close { store, session } => {
                 let result = stores[store].close(ids[session]).await;
@@ -246,12 +273,12 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
                 }
                 faulty.release_writes();
                 let p = &mut promised[session];
-                p.used(1, &first.await.expect("first task"))?;
+                p.used(1, 0, &first.await.expect("first task"))?;
                 let second = second.await.expect("second task");
                 if close {
                     p.closed(&second)?;
                 } else {
-                    p.used(1, &second)?;
+                    p.used(1, 0, &second)?;
                 }
             }
             Op::Expire { store } => match stores[store].expire_due().await {
@@ -301,6 +328,16 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
             );
         }
         prop_assert_eq!(audited_calls(pool, id).await, stored.calls_made);
+        let (writes, audited_writes) = write_calls(pool, id).await;
+        prop_assert!(
+            writes <= WRITE_LIMIT,
+            "{id}: {writes} calls of the limited tool"
+        );
+        prop_assert!(
+            p.ok_writes <= writes && writes <= p.ok_writes + p.uncertain_writes,
+            "{id}: limited tool counted {writes}, promised {p:?}"
+        );
+        prop_assert_eq!(audited_writes, writes);
         for (window, calls) in rate_windows(pool, id).await {
             prop_assert!(
                 calls <= RATE_LIMIT,
@@ -322,6 +359,27 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
         }
     }
     Ok(())
+}
+
+/// The limited tool's calls in the row of `id`, and in its audit trail.
+async fn write_calls(pool: &PgPool, id: Uuid) -> (u64, u64) {
+    let row = sqlx::query!(
+        r#"
+        SELECT s.tool_calls[1] AS "stored!",
+               (SELECT count(*) FROM arbiter.session_events e, unnest(e.tools) AS t(tool)
+                 WHERE e.session_id = s.session_id AND t.tool = $2
+                   AND e.kind IN ('call_allowed', 'batch_allowed')) AS "audited!"
+          FROM arbiter.sessions s
+         WHERE s.session_id = $1 AND s.limited_tools = ARRAY[$2]
+        "#,
+        id,
+        WRITE
+    )
+    .fetch_one(pool)
+    .await
+    .expect("the session limits its tool");
+    let count = |n: i64| u64::try_from(n).expect("non-negative");
+    (count(row.stored), count(row.audited))
 }
 
 /// Waits (bounded: a liveness check) until `done` holds.

@@ -3,6 +3,7 @@
 
 mod common;
 
+use arbiter_session::SessionError;
 use arbiter_session::operator::report::{self, Format, ReportFilter};
 use arbiter_session::operator::retention::{self, EventRetention, PurgeError};
 use arbiter_session::operator::rollup;
@@ -255,6 +256,78 @@ async fn reports_render_exactly(pool: PgPool) {
     assert_eq!(json[1]["status"], "expired");
     assert_eq!(json[2]["duration_secs"], 0);
     assert_eq!(json.as_array().map(Vec::len), Some(3));
+}
+
+/// A tool's own limit shows in `report utilization` (its calls and limit, in every format),
+/// and a call past it is recorded with the reason `tool_budget`, while the agent gets the
+/// budget's opaque error.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn a_limited_tools_use_and_denials_are_reported(pool: PgPool) {
+    let clock = arbiter_session::testing::ManualClock::starting_now();
+    let store = store_without_upkeep(&pool, &clock);
+    let agent = Uuid::new_v4();
+    let req =
+        common::request(agent, &["search", "write_file"], 10).with_tool_limit("write_file", 2);
+    let id = store.create(req).await.unwrap().session_id;
+    store
+        .use_session(id, "write_file", Some(agent))
+        .await
+        .unwrap();
+    store
+        .use_session_batch(id, &["search", "write_file"], Some(agent))
+        .await
+        .unwrap();
+    let denied = store
+        .use_session(id, "write_file", Some(agent))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        denied,
+        SessionError::BudgetExceeded {
+            limit: 2,
+            used: 2,
+            ..
+        }
+    ));
+    assert_eq!(denied.to_string(), "session budget exceeded");
+    let session = store.use_session(id, "search", Some(agent)).await.unwrap();
+    assert_eq!(session.tool_limit("write_file").map(|l| l.calls), Some(2));
+    assert_eq!(
+        store
+            .shutdown(Duration::from_secs(5))
+            .await
+            .unrecorded_denials,
+        0
+    );
+
+    let reasons = sqlx::query_scalar!(
+        "SELECT reason FROM arbiter.session_events WHERE session_id = $1 AND kind = 'denied'",
+        id
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(reasons, [Some("tool_budget".to_owned())]);
+    let filter = ReportFilter {
+        agent: Some(agent),
+        since: None,
+    };
+    let rows = report::utilization(&pool, filter).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].calls_made, rows[0].denials), (4, 1));
+    assert_eq!(
+        rows[0].tool_use.get("write_file"),
+        Some(&report::ToolUse { limit: 2, calls: 2 })
+    );
+    let csv = report::render(&rows, Format::Csv).unwrap();
+    assert!(
+        csv.lines().next().unwrap().ends_with(",denials,tool_use"),
+        "{csv}"
+    );
+    assert!(csv.trim_end().ends_with(",1,write_file 2/2"), "{csv}");
+    let json: serde_json::Value =
+        serde_json::from_str(&report::render(&rows, Format::Json).unwrap()).unwrap();
+    assert_eq!(json[0]["tool_use"]["write_file"]["calls"], 2);
 }
 
 /// With sequential scans priced out, a plan that still scans `session_events`
@@ -521,7 +594,10 @@ async fn views_against_raw(pool: &PgPool) -> [(i64, i64); 4] {
                      WHERE e.session_id = s.session_id AND e.kind = 'denied'
                 ) denied ON true
            ), view_sessions AS (
-               SELECT * FROM arbiter.session_utilization
+               -- Its last column (tool_use) comes from the row, not the events.
+               SELECT session_id, agent_id, status, call_budget, calls_made, budget_used_pct,
+                      budget_exhausted, created_at, ended_at, duration, denials
+                 FROM arbiter.session_utilization
            )
            SELECT (SELECT count(*) FROM ((SELECT * FROM raw_agents EXCEPT ALL SELECT * FROM view_agents)
                    UNION ALL (SELECT * FROM view_agents EXCEPT ALL SELECT * FROM raw_agents)) d)
@@ -686,7 +762,11 @@ async fn a_rolled_up_trail_upgrades_with_its_sessions_rolled_up_too(pool: PgPool
         .run_to(BEFORE_SESSION_ROLLUP, &pool)
         .await
         .expect("migrate to the schema before the sessions' rollup");
-    known_dataset(&pool).await;
+    // Written with that schema's SQL: today's store writes columns it does not have yet.
+    sqlx::raw_sql(TRAIL_BEFORE_SESSION_ROLLUP)
+        .execute(&pool)
+        .await
+        .expect("write the trail");
     roll_up_all(&pool).await;
     let today = Utc::now().date_naive();
     assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(today));
@@ -694,13 +774,51 @@ async fn a_rolled_up_trail_upgrades_with_its_sessions_rolled_up_too(pool: PgPool
     arbiter_session::migrate(&pool).await.expect("migrate");
 
     assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(today));
-    assert_eq!(rollup_rows(&pool, day(1)).await, (1, 2, 1, 1));
-    assert_eq!(rollup_rows(&pool, day(2)).await, (2, 3, 3, 2));
+    // Day 1: A's denial and close; day 2: B's two denials and its close (one row each).
+    assert_eq!(rollup_rows(&pool, day(1)).await.3, 1);
+    assert_eq!(rollup_rows(&pool, day(2)).await.3, 1);
+    let [agents, tools, reasons, sessions] = views_against_raw(&pool).await;
     assert_eq!(
-        views_against_raw(&pool).await,
-        [(0, 3), (0, 5), (0, 4), (0, 3)]
+        [agents.0, tools.0, reasons.0, sessions.0],
+        [0, 0, 0, 0],
+        "every view answers what the raw events say"
     );
+    assert_eq!(sessions.1, 2);
 }
+
+/// Two ended sessions of one agent in March 2026, as the schema of migration
+/// `20261201000003` stores them: A on day 1 (a call, a denial, its close), B on day 2 (two
+/// denials, a call, its close).
+const TRAIL_BEFORE_SESSION_ROLLUP: &str = "
+SELECT arbiter.create_event_partition(DATE '2026-03-01');
+SELECT arbiter.create_event_partition(DATE '2026-03-02');
+INSERT INTO arbiter.sessions (session_id, agent_id, delegation_chain, declared_intent,
+    authorized_tools, authorized_credentials, call_budget, calls_made, rate_window_secs,
+    data_sensitivity_ceiling, status, created_at, expires_at)
+VALUES
+    ('00000000-0000-0000-0000-0000000000a1', '00000000-0000-0000-0000-0000000000ee', '{}', '',
+     '{search}', '{}', 5, 1, 60, 'public', 'closed', '2026-03-01 10:00:00+00', '2026-03-01 11:00:00+00'),
+    ('00000000-0000-0000-0000-0000000000b1', '00000000-0000-0000-0000-0000000000ee', '{}', '',
+     '{search}', '{}', 5, 1, 60, 'public', 'closed', '2026-03-02 09:00:00+00', '2026-03-02 10:00:00+00');
+INSERT INTO arbiter.session_events (event_key, session_id, agent_id, kind, tools, calls_made,
+    rate_window_calls, status, session_version, occurred_at, instance_id, reason, session_day)
+SELECT gen_random_uuid(), s::uuid, '00000000-0000-0000-0000-0000000000ee', kind, tools::text[],
+       calls, 0, status, version, at::timestamptz, '00000000-0000-0000-0000-0000000000ff',
+       reason, (at::timestamptz AT TIME ZONE 'UTC')::date
+  FROM (VALUES
+    ('00000000-0000-0000-0000-0000000000a1', 'created', '{}', 0, 'active', 1, '2026-03-01 10:00:00+00', NULL),
+    ('00000000-0000-0000-0000-0000000000a1', 'call_allowed', '{search}', 1, 'active', 2, '2026-03-01 10:01:00+00', NULL),
+    ('00000000-0000-0000-0000-0000000000a1', 'denied', '{rm}', 1, 'active', NULL, '2026-03-01 10:02:00+00', 'tool'),
+    ('00000000-0000-0000-0000-0000000000a1', 'closed', '{}', 1, 'closed', 3, '2026-03-01 10:03:00+00', NULL),
+    ('00000000-0000-0000-0000-0000000000b1', 'created', '{}', 0, 'active', 1, '2026-03-02 09:00:00+00', NULL),
+    ('00000000-0000-0000-0000-0000000000b1', 'denied', '{rm}', 0, 'active', NULL, '2026-03-02 09:01:00+00', 'tool'),
+    ('00000000-0000-0000-0000-0000000000b1', 'denied', '{rm}', 0, 'active', NULL, '2026-03-02 09:02:00+00', 'tool'),
+    ('00000000-0000-0000-0000-0000000000b1', 'call_allowed', '{search}', 1, 'active', 2, '2026-03-02 09:03:00+00', NULL),
+    ('00000000-0000-0000-0000-0000000000b1', 'closed', '{}', 1, 'closed', 3, '2026-03-02 09:04:00+00', NULL)
+  ) AS t(s, kind, tools, calls, status, version, at, reason)
+ -- In order: each chain follows its events' order.
+ ORDER BY at;
+";
 
 /// Rolls up until no day is left busy, and returns the days this test's rollups sealed. The
 /// data set's store may still be rolling up with its upkeep: a day one rollup holds is busy

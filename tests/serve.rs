@@ -209,6 +209,19 @@ async fn serve_routes_roles_and_errors(pool: PgPool) {
         StatusCode::BAD_REQUEST,
         "invalid_request",
     );
+    for limits in [
+        json!({ "fetch": 0 }),
+        json!({ "rm": 1 }),
+        json!({ "fetch": -1 }),
+    ] {
+        let mut bad = body.clone();
+        bad["tool_limits"] = limits;
+        assert_error(
+            &service.post("/v1/sessions", ADMIN, bad).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        );
+    }
     let broken = service
         .client
         .post(format!("{}/v1/sessions", service.base))
@@ -326,6 +339,42 @@ async fn serve_routes_roles_and_errors(pool: PgPool) {
         StatusCode::NOT_FOUND,
         "not_found",
     );
+
+    // A tool's own limit: accepted on create, returned by get, denied past it as the
+    // budget is.
+    let mut limited_body = body.clone();
+    limited_body["tool_limits"] = json!({ "fetch": 1 });
+    let limited_id = create(&service, limited_body).await;
+    let session_path = format!("/v1/sessions/{limited_id}");
+    let (_, session) = service.get(&session_path, GATEWAY).await;
+    assert_eq!(
+        session["tool_limits"],
+        json!({ "fetch": { "limit": 1, "calls": 0 } })
+    );
+    let limited_use = format!("{session_path}/use");
+    let (status, _) = service
+        .post(&limited_use, GATEWAY, call("fetch", agent))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_error(
+        &service
+            .post(&limited_use, GATEWAY, call("fetch", agent))
+            .await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "budget_exceeded",
+    );
+    let (_, session) = service.get(&session_path, GATEWAY).await;
+    assert_eq!(
+        (
+            session["tool_limits"]["fetch"]["calls"].as_u64(),
+            session["calls_made"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    let (status, _) = service
+        .post(&format!("{session_path}/close"), GATEWAY, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
 
     // Agents: the cap, the live count, close-all.
     let mut capped = body.clone();

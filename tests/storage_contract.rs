@@ -104,6 +104,7 @@ contract!(
     a_locked_update_decides_on_the_stored_row,
     a_denial_is_recorded_once,
     the_cap_and_the_agent_queries_count_what_is_live,
+    tool_calls_are_stored_and_refused_past_their_limit,
 );
 
 /// A row another transaction holds is a conflict at once: the update neither waits for the
@@ -154,6 +155,17 @@ async fn stored<S: Backend>(
     budget: u64,
     rate_limit: Option<u64>,
 ) -> Versioned {
+    stored_with(storage, agent, budget, rate_limit, None).await
+}
+
+/// [`stored`], with a limit of its own for `search` if `search_limit` is given.
+async fn stored_with<S: Backend>(
+    storage: &S,
+    agent: Uuid,
+    budget: u64,
+    rate_limit: Option<u64>,
+    search_limit: Option<u64>,
+) -> Versioned {
     static CREATED: AtomicI64 = AtomicI64::new(0);
     let offset = Duration::milliseconds(CREATED.fetch_add(1, Ordering::Relaxed));
     let store = SessionStore::builder(storage.clone())
@@ -163,6 +175,9 @@ async fn stored<S: Backend>(
     let mut req =
         CreateSessionRequest::new(agent, ["search", "fetch"], budget, Duration::minutes(5));
     req.rate_limit_per_minute = rate_limit;
+    if let Some(limit) = search_limit {
+        req = req.with_tool_limit("search", limit);
+    }
     let session = store.create(req).await.expect("create");
     let loaded = storage
         .load(session.session_id)
@@ -176,13 +191,34 @@ async fn stored<S: Backend>(
     loaded
 }
 
-/// `session` after `calls` more calls in its window.
+/// `session` after `calls` more calls in its window (of `search`, if it is limited).
 fn after_calls(session: &TaskSession, calls: u64) -> TaskSession {
     let mut next = session.clone();
     next.calls_made += calls;
     next.rate_window_started_at = Some(next.rate_window_started_at.unwrap_or(session.created_at));
     next.rate_window_calls += calls;
+    next.tool_limits = session
+        .tool_limits
+        .iter()
+        .map(|limit| {
+            let mut limit = limit.clone();
+            if &*limit.tool == "search" {
+                limit.calls += calls;
+            }
+            limit
+        })
+        .collect();
     next
+}
+
+/// The calls of `search` in the stored row of `id`.
+async fn search_calls<S: Backend>(storage: &S, id: Uuid) -> u64 {
+    let loaded = storage.load(id).await.expect("load").expect("stored");
+    loaded
+        .session
+        .tool_limit("search")
+        .expect("search is limited")
+        .calls
 }
 
 fn with_status(session: &TaskSession, status: SessionStatus) -> TaskSession {
@@ -639,4 +675,58 @@ async fn the_cap_and_the_agent_queries_count_what_is_live<S: Backend>(storage: S
         .expect("capped insert");
     assert_eq!(outcome, CapOutcome::AtCap { current: 4 });
     assert_eq!(storage.load(another.session_id).await.expect("load"), None);
+}
+
+async fn tool_calls_are_stored_and_refused_past_their_limit<S: Backend>(storage: S) {
+    let agent = Uuid::new_v4();
+    let limited = stored_with(&storage, agent, 10, None, Some(2)).await;
+    let other = stored(&storage, agent, 10, None).await;
+    let id = limited.session.session_id;
+    assert_eq!(search_calls(&storage, id).await, 0);
+
+    // One write, then a batch: both carry the tool's calls.
+    let one = after_calls(&limited.session, 1);
+    let v2 = apply(&storage, &one, limited.version).await;
+    assert_eq!(search_calls(&storage, id).await, 1);
+    let two = after_calls(&one, 1);
+    let other1 = after_calls(&other.session, 1);
+    let events = [
+        [event(EventKind::CallAllowed, &two)],
+        [event(EventKind::CallAllowed, &other1)],
+    ];
+    let batch = [
+        BatchUpdate {
+            session: &two,
+            expected: v2,
+            events: &events[0],
+        },
+        BatchUpdate {
+            session: &other1,
+            expected: other.version,
+            events: &events[1],
+        },
+    ];
+    let outcomes = storage.update_many(&batch).await.expect("batch");
+    let Some(&UpdateOutcome::Applied(v3)) = outcomes.first() else {
+        panic!("the batch applies: {outcomes:?}");
+    };
+    assert_eq!(search_calls(&storage, id).await, 2);
+
+    // A third call of the tool is past its limit, with room in the budget.
+    let over = after_calls(&two, 1);
+    update_refused_by(
+        &storage,
+        &over,
+        v3,
+        &[event(EventKind::CallAllowed, &over)],
+        "sessions_tool_calls_within_limits",
+    )
+    .await;
+    let loaded = storage.load(id).await.expect("load").expect("stored");
+    assert_eq!(
+        (loaded.version, loaded.session.calls_made),
+        (v3, 2),
+        "nothing written"
+    );
+    assert_eq!(search_calls(&storage, id).await, 2);
 }

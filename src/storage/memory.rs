@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::{CapOutcome, LockWait, LockedUpdate, Storage, UpdateOutcome, Version, Versioned};
 use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
-use crate::model::{SessionStatus, TaskSession};
+use crate::model::{SessionStatus, TaskSession, ToolLimit};
 
 /// In-memory storage. Clones share the same data.
 #[derive(Debug, Clone, Default)]
@@ -118,6 +118,18 @@ impl Tables {
         {
             return Err(constraint("sessions_status_monotonic"));
         }
+        // As PostgreSQL's CHECK: one count per limited tool, each within its limit and
+        // within the session's calls.
+        let stored_limits = &stored.session.tool_limits;
+        if session.tool_limits.len() != stored_limits.len()
+            || session
+                .tool_limits
+                .iter()
+                .zip(stored_limits.iter())
+                .any(|(new, old)| new.calls > old.limit || new.calls > session.calls_made)
+        {
+            return Err(constraint("sessions_tool_calls_within_limits"));
+        }
         if events.iter().any(|new| self.event_keys.contains(&new.key)) {
             return Err(constraint("session_events_key_unique"));
         }
@@ -126,6 +138,14 @@ impl Tables {
         stored.session.rate_window_started_at = session.rate_window_started_at;
         stored.session.rate_window_calls = session.rate_window_calls;
         stored.session.status = session.status;
+        stored.session.tool_limits = stored_limits
+            .iter()
+            .zip(session.tool_limits.iter())
+            .map(|(old, new)| ToolLimit {
+                calls: new.calls,
+                ..old.clone()
+            })
+            .collect();
         stored.version += 1;
         let version = stored.version;
         let id = session.session_id;

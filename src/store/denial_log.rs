@@ -87,7 +87,7 @@ impl<S: Storage> DenialLog<S> {
         err: &SessionError,
         at: DateTime<Utc>,
     ) {
-        let Some(reason) = DenialReason::of(err) else {
+        let Some(reason) = DenialReason::of_call(err, session) else {
             return;
         };
         // Under a flood of denials the buffer stays full: shed the work of building a

@@ -13,4 +13,4 @@ pub use reads::{
 };
 pub(crate) use render::csv_field;
 pub use render::{Format, Tabular, render};
-pub use rows::{AgentDay, DenialDay, EventRecord, SessionRecord, ToolDay, Utilization};
+pub use rows::{AgentDay, DenialDay, EventRecord, SessionRecord, ToolDay, ToolUse, Utilization};

@@ -1,10 +1,13 @@
 //! The reads: one statement per report over the reporting views (the SQL is in `sql/`).
 
+use std::collections::BTreeMap;
+
 use chrono::NaiveDate;
+use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::rows::{AgentDay, DenialDay, EventRecord, SessionRecord, ToolDay, Utilization};
+use super::rows::{AgentDay, DenialDay, EventRecord, SessionRecord, ToolDay, ToolUse, Utilization};
 use crate::error::StorageError;
 
 /// Which rows a report covers.
@@ -37,8 +40,7 @@ pub async fn utilization(
     filter: ReportFilter,
 ) -> Result<Vec<Utilization>, StorageError> {
     let mut tx = without_jit(pool).await?;
-    let rows = sqlx::query_file_as!(
-        Utilization,
+    let rows = sqlx::query_file!(
         "src/operator/report/sql/utilization.sql",
         filter.agent,
         filter.since
@@ -46,7 +48,23 @@ pub async fn utilization(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(rows)
+    Ok(rows
+        .into_iter()
+        .map(|r| Utilization {
+            session_id: r.session_id,
+            agent_id: r.agent_id,
+            status: r.status,
+            call_budget: r.call_budget,
+            calls_made: r.calls_made,
+            budget_used_pct: r.budget_used_pct,
+            budget_exhausted: r.budget_exhausted,
+            created_at: r.created_at,
+            ended_at: r.ended_at,
+            duration_secs: r.duration_secs,
+            denials: r.denials,
+            tool_use: r.tool_use.map(|Json(tools)| tools).unwrap_or_default(),
+        })
+        .collect())
 }
 
 /// Per-agent activity per day, by day then agent.

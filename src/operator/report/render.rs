@@ -28,6 +28,7 @@ impl Tabular for Utilization {
         "ended_at",
         "duration_s",
         "denials",
+        "tool_use",
     ];
     fn cells(&self) -> Vec<String> {
         vec![
@@ -44,6 +45,11 @@ impl Tabular for Utilization {
                 .map(|s| s.to_string())
                 .unwrap_or_default(),
             self.denials.to_string(),
+            self.tool_use
+                .iter()
+                .map(|(tool, used)| format!("{tool} {}/{}", used.calls, used.limit))
+                .collect::<Vec<_>>()
+                .join(", "),
         ]
     }
 }

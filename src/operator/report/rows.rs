@@ -1,8 +1,10 @@
 //! The rows of each report, typed as the reporting views define them (migration
 //! `20261124000006_reporting_views.sql`).
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, NaiveDate, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// One row of `arbiter.session_utilization`.
@@ -30,6 +32,18 @@ pub struct Utilization {
     pub duration_secs: Option<i64>,
     /// Denied requests.
     pub denials: i64,
+    /// Each tool with a call limit of its own, by name: its limit and calls; empty when
+    /// no tool has one.
+    pub tool_use: BTreeMap<String, ToolUse>,
+}
+
+/// A limited tool's use in a session (`tool_use` of `arbiter.session_utilization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolUse {
+    /// Calls of the tool allowed in the session.
+    pub limit: i64,
+    /// Calls of the tool made.
+    pub calls: i64,
 }
 
 /// One row of `arbiter.agent_daily_activity`.

@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 
 use super::PgStorage;
-use super::rows::{BatchEventJson, EventJson, to_bigint};
+use super::rows::{BatchEventJson, EventJson, to_bigint, tool_calls_literal};
 use crate::error::StorageError;
 use crate::storage::{BatchUpdate, UpdateOutcome};
 
@@ -69,6 +69,14 @@ async fn distinct(
         window_calls.push(to_bigint(u.session.rate_window_calls));
         statuses.push(u.session.status.as_str());
     }
+    let literals: Vec<Option<String>> = batch
+        .iter()
+        .map(|u| tool_calls_literal(u.session))
+        .collect();
+    let tool_calls: Vec<&str> = literals
+        .iter()
+        .map(|literal| literal.as_deref().unwrap_or("{}"))
+        .collect();
     let events: Vec<BatchEventJson<'_>> = batch
         .iter()
         .flat_map(|u| {
@@ -93,6 +101,7 @@ async fn distinct(
         &window_calls,
         &statuses as &[&str],
         Json(&events) as _,
+        &tool_calls as &[&str],
     )
     .fetch_all(pool)
     .await?;

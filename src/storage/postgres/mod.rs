@@ -27,7 +27,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use self::change_feed::{DEFAULT_LISTENER_CHECK, PgChangeFeed};
-use self::rows::{DenialJson, EventJson, SessionRow, to_bigint};
+use self::rows::{DenialJson, EventJson, SessionRow, to_bigint, tool_calls};
 use super::{
     BatchUpdate, CapOutcome, ChangeFeed, LockWait, LockedUpdate, Storage, UpdateOutcome, Version,
     Versioned,
@@ -241,6 +241,7 @@ impl PgStorage {
             to_bigint(s.rate_window_calls),
             s.status.as_str(),
             Json(&events) as _,
+            &tool_calls(s),
         )
         .fetch_optional(executor)
         .await?;
@@ -255,6 +256,8 @@ impl PgStorage {
         s: &TaskSession,
         event: &AuditEvent,
     ) -> Result<Version, StorageError> {
+        let limited_tools: Vec<&str> = s.tool_limits.iter().map(|l| &*l.tool).collect();
+        let limits: Vec<i64> = s.tool_limits.iter().map(|l| to_bigint(l.limit)).collect();
         let version = sqlx::query_file_scalar!(
             "src/storage/postgres/sql/insert.sql",
             s.session_id,
@@ -277,6 +280,9 @@ impl PgStorage {
             event.occurred_at,
             event.instance_id,
             event.key,
+            &limited_tools as &[&str],
+            &limits,
+            &tool_calls(s),
         )
         .fetch_one(executor)
         .await?;

@@ -2,12 +2,14 @@
 //! decoded (and checked) into a [`Versioned`] session, and events and denials encoded as
 //! JSON for `jsonb_to_recordset`, so one statement carries any number of them.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::audit::{AuditEvent, Denial, DenialReason};
 use crate::error::StorageError;
-use crate::model::TaskSession;
+use crate::model::{TaskSession, ToolLimit};
 use crate::storage::Versioned;
 
 /// A `sessions` row as the load statements select it.
@@ -29,6 +31,9 @@ pub(super) struct SessionRow {
     pub(super) created_at: DateTime<Utc>,
     pub(super) expires_at: DateTime<Utc>,
     pub(super) version: i64,
+    pub(super) limited_tools: Vec<String>,
+    pub(super) tool_limits: Vec<i64>,
+    pub(super) tool_calls: Vec<i64>,
 }
 
 impl TryFrom<SessionRow> for Versioned {
@@ -42,6 +47,7 @@ impl TryFrom<SessionRow> for Versioned {
             u64::try_from(value)
                 .map_err(|_| StorageError::Decode(format!("session {id}: {name} is {value}")))
         };
+        let tool_limits = tool_limits(id, row.limited_tools, row.tool_limits, row.tool_calls)?;
         let session = TaskSession {
             session_id: row.session_id,
             agent_id: row.agent_id,
@@ -69,12 +75,75 @@ impl TryFrom<SessionRow> for Versioned {
                 .status
                 .parse()
                 .map_err(|e| StorageError::Decode(format!("session {id}: {e}")))?,
+            tool_limits,
         };
         Ok(Versioned {
             session,
             version: row.version,
         })
     }
+}
+
+/// The tool limits of a row: the three arrays zipped, sorted by name (the library writes
+/// them sorted; a row written by hand may not be), each name once.
+fn tool_limits(
+    id: Uuid,
+    tools: Vec<String>,
+    limits: Vec<i64>,
+    calls: Vec<i64>,
+) -> Result<Arc<[ToolLimit]>, StorageError> {
+    let decode = |what: String| StorageError::Decode(format!("session {id}: {what}"));
+    if tools.len() != limits.len() || tools.len() != calls.len() {
+        return Err(decode(format!(
+            "{} limited tools, {} limits and {} counts",
+            tools.len(),
+            limits.len(),
+            calls.len()
+        )));
+    }
+    let count = |name: &str, value: i64| {
+        u64::try_from(value).map_err(|_| decode(format!("tool {name:?}: a count of {value}")))
+    };
+    let mut zipped = tools
+        .into_iter()
+        .zip(limits)
+        .zip(calls)
+        .map(|((tool, limit), calls)| {
+            Ok(ToolLimit {
+                limit: count(&tool, limit)?,
+                calls: count(&tool, calls)?,
+                tool: tool.into(),
+            })
+        })
+        .collect::<Result<Vec<_>, StorageError>>()?;
+    zipped.sort_by(|a, b| a.tool.cmp(&b.tool));
+    if let Some(pair) = zipped.windows(2).find(|pair| pair[0].tool == pair[1].tool) {
+        return Err(decode(format!("tool {:?} is limited twice", pair[0].tool)));
+    }
+    Ok(zipped.into())
+}
+
+/// The calls of each limited tool, in the order of `limited_tools`.
+pub(super) fn tool_calls(session: &TaskSession) -> Vec<i64> {
+    session
+        .tool_limits
+        .iter()
+        .map(|limit| to_bigint(limit.calls))
+        .collect()
+}
+
+/// [`tool_calls`] as a PostgreSQL array literal (`{1,3}`), for the group commit's input;
+/// `None` for a session without limits (the literal `{}`).
+pub(super) fn tool_calls_literal(session: &TaskSession) -> Option<String> {
+    if session.tool_limits.is_empty() {
+        return None;
+    }
+    let counts: Vec<String> = session
+        .tool_limits
+        .iter()
+        .map(|limit| limit.calls.to_string())
+        .collect();
+    Some(format!("{{{}}}", counts.join(",")))
 }
 
 /// An event as encoded for `jsonb_to_recordset` (the update statements).

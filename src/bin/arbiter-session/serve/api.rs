@@ -8,6 +8,8 @@
 //! (bad JSON, a bad id, a body too large, a missing token) the message names the problem
 //! without echoing the input. Nothing is written for any refused request.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
@@ -167,6 +169,9 @@ pub(crate) struct CreateBody {
     /// Refuse the create (429 `too_many_sessions`) if the agent already has this many live
     /// sessions, decided across every process.
     pub(crate) max_live_sessions: Option<u64>,
+    /// Call limits of single tools inside the budget, by tool name (each at least 1, each
+    /// tool authorized by `authorized_tools`).
+    pub(crate) tool_limits: Option<BTreeMap<String, u64>>,
 }
 
 /// A session.
@@ -187,6 +192,15 @@ pub(crate) struct SessionView {
     pub(crate) data_sensitivity_ceiling: &'static str,
     pub(crate) created_at: DateTime<Utc>,
     pub(crate) expires_at: DateTime<Utc>,
+    /// The tools with a call limit of their own, by name.
+    pub(crate) tool_limits: BTreeMap<String, ToolLimitView>,
+}
+
+/// A tool's own call limit and its calls so far.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ToolLimitView {
+    pub(crate) limit: u64,
+    pub(crate) calls: u64,
 }
 
 impl From<&TaskSession> for SessionView {
@@ -206,6 +220,17 @@ impl From<&TaskSession> for SessionView {
             data_sensitivity_ceiling: s.data_sensitivity_ceiling.as_str(),
             created_at: s.created_at,
             expires_at: s.expires_at,
+            tool_limits: s
+                .tool_limits
+                .iter()
+                .map(|l| {
+                    let view = ToolLimitView {
+                        limit: l.limit,
+                        calls: l.calls,
+                    };
+                    (l.tool.to_string(), view)
+                })
+                .collect(),
         }
     }
 }

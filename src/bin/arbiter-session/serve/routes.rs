@@ -18,8 +18,8 @@ use arbiter_session::model::DataSensitivity;
 use arbiter_session::{CreateSessionRequest, SessionError, TaskSession};
 
 use super::api::{
-    ApiError, Body, Closed, CreateBody, ErrorBody, Health, LiveCount, SessionView, UseAnswer,
-    UseBatchBody, UseBody,
+    ApiError, Body, Closed, CreateBody, ErrorBody, Health, LiveCount, SessionView, ToolLimitView,
+    UseAnswer, UseBatchBody, UseBody,
 };
 use super::auth::{Caller, Role};
 use super::state::AppState;
@@ -51,6 +51,7 @@ pub(crate) const REMAINING_HEADER: &str = "x-arbiter-calls-remaining";
     components(schemas(
         CreateBody,
         SessionView,
+        ToolLimitView,
         UseBody,
         UseBatchBody,
         UseAnswer,
@@ -111,6 +112,9 @@ impl CreateBody {
         }
         if let Some(credentials) = self.authorized_credentials {
             req.authorized_credentials = credentials;
+        }
+        if let Some(limits) = self.tool_limits {
+            req.tool_limits = limits;
         }
         if let Some(ceiling) = self.data_sensitivity_ceiling {
             req.data_sensitivity_ceiling = ceiling.parse::<DataSensitivity>().map_err(|_| {

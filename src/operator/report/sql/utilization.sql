@@ -3,7 +3,8 @@ SELECT session_id AS "session_id!", agent_id AS "agent_id!", status AS "status!"
        budget_used_pct::float8 AS "budget_used_pct!",
        budget_exhausted AS "budget_exhausted!", created_at AS "created_at!",
        ended_at, extract(epoch FROM duration)::bigint AS duration_secs,
-       denials AS "denials!"
+       denials AS "denials!",
+       tool_use AS "tool_use: Json<BTreeMap<String, ToolUse>>"
   FROM arbiter.session_utilization
  WHERE ($1::uuid IS NULL OR agent_id = $1)
    AND ($2::date IS NULL OR created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC')

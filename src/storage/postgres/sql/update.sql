@@ -3,7 +3,8 @@ WITH updated AS (
        SET calls_made = $3,
            rate_window_started_at = $4,
            rate_window_calls = $5,
-           status = $6
+           status = $6,
+           tool_calls = $8
      WHERE session_id = $1 AND version = $2
        AND session_id = (SELECT l.session_id FROM arbiter.sessions l
                           WHERE l.session_id = $1 FOR UPDATE SKIP LOCKED)

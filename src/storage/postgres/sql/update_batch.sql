@@ -1,8 +1,9 @@
 WITH input AS (
+    -- tool_calls: each session's bigint[] as text (an array of arrays must be rectangular).
     SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::timestamptz[],
-                         $5::int8[], $6::text[])
+                         $5::int8[], $6::text[], $8::text[])
         AS i(session_id, expected, calls_made, rate_window_started_at,
-             rate_window_calls, status)
+             rate_window_calls, status, tool_calls)
 ), locked AS (
     SELECT s.session_id
       FROM arbiter.sessions s
@@ -13,7 +14,8 @@ WITH input AS (
        SET calls_made = i.calls_made,
            rate_window_started_at = i.rate_window_started_at,
            rate_window_calls = i.rate_window_calls,
-           status = i.status
+           status = i.status,
+           tool_calls = i.tool_calls::int8[]
       FROM input i, locked l
      WHERE s.session_id = i.session_id AND l.session_id = i.session_id
        AND s.version = i.expected
