@@ -110,7 +110,9 @@ impl UseTimer {
     }
 }
 
-/// The label of a denial: the audit trail's reason where it has one.
+/// The label of a denial: the audit trail's reason where it has one, except that a call
+/// past a tool's own limit is labelled `budget` (the timer sees the error, not the session
+/// that tells the two apart: see `DenialReason::of_call`).
 #[cfg(feature = "metrics")]
 fn reason(err: &SessionError) -> &'static str {
     match crate::audit::DenialReason::of(err) {

@@ -285,10 +285,15 @@ mod tests {
     use super::*;
     use crate::model::CreateSessionRequest;
 
-    fn session(tools: &[&str], budget: u64, rate: Option<u64>) -> (TaskSession, DateTime<Utc>) {
-        let now = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+    /// The instant the tests' sessions are created.
+    fn start() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
             .map(|t| t.with_timezone(&Utc))
-            .expect("valid timestamp");
+            .expect("valid timestamp")
+    }
+
+    fn session(tools: &[&str], budget: u64, rate: Option<u64>) -> (TaskSession, DateTime<Utc>) {
+        let now = start();
         let mut req = CreateSessionRequest::new(
             Uuid::new_v4(),
             tools.iter().copied(),
@@ -510,9 +515,7 @@ mod tests {
     /// A session of `budget` calls over `write`, `read` and `search`, where `write` may be
     /// called `limit` times.
     fn limited(budget: u64, limit: u64, rate: Option<u64>) -> (TaskSession, DateTime<Utc>) {
-        let now = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
-            .map(|t| t.with_timezone(&Utc))
-            .expect("valid timestamp");
+        let now = start();
         let mut req = CreateSessionRequest::new(
             Uuid::new_v4(),
             ["write", "read", "search"],

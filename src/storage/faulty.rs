@@ -209,13 +209,7 @@ impl<S> FaultyStorage<S> {
         if armed == Ok(0) {
             f.hang_writes.send_replace(true);
         }
-        let mut hang = f.hang_writes.subscribe();
-        if *hang.borrow() {
-            f.hung.fetch_add(1, Ordering::SeqCst);
-            let _unhung = Unhung(&f.hung);
-            // An error means the sender is gone, which cannot happen while `self` holds it.
-            let _ = hang.wait_for(|hanging| !hanging).await;
-        }
+        wait_while_hung(&f.hang_writes, &f.hung).await;
         let take = |counter: &AtomicU64| {
             counter
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -264,6 +258,17 @@ impl<S> FaultyStorage<S> {
 
 fn injected(what: &str) -> StorageError {
     StorageError::Transient(format!("injected {what} failure").into())
+}
+
+/// Waits while `hang` is `true`, counted in `hung` meanwhile.
+async fn wait_while_hung(hang: &watch::Sender<bool>, hung: &AtomicUsize) {
+    let mut hanging = hang.subscribe();
+    if *hanging.borrow() {
+        hung.fetch_add(1, Ordering::SeqCst);
+        let _unhung = Unhung(hung);
+        // An error means the sender is gone, which cannot happen while the caller holds it.
+        let _ = hanging.wait_for(|hanging| !hanging).await;
+    }
 }
 
 /// Counts a hung write (or upkeep run) out again when it stops waiting, cancelled or not.
@@ -318,13 +323,7 @@ impl<S: Storage> Storage for FaultyStorage<S> {
 
     async fn maintain(&self) -> Result<(), StorageError> {
         let f = &self.faults;
-        let mut hang = f.hang_maintenance.subscribe();
-        if *hang.borrow() {
-            f.hung_maintenance.fetch_add(1, Ordering::SeqCst);
-            let _unhung = Unhung(&f.hung_maintenance);
-            // An error means the sender is gone, which cannot happen while `self` holds it.
-            let _ = hang.wait_for(|hanging| !hanging).await;
-        }
+        wait_while_hung(&f.hang_maintenance, &f.hung_maintenance).await;
         self.inner.maintain().await
     }
 

@@ -170,8 +170,9 @@ pub(crate) struct CreateBody {
     /// sessions, decided across every process.
     pub(crate) max_live_sessions: Option<u64>,
     /// Call limits of single tools inside the budget, by tool name (each at least 1, each
-    /// tool authorized by `authorized_tools`).
-    pub(crate) tool_limits: Option<BTreeMap<String, u64>>,
+    /// tool authorized by `authorized_tools`); none by default.
+    #[serde(default)]
+    pub(crate) tool_limits: BTreeMap<String, u64>,
 }
 
 /// A session.

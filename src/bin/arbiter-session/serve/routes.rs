@@ -113,9 +113,7 @@ impl CreateBody {
         if let Some(credentials) = self.authorized_credentials {
             req.authorized_credentials = credentials;
         }
-        if let Some(limits) = self.tool_limits {
-            req.tool_limits = limits;
-        }
+        req.tool_limits = self.tool_limits;
         if let Some(ceiling) = self.data_sensitivity_ceiling {
             req.data_sensitivity_ceiling = ceiling.parse::<DataSensitivity>().map_err(|_| {
                 ApiError::invalid(
