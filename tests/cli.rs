@@ -394,6 +394,10 @@ async fn cli_ensures_and_lists_partitions_and_warns_of_the_default_one(pool: PgP
 /// What a superuser could do that `verify` alone cannot see: rewrite a session's events
 /// and let the chain trigger recompute every hash (same ids, same times, valid chain).
 async fn rewrite_with_valid_chain(pool: &PgPool, session: uuid::Uuid) {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
     let mut tx = pool.begin().await.expect("begin");
     for statement in [
         "ALTER TABLE arbiter.session_events DISABLE TRIGGER session_events_append_only".to_owned(),

@@ -412,6 +412,10 @@ async fn rows_locked_elsewhere_hold_up_only_their_sessions(pool: PgPool) {
     for _ in 0..3 {
         locked.push(common::new_session(&store, &["t"], 5).await);
     }
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
     let mut holder = pool.begin().await.unwrap();
     sqlx::query!(
         "SELECT version FROM arbiter.sessions WHERE session_id = ANY($1) FOR UPDATE",

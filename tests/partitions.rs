@@ -175,15 +175,7 @@ async fn purge_drops_the_partitions_of_ended_days_whole(pool: PgPool) {
     create_partitions(&pool, [8, 9, 10].map(day)).await;
     let at = |ago: u64| day(ago).and_hms_opt(12, 0, 0).unwrap().and_utc();
     let clocks = [10, 9, 8].map(|ago| ManualClock::new(at(ago)));
-    // Without upkeep: its rollups of these days would run beside the purges. (With it,
-    // this test failed once in eight runs, and once in CI, with day 10's events deleted
-    // row by row instead of its partition dropped; not explained yet.)
-    let stores = clocks.each_ref().map(|clock| {
-        arbiter_session::SessionStore::builder(arbiter_session::PgStorage::new(pool.clone()))
-            .clock(std::sync::Arc::new(clock.clone()))
-            .maintenance_interval(None)
-            .build()
-    });
+    let stores = clocks.each_ref().map(|clock| common::store(&pool, clock));
     let mut ids = Vec::new();
     for store in &stores {
         let id = common::new_session(store, &["search"], 5).await;

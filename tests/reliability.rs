@@ -1,8 +1,9 @@
-//! Six defects reviews of the store found, each reproduced with the public API and kept
+//! Seven defects reviews of the store found, each reproduced with the public API and kept
 //! as a regression test: a rate window overspent through a reconcile merge, a pending
 //! change lost when a second cache slot met the first, a denial log jammed by an
 //! ambiguous commit, a reconciler stopped by one locked row, a caller kept waiting past
-//! `storage_timeout` under load, and an upkeep run outliving `shutdown` and the store.
+//! `storage_timeout` under load, an upkeep run outliving `shutdown` and the store, and a
+//! connection left inside a transaction by a call cancelled during `BEGIN`.
 //! Each test fails with its fix reverted (checked for each, for each of the three waits
 //! the one deadline of defect 5 covers, and for both ends of defect 6).
 
@@ -207,6 +208,10 @@ async fn one_locked_row_does_not_stop_the_reconciler(pool: PgPool) {
         }
         storage.heal();
         assert_eq!(store.stats().pending, 20);
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's transaction, never cancelled"
+        )]
         let mut holder = pool.begin().await.expect("begin");
         sqlx::query!(
             "SELECT session_id FROM arbiter.sessions WHERE session_id = $1 FOR UPDATE",
@@ -382,4 +387,73 @@ async fn shutdown_and_drop_cancel_an_upkeep_run_in_progress() {
         storage.hung_maintenance() == 0
     })
     .await;
+}
+
+/// Defect 7. A storage call cancelled while PostgreSQL's answer to `BEGIN` was in flight (a
+/// gateway's client gone, a caller's timeout, `shutdown` cancelling an upkeep run) left its
+/// connection inside a transaction: sqlx 0.9.0 counts a transaction only once `BEGIN` is
+/// answered, so it queued no `ROLLBACK` and returned the connection to the pool (upstream
+/// transact-rs/sqlx#4393). The next write on that connection ran inside the stale
+/// transaction: acknowledged, invisible to every other process, and lost when the
+/// connection closed. (Found as a flaky retention test: a shutdown's cancelled rollup
+/// swallowed a denial, and the purge that followed dropped a trail with an event recorded
+/// after its cutoff.)
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn a_call_cancelled_during_begin_leaves_no_transaction_open(pool: PgPool) {
+    // One connection, handed out without a test query: the cancelled call's connection is
+    // the one the next write gets, and the first bytes it sends are the `BEGIN`.
+    let (proxy, one) = common::proxied_pool_with(
+        &pool,
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false),
+    )
+    .await;
+    let storage = PgStorage::new(one.clone());
+    let store = SessionStore::builder(storage.clone())
+        .maintenance_interval(None)
+        .listen_for_changes(false)
+        .build();
+    let first = store
+        .create(request(Uuid::new_v4(), &["t"], 5))
+        .await
+        .expect("create");
+
+    // The network holds the `BEGIN` until the call has been given up.
+    let mut second = first.clone();
+    second.session_id = Uuid::new_v4();
+    let created = arbiter_session::audit::AuditEvent::new(
+        arbiter_session::audit::EventKind::Created,
+        Vec::new(),
+        &second,
+        second.created_at,
+        Uuid::nil(),
+    );
+    until("the connection is back in the pool", || one.num_idle() == 1).await;
+    proxy.stall();
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(300),
+        arbiter_session::Storage::insert_if_under_cap(
+            &storage,
+            &second,
+            &created,
+            10,
+            second.created_at,
+        ),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the call was cancelled in flight");
+    proxy.heal();
+
+    store
+        .use_session(first.session_id, "t", None)
+        .await
+        .expect("a call after it");
+    assert_eq!(
+        row(&pool, first.session_id).await.calls_made,
+        1,
+        "the call's write is committed: another process sees it"
+    );
+    drop(store);
+    one.close().await;
 }

@@ -333,6 +333,10 @@ async fn a_limited_tools_use_and_denials_are_reported(pool: PgPool) {
 /// With sequential scans priced out, a plan that still scans `session_events`
 /// sequentially has no index to use.
 async fn plan(pool: &PgPool, query: &str) -> String {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
     let mut tx = pool.begin().await.expect("begin");
     sqlx::query!("SET LOCAL enable_seqscan = off")
         .execute(&mut *tx)
@@ -457,6 +461,10 @@ async fn purge_deletes_only_ended_sessions_and_events_only_when_asked(pool: PgPo
 
 /// A transaction with purge_before's switches set by hand (cutoff now, events on).
 async fn purge_switches_on(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
     let mut tx = pool.begin().await.expect("begin");
     sqlx::query!(
         "SELECT set_config('arbiter.purge_cutoff', now()::text, true) AS cutoff,
@@ -870,6 +878,10 @@ async fn a_rollup_and_an_insert_of_the_same_day_wait_for_each_other(pool: PgPool
     let late = yesterday.and_hms_opt(23, 59, 59).unwrap().and_utc();
 
     // An insert in flight: the rollup cannot count it, so it does not seal the day.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
     let mut inserting = pool.begin().await.unwrap();
     insert_denial(&mut inserting, late).await;
     let outcome = tokio::time::timeout(Duration::from_secs(10), rollup::roll_up(&pool))
@@ -888,6 +900,10 @@ async fn a_rollup_and_an_insert_of_the_same_day_wait_for_each_other(pool: PgPool
 
     // A rollup in flight: an insert of its day waits for it, then sends the day back to
     // the raw events, so that the event it adds is never left out of a sealed count.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
     let mut rolling = pool.begin().await.unwrap();
     let counted = sqlx::query_scalar!("SELECT arbiter.rollup_day($1)", yesterday)
         .fetch_one(&mut *rolling)

@@ -116,6 +116,10 @@ async fn postgres_update_of_a_locked_row_is_a_conflict_at_once(pool: sqlx::PgPoo
     let storage = PgStorage::new(pool.clone());
     let stored = stored(&storage, Uuid::new_v4(), 5, None).await;
     let id = stored.session.session_id;
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
     let mut holder = pool.begin().await.expect("begin");
     sqlx::query!(
         "SELECT session_id FROM arbiter.sessions WHERE session_id = $1 FOR UPDATE",

@@ -227,7 +227,7 @@ pub async fn export_partition<W: Write>(
 async fn snapshot(
     pool: &PgPool,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StorageError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::storage::begin_transaction(pool).await?;
     sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;

@@ -94,7 +94,7 @@ async fn roll_up_day(pool: &PgPool, day: NaiveDate) -> Result<Option<i64>, Stora
 /// A transaction whose statements may take minutes: a day of a busy trail takes seconds to
 /// count, more than a gateway's pool allows one statement (`PgStorage::connect` sets 5 s).
 async fn unhurried(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StorageError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::storage::begin_transaction(pool).await?;
     sqlx::query_scalar!("SELECT set_config('statement_timeout', '10min', true)")
         .fetch_one(&mut *tx)
         .await?;

@@ -37,6 +37,7 @@ mod postgres;
 
 pub use memory::MemoryStorage;
 pub use postgres::PgStorage;
+pub(crate) use postgres::transaction::begin as begin_transaction;
 
 /// The stored version of a session row. Advanced by every update.
 pub type Version = i64;

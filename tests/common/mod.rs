@@ -82,6 +82,17 @@ pub mod proxy;
 /// A proxy in front of the test database's server, and a pool that goes through it.
 /// The pool gives up acquiring after 1 s, so a refused network fails fast.
 pub async fn proxied_pool(pool: &PgPool) -> (proxy::FaultProxy, PgPool) {
+    let options = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(std::time::Duration::from_secs(1));
+    proxied_pool_with(pool, options).await
+}
+
+/// [`proxied_pool`] with the pool's options given.
+pub async fn proxied_pool_with(
+    pool: &PgPool,
+    pool_options: PgPoolOptions,
+) -> (proxy::FaultProxy, PgPool) {
     let options = pool.connect_options();
     let upstream = tokio::net::lookup_host((options.get_host(), options.get_port()))
         .await
@@ -94,9 +105,7 @@ pub async fn proxied_pool(pool: &PgPool) -> (proxy::FaultProxy, PgPool) {
         .clone()
         .host("127.0.0.1")
         .port(proxy.addr().port());
-    let proxied = PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(std::time::Duration::from_secs(1))
+    let proxied = pool_options
         .connect_with(through)
         .await
         .expect("pool connects through the proxy");
@@ -270,6 +279,10 @@ pub async fn database_url(pool: &PgPool) -> String {
 
 /// Edits the audit trail the way a superuser could: with the append-only trigger disabled.
 pub async fn tamper(pool: &PgPool, sql: &str) {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
     let mut tx = pool.begin().await.expect("begin");
     for statement in [
         "ALTER TABLE arbiter.session_events DISABLE TRIGGER session_events_append_only",

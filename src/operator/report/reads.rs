@@ -24,7 +24,7 @@ pub struct ReportFilter {
 /// while the queries take milliseconds: with JIT, a report over 180,000 events spent 9 s
 /// compiling and 12 ms running (docs/reporting.md, "Reading the views").
 async fn without_jit(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StorageError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::storage::begin_transaction(pool).await?;
     sqlx::query_scalar!("SELECT set_config('jit', 'off', true)")
         .fetch_one(&mut *tx)
         .await?;

@@ -16,6 +16,7 @@
 mod batch;
 mod change_feed;
 mod rows;
+pub(crate) mod transaction;
 
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -319,7 +320,7 @@ impl Storage for PgStorage {
         // The transaction-scoped advisory lock makes count-then-insert atomic for this agent
         // across every process; it is released by the commit (or by the rollback when the
         // transaction is dropped on an error or a cancelled future).
-        let mut tx = self.pool.begin().await?;
+        let mut tx = transaction::begin(&self.pool).await?;
         sqlx::query!(
             "SELECT pg_advisory_xact_lock($1)",
             agent_lock_key(session.agent_id)
@@ -386,7 +387,7 @@ impl Storage for PgStorage {
     {
         // Dropping `tx` on an early return (or a cancelled future) rolls back and releases
         // the row lock.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = transaction::begin(&self.pool).await?;
         let lock = match wait {
             LockWait::Wait => RowLock::ForUpdate,
             LockWait::NoWait => RowLock::ForUpdateNoWait,
