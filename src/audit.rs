@@ -2,12 +2,13 @@
 //! the change itself, so the trail and the state can never disagree.
 
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::error::SessionError;
-use crate::model::{SessionStatus, TaskSession, limits};
+use crate::model::{SessionStatus, TaskSession, ToolLimit, limits};
 
 /// What a state change was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -150,6 +151,51 @@ pub struct AuditEvent {
     pub instance_id: Uuid,
     /// Why the call was denied; `Some` exactly for [`EventKind::Denied`].
     pub reason: Option<DenialReason>,
+    /// The calls after the event of the tools with a limit of their own that it counted,
+    /// sorted by tool name: for [`EventKind::CallAllowed`] and [`EventKind::BatchAllowed`]
+    /// the limited tools among [`Self::tools`], for [`EventKind::Reconciled`] every limited
+    /// tool of the session (it records the whole merged state); empty otherwise. Part of
+    /// the event's hash in PostgreSQL.
+    pub tool_calls: Vec<ToolCalls>,
+}
+
+/// A tool with a limit of its own and its calls after an event ([`AuditEvent::tool_calls`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ToolCalls {
+    /// The tool's name.
+    pub tool: Arc<str>,
+    /// Its calls in the session after the event.
+    pub calls: u64,
+}
+
+impl ToolCalls {
+    /// The calls of `tool` after an event.
+    pub fn new(tool: Arc<str>, calls: u64) -> Self {
+        ToolCalls { tool, calls }
+    }
+}
+
+/// What an event of `kind` about `tools` records of the limited tools of `after` (see
+/// [`AuditEvent::tool_calls`]). Empty, without allocating, for a session without limits.
+pub(crate) fn tool_calls_of(
+    kind: EventKind,
+    tools: &[String],
+    after: &TaskSession,
+) -> Vec<ToolCalls> {
+    let counted = |limit: &ToolLimit| match kind {
+        EventKind::CallAllowed | EventKind::BatchAllowed => {
+            tools.iter().any(|tool| *tool == *limit.tool)
+        }
+        EventKind::Reconciled => true,
+        _ => false,
+    };
+    after
+        .tool_limits
+        .iter()
+        .filter(|limit| counted(limit))
+        .map(|limit| ToolCalls::new(Arc::clone(&limit.tool), limit.calls))
+        .collect()
 }
 
 impl AuditEvent {
@@ -166,13 +212,14 @@ impl AuditEvent {
         AuditEvent {
             key: Uuid::new_v4(),
             kind,
-            tools,
             calls_made: after.calls_made,
             rate_window_calls: after.rate_window_calls,
             status: after.status,
             occurred_at,
             instance_id,
             reason: None,
+            tool_calls: tool_calls_of(kind, &tools, after),
+            tools,
         }
     }
 

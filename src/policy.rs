@@ -257,6 +257,7 @@ pub(crate) fn merge_unwritten(fresh: &TaskSession, unwritten: &mut Vec<AuditEven
         event.calls_made = merged.calls_made;
         event.rate_window_calls = merged.rate_window_calls;
         event.status = merged.status;
+        event.tool_calls = crate::audit::tool_calls_of(event.kind, &event.tools, &merged);
         true
     });
     merged
@@ -653,5 +654,17 @@ mod tests {
             "one unwritten write fits the tool's limit, the other is dropped; the read fits"
         );
         assert_eq!(unwritten.len(), 2);
+        // Each kept event records the counts of the merged state it now leads to.
+        let counted: Vec<Vec<(String, u64)>> = unwritten
+            .iter()
+            .map(|event| {
+                event
+                    .tool_calls
+                    .iter()
+                    .map(|count| (count.tool.to_string(), count.calls))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(counted, [vec![("write".to_owned(), 2)], vec![]]);
     }
 }

@@ -253,6 +253,92 @@ async fn audit_chain_encodings_agree_on_every_tool_list(pool: PgPool) {
     assert_eq!(chain.events, 5);
 }
 
+/// An allowed call of a limited tool records the tool's calls after it (a batch, those of
+/// each limited tool it counted); other events record none. Both encodings hash them, so
+/// the chain verifies, and an edited count is found.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn audit_events_record_the_calls_of_limited_tools_and_chain_them(pool: PgPool) {
+    use arbiter_session::operator::chain::{LinkProblem, verify_audit_chain};
+    let store = SessionStore::postgres(pool.clone());
+    let mut req = request(Uuid::new_v4(), &["search", "write_file", "delete"], 10);
+    req = req
+        .with_tool_limit("write_file", 2)
+        .with_tool_limit("delete", 1);
+    let id = store.create(req).await.expect("create").session_id;
+    store.use_session(id, "write_file", None).await.unwrap();
+    store.use_session(id, "search", None).await.unwrap();
+    store
+        .use_session_batch(id, &["search", "delete", "write_file"], None)
+        .await
+        .unwrap();
+    store
+        .use_session(id, "write_file", None)
+        .await
+        .expect_err("past write_file's limit");
+    store.close(id).await.unwrap();
+    assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+
+    /// An event's kind, and the limited tools it counted with their calls after it.
+    type Counted = (String, Option<Vec<String>>, Option<Vec<i64>>);
+    let events: Vec<Counted> = sqlx::query_as(
+        "SELECT kind, limited_tools, tool_calls FROM arbiter.session_events
+          WHERE session_id = $1 ORDER BY occurred_at, event_id",
+    )
+    .bind(id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let strings = |names: &[&str]| Some(names.iter().map(|&n| n.to_owned()).collect());
+    assert_eq!(
+        events,
+        [
+            ("created".to_owned(), None, None),
+            (
+                "call_allowed".to_owned(),
+                strings(&["write_file"]),
+                Some(vec![1])
+            ),
+            ("call_allowed".to_owned(), None, None),
+            (
+                "batch_allowed".to_owned(),
+                strings(&["delete", "write_file"]),
+                Some(vec![1, 2])
+            ),
+            ("denied".to_owned(), None, None),
+            ("closed".to_owned(), None, None),
+        ]
+    );
+    let chain = verify_audit_chain(&pool, id).await.unwrap();
+    assert!(chain.is_intact(), "{chain:?}");
+    assert_eq!((chain.events, chain.denials), (5, 1));
+
+    // A superuser lowers the batch's count of write_file.
+    let batch: i64 = sqlx::query_scalar(
+        "SELECT event_id FROM arbiter.session_events
+          WHERE session_id = $1 AND kind = 'batch_allowed'",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    common::tamper(
+        &pool,
+        &format!(
+            "UPDATE arbiter.session_events SET tool_calls = '{{1,1}}' WHERE event_id = {batch}"
+        ),
+    )
+    .await;
+    let link = verify_audit_chain(&pool, id)
+        .await
+        .unwrap()
+        .broken
+        .expect("the edit is found");
+    assert_eq!(
+        (link.event_id, link.problem),
+        (batch, LinkProblem::ContentMismatch)
+    );
+}
+
 /// Denials form a chain of their own per session: an edited or deleted denial is found,
 /// and two processes recording denials of one session at once still make one valid chain.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]

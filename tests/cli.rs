@@ -94,8 +94,8 @@ async fn cli_reports_in_every_format(pool: PgPool) {
     assert_eq!(
         stdout(&out),
         format!(
-            "day,agent_id,opened,allowed,denied,agent_mismatch,closed,expired,budget,tool,rate,write_through,invalid\r\n\
-             2026-03-02,{a},1,1,2,1,0,0,0,1,0,0,0\r\n"
+            "day,agent_id,opened,allowed,denied,agent_mismatch,closed,expired,budget,tool,rate,write_through,invalid,tool_budget\r\n\
+             2026-03-02,{a},1,1,2,1,0,0,0,1,0,0,0,0\r\n"
         )
     );
 
@@ -581,7 +581,10 @@ async fn cli_exports_events_in_order_with_their_hashes(pool: PgPool) {
         lines[0].starts_with("event_id,event_key,session_id,agent_id,kind,"),
         "{csv}"
     );
-    assert!(lines[0].ends_with(",session_day,prev_hash,hash"), "{csv}");
+    assert!(
+        lines[0].ends_with(",session_day,limited_tools,tool_calls,prev_hash,hash"),
+        "{csv}"
+    );
     // Agent B's session s3: created, a call, closed, and a denial after the close.
     assert_eq!(lines.len(), 1 + 4, "{csv}");
     let out = cli(

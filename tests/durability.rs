@@ -173,6 +173,21 @@ async fn two_stores_64_tasks_grant_a_limited_tool_exactly_its_limit(pool: PgPool
         (100, vec![3], 3)
     );
     assert_eq!(a.stats().pending + b.stats().pending, 0);
+    // The trail counts them in order, whichever process made each call, and the chain
+    // (which hashes the counts) verifies.
+    let counted = sqlx::query_scalar!(
+        r#"SELECT tool_calls[1] AS "calls!" FROM arbiter.session_events
+            WHERE session_id = $1 AND limited_tools = '{write_file}' ORDER BY event_id"#,
+        id
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(counted, [1, 2, 3]);
+    let chain = arbiter_session::operator::chain::verify_audit_chain(&pool, id)
+        .await
+        .unwrap();
+    assert!(chain.is_intact(), "{chain:?}");
 }
 
 /// 20 concurrent capped creates for one agent across two stores: the cap is decided inside

@@ -263,7 +263,9 @@ async fn reports_render_exactly(pool: PgPool) {
 /// budget's opaque error.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn a_limited_tools_use_and_denials_are_reported(pool: PgPool) {
-    let clock = arbiter_session::testing::ManualClock::starting_now();
+    // A day that is over, so that it can be rolled up.
+    let clock =
+        arbiter_session::testing::ManualClock::new(day(5).and_hms_opt(12, 0, 0).unwrap().and_utc());
     let store = store_without_upkeep(&pool, &clock);
     let agent = Uuid::new_v4();
     let req =
@@ -290,6 +292,8 @@ async fn a_limited_tools_use_and_denials_are_reported(pool: PgPool) {
         }
     ));
     assert_eq!(denied.to_string(), "session budget exceeded");
+    // Later than the denial, which is recorded after the fact: the trail's order is fixed.
+    clock.advance(chrono::Duration::seconds(1));
     let session = store.use_session(id, "search", Some(agent)).await.unwrap();
     assert_eq!(session.tool_limit("write_file").map(|l| l.calls), Some(2));
     assert_eq!(
@@ -328,6 +332,71 @@ async fn a_limited_tools_use_and_denials_are_reported(pool: PgPool) {
     let json: serde_json::Value =
         serde_json::from_str(&report::render(&rows, Format::Json).unwrap()).unwrap();
     assert_eq!(json[0]["tool_use"]["write_file"]["calls"], 2);
+
+    // The session's record shows the limit and the use; each allowed call of write_file
+    // records its calls after it.
+    let record = report::session(&pool, id).await.unwrap().expect("stored");
+    assert_eq!(
+        (
+            record.limited_tools.clone(),
+            record.tool_limits.clone(),
+            record.tool_calls.clone()
+        ),
+        (vec!["write_file".to_owned()], vec![2], vec![2])
+    );
+    assert!(
+        record
+            .render_fields()
+            .lines()
+            .any(|line| line.starts_with("tool_limits") && line.ends_with("write_file 2/2")),
+        "{}",
+        record.render_fields()
+    );
+    let counted: Vec<_> = report::session_events(&pool, id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| (event.kind, event.tool_calls))
+        .collect();
+    assert_eq!(
+        counted,
+        [
+            ("created".to_owned(), None),
+            ("call_allowed".to_owned(), Some(vec![1])),
+            ("batch_allowed".to_owned(), Some(vec![2])),
+            ("denied".to_owned(), None),
+            ("call_allowed".to_owned(), None),
+        ]
+    );
+
+    // The agent's day counts the denial in a column of its own, read from the raw events
+    // and, once the day is rolled up, from the rollup.
+    let tool_budget_denials = || async {
+        report::agent_activity(&pool, filter)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| {
+                (
+                    row.day,
+                    row.calls_denied,
+                    row.denied_budget,
+                    row.denied_tool_budget,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(tool_budget_denials().await, [(day(5), 1, 0, 1)]);
+    roll_up_all(&pool).await;
+    assert_eq!(
+        rollup::horizon(&pool).await.unwrap(),
+        Some(Utc::now().date_naive())
+    );
+    assert_eq!(tool_budget_denials().await, [(day(5), 1, 0, 1)]);
+    assert_eq!(
+        views_against_raw(&pool).await.map(|(off, _)| off),
+        [0, 0, 0, 0]
+    );
 }
 
 /// With sequential scans priced out, a plan that still scans `session_events`
@@ -554,7 +623,8 @@ async fn views_against_raw(pool: &PgPool) -> [(i64, i64); 4] {
                       count(*) FILTER (WHERE e.reason = 'tool') AS t,
                       count(*) FILTER (WHERE e.reason = 'rate') AS r,
                       count(*) FILTER (WHERE e.reason = 'write_through') AS w,
-                      count(*) FILTER (WHERE e.reason = 'invalid') AS i
+                      count(*) FILTER (WHERE e.reason = 'invalid') AS i,
+                      count(*) FILTER (WHERE e.reason = 'tool_budget') AS tb
                  FROM arbiter.session_events e
                 GROUP BY e.agent_id, (e.occurred_at AT TIME ZONE 'UTC')::date
            ), view_agents AS (

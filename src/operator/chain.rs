@@ -153,6 +153,7 @@ impl ChainSummary {
 }
 
 /// One chained row, as read for verification.
+#[derive(Clone)]
 struct ChainRow {
     event_id: i64,
     event_key: Uuid,
@@ -168,6 +169,8 @@ struct ChainRow {
     recorded_at: DateTime<Utc>,
     instance_id: Uuid,
     reason: Option<String>,
+    limited_tools: Option<Vec<Option<String>>>,
+    tool_calls: Option<Vec<Option<i64>>>,
     prev_hash: Option<Vec<u8>>,
     hash: Option<Vec<u8>>,
 }
@@ -215,6 +218,20 @@ fn link_hash(prev: Digest, row: &ChainRow) -> Digest {
     // A denial's link ends with its reason (migration 20261201000002).
     if row.is_denial() {
         text(&mut hasher, row.reason.as_deref());
+    }
+    // Then, if the event counted limited tools, each one's calls after it (migration
+    // 20261201000006); an event without them encodes as before.
+    if let Some(tools) = &row.limited_tools {
+        let count = i32::try_from(tools.len()).unwrap_or(i32::MAX);
+        hasher.update(count.to_be_bytes());
+        let calls = row.tool_calls.as_deref().unwrap_or_default();
+        for (at, tool) in tools.iter().enumerate() {
+            text(&mut hasher, tool.as_deref());
+            // A CHECK keeps both arrays alike; a row edited past it encodes a missing
+            // count as -1, which no stored count is, and so fails.
+            let calls = calls.get(at).copied().flatten().unwrap_or(-1);
+            hasher.update(calls.to_be_bytes());
+        }
     }
     Digest(hasher.finalize().into())
 }
@@ -447,9 +464,31 @@ mod tests {
             recorded_at: DateTime::from_timestamp_micros(1_700_000_000_223_456).unwrap(),
             instance_id: Uuid::from_u128(4),
             reason: None,
+            limited_tools: None,
+            tool_calls: None,
             prev_hash: None,
             hash: None,
         }
+    }
+
+    #[test]
+    fn the_counts_of_limited_tools_are_hashed_only_when_present() {
+        let plain = link_hash(Digest::GENESIS, &row());
+        let mut counted = row();
+        counted.limited_tools = Some(vec![Some("a".into())]);
+        counted.tool_calls = Some(vec![Some(1)]);
+        let with_counts = link_hash(Digest::GENESIS, &counted);
+        assert_ne!(plain, with_counts);
+        let mut more = counted.clone();
+        more.tool_calls = Some(vec![Some(2)]);
+        assert_ne!(with_counts, link_hash(Digest::GENESIS, &more));
+        let mut lost = counted.clone();
+        lost.tool_calls = None;
+        assert_ne!(with_counts, link_hash(Digest::GENESIS, &lost));
+        let mut empty = row();
+        empty.limited_tools = Some(Vec::new());
+        empty.tool_calls = Some(Vec::new());
+        assert_ne!(plain, link_hash(Digest::GENESIS, &empty));
     }
 
     #[test]

@@ -89,6 +89,12 @@ pub struct ExportedEvent {
     pub instance_id: Uuid,
     /// The UTC day the session was created (the partition).
     pub session_day: NaiveDate,
+    /// The tools with a limit of their own that the event counted, sorted by name (see
+    /// [`AuditEvent::tool_calls`](crate::audit::AuditEvent::tool_calls)); none if it counted
+    /// none.
+    pub limited_tools: Option<Vec<Option<String>>>,
+    /// Each one's calls after the event, at the same positions.
+    pub tool_calls: Option<Vec<Option<i64>>>,
     /// The previous link's hash, hex (none for denials).
     pub prev_hash: Option<String>,
     /// This link's hash, hex (none for denials).
@@ -111,13 +117,17 @@ const CSV_COLUMNS: &[&str] = &[
     "recorded_at",
     "instance_id",
     "session_day",
+    "limited_tools",
+    "tool_calls",
     "prev_hash",
     "hash",
 ];
 
 impl ExportedEvent {
-    fn csv_cells(&self) -> [String; 17] {
+    fn csv_cells(&self) -> [String; 19] {
         let opt = |value: Option<String>| value.unwrap_or_default();
+        // Space-separated, as the tools are; empty when the event counted no limited tool.
+        let joined = |values: Option<Vec<String>>| values.unwrap_or_default().join(" ");
         [
             self.event_id.to_string(),
             self.event_key.to_string(),
@@ -138,6 +148,18 @@ impl ExportedEvent {
             self.recorded_at.to_rfc3339(),
             self.instance_id.to_string(),
             self.session_day.to_string(),
+            joined(self.limited_tools.as_ref().map(|tools| {
+                tools
+                    .iter()
+                    .map(|tool| tool.clone().unwrap_or_default())
+                    .collect()
+            })),
+            joined(self.tool_calls.as_ref().map(|calls| {
+                calls
+                    .iter()
+                    .map(|count| count.map(|c| c.to_string()).unwrap_or_default())
+                    .collect()
+            })),
             opt(self.prev_hash.clone()),
             opt(self.hash.clone()),
         ]

@@ -69,6 +69,7 @@ impl Tabular for AgentDay {
         "rate",
         "write_through",
         "invalid",
+        "tool_budget",
     ];
     fn cells(&self) -> Vec<String> {
         let mut cells = vec![self.day.to_string(), self.agent_id.to_string()];
@@ -85,6 +86,7 @@ impl Tabular for AgentDay {
                 self.denied_rate,
                 self.denied_write_through,
                 self.denied_invalid,
+                self.denied_tool_budget,
             ]
             .map(|n| n.to_string()),
         );
@@ -124,13 +126,23 @@ impl SessionRecord {
     /// The record as `name: value` lines, aligned.
     pub fn render_fields(&self) -> String {
         let optional = |at: Option<DateTime<Utc>>| at.map(timestamp).unwrap_or_default();
-        let fields: [(&str, String); 18] = [
+        // A limited tool as its name and calls/limit, as `report utilization` shows it.
+        let tool_limits = self
+            .limited_tools
+            .iter()
+            .zip(&self.tool_limits)
+            .zip(&self.tool_calls)
+            .map(|((tool, limit), calls)| format!("{tool} {calls}/{limit}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let fields: [(&str, String); 19] = [
             ("session_id", self.session_id.to_string()),
             ("agent_id", self.agent_id.to_string()),
             ("status", self.status.clone()),
             ("authorized_tools", self.authorized_tools.join(" ")),
             ("call_budget", self.call_budget.to_string()),
             ("calls_made", self.calls_made.to_string()),
+            ("tool_limits", tool_limits),
             (
                 "rate_limit",
                 self.rate_limit.map(|l| l.to_string()).unwrap_or_default(),
@@ -166,6 +178,7 @@ impl Tabular for EventRecord {
         "reason",
         "tools",
         "calls",
+        "tool_calls",
         "window",
         "status",
         "version",
@@ -179,6 +192,14 @@ impl Tabular for EventRecord {
             self.reason.clone().unwrap_or_default(),
             self.tools.join(" "),
             self.calls_made.to_string(),
+            // The calls of each limited tool the event counted, after it.
+            self.limited_tools
+                .iter()
+                .flatten()
+                .zip(self.tool_calls.iter().flatten())
+                .map(|(tool, calls)| format!("{tool} {calls}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             self.rate_window_calls.to_string(),
             self.status.clone(),
             self.session_version

@@ -75,6 +75,8 @@ pub struct AgentDay {
     pub denied_write_through: i64,
     /// Denied: malformed request.
     pub denied_invalid: i64,
+    /// Denied past a tool's own limit (reason `tool_budget`).
+    pub denied_tool_budget: i64,
 }
 
 /// One tool's day, summed over the agents of `arbiter.tool_daily_usage`.
@@ -148,6 +150,12 @@ pub struct SessionRecord {
     pub version: i64,
     /// When the row last changed.
     pub updated_at: DateTime<Utc>,
+    /// Tools with a call limit of their own, sorted by name.
+    pub limited_tools: Vec<String>,
+    /// Each one's limit, at the same positions.
+    pub tool_limits: Vec<i64>,
+    /// Each one's calls so far, at the same positions.
+    pub tool_calls: Vec<i64>,
 }
 
 /// One audit event, as `inspect` shows it.
@@ -173,6 +181,10 @@ pub struct EventRecord {
     pub session_version: Option<i64>,
     /// The writing process.
     pub instance_id: Uuid,
+    /// The tools with a limit of their own that the event counted, sorted by name.
+    pub limited_tools: Option<Vec<String>>,
+    /// Each one's calls after the event, at the same positions.
+    pub tool_calls: Option<Vec<i64>>,
     /// The event's link in the hash chain, hex (none for denials).
     pub hash: Option<String>,
 }

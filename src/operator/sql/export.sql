@@ -1,6 +1,8 @@
 SELECT event_id, event_key, session_id, agent_id, kind, reason,
        tools AS "tools: Vec<Option<String>>", calls_made, rate_window_calls, status,
        session_version, occurred_at, recorded_at, instance_id, session_day,
+       limited_tools AS "limited_tools?: Vec<Option<String>>",
+       tool_calls AS "tool_calls?: Vec<Option<i64>>",
        encode(prev_hash, 'hex') AS prev_hash, encode(hash, 'hex') AS hash
   FROM arbiter.session_events
  WHERE occurred_at >= $1 AND occurred_at < $2

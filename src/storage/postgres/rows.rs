@@ -157,10 +157,17 @@ pub(super) struct EventJson<'a> {
     status: &'static str,
     occurred_at: DateTime<Utc>,
     instance_id: Uuid,
+    /// `AuditEvent::tool_calls`, as two parallel arrays; left out (NULL in the row) when
+    /// empty, so an event of a session without limits encodes as before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limited_tools: Option<Vec<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<i64>>,
 }
 
 impl<'a> From<&'a AuditEvent> for EventJson<'a> {
     fn from(event: &'a AuditEvent) -> Self {
+        let counted = !event.tool_calls.is_empty();
         EventJson {
             event_key: event.key,
             kind: event.kind.as_str(),
@@ -170,6 +177,15 @@ impl<'a> From<&'a AuditEvent> for EventJson<'a> {
             status: event.status.as_str(),
             occurred_at: event.occurred_at,
             instance_id: event.instance_id,
+            limited_tools: counted
+                .then(|| event.tool_calls.iter().map(|count| &*count.tool).collect()),
+            tool_calls: counted.then(|| {
+                event
+                    .tool_calls
+                    .iter()
+                    .map(|count| to_bigint(count.calls))
+                    .collect()
+            }),
         }
     }
 }

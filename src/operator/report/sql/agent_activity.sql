@@ -4,7 +4,7 @@ SELECT agent_id AS "agent_id!", day AS "day!", sessions_opened AS "sessions_open
        denied_closed AS "denied_closed!", denied_expired AS "denied_expired!",
        denied_budget AS "denied_budget!", denied_tool AS "denied_tool!",
        denied_rate AS "denied_rate!", denied_write_through AS "denied_write_through!",
-       denied_invalid AS "denied_invalid!"
+       denied_invalid AS "denied_invalid!", denied_tool_budget AS "denied_tool_budget!"
   FROM arbiter.agent_daily_activity
  WHERE ($1::uuid IS NULL OR agent_id = $1)
    AND ($2::date IS NULL OR day >= $2)
