@@ -206,6 +206,15 @@ pub async fn history(bench: &mut Bench, events: u64) -> Result<HistoryFigures, B
         "history: {} days rolled up in {rollup_s:.1} s",
         rolled.rolled.len()
     );
+    // Autovacuum processes a rollup's new rows soon after it (they pass its insert
+    // threshold); until then, `session_utilization`'s per-session lookups cannot be
+    // index-only. A trail of months has its past rollups vacuumed.
+    sqlx::raw_sql(
+        "VACUUM (ANALYZE) arbiter.agent_day_rollup, arbiter.tool_day_rollup, \
+         arbiter.denial_day_rollup, arbiter.session_day_rollup, arbiter.rollup_days",
+    )
+    .execute(&history_pool)
+    .await?;
 
     // The stores go through PgStorage's own pools, as a gateway's would.
     let empty_storage = PgStorage::connect(&empty_db.url).await?;
