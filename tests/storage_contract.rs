@@ -107,6 +107,33 @@ contract!(
     tool_calls_are_stored_and_refused_past_their_limit,
 );
 
+/// A row whose limited tools are not sorted by name (written with SQL: the library writes
+/// them sorted) is refused when read. Sorting it on read would put its counts in another
+/// order than its tools in the row, and the next update would credit each count to the
+/// wrong tool.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn postgres_a_row_with_unsorted_limited_tools_is_refused(pool: sqlx::PgPool) {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO arbiter.sessions (session_id, agent_id, delegation_chain, declared_intent,
+             authorized_tools, authorized_credentials, call_budget, rate_window_secs,
+             data_sensitivity_ceiling, created_at, expires_at, limited_tools, tool_limits,
+             tool_calls)
+         VALUES ($1, $2, '{}', '', '{search,write_file}', '{}', 10, 60, 'public', now(),
+                 now() + interval '1 hour', '{write_file,search}', '{1,5}', '{0,0}')",
+    )
+    .bind(id)
+    .bind(Uuid::new_v4())
+    .execute(&pool)
+    .await
+    .expect("insert by hand");
+    let loaded = PgStorage::new(pool).load(id).await;
+    assert!(
+        matches!(&loaded, Err(StorageError::Decode(detail)) if detail.contains("not sorted")),
+        "{loaded:?}"
+    );
+}
+
 /// A row another transaction holds is a conflict at once: the update neither waits for the
 /// lock nor writes. This is how a refused statement's lingering lock shows up (a CI run saw
 /// `a_terminal_status_is_final` answered `Conflict` where it expected the refusal), and why

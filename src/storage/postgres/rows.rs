@@ -84,8 +84,10 @@ impl TryFrom<SessionRow> for Versioned {
     }
 }
 
-/// The tool limits of a row: the three arrays zipped, sorted by name (the library writes
-/// them sorted; a row written by hand may not be), each name once.
+/// The tool limits of a row: the three arrays zipped. The names must be strictly sorted,
+/// as the library writes them: the counts are written back by position
+/// ([`tool_calls`]), so a row in another order (written by hand) is refused rather than
+/// sorted, which would credit each count to another tool on the next update.
 fn tool_limits(
     id: Uuid,
     tools: Vec<String>,
@@ -104,7 +106,7 @@ fn tool_limits(
     let count = |name: &str, value: i64| {
         u64::try_from(value).map_err(|_| decode(format!("tool {name:?}: a count of {value}")))
     };
-    let mut zipped = tools
+    let zipped = tools
         .into_iter()
         .zip(limits)
         .zip(calls)
@@ -116,9 +118,11 @@ fn tool_limits(
             })
         })
         .collect::<Result<Vec<_>, StorageError>>()?;
-    zipped.sort_by(|a, b| a.tool.cmp(&b.tool));
-    if let Some(pair) = zipped.windows(2).find(|pair| pair[0].tool == pair[1].tool) {
-        return Err(decode(format!("tool {:?} is limited twice", pair[0].tool)));
+    if let Some(pair) = zipped.windows(2).find(|pair| pair[0].tool >= pair[1].tool) {
+        return Err(decode(format!(
+            "limited tools not sorted by name, or one twice: {:?} before {:?}",
+            pair[0].tool, pair[1].tool
+        )));
     }
     Ok(zipped.into())
 }
