@@ -164,6 +164,123 @@ async fn every_partition_is_append_only(pool: PgPool) {
     assert_eq!(events_of(&pool, session.session_id).await, 1);
 }
 
+/// An event as the library writes it, for the session `id`, into its creation day's
+/// partition: the chain trigger computes its links.
+const WRITE_EVENT: &str = "INSERT INTO arbiter.session_events (
+        event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+        status, session_version, occurred_at, instance_id, session_day)
+    SELECT gen_random_uuid(), s.session_id, s.agent_id, 'call_allowed', '{search}', 1, 1,
+           'active', s.version, now(), gen_random_uuid(), (s.created_at AT TIME ZONE 'UTC')::date
+      FROM arbiter.sessions s WHERE s.session_id = $1";
+
+/// Migration 20261201000007: the chain trigger's predecessor lookup names the event's own
+/// partition. Through the parent, its cached plan locked every partition on each event,
+/// which made an insert's cost grow with the days kept.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn writing_an_event_locks_its_own_partition_and_no_other(pool: PgPool) {
+    let today = db_now(&pool).await.date_naive();
+    create_partitions(
+        &pool,
+        [20, 21, 22].map(|ago| today - chrono::Days::new(ago)),
+    )
+    .await;
+    let clock = ManualClock::starting_now();
+    let session = common::store(&pool, &clock)
+        .create(common::request(Uuid::new_v4(), &["search"], 2))
+        .await
+        .expect("create");
+    let own = partition_name(session.created_at.date_naive());
+
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
+    let mut tx = pool.begin().await.expect("begin");
+    // Twice: PL/pgSQL plans the lookup at the first call and reuses the plan after.
+    for _ in 0..2 {
+        sqlx::query(WRITE_EVENT)
+            .bind(session.session_id)
+            .execute(&mut *tx)
+            .await
+            .expect("write an event");
+    }
+    let locked = sqlx::query_scalar::<_, String>(
+        "SELECT DISTINCT c.oid::regclass::text FROM pg_locks l
+           JOIN pg_class c ON c.oid = l.relation
+          WHERE l.pid = pg_backend_pid() AND c.relkind IN ('r', 'p')
+            AND c.relname LIKE 'session\\_events%'
+          ORDER BY 1",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .expect("read locks");
+    assert_eq!(locked, ["arbiter.session_events".to_owned(), own]);
+    tx.commit().await.expect("commit");
+    let summary = chain::verify_all_audit_chains(&pool).await.unwrap();
+    assert!(summary.is_intact() && summary.events == 3, "{summary:?}");
+}
+
+/// A partition attached without `create_event_partition` has no chain trigger: its events
+/// are refused (never stored unchained) until `ensure` installs it. A partition dropped
+/// without its trigger function leaves the function to `ensure`, which drops it.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn ensure_keeps_the_chain_triggers_in_step_with_the_partitions(pool: PgPool) {
+    let clock = ManualClock::starting_now();
+    let session = common::store(&pool, &clock)
+        .create(common::request(Uuid::new_v4(), &["search"], 2))
+        .await
+        .expect("create");
+    let own = partition_name(session.created_at.date_naive());
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TRIGGER session_events_chain ON {own}"
+    )))
+    .execute(&pool)
+    .await
+    .expect("drop the trigger");
+    let refused = sqlx::query(WRITE_EVENT)
+        .bind(session.session_id)
+        .execute(&pool)
+        .await
+        .expect_err("an unchained event");
+    assert!(
+        refused.to_string().contains("session_events_chained"),
+        "{refused}"
+    );
+
+    let gone = db_now(&pool).await.date_naive() - chrono::Days::new(30);
+    create_partitions(&pool, [gone]).await;
+    let gone = partition_name(gone);
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {gone}")))
+        .execute(&pool)
+        .await
+        .expect("drop a partition");
+    let function_exists = |name: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT to_regprocedure($1) IS NOT NULL")
+                .bind(format!("{name}_chain()"))
+                .fetch_one(&pool)
+                .await
+                .expect("to_regprocedure")
+        }
+    };
+    assert!(function_exists(gone.clone()).await);
+
+    assert_eq!(partitions::ensure(&pool, 7).await.unwrap(), 0);
+    assert!(
+        !function_exists(gone).await,
+        "the dropped partition's function"
+    );
+    assert!(function_exists(own).await);
+    sqlx::query(WRITE_EVENT)
+        .bind(session.session_id)
+        .execute(&pool)
+        .await
+        .expect("chained again");
+    let summary = chain::verify_all_audit_chains(&pool).await.unwrap();
+    assert!(summary.is_intact() && summary.events == 2, "{summary:?}");
+}
+
 /// Three past days. Day 10's sessions all ended before the cutoff: its partition is
 /// dropped whole. Day 9 still holds a session (closed after the cutoff): kept, untouched.
 /// Day 8's session ended before the cutoff but a denial on it was recorded after: its

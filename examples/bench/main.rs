@@ -643,7 +643,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
         // Profiling aid only: what the audit hash chain costs per event.
         sqlx::raw_sql(
             "ALTER TABLE arbiter.session_events DROP CONSTRAINT session_events_chained;
-             ALTER TABLE arbiter.session_events DISABLE TRIGGER session_events_chain;",
+             DO $$
+             DECLARE partition regclass;
+             BEGIN
+                 FOR partition IN SELECT p.partition FROM arbiter.event_partitions() p LOOP
+                     EXECUTE format('ALTER TABLE %s DISABLE TRIGGER session_events_chain',
+                                    partition);
+                 END LOOP;
+             END
+             $$;",
         )
         .execute(storage.pool())
         .await?;

@@ -7,6 +7,11 @@
 //! `arbiter-session partitions ensure` runs it by hand, e.g. from cron where stores run with
 //! maintenance off. Retention drops whole partitions
 //! ([`purge_before`](crate::operator::retention::purge_before)).
+//!
+//! Each partition has its own audit chain trigger (migration
+//! `20261201000007_partition_local_chain.sql`), whose predecessor lookup reads that
+//! partition alone, so writing an event locks one partition however many days are kept.
+//! [`ensure`] keeps those triggers in step with the partitions.
 
 use chrono::NaiveDate;
 use serde::Serialize;
@@ -19,6 +24,11 @@ pub const MAX_DAYS_AHEAD: u16 = 366;
 
 /// Creates the partitions from yesterday to `days_ahead` days from today (UTC) that do not
 /// exist yet; returns how many it created. Safe to run from several processes at once.
+///
+/// It also installs the audit chain trigger of any partition without one (a partition
+/// attached by hand; until then, events written to it are refused by the
+/// `session_events_chained` constraint) and drops the trigger functions of partitions that
+/// are gone (a purge drops the table, not its function).
 ///
 /// # Errors
 /// The storage error; `days_ahead` above [`MAX_DAYS_AHEAD`] is refused by the database
