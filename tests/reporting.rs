@@ -4,6 +4,7 @@
 mod common;
 
 use arbiter_session::SessionError;
+use arbiter_session::clock::Clock as _;
 use arbiter_session::operator::report::{self, Format, ReportFilter};
 use arbiter_session::operator::retention::{self, EventRetention, PurgeError};
 use arbiter_session::operator::rollup;
@@ -221,6 +222,77 @@ async fn tool_and_denial_views_have_exact_rows(pool: PgPool) {
             d(2, AGENT_B, "closed"),
         ]
     );
+}
+
+/// Today's part of `tool_daily_usage` (raw events) counts a session once per tool, however
+/// many of its calls, batches and denials named the tool: migration 20261201000008 counts
+/// per session first, then per tool.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn todays_tool_usage_counts_each_session_once_per_tool(pool: PgPool) {
+    let clock = arbiter_session::testing::ManualClock::starting_now();
+    let store = store_without_upkeep(&pool, &clock);
+    let agent = Uuid::new_v4();
+    let one = store
+        .create(common::request(agent, &["search", "fetch"], 10))
+        .await
+        .expect("create");
+    let two = store
+        .create(common::request(agent, &["search"], 10))
+        .await
+        .expect("create");
+    let (one, two) = (one.session_id, two.session_id);
+    store
+        .use_session(one, "search", Some(agent))
+        .await
+        .expect("call");
+    store
+        .use_session_batch(one, &["search", "fetch"], Some(agent))
+        .await
+        .expect("batch");
+    store
+        .use_session(two, "search", Some(agent))
+        .await
+        .expect("call");
+    for session in [one, two, two] {
+        store
+            .use_session(session, "rm", Some(agent))
+            .await
+            .expect_err("rm is not authorized");
+    }
+    assert_eq!(
+        store
+            .shutdown(Duration::from_secs(5))
+            .await
+            .unrecorded_denials,
+        0
+    );
+
+    let rows = sqlx::query!(
+        r#"SELECT day AS "day!", tool AS "tool!", calls_allowed AS "allowed!",
+                  calls_denied AS "denied!", sessions AS "sessions!"
+             FROM arbiter.tool_daily_usage WHERE agent_id = $1 ORDER BY tool"#,
+        agent
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let today = clock.now().date_naive();
+    let rows: Vec<_> = rows
+        .into_iter()
+        .map(|r| (r.day, r.tool, r.allowed, r.denied, r.sessions))
+        .collect();
+    let row =
+        |tool: &str, allowed, denied, sessions| (today, tool.to_owned(), allowed, denied, sessions);
+    assert_eq!(
+        rows,
+        [
+            row("fetch", 1, 0, 1),
+            row("rm", 0, 3, 2),
+            row("search", 3, 0, 2)
+        ]
+    );
+    let [_, (tools_off, tools), ..] = views_against_raw(&pool).await;
+    assert_eq!((tools_off, tools), (0, 3));
 }
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
