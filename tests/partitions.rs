@@ -164,14 +164,25 @@ async fn every_partition_is_append_only(pool: PgPool) {
     assert_eq!(events_of(&pool, session.session_id).await, 1);
 }
 
-/// An event as the library writes it, for the session `id`, into its creation day's
+/// Writes an event as the library does for the session `id`, into its creation day's
 /// partition: the chain trigger computes its links.
-const WRITE_EVENT: &str = "INSERT INTO arbiter.session_events (
-        event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
-        status, session_version, occurred_at, instance_id, session_day)
-    SELECT gen_random_uuid(), s.session_id, s.agent_id, 'call_allowed', '{search}', 1, 1,
-           'active', s.version, now(), gen_random_uuid(), (s.created_at AT TIME ZONE 'UTC')::date
-      FROM arbiter.sessions s WHERE s.session_id = $1";
+async fn write_event(
+    conn: impl sqlx::PgExecutor<'_>,
+    id: Uuid,
+) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
+    sqlx::query!(
+        "INSERT INTO arbiter.session_events (
+             event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+             status, session_version, occurred_at, instance_id, session_day)
+         SELECT gen_random_uuid(), s.session_id, s.agent_id, 'call_allowed', '{search}', 1, 1,
+                'active', s.version, now(), gen_random_uuid(),
+                (s.created_at AT TIME ZONE 'UTC')::date
+           FROM arbiter.sessions s WHERE s.session_id = $1",
+        id
+    )
+    .execute(conn)
+    .await
+}
 
 /// Migration 20261201000007: the chain trigger's predecessor lookup names the event's own
 /// partition. Through the parent, its cached plan locked every partition on each event,
@@ -198,18 +209,16 @@ async fn writing_an_event_locks_its_own_partition_and_no_other(pool: PgPool) {
     let mut tx = pool.begin().await.expect("begin");
     // Twice: PL/pgSQL plans the lookup at the first call and reuses the plan after.
     for _ in 0..2 {
-        sqlx::query(WRITE_EVENT)
-            .bind(session.session_id)
-            .execute(&mut *tx)
+        write_event(&mut *tx, session.session_id)
             .await
             .expect("write an event");
     }
-    let locked = sqlx::query_scalar::<_, String>(
-        "SELECT DISTINCT c.oid::regclass::text FROM pg_locks l
-           JOIN pg_class c ON c.oid = l.relation
-          WHERE l.pid = pg_backend_pid() AND c.relkind IN ('r', 'p')
-            AND c.relname LIKE 'session\\_events%'
-          ORDER BY 1",
+    let locked = sqlx::query_scalar!(
+        r#"SELECT DISTINCT c.oid::regclass::text AS "name!" FROM pg_locks l
+             JOIN pg_class c ON c.oid = l.relation
+            WHERE l.pid = pg_backend_pid() AND c.relkind IN ('r', 'p')
+              AND c.relname LIKE 'session\_events%'
+            ORDER BY 1"#
     )
     .fetch_all(&mut *tx)
     .await
@@ -237,9 +246,7 @@ async fn ensure_keeps_the_chain_triggers_in_step_with_the_partitions(pool: PgPoo
     .execute(&pool)
     .await
     .expect("drop the trigger");
-    let refused = sqlx::query(WRITE_EVENT)
-        .bind(session.session_id)
-        .execute(&pool)
+    let refused = write_event(&pool, session.session_id)
         .await
         .expect_err("an unchained event");
     assert!(
@@ -257,11 +264,13 @@ async fn ensure_keeps_the_chain_triggers_in_step_with_the_partitions(pool: PgPoo
     let function_exists = |name: String| {
         let pool = pool.clone();
         async move {
-            sqlx::query_scalar::<_, bool>("SELECT to_regprocedure($1) IS NOT NULL")
-                .bind(format!("{name}_chain()"))
-                .fetch_one(&pool)
-                .await
-                .expect("to_regprocedure")
+            sqlx::query_scalar!(
+                r#"SELECT to_regprocedure($1) IS NOT NULL AS "exists!""#,
+                format!("{name}_chain()")
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("to_regprocedure")
         }
     };
     assert!(function_exists(gone.clone()).await);
@@ -272,9 +281,7 @@ async fn ensure_keeps_the_chain_triggers_in_step_with_the_partitions(pool: PgPoo
         "the dropped partition's function"
     );
     assert!(function_exists(own).await);
-    sqlx::query(WRITE_EVENT)
-        .bind(session.session_id)
-        .execute(&pool)
+    write_event(&pool, session.session_id)
         .await
         .expect("chained again");
     let summary = chain::verify_all_audit_chains(&pool).await.unwrap();

@@ -160,8 +160,9 @@ where
     Ok(sample(tasks, secs, op).await?.figure())
 }
 
-/// How many alternating slices a comparison is measured in.
-const SLICES: u32 = 5;
+/// How many alternating slices a comparison is measured in: even, so that each side runs
+/// first in half of the pairs.
+const SLICES: u32 = 6;
 
 /// Measures `a` and `b` at `tasks` for `secs` each, in alternating slices, so that drift
 /// in the database (autovacuum, checkpoints, a growing event table) weighs on both alike
@@ -180,9 +181,16 @@ where
 {
     let slice = secs / f64::from(SLICES);
     let (mut sample_a, mut sample_b) = (Sample::default(), Sample::default());
-    for _ in 0..SLICES {
-        sample_a.add(sample(tasks, slice, a.clone()).await?);
-        sample_b.add(sample(tasks, slice, b.clone()).await?);
+    for pair in 0..SLICES {
+        // A B, then B A: a drift over the run (a checkpoint ending, caches warming) that
+        // favours whichever side runs first in a pair weighs on both alike.
+        if pair % 2 == 0 {
+            sample_a.add(sample(tasks, slice, a.clone()).await?);
+            sample_b.add(sample(tasks, slice, b.clone()).await?);
+        } else {
+            sample_b.add(sample(tasks, slice, b.clone()).await?);
+            sample_a.add(sample(tasks, slice, a.clone()).await?);
+        }
     }
     Ok((sample_a.figure(), sample_b.figure()))
 }
