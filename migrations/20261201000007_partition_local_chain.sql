@@ -36,10 +36,14 @@ DECLARE
     table_name name;
     chain name;
 BEGIN
-    SELECT c.relname INTO STRICT table_name
+    SELECT c.relname INTO table_name
       FROM pg_class c
       JOIN pg_inherits i ON i.inhrelid = c.oid
      WHERE c.oid = partition AND i.inhparent = 'arbiter.session_events'::regclass;
+    IF table_name IS NULL THEN
+        RAISE EXCEPTION '% is not a partition of arbiter.session_events', partition
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     chain := table_name || '_chain';
     EXECUTE format($source$
 CREATE OR REPLACE FUNCTION arbiter.%1$I() RETURNS trigger
