@@ -229,6 +229,17 @@ async fn writing_an_event_locks_its_own_partition_and_no_other(pool: PgPool) {
     assert!(summary.is_intact() && summary.events == 3, "{summary:?}");
 }
 
+/// Whether the chain trigger function of `partition` (`arbiter.session_events_…`) exists.
+async fn chain_function_exists(pool: &PgPool, partition: &str) -> bool {
+    sqlx::query_scalar!(
+        r#"SELECT to_regprocedure($1) IS NOT NULL AS "exists!""#,
+        format!("{partition}_chain()")
+    )
+    .fetch_one(pool)
+    .await
+    .expect("to_regprocedure")
+}
+
 /// A partition attached without `create_event_partition` has no chain trigger: its events
 /// are refused (never stored unchained) until `ensure` installs it. A partition dropped
 /// without its trigger function leaves the function to `ensure`, which drops it.
@@ -261,26 +272,14 @@ async fn ensure_keeps_the_chain_triggers_in_step_with_the_partitions(pool: PgPoo
         .execute(&pool)
         .await
         .expect("drop a partition");
-    let function_exists = |name: String| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar!(
-                r#"SELECT to_regprocedure($1) IS NOT NULL AS "exists!""#,
-                format!("{name}_chain()")
-            )
-            .fetch_one(&pool)
-            .await
-            .expect("to_regprocedure")
-        }
-    };
-    assert!(function_exists(gone.clone()).await);
+    assert!(chain_function_exists(&pool, &gone).await);
 
     assert_eq!(partitions::ensure(&pool, 7).await.unwrap(), 0);
     assert!(
-        !function_exists(gone).await,
+        !chain_function_exists(&pool, &gone).await,
         "the dropped partition's function"
     );
-    assert!(function_exists(own).await);
+    assert!(chain_function_exists(&pool, &own).await);
     write_event(&pool, session.session_id)
         .await
         .expect("chained again");

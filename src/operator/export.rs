@@ -123,11 +123,18 @@ const CSV_COLUMNS: &[&str] = &[
     "hash",
 ];
 
+/// A list as one CSV cell: its values space-separated, a NULL element as an empty word.
+fn space_separated<T: ToString>(values: &[Option<T>]) -> String {
+    values
+        .iter()
+        .map(|value| value.as_ref().map(ToString::to_string).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl ExportedEvent {
     fn csv_cells(&self) -> [String; 19] {
         let opt = |value: Option<String>| value.unwrap_or_default();
-        // Space-separated, as the tools are; empty when the event counted no limited tool.
-        let joined = |values: Option<Vec<String>>| values.unwrap_or_default().join(" ");
         [
             self.event_id.to_string(),
             self.event_key.to_string(),
@@ -135,11 +142,7 @@ impl ExportedEvent {
             self.agent_id.to_string(),
             self.kind.clone(),
             opt(self.reason.clone()),
-            self.tools
-                .iter()
-                .map(|tool| tool.as_deref().unwrap_or(""))
-                .collect::<Vec<_>>()
-                .join(" "),
+            space_separated(&self.tools),
             self.calls_made.to_string(),
             self.rate_window_calls.to_string(),
             self.status.clone(),
@@ -148,18 +151,9 @@ impl ExportedEvent {
             self.recorded_at.to_rfc3339(),
             self.instance_id.to_string(),
             self.session_day.to_string(),
-            joined(self.limited_tools.as_ref().map(|tools| {
-                tools
-                    .iter()
-                    .map(|tool| tool.clone().unwrap_or_default())
-                    .collect()
-            })),
-            joined(self.tool_calls.as_ref().map(|calls| {
-                calls
-                    .iter()
-                    .map(|count| count.map(|c| c.to_string()).unwrap_or_default())
-                    .collect()
-            })),
+            // Empty when the event counted no limited tool.
+            space_separated(self.limited_tools.as_deref().unwrap_or_default()),
+            space_separated(self.tool_calls.as_deref().unwrap_or_default()),
             opt(self.prev_hash.clone()),
             opt(self.hash.clone()),
         ]
@@ -267,4 +261,46 @@ fn write_csv_row<W: Write>(
         out.write_all(csv_field(&cell).as_bytes())?;
     }
     out.write_all(b"\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_cells_are_space_separated_and_empty_when_absent() {
+        let at = DateTime::from_timestamp(1_700_000_000, 0).expect("a valid time");
+        let mut event = ExportedEvent {
+            event_id: 1,
+            event_key: Uuid::nil(),
+            session_id: Uuid::nil(),
+            agent_id: Uuid::nil(),
+            kind: "batch_allowed".to_owned(),
+            reason: None,
+            tools: vec![Some("search".to_owned()), Some("write_file".to_owned())],
+            calls_made: 3,
+            rate_window_calls: 3,
+            status: "active".to_owned(),
+            session_version: Some(2),
+            occurred_at: at,
+            recorded_at: at,
+            instance_id: Uuid::nil(),
+            session_day: at.date_naive(),
+            limited_tools: Some(vec![Some("write_file".to_owned())]),
+            tool_calls: Some(vec![Some(2)]),
+            prev_hash: None,
+            hash: None,
+        };
+        let column = |name: &str| CSV_COLUMNS.iter().position(|c| *c == name).expect(name);
+        let cells = event.csv_cells();
+        assert_eq!(cells[column("tools")], "search write_file");
+        assert_eq!(cells[column("limited_tools")], "write_file");
+        assert_eq!(cells[column("tool_calls")], "2");
+
+        event.limited_tools = None;
+        event.tool_calls = None;
+        let cells = event.csv_cells();
+        assert_eq!(cells[column("limited_tools")], "");
+        assert_eq!(cells[column("tool_calls")], "");
+    }
 }
