@@ -27,6 +27,9 @@ const DAYS: u32 = 30;
 /// Events per historical session: created, 97 calls, a denial, closed.
 const EVENTS_PER_SESSION: u64 = 100;
 const AGENTS: usize = 20;
+/// How far behind its start today's rollup counts (`arbiter.rollup_today_lag()`), and a
+/// second more.
+const TODAY_LAG: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// The figures of the history, beside the throughput ones recorded in [`Bench`].
 #[derive(Debug, Serialize)]
@@ -39,8 +42,10 @@ pub struct HistoryFigures {
     pub rollup_s: f64,
     /// Each report, since yesterday and over 30 days, in milliseconds (best of three).
     pub reports_ms: BTreeMap<String, f64>,
-    /// Events of today in the raw part of the reports when they were measured.
+    /// Events of today when the reports were measured.
     pub events_today: i64,
+    /// Of those, the events the reports read raw (the rest come from today's rollup).
+    pub events_raw: i64,
     /// `export` of one whole historical day, events per second.
     pub export_events_per_s: f64,
     /// `verify` of every chain, links (events and denials) per second.
@@ -241,6 +246,22 @@ pub async fn history(bench: &mut Bench, events: u64) -> Result<HistoryFigures, B
     )
     .fetch_one(&history_pool)
     .await?;
+    // The stores' upkeep rolls today up every minute, to a few seconds before it runs
+    // (arbiter.rollup_today_lag). The reports are measured after such a rollup, once those
+    // seconds have passed since the last write: what they read raw is then what a
+    // deployment's report reads beside the rollups, the events since the last upkeep.
+    tokio::time::sleep(TODAY_LAG).await;
+    let rolled = rollup::roll_up(&history_pool).await?;
+    if rolled.today_until.is_none() {
+        return Err(format!("today was not rolled up: {rolled:?}").into());
+    }
+    let events_raw = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM arbiter.session_events
+            WHERE occurred_at >= arbiter.rollup_raw_from()"#
+    )
+    .fetch_one(&history_pool)
+    .await?;
+    eprintln!("reports: {events_today} events of today, {events_raw} of them read raw");
     let reports_ms = reports(&history_pool, today).await?;
 
     let day = today - Days::new(2);
@@ -303,6 +324,7 @@ pub async fn history(bench: &mut Bench, events: u64) -> Result<HistoryFigures, B
         rollup_s,
         reports_ms,
         events_today,
+        events_raw,
         export_events_per_s,
         verify_links_per_s,
         purge_day_ms,

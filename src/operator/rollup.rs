@@ -5,15 +5,19 @@
 //! report reads one row per agent, tool, reason or session and day instead of the events. The views read rollups before the *rollup horizon* and raw events from it
 //! on; their answers are exactly those of the raw events (the migration states why).
 //!
-//! The store rolls up at start and daily with its upkeep (see
+//! Today is rolled up as it goes (migration `20261201000009_rollup_today.sql`): up to a few
+//! seconds before each rollup, so that one day's report reads the events since the last
+//! rollup, not the whole day's.
+//!
+//! The store rolls up at start and then every minute with its upkeep (see
 //! [`SessionStoreBuilder::maintenance_interval`](crate::SessionStoreBuilder::maintenance_interval));
 //! `arbiter-session rollup` does it by hand, e.g. from cron where stores run with upkeep off.
-//! A late event (one that occurred on a day already rolled up) sends its day back to raw
-//! events until the next rollup.
+//! A late event (one that occurred on a day already rolled up, or before the instant today
+//! is rolled up to) sends its day back to raw events until the next rollup.
 
 use std::time::Duration;
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -43,12 +47,18 @@ pub struct RollupOutcome {
     /// process's rollup of it, in flight); it and the days after it stay with the raw
     /// events until the next rollup.
     pub stopped_at: Option<NaiveDate>,
+    /// The instant today is rolled up to: the reports read today's events before it from
+    /// the rollup and the rest raw. `None` when it was not rolled up: a day before it is
+    /// not sealed (busy, see `stopped_at`, or the trail's first day: no day is over yet),
+    /// or another rollup of today or an insert of today's events held it up for 10 s.
+    pub today_until: Option<DateTime<Utc>>,
 }
 
 /// Rolls up every day that is over and not sealed yet, oldest first, one transaction per
-/// day. Safe to run from several processes at once, and beside the gateways: a day is
-/// counted while no insert of one of its events is in flight, and an insert waits at most
-/// for one day's count.
+/// day, then today up to a few seconds ago. Safe to run from several processes at once,
+/// and beside the gateways: a day is counted while no insert of one of its events is in
+/// flight, and an insert waits at most for one day's count; today's rollup waits for the
+/// inserts in flight when it starts, and only a late event waits for it.
 ///
 /// # Errors
 /// The storage error; the days sealed before it stay sealed.
@@ -68,10 +78,16 @@ pub async fn roll_up(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
                 // The horizon is the first day not sealed: sealing later days would not
                 // move it, so the rollup stops here.
                 outcome.stopped_at = Some(day);
-                break;
+                return Ok(outcome);
             }
         }
     }
+    // Today's rollup is read only once every day before it is sealed.
+    let mut tx = unhurried(pool).await?;
+    outcome.today_until = sqlx::query_scalar!("SELECT arbiter.rollup_today()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
     Ok(outcome)
 }
 

@@ -136,12 +136,12 @@ pub trait Storage: Send + Sync + 'static {
         None
     }
 
-    /// Periodic upkeep, run by the store when it is first used and then daily (see
+    /// Periodic upkeep, run by the store when it is first used and then every minute (see
     /// [`SessionStoreBuilder::maintenance_interval`](crate::SessionStoreBuilder::maintenance_interval)).
     /// [`PgStorage`] creates the audit trail's partitions for the days ahead
-    /// (`arbiter.ensure_event_partitions`) and rolls up the days that are over for the
-    /// reports ([`operator::rollup`](crate::operator::rollup)). Idempotent, and safe to run from several
-    /// processes at once. The default does nothing.
+    /// (`arbiter.ensure_event_partitions`) and rolls up the days that are over, and today so
+    /// far, for the reports ([`operator::rollup`](crate::operator::rollup)). Idempotent, and
+    /// safe to run from several processes at once. The default does nothing.
     fn maintain(&self) -> impl Future<Output = Result<(), StorageError>> + Send {
         async { Ok(()) }
     }

@@ -26,7 +26,7 @@ const STORAGE_TIMEOUT: Duration = Duration::from_secs(5);
 const DENIAL_BUFFER: usize = 10_000;
 const NEGATIVE_CAPACITY: u64 = 10_000;
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
-const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Builds a [`SessionStore`]. Obtained from [`SessionStore::builder`].
 #[derive(Debug)]
@@ -129,11 +129,13 @@ impl<S: Storage> SessionStoreBuilder<S> {
     }
 
     /// How often the store runs the storage's upkeep ([`Storage::maintain`]: for PostgreSQL,
-    /// creating the audit trail's daily partitions a week ahead and rolling up the days
-    /// that are over for the reports): when the store is first
-    /// used, then at this interval (default 24 h, at least a minute). `None` runs none; the
-    /// operator then runs `arbiter-session partitions ensure` daily (events of a day without
-    /// a partition still land, in the default partition, where retention cannot drop them
+    /// creating the audit trail's daily partitions a week ahead, rolling up the days that
+    /// are over for the reports, and today up to a few seconds ago): when the store is
+    /// first used, then at this interval (default and least: a minute). One day's report
+    /// reads the events since the last rollup raw, so a longer interval makes it dearer.
+    /// `None` runs none; the operator then runs `arbiter-session partitions ensure` daily
+    /// and `arbiter-session rollup` as often as reports need (events of a day without a
+    /// partition still land, in the default partition, where retention cannot drop them
     /// whole).
     pub fn maintenance_interval(mut self, every: Option<Duration>) -> Self {
         self.maintenance_interval = every;

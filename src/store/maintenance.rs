@@ -1,6 +1,7 @@
 //! Upkeep: the storage's periodic maintenance ([`Storage::maintain`]; for PostgreSQL,
-//! creating the audit trail's daily partitions ahead), run when the store is first used and
-//! then every `maintenance_interval` (a day by default).
+//! creating the audit trail's daily partitions ahead and rolling up for the reports), run
+//! when the store is first used and then every `maintenance_interval` (a minute by
+//! default).
 //!
 //! Nothing the store decides depends on it: an event whose day has no partition yet lands
 //! in the default partition. It keeps the audit trail cheap (one partition per day, dropped
@@ -27,7 +28,8 @@ use crate::storage::Storage;
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 /// When a failed run is tried again (unless the interval is shorter).
 const RETRY_AFTER: Duration = Duration::from_secs(60);
-/// The shortest interval: the upkeep is DDL, not something to run in a loop.
+/// The shortest interval: the upkeep may create partitions (DDL) and count a minute of
+/// events, not something to run in a loop.
 const MIN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The maintenance schedule, its task and what it did.

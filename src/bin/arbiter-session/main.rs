@@ -332,7 +332,18 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                      until the next rollup"
                 ),
                 (None, Some(horizon)) => {
-                    println!("reports read rollups before {horizon} and raw events from it on")
+                    println!("reports read rollups before {horizon} and raw events from it on");
+                    match outcome.today_until {
+                        Some(until) => println!(
+                            "today's events are rolled up to {}",
+                            until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                        ),
+                        None => eprintln!(
+                            "arbiter-session: today is busy (another rollup of it, or an \
+                             insert of its events, in flight); the reports read it from raw \
+                             events until the next rollup"
+                        ),
+                    }
                 }
                 (None, None) => println!("no day to roll up"),
             }

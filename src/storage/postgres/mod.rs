@@ -338,7 +338,7 @@ impl Storage for PgStorage {
 
     /// Creates the audit trail's partitions for yesterday through a week ahead that do not
     /// exist yet (`arbiter.ensure_event_partitions`), then rolls up the days that are over
-    /// ([`operator::rollup::roll_up`](crate::operator::rollup::roll_up)).
+    /// and today so far ([`operator::rollup::roll_up`](crate::operator::rollup::roll_up)).
     async fn maintain(&self) -> Result<(), StorageError> {
         sqlx::query_scalar!("SELECT arbiter.ensure_event_partitions()")
             .fetch_one(&self.pool)
