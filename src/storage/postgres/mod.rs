@@ -346,6 +346,11 @@ impl Storage for PgStorage {
         let rollup = crate::operator::rollup::roll_up(&self.pool).await?;
         if let Some(day) = rollup.stopped_at {
             tracing::info!(%day, "rollup stopped at a busy day (inserts or another rollup in flight); the next upkeep goes on");
+        } else if rollup.today_until.is_none() {
+            // Most often another process's upkeep rolling today up at the same time.
+            tracing::debug!(
+                "today's rollup is busy (another rollup of it, or an insert of today's events, in flight); the next upkeep goes on"
+            );
         }
         Ok(())
     }
