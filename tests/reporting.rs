@@ -1262,14 +1262,7 @@ async fn todays_rollup_stays_exact_beside_concurrent_writers(pool: PgPool) {
             tokio::spawn(async move {
                 let agent = Uuid::new_v4();
                 for _ in 0..4 {
-                    match at {
-                        Some(at) => {
-                            session_at(&pool, at, agent).await;
-                        }
-                        None => {
-                            session_at(&pool, Utc::now(), agent).await;
-                        }
-                    }
+                    session_at(&pool, at.unwrap_or_else(Utc::now), agent).await;
                 }
             })
         })

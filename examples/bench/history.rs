@@ -27,9 +27,6 @@ const DAYS: u32 = 30;
 /// Events per historical session: created, 97 calls, a denial, closed.
 const EVENTS_PER_SESSION: u64 = 100;
 const AGENTS: usize = 20;
-/// How far behind its start today's rollup counts (`arbiter.rollup_today_lag()`), and a
-/// second more.
-const TODAY_LAG: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// The figures of the history, beside the throughput ones recorded in [`Bench`].
 #[derive(Debug, Serialize)]
@@ -250,7 +247,12 @@ pub async fn history(bench: &mut Bench, events: u64) -> Result<HistoryFigures, B
     // (arbiter.rollup_today_lag). The reports are measured after such a rollup, once those
     // seconds have passed since the last write: what they read raw is then what a
     // deployment's report reads beside the rollups, the events since the last upkeep.
-    tokio::time::sleep(TODAY_LAG).await;
+    let lag_s = sqlx::query_scalar!(
+        r#"SELECT extract(epoch FROM arbiter.rollup_today_lag())::float8 AS "seconds!""#
+    )
+    .fetch_one(&history_pool)
+    .await?;
+    tokio::time::sleep(std::time::Duration::from_secs_f64(lag_s + 1.0)).await;
     let rolled = rollup::roll_up(&history_pool).await?;
     if rolled.today_until.is_none() {
         return Err(format!("today was not rolled up: {rolled:?}").into());
