@@ -102,6 +102,10 @@ impl Sample {
         self.elapsed_s += other.elapsed_s;
     }
 
+    fn ops_per_s(&self) -> f64 {
+        self.latencies_ns.len() as f64 / self.elapsed_s
+    }
+
     fn figure(mut self) -> Figure {
         self.latencies_ns.sort_unstable();
         let latencies = &self.latencies_ns;
@@ -113,7 +117,7 @@ impl Sample {
             f64::from(latencies[index]) / 1000.0
         };
         Figure {
-            ops_per_s: latencies.len() as f64 / self.elapsed_s,
+            ops_per_s: self.ops_per_s(),
             p50_us: pick(0.50),
             p99_us: pick(0.99),
         }
@@ -160,13 +164,13 @@ where
     Ok(sample(tasks, secs, op).await?.figure())
 }
 
-/// How many alternating slices a comparison is measured in: even, so that each side runs
-/// first in half of the pairs.
-const SLICES: u32 = 6;
+/// How many alternating pairs of slices a comparison is measured in: even, so that each
+/// side runs first in half of the pairs.
+const PAIRS: u32 = 6;
 
-/// Measures `a` and `b` at `tasks` for `secs` each, in alternating slices, so that drift
-/// in the database (autovacuum, checkpoints, a growing event table) weighs on both alike
-/// instead of on whichever ran second.
+/// Measures `a` and `b` at `tasks` for `secs` each, in [`PAIRS`] alternating slices, so
+/// that drift in the database (autovacuum, checkpoints, a growing event table) weighs on
+/// both alike instead of on whichever ran second.
 async fn compare<A, FA, B, FB>(
     tasks: usize,
     secs: f64,
@@ -179,20 +183,53 @@ where
     B: Fn(usize) -> FB + Clone + Send + Sync + 'static,
     FB: Future<Output = Result<(), String>> + Send,
 {
-    let slice = secs / f64::from(SLICES);
+    let compared = compare_in(tasks, PAIRS, secs / f64::from(PAIRS), a, b).await?;
+    Ok((compared.a, compared.b))
+}
+
+/// Both sides of a comparison and, for each pair of slices, `b`'s throughput over `a`'s:
+/// their spread is how far one slice's ratio can be trusted.
+struct Comparison {
+    a: Figure,
+    b: Figure,
+    pair_ratios: Vec<f64>,
+}
+
+/// [`compare`] in `pairs` pairs of slices of `slice_secs` each (`pairs` even: A B, then
+/// B A, so that a drift over the run (a checkpoint ending, caches warming) that favours
+/// whichever side runs first in a pair weighs on both alike).
+async fn compare_in<A, FA, B, FB>(
+    tasks: usize,
+    pairs: u32,
+    slice_secs: f64,
+    a: A,
+    b: B,
+) -> Result<Comparison, Box<dyn Error>>
+where
+    A: Fn(usize) -> FA + Clone + Send + Sync + 'static,
+    FA: Future<Output = Result<(), String>> + Send,
+    B: Fn(usize) -> FB + Clone + Send + Sync + 'static,
+    FB: Future<Output = Result<(), String>> + Send,
+{
     let (mut sample_a, mut sample_b) = (Sample::default(), Sample::default());
-    for pair in 0..SLICES {
-        // A B, then B A: a drift over the run (a checkpoint ending, caches warming) that
-        // favours whichever side runs first in a pair weighs on both alike.
-        if pair % 2 == 0 {
-            sample_a.add(sample(tasks, slice, a.clone()).await?);
-            sample_b.add(sample(tasks, slice, b.clone()).await?);
+    let mut pair_ratios = Vec::with_capacity(pairs as usize);
+    for pair in 0..pairs {
+        let (slice_a, slice_b) = if pair % 2 == 0 {
+            let slice_a = sample(tasks, slice_secs, a.clone()).await?;
+            (slice_a, sample(tasks, slice_secs, b.clone()).await?)
         } else {
-            sample_b.add(sample(tasks, slice, b.clone()).await?);
-            sample_a.add(sample(tasks, slice, a.clone()).await?);
-        }
+            let slice_b = sample(tasks, slice_secs, b.clone()).await?;
+            (sample(tasks, slice_secs, a.clone()).await?, slice_b)
+        };
+        pair_ratios.push(slice_b.ops_per_s() / slice_a.ops_per_s());
+        sample_a.add(slice_a);
+        sample_b.add(slice_b);
     }
-    Ok((sample_a.figure(), sample_b.figure()))
+    Ok(Comparison {
+        a: sample_a.figure(),
+        b: sample_b.figure(),
+        pair_ratios,
+    })
 }
 
 /// One call of a measured operation.
