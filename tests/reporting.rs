@@ -1300,3 +1300,103 @@ async fn todays_rollup_stays_exact_beside_concurrent_writers(pool: PgPool) {
     let [agents, tools, reasons, _] = views_against_raw(&pool).await;
     assert_eq!([agents.0, tools.0, reasons.0], [0, 0, 0]);
 }
+
+/// Rows a BRIN scan of `partition` for events an hour ahead (there are none) reads and
+/// throws away: every row of a block range without a summary.
+async fn rows_rechecked_by_brin(pool: &PgPool, partition: &str) -> i64 {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
+    let mut tx = pool.begin().await.expect("begin");
+    // Only a bitmap scan is left, and only the BRIN index can serve it.
+    sqlx::query!("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await
+        .expect("set");
+    sqlx::query!("SET LOCAL enable_indexscan = off")
+        .execute(&mut *tx)
+        .await
+        .expect("set");
+    // EXPLAIN of a table named at run time cannot be a checked macro.
+    let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, FORMAT JSON)
+         SELECT count(*) FROM {partition} WHERE occurred_at > now() + interval '1 hour'"
+    )))
+    .fetch_one(&mut *tx)
+    .await
+    .expect("explain");
+    fn find(node: &serde_json::Value) -> Option<i64> {
+        if node.get("Node Type").and_then(|t| t.as_str()) == Some("Bitmap Heap Scan") {
+            return Some(
+                node.get("Rows Removed by Index Recheck")
+                    .and_then(serde_json::Value::as_i64)
+                    .unwrap_or(0),
+            );
+        }
+        node.get("Plans")?.as_array()?.iter().find_map(find)
+    }
+    find(&plan[0]["Plan"]).unwrap_or_else(|| panic!("no bitmap scan: {plan}"))
+}
+
+/// Whether `partition` (`arbiter.session_events_…`) has statistics on `occurred_at`.
+async fn has_occurred_at_statistics(pool: &PgPool, partition: &str) -> bool {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM pg_stats
+                           WHERE schemaname || '.' || tablename = $1
+                             AND attname = 'occurred_at') AS "exists!""#,
+        partition
+    )
+    .fetch_one(pool)
+    .await
+    .expect("pg_stats")
+}
+
+/// Migration 20261203000010: the rollup leaves today's partition so that the reports' raw
+/// read of today (from the instant rolled up to) reads only the newest blocks: its BRIN
+/// ranges summarized, and statistics that show the planner occurred_at's order. Without
+/// them (autovacuum off, or not yet come round) a BRIN scan reads every row written since
+/// the last VACUUM, and the planner reads the whole partition instead.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn the_rollup_keeps_todays_partition_ready_for_the_raw_read(pool: PgPool) {
+    let id = session_at(&pool, Utc::now(), AGENT_A).await;
+    let partition = format!("arbiter.session_events_{}", Utc::now().format("%Y%m%d"));
+    // Autovacuum, where it is on, would do the same some time: not during this test.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE {partition} SET (autovacuum_enabled = false)"
+    )))
+    .execute(&pool)
+    .await
+    .expect("autovacuum off");
+    let written = sqlx::query!(
+        "INSERT INTO arbiter.session_events (
+             event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+             status, session_version, occurred_at, instance_id, session_day)
+         SELECT gen_random_uuid(), s.session_id, s.agent_id, 'call_allowed', '{search}', 1, 1,
+                'closed', s.version, clock_timestamp(), gen_random_uuid(),
+                (s.created_at AT TIME ZONE 'UTC')::date
+           FROM arbiter.sessions s, generate_series(1, 3000)
+          WHERE s.session_id = $1",
+        id
+    )
+    .execute(&pool)
+    .await
+    .expect("write today's events")
+    .rows_affected();
+    assert_eq!(written, 3000);
+    // Of the 3,006 events, those after the first block range (which has a summary from the
+    // index's creation on, kept up by each insert) are in ranges without one.
+    let rechecked = rows_rechecked_by_brin(&pool, &partition).await;
+    assert!(rechecked > 1000, "{rechecked} rows read in vain");
+    assert!(!has_occurred_at_statistics(&pool, &partition).await);
+
+    roll_up_today(&pool).await;
+    assert_eq!(rows_rechecked_by_brin(&pool, &partition).await, 0);
+    assert!(has_occurred_at_statistics(&pool, &partition).await);
+    // The rollup does not analyze it again: once is what the planner needs.
+    let analyzed = sqlx::query_scalar!("SELECT arbiter.refresh_recent_partitions()")
+        .fetch_one(&pool)
+        .await
+        .expect("refresh");
+    assert_eq!(analyzed, Some(0));
+}

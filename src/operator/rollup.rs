@@ -7,7 +7,10 @@
 //!
 //! Today is rolled up as it goes (migration `20261201000009_rollup_today.sql`): up to a few
 //! seconds before each rollup, so that one day's report reads the events since the last
-//! rollup, not the whole day's.
+//! rollup, not the whole day's. The rollup then summarizes the new BRIN ranges of the
+//! partitions that hold today's events, and analyzes one that has no statistics yet
+//! (migration `20261203000010_recent_partition_upkeep.sql`), so that the report finds
+//! those events without reading the rest of the day.
 //!
 //! The store rolls up at start and then every minute with its upkeep (see
 //! [`SessionStoreBuilder::maintenance_interval`](crate::SessionStoreBuilder::maintenance_interval));
@@ -55,7 +58,8 @@ pub struct RollupOutcome {
 }
 
 /// Rolls up every day that is over and not sealed yet, oldest first, one transaction per
-/// day, then today up to a few seconds ago. Safe to run from several processes at once,
+/// day, then today up to a few seconds ago, then summarizes the new BRIN ranges of the
+/// partitions holding today's events (and analyzes one that has no statistics yet). Safe to run from several processes at once,
 /// and beside the gateways: a day is counted while no insert of one of its events is in
 /// flight, and an insert waits at most for one day's count; today's rollup waits for the
 /// inserts in flight when it starts, and only a late event waits for it.
@@ -85,6 +89,13 @@ pub async fn roll_up(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
     // Today's rollup is read only once every day before it is sealed.
     let mut tx = unhurried(pool).await?;
     outcome.today_until = sqlx::query_scalar!("SELECT arbiter.rollup_today()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    // What the reports' raw read of today needs from the partitions (BRIN summaries,
+    // statistics), where autovacuum has not given it yet: migration 20261203000010.
+    let mut tx = unhurried(pool).await?;
+    sqlx::query_scalar!("SELECT arbiter.refresh_recent_partitions()")
         .fetch_one(&mut *tx)
         .await?;
     tx.commit().await?;
