@@ -1400,3 +1400,62 @@ async fn the_rollup_keeps_todays_partition_ready_for_the_raw_read(pool: PgPool) 
         .expect("refresh");
     assert_eq!(analyzed, Some(0));
 }
+
+/// The refresh never waits for a partition's lock: the one holding it is a VACUUM, an
+/// ANALYZE or another rollup, and a waiting request would make PostgreSQL cancel an
+/// autovacuum of the partition. It skips the partition until the next rollup.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn refreshing_skips_a_partition_whose_lock_is_held(pool: PgPool) {
+    let id = session_at(&pool, Utc::now(), AGENT_A).await;
+    let partition = format!("arbiter.session_events_{}", Utc::now().format("%Y%m%d"));
+    sqlx::query!(
+        "INSERT INTO arbiter.session_events (
+             event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+             status, session_version, occurred_at, instance_id, session_day)
+         SELECT gen_random_uuid(), s.session_id, s.agent_id, 'call_allowed', '{search}', 1, 1,
+                'closed', s.version, clock_timestamp(), gen_random_uuid(),
+                (s.created_at AT TIME ZONE 'UTC')::date
+           FROM arbiter.sessions s, generate_series(1, 3000)
+          WHERE s.session_id = $1",
+        id
+    )
+    .execute(&pool)
+    .await
+    .expect("write today's events");
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {partition} IN SHARE UPDATE EXCLUSIVE MODE"
+    )))
+    .execute(&mut *holder)
+    .await
+    .expect("hold the partition's lock");
+
+    // A wait would end in this timeout's error.
+    let mut conn = pool.acquire().await.expect("acquire");
+    sqlx::query!("SET statement_timeout = '2s'")
+        .execute(&mut *conn)
+        .await
+        .expect("set");
+    let analyzed = sqlx::query_scalar!("SELECT arbiter.refresh_recent_partitions()")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("the refresh skips the held partition");
+    assert_eq!(analyzed, Some(0));
+    assert!(!has_occurred_at_statistics(&pool, &partition).await);
+
+    holder.rollback().await.expect("release");
+    let analyzed = sqlx::query_scalar!("SELECT arbiter.refresh_recent_partitions()")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("refresh");
+    assert_eq!(analyzed, Some(1));
+    assert!(has_occurred_at_statistics(&pool, &partition).await);
+    sqlx::query!("RESET statement_timeout")
+        .execute(&mut *conn)
+        .await
+        .expect("reset");
+}
