@@ -1352,6 +1352,27 @@ async fn has_occurred_at_statistics(pool: &PgPool, partition: &str) -> bool {
     .expect("pg_stats")
 }
 
+/// Writes 3,000 calls of the session `id` with SQL, through the chain trigger, into its
+/// creation day's partition: enough blocks for several BRIN ranges.
+async fn write_3000_calls(pool: &PgPool, id: Uuid) {
+    let written = sqlx::query!(
+        "INSERT INTO arbiter.session_events (
+             event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
+             status, session_version, occurred_at, instance_id, session_day)
+         SELECT gen_random_uuid(), s.session_id, s.agent_id, 'call_allowed', '{search}', 1, 1,
+                'closed', s.version, clock_timestamp(), gen_random_uuid(),
+                (s.created_at AT TIME ZONE 'UTC')::date
+           FROM arbiter.sessions s, generate_series(1, 3000)
+          WHERE s.session_id = $1",
+        id
+    )
+    .execute(pool)
+    .await
+    .expect("write today's events")
+    .rows_affected();
+    assert_eq!(written, 3000);
+}
+
 /// Migration 20261203000010: the rollup leaves today's partition so that the reports' raw
 /// read of today (from the instant rolled up to) reads only the newest blocks: its BRIN
 /// ranges summarized, and statistics that show the planner occurred_at's order. Without
@@ -1368,22 +1389,7 @@ async fn the_rollup_keeps_todays_partition_ready_for_the_raw_read(pool: PgPool) 
     .execute(&pool)
     .await
     .expect("autovacuum off");
-    let written = sqlx::query!(
-        "INSERT INTO arbiter.session_events (
-             event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
-             status, session_version, occurred_at, instance_id, session_day)
-         SELECT gen_random_uuid(), s.session_id, s.agent_id, 'call_allowed', '{search}', 1, 1,
-                'closed', s.version, clock_timestamp(), gen_random_uuid(),
-                (s.created_at AT TIME ZONE 'UTC')::date
-           FROM arbiter.sessions s, generate_series(1, 3000)
-          WHERE s.session_id = $1",
-        id
-    )
-    .execute(&pool)
-    .await
-    .expect("write today's events")
-    .rows_affected();
-    assert_eq!(written, 3000);
+    write_3000_calls(&pool, id).await;
     // Of the 3,006 events, those after the first block range (which has a summary from the
     // index's creation on, kept up by each insert) are in ranges without one.
     let rechecked = rows_rechecked_by_brin(&pool, &partition).await;
@@ -1408,20 +1414,7 @@ async fn the_rollup_keeps_todays_partition_ready_for_the_raw_read(pool: PgPool) 
 async fn refreshing_skips_a_partition_whose_lock_is_held(pool: PgPool) {
     let id = session_at(&pool, Utc::now(), AGENT_A).await;
     let partition = format!("arbiter.session_events_{}", Utc::now().format("%Y%m%d"));
-    sqlx::query!(
-        "INSERT INTO arbiter.session_events (
-             event_key, session_id, agent_id, kind, tools, calls_made, rate_window_calls,
-             status, session_version, occurred_at, instance_id, session_day)
-         SELECT gen_random_uuid(), s.session_id, s.agent_id, 'call_allowed', '{search}', 1, 1,
-                'closed', s.version, clock_timestamp(), gen_random_uuid(),
-                (s.created_at AT TIME ZONE 'UTC')::date
-           FROM arbiter.sessions s, generate_series(1, 3000)
-          WHERE s.session_id = $1",
-        id
-    )
-    .execute(&pool)
-    .await
-    .expect("write today's events");
+    write_3000_calls(&pool, id).await;
     #[expect(
         clippy::disallowed_methods,
         reason = "a test's transaction, never cancelled"
