@@ -34,7 +34,11 @@ async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
     let blocks = sql_blocks(questions);
     assert_eq!(blocks.len(), 10, "the guide answers ten questions");
     let schema_blocks = sql_blocks(schema);
-    assert_eq!(schema_blocks.len(), 2, "the partitions and rollups queries");
+    assert_eq!(
+        schema_blocks.len(),
+        3,
+        "the partitions, recent sessions and rollups queries"
+    );
     let mut rows = Vec::new();
     for sql in schema_blocks.iter().chain(&blocks) {
         // The guide's SQL is text meant to be pasted; it cannot be a checked macro.
@@ -47,6 +51,8 @@ async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
     // The partitions query: the default partition (where the data set's days of 2026-03
     // went) and the nine days the migration created.
     assert_eq!(rows.remove(0).len(), 10);
+    // The sessions of the last 24 hours that were denied: the data set's are of 2026-03.
+    assert_eq!(rows.remove(0).len(), 0);
     // The rollups query: one row, whatever the data set's store rolled up.
     assert_eq!(rows.remove(0).len(), 1);
     // On the data set: S1 ran out of budget; agent A's 2026-03-02 had one active hour;

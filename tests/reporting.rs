@@ -516,6 +516,42 @@ async fn one_session_and_one_agent_day_are_found_by_index(pool: PgPool) {
     }
 }
 
+/// A report of the sessions since a day reads the totals of that day's sessions on, by their
+/// index (migration `20261205000011`): the range reaches `session_rollup` through the
+/// function's parameter, which a condition on the view's `created_at` could not. Its rows
+/// are the view's of that range.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn a_report_since_a_day_reads_the_totals_of_that_range_only(pool: PgPool) {
+    known_dataset(&pool).await;
+    roll_up_all(&pool).await;
+    let plan = plan(
+        &pool,
+        "SELECT * FROM arbiter.session_utilization_since('2026-03-02')",
+    )
+    .await;
+    assert!(plan.contains("session_rollup_by_day"), "{plan}");
+    assert!(
+        !plan.contains("Function Scan on session_utilization_since"),
+        "inlined: {plan}"
+    );
+    let (off, rows) = sqlx::query!(
+        r#"WITH since AS (
+               SELECT * FROM arbiter.session_utilization_since('2026-03-02')
+           ), viewed AS (
+               SELECT * FROM arbiter.session_utilization WHERE created_at >= '2026-03-02'
+           )
+           SELECT (SELECT count(*) FROM ((SELECT * FROM since EXCEPT ALL SELECT * FROM viewed)
+                   UNION ALL (SELECT * FROM viewed EXCEPT ALL SELECT * FROM since)) d) AS "off!",
+                  (SELECT count(*) FROM since) AS "rows!""#
+    )
+    .fetch_one(&pool)
+    .await
+    .map(|r| (r.off, r.rows))
+    .expect("the report against the view");
+    // S2 and S3, of day 2.
+    assert_eq!((off, rows), (0, 2));
+}
+
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn purge_deletes_only_ended_sessions_and_events_only_when_asked(pool: PgPool) {
     let data = known_dataset(&pool).await;
@@ -856,6 +892,7 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
     );
     assert_eq!(rollup::horizon(&pool).await.unwrap(), Some(today));
     assert_eq!(views_against_raw(&pool).await, late);
+    assert_eq!(session_totals_off(&pool).await, 0);
 
     // Retention counts again the days it removed events of. The data set goes; a session
     // of day 2 that ended after the cutoff stays, in day 2's rollup.
@@ -898,6 +935,107 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
         views_against_raw(&pool).await,
         [(0, 1), (0, 1), (0, 0), (0, 1)]
     );
+    assert_eq!(session_totals_off(&pool).await, 0);
+}
+
+/// Rows of `arbiter.session_rollup` that are not exactly the totals of their session's rows
+/// of `arbiter.session_day_rollup`, and totals missing from it (migration
+/// `20261205000011`): 0 when its invariant holds.
+async fn session_totals_off(pool: &PgPool) -> i64 {
+    sqlx::query_scalar!(
+        r#"WITH expected AS (
+               SELECT session_id, sum(denials)::bigint AS denials, min(closed_at) AS closed_at,
+                      max(day) AS last_day
+                 FROM arbiter.session_day_rollup GROUP BY session_id
+           ), kept AS (
+               SELECT session_id, denials, closed_at, last_day FROM arbiter.session_rollup
+           )
+           SELECT count(*) AS "off!"
+             FROM ((SELECT * FROM expected EXCEPT ALL SELECT * FROM kept)
+                   UNION ALL (SELECT * FROM kept EXCEPT ALL SELECT * FROM expected)) d"#
+    )
+    .fetch_one(pool)
+    .await
+    .expect("session totals")
+}
+
+/// A session's totals over two days stay exact when the two days are rolled up at once:
+/// the second rollup waits for the first's totals, instead of writing totals that miss
+/// its day.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn session_totals_stay_exact_when_two_of_its_days_roll_up_at_once(pool: PgPool) {
+    // A session across midnight two days ago: a denial on each day, closed on the second.
+    let yesterday = Utc::now().date_naive() - chrono::Days::new(1);
+    let before = yesterday - chrono::Days::new(1);
+    let clock = arbiter_session::testing::ManualClock::new(
+        before.and_hms_opt(23, 59, 58).unwrap().and_utc(),
+    );
+    let store = store_without_upkeep(&pool, &clock);
+    let id = store
+        .create(common::request(AGENT_A, &["search"], 5))
+        .await
+        .expect("create")
+        .session_id;
+    store
+        .use_session(id, "rm", Some(AGENT_A))
+        .await
+        .expect_err("rm is not authorized");
+    clock.set(yesterday.and_hms_opt(0, 0, 2).unwrap().and_utc());
+    store
+        .use_session(id, "rm", Some(AGENT_A))
+        .await
+        .expect_err("rm is not authorized");
+    store.close(id).await.expect("close");
+    assert_eq!(
+        store
+            .shutdown(Duration::from_secs(5))
+            .await
+            .unrecorded_denials,
+        0
+    );
+
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
+    let mut first = pool.begin().await.unwrap();
+    let counted = sqlx::query_scalar!("SELECT arbiter.rollup_day($1)", before)
+        .fetch_one(&mut *first)
+        .await
+        .unwrap();
+    assert_eq!(counted, Some(2));
+    let second = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            sqlx::query_scalar!("SELECT arbiter.rollup_day($1)", yesterday)
+                .fetch_one(&pool)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "the second day's totals wait for the first's"
+    );
+    first.commit().await.unwrap();
+    assert_eq!(second.await.unwrap().unwrap(), Some(2));
+
+    let totals = sqlx::query!(
+        "SELECT denials, closed_at, last_day FROM arbiter.session_rollup WHERE session_id = $1",
+        id
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the session's totals");
+    assert_eq!(totals.denials, 2);
+    assert_eq!(
+        totals.closed_at,
+        Some(yesterday.and_hms_opt(0, 0, 2).unwrap().and_utc())
+    );
+    assert_eq!(totals.last_day, yesterday);
+    assert_eq!(session_totals_off(&pool).await, 0);
+    roll_up_all(&pool).await;
+    assert_eq!(views_against_raw(&pool).await[3], (0, 1));
 }
 
 /// The last migration before the sessions' rollup.
@@ -941,6 +1079,7 @@ async fn a_rolled_up_trail_upgrades_with_its_sessions_rolled_up_too(pool: PgPool
         "every view answers what the raw events say"
     );
     assert_eq!(sessions.1, 2);
+    assert_eq!(session_totals_off(&pool).await, 0);
 }
 
 /// Two ended sessions of one agent in March 2026, as the schema of migration
@@ -1206,6 +1345,52 @@ async fn todays_rollup_answers_exactly_what_the_raw_events_do(pool: PgPool) {
     );
     let emptied = roll_up_today(&pool).await;
     assert_eq!(today_state(&pool).await, Some((true, 0, emptied)));
+}
+
+/// Today's sessions, as today's rollup holds them: (session, denials, first close).
+async fn todays_session_rows(pool: &PgPool) -> Vec<(Uuid, i64, Option<chrono::DateTime<Utc>>)> {
+    sqlx::query!(
+        "SELECT session_id, denials, closed_at FROM arbiter.session_today_rollup
+          WHERE day = (SELECT day FROM arbiter.rollup_today) ORDER BY closed_at"
+    )
+    .fetch_all(pool)
+    .await
+    .expect("today's sessions")
+    .into_iter()
+    .map(|r| (r.session_id, r.denials, r.closed_at))
+    .collect()
+}
+
+/// Today's rollup counts each session's denials and close too (migration
+/// `20261205000011`), which session_utilization reads instead of all of today's events.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn todays_rollup_holds_each_sessions_denials_and_close(pool: PgPool) {
+    use chrono::SubsecRound as _;
+    roll_up_all(&pool).await;
+    let today = Utc::now().date_naive();
+    let minute_ago = std::cmp::max(
+        Utc::now().trunc_subsecs(0) - chrono::Duration::minutes(1),
+        today.and_hms_opt(0, 0, 1).unwrap().and_utc(),
+    );
+    let first = session_at(&pool, minute_ago, AGENT_A).await;
+    let until = roll_up_today(&pool).await;
+    assert_eq!(
+        todays_session_rows(&pool).await,
+        vec![(first, 1, Some(minute_ago))]
+    );
+    assert_eq!(views_against_raw(&pool).await[3], (0, 1));
+
+    // One more after that instant: read raw until the next rollup adds it.
+    let after = until + chrono::Duration::milliseconds(1);
+    let second = session_at(&pool, after, AGENT_B).await;
+    assert_eq!(todays_session_rows(&pool).await.len(), 1);
+    assert_eq!(views_against_raw(&pool).await[3], (0, 2));
+    roll_up_today(&pool).await;
+    assert_eq!(
+        todays_session_rows(&pool).await,
+        vec![(first, 1, Some(minute_ago)), (second, 1, Some(after))]
+    );
+    assert_eq!(views_against_raw(&pool).await[3], (0, 2));
 }
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]

@@ -219,11 +219,13 @@ pub async fn history(bench: &mut Bench, events: u64) -> Result<HistoryFigures, B
         rolled.rolled.len()
     );
     // Autovacuum processes a rollup's new rows soon after it (they pass its insert
-    // threshold); until then, `session_utilization`'s per-session lookups cannot be
-    // index-only. A trail of months has its past rollups vacuumed.
+    // threshold); until then, the planner has no statistics on them, and
+    // `session_utilization`'s fallback lookups cannot be index-only. A trail of months has
+    // its past rollups vacuumed.
     sqlx::raw_sql(
         "VACUUM (ANALYZE) arbiter.agent_day_rollup, arbiter.tool_day_rollup, \
-         arbiter.denial_day_rollup, arbiter.session_day_rollup, arbiter.rollup_days",
+         arbiter.denial_day_rollup, arbiter.session_day_rollup, arbiter.session_rollup, \
+         arbiter.rollup_days",
     )
     .execute(&history_pool)
     .await?;

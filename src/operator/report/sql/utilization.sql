@@ -5,7 +5,7 @@ SELECT session_id AS "session_id!", agent_id AS "agent_id!", status AS "status!"
        ended_at, extract(epoch FROM duration)::bigint AS duration_secs,
        denials AS "denials!",
        tool_use AS "tool_use: Json<BTreeMap<String, ToolUse>>"
-  FROM arbiter.session_utilization
+  FROM arbiter.session_utilization_since(
+           coalesce(($2::date)::timestamp AT TIME ZONE 'UTC', '-infinity'))
  WHERE ($1::uuid IS NULL OR agent_id = $1)
-   AND ($2::date IS NULL OR created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC')
  ORDER BY created_at, session_id
