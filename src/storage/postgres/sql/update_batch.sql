@@ -5,20 +5,25 @@ WITH input AS (
         AS i(session_id, expected, calls_made, rate_window_started_at,
              rate_window_calls, status, tool_calls)
 ), locked AS (
-    SELECT s.session_id
-      FROM arbiter.sessions s
-     WHERE s.session_id IN (SELECT session_id FROM input)
-       FOR UPDATE SKIP LOCKED
+    -- Each input row whose session row this statement could lock; a row another writer
+    -- holds is skipped (its write conflicts and is retried), never waited for.
+    SELECT i.*
+      FROM input i
+      JOIN arbiter.sessions s ON s.session_id = i.session_id
+       FOR UPDATE OF s SKIP LOCKED
 ), updated AS (
+    -- One primary-key lookup per locked row, whatever the planner knows of the table: a
+    -- join of the sessions with both the input and the locked ids was planned, once the
+    -- table had statistics, as a rescan of every locked id per input row.
     UPDATE arbiter.sessions s
-       SET calls_made = i.calls_made,
-           rate_window_started_at = i.rate_window_started_at,
-           rate_window_calls = i.rate_window_calls,
-           status = i.status,
-           tool_calls = i.tool_calls::int8[]
-      FROM input i, locked l
-     WHERE s.session_id = i.session_id AND l.session_id = i.session_id
-       AND s.version = i.expected
+       SET calls_made = l.calls_made,
+           rate_window_started_at = l.rate_window_started_at,
+           rate_window_calls = l.rate_window_calls,
+           status = l.status,
+           tool_calls = l.tool_calls::int8[]
+      FROM locked l
+     WHERE s.session_id = l.session_id
+       AND s.version = l.expected
     RETURNING s.session_id, s.agent_id, s.version,
               (s.created_at AT TIME ZONE 'UTC')::date AS session_day
 ), events AS (
