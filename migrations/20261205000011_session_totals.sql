@@ -29,8 +29,10 @@
 --     (session_day): a condition on the view's created_at cannot (PostgreSQL carries a
 --     range across a join only as far as the column it names), so the view joins every
 --     session's totals, and a report of one day would read all of them.
--- Same data, same measurement: one day 89 ms before, 10 ms after; 30 days 529 ms before,
--- 250-300 ms after; one day with 500,000 more sessions' totals stored, 10 ms.
+-- Same data, same measurement (best and worst of three): one day 89 ms before, 11-15 ms
+-- after; 30 days 529 ms before, 237-262 ms after; one day with 500,000 more sessions'
+-- totals stored, 10-15 ms (the view filtered on created_at: 86-101 ms). This migration took
+-- 0.75 s on that trail.
 --
 -- The invariant of session_rollup: every session of arbiter.sessions that has rows in
 -- session_day_rollup has one row here, holding their totals and its creation day. (A
@@ -82,13 +84,20 @@ LANGUAGE sql VOLATILE AS $$
     SELECT pg_advisory_xact_lock(hashtext('arbiter.session_rollup'))
 $$;
 
--- Counts again the totals of the sessions whose rows of session_day_rollup a count replaced
--- or wrote: `written` with the session_day of the events it counted (`written_days`).
--- A session with no rows left has no totals. Its creation day comes from its row when it
--- has one, else from the events, else from its totals as they were; a session with none of
--- the three (its row purged before this count, and no totals) gets none, which no report
--- reads. The caller holds the lock; each statement here reads a snapshot taken after it.
-CREATE FUNCTION arbiter.rollup_session_totals(replaced uuid[], written uuid[], written_days date[])
+-- The session's creation day on each of its day rows, as its events carry it (NULL in
+-- the rows counted before this migration): the totals take it when the session's own row
+-- is gone.
+ALTER TABLE arbiter.session_day_rollup ADD COLUMN session_day date;
+
+-- Counts again the totals of the sessions whose rows of session_day_rollup the count of
+-- `rolled_day` replaced (`replaced`) or wrote (its rows now). A session with no rows left
+-- has no totals. Its creation day comes from its row in arbiter.sessions, else from its
+-- day rows, else from its totals as they were; a session with none of the three gets no
+-- totals, which no report reads (it has no row). The caller holds the lock; each statement
+-- here reads a snapshot taken after it. The arrays are only ever scanned once, as the outer
+-- side of a join: a plan that rescanned one per row would cost the square of a day's
+-- sessions.
+CREATE FUNCTION arbiter.rollup_session_totals(rolled_day date, replaced uuid[])
 RETURNS void
 LANGUAGE plpgsql
 SET jit = off
@@ -100,19 +109,22 @@ BEGIN
                         WHERE r.session_id = t.session_id);
     INSERT INTO arbiter.session_rollup AS t (session_id, session_day, denials, closed_at, last_day)
     SELECT totals.session_id,
-           coalesce((s.created_at AT TIME ZONE 'UTC')::date, w.session_day, kept.session_day),
+           coalesce((s.created_at AT TIME ZONE 'UTC')::date, totals.session_day,
+                    kept.session_day),
            totals.denials, totals.closed_at, totals.last_day
-      FROM (SELECT r.session_id, sum(r.denials)::bigint AS denials,
-                   min(r.closed_at) AS closed_at, max(r.day) AS last_day
-              FROM (SELECT DISTINCT u.session_id
-                      FROM unnest(replaced || written) AS u(session_id)) touched
+      FROM (SELECT r.session_id, max(r.session_day) AS session_day,
+                   sum(r.denials)::bigint AS denials, min(r.closed_at) AS closed_at,
+                   max(r.day) AS last_day
+              FROM (SELECT u.session_id FROM unnest(replaced) AS u(session_id)
+                    UNION
+                    SELECT d.session_id FROM arbiter.session_day_rollup d
+                     WHERE d.day = rolled_day) touched
               JOIN arbiter.session_day_rollup r ON r.session_id = touched.session_id
              GROUP BY r.session_id) totals
       LEFT JOIN arbiter.sessions s ON s.session_id = totals.session_id
-      LEFT JOIN unnest(written, written_days) AS w(session_id, session_day)
-             ON w.session_id = totals.session_id
       LEFT JOIN arbiter.session_rollup kept ON kept.session_id = totals.session_id
-     WHERE s.session_id IS NOT NULL OR w.session_id IS NOT NULL OR kept.session_id IS NOT NULL
+     WHERE coalesce((s.created_at AT TIME ZONE 'UTC')::date, totals.session_day,
+                    kept.session_day) IS NOT NULL
     ON CONFLICT (session_id) DO UPDATE SET
         session_day = excluded.session_day,
         denials     = excluded.denials,
@@ -131,12 +143,10 @@ SET jit = off
 SET enable_nestloop = on
 AS $$
 DECLARE
-    day_start    timestamptz := rolled_day::timestamp AT TIME ZONE 'UTC';
-    day_end      timestamptz := (rolled_day + 1)::timestamp AT TIME ZONE 'UTC';
-    counted      bigint;
-    replaced     uuid[];
-    written      uuid[];
-    written_days date[];
+    day_start timestamptz := rolled_day::timestamp AT TIME ZONE 'UTC';
+    day_end   timestamptz := (rolled_day + 1)::timestamp AT TIME ZONE 'UTC';
+    counted   bigint;
+    replaced  uuid[];
 BEGIN
     -- First: it summarizes the day's BRIN ranges, which the count below reads too.
     counted := arbiter.rollup_count_day_views(rolled_day);
@@ -149,24 +159,17 @@ BEGIN
         DELETE FROM arbiter.session_day_rollup WHERE day = rolled_day RETURNING session_id
     )
     SELECT coalesce(array_agg(gone.session_id), '{}') INTO replaced FROM gone;
-    WITH counts AS MATERIALIZED (
-        SELECT e.session_id, min(e.session_day) AS session_day,
-               count(*) FILTER (WHERE e.kind = 'denied') AS denials,
-               min(e.occurred_at) FILTER (WHERE e.kind = 'closed') AS closed_at
-          FROM arbiter.session_events e
-         WHERE e.occurred_at >= day_start AND e.occurred_at < day_end
-           AND e.kind IN ('denied', 'closed')
-         GROUP BY e.session_id
-    ), added AS (
-        INSERT INTO arbiter.session_day_rollup (day, session_id, denials, closed_at)
-        SELECT rolled_day, c.session_id, c.denials, c.closed_at FROM counts c
-    )
-    SELECT coalesce(array_agg(c.session_id), '{}'), coalesce(array_agg(c.session_day), '{}')
-      INTO written, written_days
-      FROM counts c;
+    INSERT INTO arbiter.session_day_rollup (day, session_id, session_day, denials, closed_at)
+    SELECT rolled_day, e.session_id, min(e.session_day),
+           count(*) FILTER (WHERE e.kind = 'denied'),
+           min(e.occurred_at) FILTER (WHERE e.kind = 'closed')
+      FROM arbiter.session_events e
+     WHERE e.occurred_at >= day_start AND e.occurred_at < day_end
+       AND e.kind IN ('denied', 'closed')
+     GROUP BY e.session_id;
     -- Last: the lock is held to the transaction's end (see the top of this file).
     PERFORM arbiter.session_totals_lock();
-    PERFORM arbiter.rollup_session_totals(replaced, written, written_days);
+    PERFORM arbiter.rollup_session_totals(rolled_day, replaced);
     RETURN counted;
 END
 $$;

@@ -938,17 +938,22 @@ async fn rollups_answer_exactly_what_the_raw_events_do(pool: PgPool) {
     assert_eq!(session_totals_off(&pool).await, 0);
 }
 
-/// Rows of `arbiter.session_rollup` that are not exactly the totals of their session's rows
-/// of `arbiter.session_day_rollup`, and totals missing from it (migration
-/// `20261205000011`): 0 when its invariant holds.
+/// Stored sessions whose row of `arbiter.session_rollup` is not exactly the totals of their
+/// rows of `arbiter.session_day_rollup` with their creation day, or is missing, or is there
+/// without rows (migration `20261205000011`): 0 when its invariant holds.
 async fn session_totals_off(pool: &PgPool) -> i64 {
     sqlx::query_scalar!(
         r#"WITH expected AS (
-               SELECT session_id, sum(denials)::bigint AS denials, min(closed_at) AS closed_at,
-                      max(day) AS last_day
-                 FROM arbiter.session_day_rollup GROUP BY session_id
+               SELECT r.session_id, (s.created_at AT TIME ZONE 'UTC')::date AS session_day,
+                      sum(r.denials)::bigint AS denials, min(r.closed_at) AS closed_at,
+                      max(r.day) AS last_day
+                 FROM arbiter.session_day_rollup r
+                 JOIN arbiter.sessions s ON s.session_id = r.session_id
+                GROUP BY r.session_id, s.created_at
            ), kept AS (
-               SELECT session_id, denials, closed_at, last_day FROM arbiter.session_rollup
+               SELECT t.session_id, t.session_day, t.denials, t.closed_at, t.last_day
+                 FROM arbiter.session_rollup t
+                 JOIN arbiter.sessions s ON s.session_id = t.session_id
            )
            SELECT count(*) AS "off!"
              FROM ((SELECT * FROM expected EXCEPT ALL SELECT * FROM kept)
