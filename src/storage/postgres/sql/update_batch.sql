@@ -5,8 +5,9 @@ WITH input AS (
         AS i(session_id, expected, calls_made, rate_window_started_at,
              rate_window_calls, status, tool_calls)
 ), locked AS (
-    -- Each input row whose session row this statement could lock; a row another writer
-    -- holds is skipped (its write conflicts and is retried), never waited for.
+    -- Each input row whose session row this statement could lock; a row another
+    -- transaction holds is skipped, never waited for, and its write reported as a conflict
+    -- (storage/postgres/mod.rs).
     SELECT i.*
       FROM input i
       JOIN arbiter.sessions s ON s.session_id = i.session_id
