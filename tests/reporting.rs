@@ -964,6 +964,30 @@ async fn session_totals_off(pool: &PgPool) -> i64 {
     .expect("session totals")
 }
 
+/// A purge that keeps the events keeps their day rows too, but not the totals of the
+/// sessions it deleted (docs/reporting.md, "Rollups").
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn a_purge_removes_the_totals_of_the_sessions_it_deleted(pool: PgPool) {
+    known_dataset(&pool).await;
+    roll_up_all(&pool).await;
+    let totals = || {
+        sqlx::query_scalar!(r#"SELECT count(*) AS "count!" FROM arbiter.session_rollup"#)
+            .fetch_one(&pool)
+    };
+    // S1, S2 and S3 each had a denial or a close.
+    assert_eq!(totals().await.unwrap(), 3);
+    let now = sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let purged = retention::purge_before(&pool, now, EventRetention::Keep)
+        .await
+        .unwrap();
+    assert_eq!((purged.sessions, purged.events), (3, 0));
+    assert_eq!(rollup_rows(&pool, day(2)).await.3, 2);
+    assert_eq!(totals().await.unwrap(), 0);
+}
+
 /// A session's totals over two days stay exact when the two days are rolled up at once:
 /// the second rollup waits for the first's totals, instead of writing totals that miss
 /// its day.
