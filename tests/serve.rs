@@ -729,3 +729,110 @@ fn serve_refuses_to_start_without_tokens_or_with_no_auth_in_public() {
         assert!(!err.contains(ADMIN), "a token never appears in an error");
     }
 }
+
+/// Security review, defect 1: the check decides the tool a JSON-RPC body names, whatever
+/// `x-arbiter-tool` says. A header that disagrees with the body, a body the check cannot
+/// read, a body Envoy cut short, and a JSON-RPC batch with one forbidden call are each
+/// denied, and none of them counts a call.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn serve_check_decides_the_tool_the_body_names(pool: PgPool) {
+    let service = start(&common::database_url(&pool).await, &[]).await;
+    let agent = Uuid::new_v4();
+    let id = create(
+        &service,
+        json!({ "agent_id": agent, "authorized_tools": ["search"],
+        "call_budget": 5, "time_limit_secs": 600 }),
+    )
+    .await;
+    let check = || {
+        service
+            .client
+            .post(format!("{}/v1/check/mcp", service.base))
+            .bearer_auth(GATEWAY)
+            .header("x-arbiter-session", id.to_string())
+            .header("x-arbiter-agent", agent.to_string())
+    };
+    let call = |tool: &str| {
+        json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": { "name": tool, "arguments": {} } })
+    };
+    let answer = |request: reqwest::RequestBuilder| async move {
+        json_of(request.send().await.expect("answer")).await
+    };
+
+    // The reviewer's request: the header says search, the body calls delete_repo.
+    let bypass = answer(
+        check()
+            .header("x-arbiter-tool", "search")
+            .json(&call("delete_repo")),
+    )
+    .await;
+    assert_ne!(bypass.0, StatusCode::OK, "{}", bypass.1);
+    assert_error(&bypass, StatusCode::BAD_REQUEST, "invalid_request");
+    // Without the header the body's tool is decided: denied by the allow-list.
+    assert_error(
+        &answer(check().json(&call("delete_repo"))).await,
+        StatusCode::FORBIDDEN,
+        "tool_not_authorized",
+    );
+    // A body the check cannot read, without the header.
+    assert_error(
+        &answer(check().body("{\"jsonrpc\":\"2.0\",\"method\":\"tools/call\",")).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    // ... or with it: an upstream might read what the check could not.
+    assert_error(
+        &answer(check().header("x-arbiter-tool", "search").body(
+            "{\"method\":\"tools/call\",\"params\":{\"name\":\"search\",\"name\":\"delete_repo\"}}",
+        ))
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    // A body Envoy cut at max_request_bytes (allow_partial_message: true).
+    assert_error(
+        &answer(
+            check()
+                .header("x-envoy-auth-partial-body", "true")
+                .json(&call("search")),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    // A batch decides every call it holds, all or nothing.
+    assert_error(
+        &answer(check().json(&json!([call("search"), call("delete_repo")]))).await,
+        StatusCode::FORBIDDEN,
+        "tool_not_authorized",
+    );
+    assert_eq!(
+        common::row(&pool, id).await.calls_made,
+        0,
+        "nothing counted"
+    );
+
+    let allowed = check()
+        .json(&json!([call("search"), call("search")]))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(allowed.status(), StatusCode::OK);
+    assert_eq!(
+        allowed
+            .headers()
+            .get("x-arbiter-calls-remaining")
+            .map(|v| v.as_bytes()),
+        Some(&b"3"[..])
+    );
+    // A header that agrees with the body is fine.
+    let agreed = check()
+        .header("x-arbiter-tool", "search")
+        .json(&call("search"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(agreed.status(), StatusCode::OK);
+    assert_eq!(common::row(&pool, id).await.calls_made, 3);
+}

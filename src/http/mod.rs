@@ -3,6 +3,9 @@
 //!
 //! The `Display` of a [`SessionError`] is safe to send as the body (see
 //! [`crate::error`]'s opacity invariant); the status says which kind of denial it was.
+//! [`check`] reads what an authorization check asks to decide.
+
+pub mod check;
 
 use uuid::Uuid;
 

@@ -13,6 +13,7 @@ use chrono::Utc;
 use utoipa::OpenApi;
 use uuid::Uuid;
 
+use arbiter_session::http::check::{PARTIAL_BODY_HEADER, tools_to_decide};
 use arbiter_session::http::{SESSION_HEADER, parse_session_header};
 use arbiter_session::model::DataSensitivity;
 use arbiter_session::{CreateSessionRequest, SessionError, TaskSession};
@@ -26,7 +27,8 @@ use super::state::AppState;
 
 /// The header that names the presenting agent.
 pub(crate) const AGENT_HEADER: &str = "x-arbiter-agent";
-/// The header that names the tool, when the body does not.
+/// The header that names the tool, when the body has no `tools/call` (see
+/// `arbiter_session::http::check` for how the two are decided).
 pub(crate) const TOOL_HEADER: &str = "x-arbiter-tool";
 /// The header an allowed check answers with.
 pub(crate) const REMAINING_HEADER: &str = "x-arbiter-calls-remaining";
@@ -271,32 +273,6 @@ pub(crate) async fn close_all(
     Ok(Json(Closed { closed }))
 }
 
-/// The tool of a check: the `x-arbiter-tool` header, or else the `params.name` of a
-/// JSON-RPC `tools/call` body (an MCP call forwarded by Envoy with its body).
-fn tool_of(headers: &HeaderMap, body: &[u8]) -> Result<String, ApiError> {
-    if let Some(tool) = headers.get(TOOL_HEADER) {
-        return tool
-            .to_str()
-            .map(str::to_owned)
-            .map_err(|_| ApiError::invalid("the x-arbiter-tool header is not text"));
-    }
-    #[derive(serde::Deserialize)]
-    struct Call {
-        method: String,
-        params: Params,
-    }
-    #[derive(serde::Deserialize)]
-    struct Params {
-        name: String,
-    }
-    match serde_json::from_slice::<Call>(body) {
-        Ok(call) if call.method == "tools/call" => Ok(call.params.name),
-        _ => Err(ApiError::invalid(
-            "no tool: send x-arbiter-tool or a JSON-RPC tools/call body",
-        )),
-    }
-}
-
 fn header_id(headers: &HeaderMap, name: &str) -> Result<Uuid, ApiError> {
     headers
         .get(name)
@@ -307,7 +283,9 @@ fn header_id(headers: &HeaderMap, name: &str) -> Result<Uuid, ApiError> {
 
 /// Envoy's HTTP `ext_authz` contract (gateway): allowed is 200 with
 /// `x-arbiter-calls-remaining`; denied is the error's status and body, which Envoy returns
-/// to the client.
+/// to the client. The calls decided are those of `arbiter_session::http::check` (a
+/// JSON-RPC body's `tools/call`s, all or nothing, else `x-arbiter-tool`); a request it
+/// cannot decide is 400 and counts nothing.
 #[utoipa::path(post, path = "/v1/check/{rest}", params(("rest" = String, Path),
         ("x-arbiter-session" = Uuid, Header), ("x-arbiter-agent" = Uuid, Header),
         ("x-arbiter-tool" = Option<String>, Header)),
@@ -325,8 +303,20 @@ pub(crate) async fn check(
         body.map_err(|rejection| super::api::rejected(rejection.status(), rejection.body_text()))?;
     let id = header_id(&headers, SESSION_HEADER)?;
     let agent = header_id(&headers, AGENT_HEADER)?;
-    let tool = tool_of(&headers, &body)?;
-    match state.store.use_session(id, &tool, Some(agent)).await {
+    let truncated = headers
+        .get(PARTIAL_BODY_HEADER)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true"));
+    let tools = tools_to_decide(
+        headers.get(TOOL_HEADER).map(HeaderValue::as_bytes),
+        &body,
+        truncated,
+    )
+    .map_err(|refusal| {
+        tracing::warn!(session_id = %id, %refusal, "check refused before the store");
+        ApiError::invalid(refusal.to_string())
+    })?;
+    let tools: Vec<&str> = tools.iter().map(String::as_str).collect();
+    match state.store.use_session_batch(id, &tools, Some(agent)).await {
         Ok(session) => {
             let remaining = HeaderValue::from(session.calls_remaining());
             Ok(([(REMAINING_HEADER, remaining)], StatusCode::OK).into_response())
