@@ -128,6 +128,12 @@ impl Service {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log.0).unwrap_or_default()
     }
+
+    /// Sends SIGTERM, as an orchestrator does.
+    fn terminate(&self) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM sent");
+    }
 }
 
 async fn json_of(response: Response) -> (StatusCode, Value) {
@@ -670,12 +676,7 @@ async fn serve_readyz_follows_the_database_and_sigterm_flushes(pool: PgPool) {
         StatusCode::SERVICE_UNAVAILABLE,
         "storage_write_through",
     );
-    let pid = service.child.id().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill runs");
-    assert!(killed.success());
+    service.terminate();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         service.child.try_wait().expect("try_wait").is_none(),
@@ -835,4 +836,174 @@ async fn serve_check_decides_the_tool_the_body_names(pool: PgPool) {
         .expect("answer");
     assert_eq!(agreed.status(), StatusCode::OK);
     assert_eq!(common::row(&pool, id).await.calls_made, 3);
+}
+
+/// Security review, defect 2: clients that never finish a request head cannot hold a
+/// SIGTERM'd service open. 500 connections each send half a head; on SIGTERM the service
+/// closes them, still makes its pending session durable, and exits 0 within
+/// `--shutdown-timeout-secs`.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn serve_shutdown_is_bounded_whatever_the_clients_do(pool: PgPool) {
+    let (proxy, _proxied) = common::proxied_pool(&pool).await;
+    let bound = Duration::from_secs(4);
+    let mut service = start(
+        &url_through(&pool, &proxy).await,
+        &["--shutdown-timeout-secs", "4"],
+    )
+    .await;
+    let agent = Uuid::new_v4();
+    let id = create(
+        &service,
+        json!({ "agent_id": agent, "authorized_tools": ["search"],
+        "call_budget": 5, "time_limit_secs": 600 }),
+    )
+    .await;
+    // A call counted but not durable: the session is pending.
+    proxy.refuse();
+    proxy.cut();
+    assert_error(
+        &service
+            .post(
+                &format!("/v1/sessions/{id}/use"),
+                GATEWAY,
+                json!({ "tool": "search", "agent_id": agent }),
+            )
+            .await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_write_through",
+    );
+
+    let address = service.base.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..500 {
+        let mut stream = tokio::net::TcpStream::connect(&address)
+            .await
+            .expect("a connection");
+        tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("half a request head");
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    service.terminate();
+    let signalled = std::time::Instant::now();
+    // The database comes back only after the signal: the store's shutdown, not the
+    // reconciler before it, makes the call durable.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.heal();
+    let (status, service) = tokio::task::spawn_blocking(move || {
+        while signalled.elapsed() < bound + Duration::from_secs(6) {
+            if let Some(status) = service.child.try_wait().expect("try_wait") {
+                return (Some(status), service);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (None, service)
+    })
+    .await
+    .expect("wait");
+    let took = signalled.elapsed();
+    let log = service.log();
+    let status = status.unwrap_or_else(|| panic!("still running {took:?} after SIGTERM:\n{log}"));
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        took <= bound + Duration::from_secs(1),
+        "exited {took:?} after SIGTERM, bound {bound:?}\n{log}"
+    );
+    assert!(log.contains("shutdown clean"), "{log}");
+    assert_eq!(
+        common::row(&pool, id).await.calls_made,
+        1,
+        "the call pending at SIGTERM is durable"
+    );
+    drop(held);
+}
+
+/// Reads from `stream` until the service closes it (EOF or reset); how long that took.
+async fn closed_within(stream: &mut tokio::net::TcpStream, bound: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(
+            bound.saturating_sub(started.elapsed()),
+            tokio::io::AsyncReadExt::read(stream, &mut buf),
+        )
+        .await
+        {
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Security review, defect 2: a head sent too slowly, an idle keep-alive connection and a
+/// connection past `--max-connections` each hold nothing for longer than their bound.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn serve_connections_are_bounded_in_time_and_number(pool: PgPool) {
+    let service = start(
+        &common::database_url(&pool).await,
+        &[
+            "--header-read-timeout-secs",
+            "1",
+            "--idle-timeout-secs",
+            "2",
+            "--max-connections",
+            "2",
+        ],
+    )
+    .await;
+    let address = service.base.trim_start_matches("http://").to_owned();
+    let connect = || async {
+        tokio::net::TcpStream::connect(&address)
+            .await
+            .expect("a connection")
+    };
+    use tokio::io::AsyncWriteExt as _;
+
+    // Half a head: closed after the header timeout, not the idle one.
+    let mut slow = connect().await;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let took = closed_within(&mut slow, Duration::from_secs(10))
+        .await
+        .expect("a half-sent head is cut");
+    assert!(took < Duration::from_millis(1900), "{took:?}");
+
+    // A keep-alive connection that answered one request, then sent nothing.
+    let mut idle = connect().await;
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let took = closed_within(&mut idle, Duration::from_secs(10))
+        .await
+        .expect("an idle connection is closed");
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+
+    // Two connections are open: a third is not served until one of them closes.
+    let first = connect().await;
+    let _second = connect().await;
+    let mut third = connect().await;
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let waited = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::io::AsyncReadExt::read_to_end(&mut third, &mut answer),
+    )
+    .await;
+    assert!(waited.is_err(), "served past the bound: {answer:?}");
+    drop(first);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut third, &mut answer),
+    )
+    .await
+    .expect("served once a connection closed")
+    .expect("read");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
 }

@@ -3,12 +3,15 @@
 //! re-implemented: every route is one call of `SessionStore`.
 //!
 //! Start-up refuses to serve without both tokens unless `--no-auth` is given on a
-//! loopback address. Shutdown (SIGTERM or SIGINT) stops accepting, lets requests in flight
-//! finish, then makes the pending set and buffered denials durable
-//! (`SessionStore::shutdown`) and logs what it could not, and exits 0.
+//! loopback address. Shutdown (SIGTERM or SIGINT) is bounded by `--shutdown-timeout-secs`
+//! whatever the clients do: it stops accepting, closes every idle or half-sent connection,
+//! gives requests in flight up to half the bound to finish (then closes their connections
+//! too), makes the pending set and buffered denials durable in the time left
+//! (`SessionStore::shutdown`), logs what it could not, and exits 0.
 
 mod api;
 mod auth;
+mod connections;
 mod routes;
 mod state;
 mod telemetry;
@@ -22,10 +25,12 @@ use arbiter_session::{PgStorage, SessionStore};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{any, get, post};
+use tokio::time::Instant;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use self::auth::Tokens;
+use self::connections::ConnectionLimits;
 use self::state::AppState;
 use crate::Failure;
 
@@ -66,9 +71,36 @@ pub(crate) struct ServeArgs {
     /// Log format.
     #[arg(long, env = "ARBITER_LOG_FORMAT", value_enum, default_value_t = telemetry::LogFormat::Text)]
     log_format: telemetry::LogFormat,
-    /// How long shutdown may take to make pending state durable, in seconds.
-    #[arg(long, default_value_t = 10)]
+    /// How long shutdown may take in all, in seconds: up to half of it for requests in
+    /// flight, the rest to make pending state durable.
+    #[arg(long, env = "ARBITER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
     shutdown_timeout_secs: u64,
+    /// Most seconds from a request head's first byte to its last; a client slower than
+    /// that is disconnected.
+    #[arg(long, env = "ARBITER_HEADER_READ_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_read_timeout_secs: u64,
+    /// Seconds a keep-alive connection may stay open with no request in progress and
+    /// nothing sent before it is closed.
+    #[arg(long, env = "ARBITER_IDLE_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_timeout_secs: u64,
+    /// Most client connections open at once (each listener); past it, new connections wait
+    /// in the kernel's backlog. Keep it under the process's file descriptor limit.
+    #[arg(long, env = "ARBITER_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
+}
+
+impl ServeArgs {
+    fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+        }
+    }
 }
 
 /// A token from its file (trimmed) or its environment variable.
@@ -179,30 +211,69 @@ pub(crate) async fn serve(database_url: &str, args: ServeArgs) -> Result<(), Fai
         .await
         .map_err(|err| Failure(format!("cannot listen on {}: {err}", args.listen)))?;
     let address = listener.local_addr()?;
-    if let Some(metrics_address) = args.metrics_listen {
-        let metrics_listener = tokio::net::TcpListener::bind(metrics_address)
-            .await
-            .map_err(|err| Failure(format!("cannot listen on {metrics_address}: {err}")))?;
-        let metrics_app = Router::new()
-            .route("/metrics", get(routes::metrics))
-            .with_state(state.clone());
-        tokio::spawn(async move {
-            if let Err(err) = axum::serve(metrics_listener, metrics_app).await {
-                tracing::error!(error = %err, "the metrics listener stopped");
-            }
-        });
-    }
+    let limits = args.connection_limits();
+    let shutdown_within = Duration::from_secs(args.shutdown_timeout_secs);
+    let drain_for = shutdown_within / 2;
+    // The signal, seen by every listener, and when it came.
+    let (signalled_tx, signalled) = tokio::sync::watch::channel(None);
+    let until_signalled = |mut signalled: tokio::sync::watch::Receiver<Option<Instant>>| async move {
+        // An error means the sender is gone, which only happens once serving has ended.
+        let _ = signalled.wait_for(Option::is_some).await;
+    };
+    let metrics_served = match args.metrics_listen {
+        Some(metrics_address) => {
+            let metrics_listener = tokio::net::TcpListener::bind(metrics_address)
+                .await
+                .map_err(|err| Failure(format!("cannot listen on {metrics_address}: {err}")))?;
+            let metrics_app = Router::new()
+                .route("/metrics", get(routes::metrics))
+                .with_state(state.clone());
+            Some(tokio::spawn(connections::serve(
+                metrics_listener,
+                metrics_app,
+                limits,
+                until_signalled(signalled.clone()),
+                drain_for,
+            )))
+        }
+        None => None,
+    };
     // The one line a supervisor (or a test) reads to find the port.
     println!("arbiter-session: listening on {address}");
     tracing::info!(%address, "serving");
-    axum::serve(listener, app(state, args.metrics_listen.is_none()))
-        .with_graceful_shutdown(telemetry::shutdown_signal())
-        .await?;
+    let signal = async {
+        telemetry::shutdown_signal().await;
+        signalled_tx.send_replace(Some(Instant::now()));
+    };
+    let drained = connections::serve(
+        listener,
+        app(state, args.metrics_listen.is_none()),
+        limits,
+        signal,
+        drain_for,
+    )
+    .await;
+    if let Some(metrics_served) = metrics_served {
+        // Bounded by the same drain; a panicked task has nothing left to close.
+        let _ = metrics_served.await;
+    }
+    if drained.cut > 0 {
+        tracing::warn!(
+            open = drained.open,
+            cut = drained.cut,
+            "closed connections whose requests did not finish within half the shutdown timeout"
+        );
+    } else {
+        tracing::info!(
+            open = drained.open,
+            "closed every connection; requests in flight were answered"
+        );
+    }
+    let signalled_at = signalled.borrow().unwrap_or_else(Instant::now);
+    let within = shutdown_within.saturating_sub(signalled_at.elapsed());
 
     tracing::info!("stopped accepting; making pending state durable");
-    let report = store
-        .shutdown(Duration::from_secs(args.shutdown_timeout_secs))
-        .await;
+    let report = store.shutdown(within).await;
     if report.is_clean() {
         tracing::info!("shutdown clean: every pending session and denial is durable");
     } else {
