@@ -636,10 +636,16 @@ async fn serve_readyz_follows_the_database_and_sigterm_flushes(pool: PgPool) {
         StatusCode::OK
     );
 
-    // The database goes away: not ready, and a use is counted but not durable.
+    // The database goes away: not ready (once the last check, at most a second old, is
+    // stale), and a use is counted but not durable.
     proxy.refuse();
     proxy.cut();
-    assert_eq!(ready().await, StatusCode::SERVICE_UNAVAILABLE);
+    let mut waited = Duration::ZERO;
+    while ready().await != StatusCode::SERVICE_UNAVAILABLE {
+        assert!(waited < Duration::from_secs(5), "still ready without a database");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
     assert_error(
         &service.post(&use_path, GATEWAY, call.clone()).await,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -1006,4 +1012,71 @@ async fn serve_connections_are_bounded_in_time_and_number(pool: PgPool) {
     .expect("served once a connection closed")
     .expect("read");
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+}
+
+/// Security review, defect 3: `/readyz` needs no token, so a flood of it must not take
+/// the pool's connections from real calls. With the readiness query stuck behind a lock,
+/// 64 clients flooding `/readyz` leave every `/use` answered.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn serve_a_readyz_flood_changes_no_answer_of_use(pool: PgPool) {
+    let service =
+        std::sync::Arc::new(start(&common::database_url(&pool).await, &["--pool-size", "4"]).await);
+    let agent = Uuid::new_v4();
+    let id = create(
+        &service,
+        json!({ "agent_id": agent, "authorized_tools": ["search"],
+        "call_budget": 100, "time_limit_secs": 600 }),
+    )
+    .await;
+    // Every readiness query now waits for this lock.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
+    let mut locker = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE public._sqlx_migrations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .expect("lock");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood: Vec<_> = (0..64)
+        .map(|_| {
+            let (service, stop) = (service.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut sent = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let status = service
+                        .send(Method::GET, "/readyz", None, None)
+                        .await
+                        .status();
+                    assert!(
+                        status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
+                        "{status}"
+                    );
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let path = format!("/v1/sessions/{id}/use");
+    for call in 1..=20 {
+        let answer = service
+            .post(
+                &path,
+                GATEWAY,
+                json!({ "tool": "search", "agent_id": agent }),
+            )
+            .await;
+        assert_eq!(answer.0, StatusCode::OK, "call {call}: {}", answer.1);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    for task in flood {
+        sent += task.await.expect("flood task");
+    }
+    assert!(sent >= 64, "the flood ran ({sent} requests)");
+    locker.rollback().await.expect("rollback");
+    assert_eq!(common::row(&pool, id).await.calls_made, 20);
 }

@@ -147,6 +147,36 @@ impl PgStorage {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// Whether every embedded migration ([`crate::MIGRATOR`]) has been applied to the
+    /// database: `false` when one is missing or none ever ran. One short query on the pool.
+    ///
+    /// Migrations record themselves in `public._sqlx_migrations`, where sqlx creates its
+    /// table under PostgreSQL's default `search_path`; the query names it in full, so an
+    /// object of that name elsewhere on a caller's `search_path` cannot stand in for it.
+    ///
+    /// # Errors
+    /// The query failed (PostgreSQL unreachable, or a statement timeout).
+    pub async fn schema_is_current(&self) -> Result<bool, StorageError> {
+        let newest = crate::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied = sqlx::query_scalar!(
+            "SELECT max(version) AS applied FROM public._sqlx_migrations WHERE success"
+        )
+        .fetch_one(&self.pool)
+        .await;
+        match applied {
+            Ok(applied) => Ok(applied.is_some_and(|version| version >= newest)),
+            Err(err) if is_undefined_table(&err) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
+    }
+}
+
+/// Whether `err` is PostgreSQL's "undefined table" (42P01).
+fn is_undefined_table(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "42P01")
 }
 
 /// The advisory-lock key that serializes capped creates of one agent. Folding the UUID

@@ -12,6 +12,7 @@
 mod api;
 mod auth;
 mod connections;
+mod readiness;
 mod routes;
 mod state;
 mod telemetry;
@@ -205,6 +206,7 @@ pub(crate) async fn serve(database_url: &str, args: ServeArgs) -> Result<(), Fai
         tokens: Arc::new(tokens),
         metrics,
         storage_timeout,
+        readiness: Arc::new(readiness::Readiness::new(storage_timeout)),
     };
 
     let listener = tokio::net::TcpListener::bind(args.listen)

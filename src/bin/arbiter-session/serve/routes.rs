@@ -23,6 +23,7 @@ use super::api::{
     UseAnswer, UseBatchBody, UseBody,
 };
 use super::auth::{Caller, Role};
+use super::readiness::Ready;
 use super::state::AppState;
 
 /// The header that names the presenting agent.
@@ -331,43 +332,23 @@ pub(crate) async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// 200 when PostgreSQL answers within the storage timeout and the schema is current.
+/// 200 when PostgreSQL answers within the storage timeout and the schema is current, as
+/// checked at most a second ago (see `readiness`).
 #[utoipa::path(get, path = "/readyz",
     responses((status = 200, body = Health), (status = 503, body = Health)))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    let pool = state.store.storage().pool().clone();
-    let newest = arbiter_session::MIGRATOR
-        .iter()
-        .map(|m| m.version)
-        .max()
-        .unwrap_or(0);
-    let applied = tokio::time::timeout(state.storage_timeout, async move {
-        // sqlx's own bookkeeping table, not the schema's: the offline data of the macros is
-        // prepared from the migrations alone, so this one statement is checked at run time.
-        sqlx::query_scalar::<_, Option<i64>>(
-            "SELECT max(version) FROM _sqlx_migrations WHERE success",
-        )
-        .fetch_one(&pool)
-        .await
-    })
-    .await;
-    let status = match applied {
-        Ok(Ok(Some(version))) if version >= newest => {
-            return (StatusCode::OK, Json(Health { status: "ok" }));
-        }
-        Ok(Ok(_)) => "schema not current: run arbiter-session migrate",
-        Ok(Err(err)) if is_missing_table(&err) => "schema not current: run arbiter-session migrate",
-        Ok(Err(_)) => "postgresql unavailable",
-        Err(_) => "postgresql did not answer in time",
+    let ready = state.readiness.check(state.store.storage()).await;
+    let status = if ready == Ready::Yes {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status }))
-}
-
-/// Whether `err` is PostgreSQL's "undefined table" (no migration ever ran).
-fn is_missing_table(err: &sqlx::Error) -> bool {
-    err.as_database_error()
-        .and_then(|db| db.code())
-        .is_some_and(|code| code == "42P01")
+    (
+        status,
+        Json(Health {
+            status: ready.status(),
+        }),
+    )
 }
 
 /// Prometheus text.

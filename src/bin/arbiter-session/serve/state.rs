@@ -7,6 +7,7 @@ use arbiter_session::SessionStore;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::auth::Tokens;
+use super::readiness::Readiness;
 
 /// The service's shared state; cloning is shallow.
 #[derive(Debug, Clone)]
@@ -16,6 +17,8 @@ pub(crate) struct AppState {
     pub(crate) tokens: Arc<Tokens>,
     /// Renders `/metrics`.
     pub(crate) metrics: PrometheusHandle,
-    /// What `/readyz` allows PostgreSQL to answer in.
+    /// The storage timeout, which bounds every request.
     pub(crate) storage_timeout: Duration,
+    /// `/readyz`'s answer.
+    pub(crate) readiness: Arc<Readiness>,
 }
