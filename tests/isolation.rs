@@ -208,3 +208,55 @@ async fn isolation_same_session_calls_are_exact() {
         .count();
     assert_eq!(allowed, 30);
 }
+
+/// Security review, defect 4. Any agent controls the session id it presents, so random
+/// unknown ids must not take storage from live sessions: however many lookups of ids the
+/// cache does not hold are waiting on storage, at most the cold-load lane's width (1 by
+/// default, 3 here) reach it at once, and the writes of cached sessions are answered
+/// meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolation_unknown_ids_take_a_bounded_share_of_storage() {
+    let storage = arbiter_session::testing::FaultyStorage::new(MemoryStorage::new());
+    let store = SessionStore::builder(storage.clone())
+        .storage_timeout(Duration::from_secs(30))
+        .cold_loads(3)
+        .build();
+    let agent = Uuid::new_v4();
+    let live = store
+        .create(request(agent, &["search"], 100))
+        .await
+        .unwrap()
+        .session_id;
+    storage.hang_loads();
+    let lookups: Vec<_> = (0..64)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.get(Uuid::new_v4()).await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while storage.hung_loads() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no load reached storage"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Every lookup has had time to reach storage, were it let through.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(storage.hung_loads(), 3, "loads of unknown ids at once");
+    for _ in 0..10 {
+        store
+            .use_session(live, "search", Some(agent))
+            .await
+            .unwrap();
+    }
+    storage.heal();
+    for lookup in lookups {
+        assert!(matches!(
+            lookup.await.unwrap(),
+            Err(SessionError::NotFound(_))
+        ));
+    }
+    assert_eq!(store.get(live).await.unwrap().calls_made, 10);
+}

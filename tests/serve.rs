@@ -642,7 +642,10 @@ async fn serve_readyz_follows_the_database_and_sigterm_flushes(pool: PgPool) {
     proxy.cut();
     let mut waited = Duration::ZERO;
     while ready().await != StatusCode::SERVICE_UNAVAILABLE {
-        assert!(waited < Duration::from_secs(5), "still ready without a database");
+        assert!(
+            waited < Duration::from_secs(5),
+            "still ready without a database"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         waited += Duration::from_millis(100);
     }

@@ -432,6 +432,77 @@ async fn hot_session(bench: &mut Bench) -> Result<(), Box<dyn Error>> {
     bench.run("use_hot_64", 64, op).await
 }
 
+/// `use_session` at 64 tasks on 64 live (cached) sessions, alone and while 64 other tasks
+/// look up random unknown ids through the same store (what any agent can send), in
+/// alternating slices: the cold-load lane keeps the lookups from taking the pool.
+async fn unknown_ids(bench: &mut Bench) -> Result<(), Box<dyn Error>> {
+    let store = store(&bench.storage);
+    let ids = Arc::new(sessions(&store, 64).await?);
+    let live = {
+        let store = store.clone();
+        move |task: usize| -> Call {
+            let (store, id) = (store.clone(), ids[task % ids.len()]);
+            Box::pin(async move {
+                store
+                    .use_session(id, "search", None)
+                    .await
+                    .map(drop)
+                    .map_err(failed("use_session"))
+            })
+        }
+    };
+    let slice = bench.options.secs / f64::from(PAIRS);
+    let (mut alone, mut beside) = (Sample::default(), Sample::default());
+    let mut lookups = 0;
+    for pair in 0..PAIRS {
+        for flooded in [pair % 2 == 1, pair % 2 == 0] {
+            if flooded {
+                let (sample, looked_up) =
+                    while_unknown_ids(&store, sample(64, slice, live.clone())).await;
+                beside.add(sample?);
+                lookups += looked_up;
+            } else {
+                alone.add(sample(64, slice, live.clone()).await?);
+            }
+        }
+    }
+    let flood_secs = beside.elapsed_s;
+    bench.record("use_live_64", alone.figure());
+    bench.record("use_live_beside_unknown_64", beside.figure());
+    eprintln!(
+        "(64 tasks looked up {:.0} unknown ids/s beside them)",
+        lookups as f64 / flood_secs
+    );
+    Ok(())
+}
+
+/// Runs `during` while 64 tasks look up random unknown ids on `store`; its output and how
+/// many lookups were answered.
+async fn while_unknown_ids<T>(store: &SessionStore, during: impl Future<Output = T>) -> (T, u64) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood: Vec<_> = (0..64)
+        .map(|_| {
+            let (store, stop) = (store.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut answered = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // NotFound, or StorageRead when the lane stays full past the timeout.
+                    let _ = store.get(Uuid::new_v4()).await;
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    let output = during.await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for task in flood {
+        answered += task.await.unwrap_or(0);
+    }
+    (output, answered)
+}
+
 /// Creates, plain and capped, at 16 tasks.
 async fn creates(bench: &mut Bench, creator: &SessionStore) -> Result<(), Box<dyn Error>> {
     let create = on_store(creator, |store| async move {
@@ -665,10 +736,8 @@ impl HttpService {
 
     /// SIGTERM, and the clean exit that must follow.
     fn stop(mut self) -> Result<(), Box<dyn Error>> {
-        let pid = self.child.id().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()?;
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
         let status = self.child.wait()?;
         if status.success() {
             Ok(())
@@ -710,6 +779,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     distinct_sessions(&mut bench).await?;
     hot_session(&mut bench).await?;
+    unknown_ids(&mut bench).await?;
     let creator = store(&bench.storage);
     creates(&mut bench, &creator).await?;
     let denials = cached_answers(&mut bench, &creator).await?;
@@ -739,6 +809,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "ratio_distinct_16": bench.ratio("use_distinct_16", "limit_16"),
         "ratio_hot_64": bench.ratio("use_hot_64", "use_distinct_1"),
         "ratio_http_64": bench.ratio("http_use_64", "inprocess_use_64"),
+        "ratio_unknown_ids_64": bench.ratio("use_live_beside_unknown_64", "use_live_64"),
         "ratio_history_64": bench.ratio("use_history_64", "use_empty_64"),
         "history": history,
     });

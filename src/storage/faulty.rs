@@ -46,6 +46,10 @@ struct Faults {
     hang_maintenance: watch::Sender<bool>,
     /// Upkeep runs waiting in a hang right now.
     hung_maintenance: AtomicUsize,
+    /// `true` while session loads hang; a [`Storage::load`] waits for it to turn `false`.
+    hang_loads: watch::Sender<bool>,
+    /// Loads waiting in a hang right now.
+    hung_loads: AtomicUsize,
     /// Bumped to make the change feed report a reconnection.
     feed_resets: watch::Sender<u64>,
     injected: AtomicU64,
@@ -65,6 +69,8 @@ impl Default for Faults {
             write_delay_micros: AtomicU64::new(0),
             hang_maintenance: watch::Sender::new(false),
             hung_maintenance: AtomicUsize::new(0),
+            hang_loads: watch::Sender::new(false),
+            hung_loads: AtomicUsize::new(0),
             feed_resets: watch::Sender::new(0),
             injected: AtomicU64::new(0),
         }
@@ -158,6 +164,18 @@ impl<S> FaultyStorage<S> {
         self.faults.hung_maintenance.load(Ordering::SeqCst)
     }
 
+    /// Makes every session load ([`Storage::load`]) wait until [`Self::heal`]: a server
+    /// slow to answer reads, as when a flood of lookups holds its connections.
+    pub fn hang_loads(&self) {
+        self.faults.hang_loads.send_replace(true);
+    }
+
+    /// How many session loads are waiting in a hang right now (a cancelled one stops
+    /// counting).
+    pub fn hung_loads(&self) -> usize {
+        self.faults.hung_loads.load(Ordering::SeqCst)
+    }
+
     /// Refuses every write with [`StorageError::Constraint`] (named `injected`) until
     /// [`Self::heal`]: a write storage will never accept as it is.
     pub fn refuse_writes(&self) {
@@ -186,6 +204,7 @@ impl<S> FaultyStorage<S> {
         self.faults.write_delay_micros.store(0, Ordering::SeqCst);
         self.faults.fail_reads.store(false, Ordering::SeqCst);
         self.faults.hang_maintenance.send_replace(false);
+        self.faults.hang_loads.send_replace(false);
         self.release_writes();
     }
 
@@ -271,7 +290,7 @@ async fn wait_while_hung(hang: &watch::Sender<bool>, hung: &AtomicUsize) {
     }
 }
 
-/// Counts a hung write (or upkeep run) out again when it stops waiting, cancelled or not.
+/// Counts a hung write (or load, or upkeep run) out again when it stops waiting, cancelled or not.
 struct Unhung<'a>(&'a AtomicUsize);
 
 impl Drop for Unhung<'_> {
@@ -336,6 +355,8 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     }
 
     async fn load(&self, session_id: Uuid) -> Result<Option<Versioned>, StorageError> {
+        let f = &self.faults;
+        wait_while_hung(&f.hang_loads, &f.hung_loads).await;
         self.check_read()?;
         self.inner.load(session_id).await
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moka::future::Cache;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::SessionStore;
@@ -27,6 +28,7 @@ const DENIAL_BUFFER: usize = 10_000;
 const NEGATIVE_CAPACITY: u64 = 10_000;
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
+const COLD_LOADS: usize = 1;
 
 /// Builds a [`SessionStore`]. Obtained from [`SessionStore::builder`].
 #[derive(Debug)]
@@ -44,6 +46,7 @@ pub struct SessionStoreBuilder<S> {
     listen_for_changes: bool,
     denial_buffer: usize,
     maintenance_interval: Option<Duration>,
+    cold_loads: usize,
 }
 
 impl<S: Storage> SessionStoreBuilder<S> {
@@ -61,6 +64,7 @@ impl<S: Storage> SessionStoreBuilder<S> {
             listen_for_changes: true,
             denial_buffer: DENIAL_BUFFER,
             maintenance_interval: Some(MAINTENANCE_INTERVAL),
+            cold_loads: COLD_LOADS,
         }
     }
 
@@ -87,6 +91,21 @@ impl<S: Storage> SessionStoreBuilder<S> {
     /// `stats().denials_dropped`.
     pub fn denial_buffer(mut self, denials: usize) -> Self {
         self.denial_buffer = denials;
+        self
+    }
+
+    /// Most loads from storage at once for sessions the cache does not hold (default 1,
+    /// at least 1): the cold-load lane. An agent chooses the session id it presents, so
+    /// random ids make every lookup miss; the lane keeps those lookups from taking the
+    /// storage's connections and the database's time from the writes of cached sessions.
+    /// Lookups past it wait for the lane within their `storage_timeout`. One load takes
+    /// well under a millisecond, so one lane loads over a thousand sessions a second;
+    /// raise it where many sessions are first used in this process (several gateway
+    /// processes behind a balancer) and the database has cores to spare. `scripts/bench`
+    /// measures what a flood of unknown ids costs the calls beside it
+    /// (`ratio_unknown_ids_64`).
+    pub fn cold_loads(mut self, loads: usize) -> Self {
+        self.cold_loads = std::cmp::max(loads, 1);
         self
     }
 
@@ -175,6 +194,7 @@ impl<S: Storage> SessionStoreBuilder<S> {
             clock: self.clock,
             cache,
             slots: Arc::default(),
+            cold_loads: Semaphore::new(self.cold_loads),
             pending: Default::default(),
             counters,
             instance_id: self.instance_id,

@@ -5,11 +5,20 @@
 //! Only a session's own async mutex is held across an await; the pending set's and the
 //! slot registry's locks are held for map operations only, and a cache lookup never waits
 //! for another session.
+//!
+//! # Invariant: lookups of uncached ids take a bounded share of storage
+//! An agent chooses the session id it presents, so it can make every request miss the
+//! cache (random ids). At most `cold_loads` loads from storage run at once (the cold-load
+//! lane, smaller than a pool); the others wait for the lane within their call's deadline.
+//! So however many such lookups arrive, the writes of cached sessions keep the rest of the
+//! storage's connections.
 
 use std::sync::{Arc, Weak};
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use moka::future::Cache;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::deadline::Deadline;
@@ -38,6 +47,8 @@ pub(crate) struct Inner<S> {
     pub(super) cache: Cache<Uuid, Arc<Slot>>,
     /// Every live slot, one per session: where a lookup that misses the cache looks first.
     pub(super) slots: Arc<Slots>,
+    /// The cold-load lane: permits for loads from storage on a cache miss.
+    pub(super) cold_loads: Semaphore,
     pub(super) pending: PendingSet,
     pub(super) counters: Arc<Counters>,
     pub(super) instance_id: Uuid,
@@ -120,8 +131,13 @@ impl<S: Storage> Inner<S> {
     }
 
     /// The slot of `id`: from the cache, else the live slot (pinned or in use), else a new
-    /// one loaded from storage. Concurrent misses for one id share a single load.
-    pub(super) async fn slot(&self, id: Uuid) -> Result<Arc<Slot>, SessionError> {
+    /// one loaded from storage through the cold-load lane, by `deadline`. Concurrent misses
+    /// for one id share a single load.
+    pub(super) async fn slot(
+        &self,
+        id: Uuid,
+        deadline: Instant,
+    ) -> Result<Arc<Slot>, SessionError> {
         self.start_tasks();
         if let Some(slot) = self.cache.get(&id).await {
             Counters::bump(&self.counters.cache_hits);
@@ -140,7 +156,7 @@ impl<S: Storage> Inner<S> {
                 if let Some(slot) = self.slots.get(id) {
                     return Ok(slot);
                 }
-                match self.storage.load(id).await {
+                match self.load_cold(id, deadline).await {
                     // A slot made while we read storage wins over what we read.
                     Ok(Some(stored)) => Ok(self.slots.get_or_make(stored)),
                     Ok(None) => Err(LoadError::NotFound),
@@ -158,6 +174,26 @@ impl<S: Storage> Inner<S> {
                 LoadError::Read(err) => Err(read_failed(Some(id), err)),
             },
         }
+    }
+
+    /// Loads `id` from storage once the cold-load lane has room, by `deadline`.
+    async fn load_cold(
+        &self,
+        id: Uuid,
+        deadline: Instant,
+    ) -> Result<Option<Versioned>, StorageError> {
+        let storage = &self.storage;
+        storage
+            .by(deadline, async {
+                // The lane is never closed.
+                let _lane = self
+                    .cold_loads
+                    .acquire()
+                    .await
+                    .map_err(|_| storage.timed_out())?;
+                storage.load(id).await
+            })
+            .await
     }
 
     /// The session's stored status changed elsewhere: drop it from the cache and have the

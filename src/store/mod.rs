@@ -259,7 +259,7 @@ impl<S: Storage> SessionStore<S> {
     /// a write of this session in flight did not finish in time).
     pub async fn get(&self, session_id: Uuid) -> Result<TaskSession, SessionError> {
         let deadline = self.inner.storage.for_call();
-        let slot = self.inner.slot(session_id).await?;
+        let slot = self.inner.slot(session_id, deadline).await?;
         let storage = &self.inner.storage;
         let mut state = storage
             .by(deadline, async { Ok(slot.state.lock().await) })

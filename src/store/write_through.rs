@@ -170,7 +170,7 @@ impl<S: Storage> Inner<S> {
         mutation: Mutation<'_>,
     ) -> Result<Mutated, SessionError> {
         let deadline = self.storage.for_call();
-        let slot = self.slot(id).await?;
+        let slot = self.slot(id, deadline).await?;
         if let Ok(mut state) = slot.state.try_lock() {
             let now = self.now();
             let mut results = self

@@ -63,6 +63,11 @@ pub(crate) struct ServeArgs {
     /// Connections in the PostgreSQL pool.
     #[arg(long, env = "ARBITER_POOL_SIZE", default_value_t = 16)]
     pool_size: u32,
+    /// Most loads at once of sessions not in the cache (the store's cold-load lane): lookups
+    /// of random session ids, which any client can send, never take more.
+    #[arg(long, env = "ARBITER_COLD_LOADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    cold_loads: u64,
     /// Most sessions kept in the cache.
     #[arg(long, env = "ARBITER_CACHE_CAPACITY", default_value_t = 100_000)]
     cache_capacity: u64,
@@ -200,6 +205,7 @@ pub(crate) async fn serve(database_url: &str, args: ServeArgs) -> Result<(), Fai
     let store = SessionStore::builder(storage)
         .cache_capacity(args.cache_capacity)
         .storage_timeout(storage_timeout)
+        .cold_loads(usize::try_from(args.cold_loads).unwrap_or(1))
         .build();
     let state = AppState {
         store: store.clone(),
