@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::error::SessionError;
-use crate::model::{SessionStatus, TaskSession, ToolLimit, limits};
+use crate::model::{SessionStatus, TaskSession, ToolLimit};
 
 /// What a state change was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -239,6 +239,11 @@ impl AuditEvent {
     }
 }
 
+/// Most tool names a denial keeps of its call: an agent may name up to
+/// [`MAX_TOOLS`](crate::model::limits::MAX_TOOLS) in a batch, and its denial row must not be as large as its request.
+/// [`Denial::tool_count`] says how many the call named.
+pub const DENIAL_TOOLS_KEPT: usize = 16;
+
 /// A denied call waiting to be recorded: its event and the session it was about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -247,6 +252,12 @@ pub struct Denial {
     pub session_id: Uuid,
     /// The agent the session is bound to.
     pub agent_id: Uuid,
+    /// The agent that presented the session (another one for
+    /// [`DenialReason::AgentMismatch`]); `None` when the caller named none.
+    pub presented_agent_id: Option<Uuid>,
+    /// How many tools the denied call named; its event keeps the first
+    /// [`DENIAL_TOOLS_KEPT`].
+    pub tool_count: usize,
     /// When the session was created: PostgreSQL files the denial with the session's other
     /// events, in the partition of that day.
     pub session_created_at: DateTime<Utc>,
@@ -257,9 +268,10 @@ pub struct Denial {
 impl Denial {
     /// The denial of a call of `tools` on `session` for `reason`, decided at `at` by
     /// `instance_id`, with the session's counters as they stood and a fresh event key.
-    /// Tool names that could never be stored are replaced (see the `tools` of its event).
-    /// For [`Storage`](crate::Storage) implementations and their tests; the store makes
-    /// its own.
+    /// Its event keeps the first [`DENIAL_TOOLS_KEPT`] tools, and names that could never
+    /// be stored are replaced (see the `tools` of its event). No presenting agent: see
+    /// [`Self::presented_by`]. For [`Storage`](crate::Storage) implementations and their
+    /// tests; the store makes its own.
     pub fn new(
         reason: DenialReason,
         tools: &[&str],
@@ -270,19 +282,41 @@ impl Denial {
         Denial {
             session_id: session.session_id,
             agent_id: session.agent_id,
+            presented_agent_id: None,
+            tool_count: tools.len(),
             session_created_at: session.created_at,
             event: AuditEvent::denied(reason, recordable_tools(tools), session, at, instance_id),
         }
     }
+
+    /// The same denial, presented by `agent`.
+    #[must_use]
+    pub fn presented_by(self, agent: Option<Uuid>) -> Self {
+        Denial {
+            presented_agent_id: agent,
+            ..self
+        }
+    }
+
+    /// About how many bytes of memory this denial holds while it waits to be recorded.
+    pub(crate) fn approximate_size(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self
+                .event
+                .tools
+                .iter()
+                .map(|tool| std::mem::size_of::<String>() + tool.len())
+                .sum::<usize>()
+    }
 }
 
-/// The tools of a denied call as they can be stored: an agent may send anything, so a name
-/// that could never be an allow-list entry (empty, too long, NUL) is replaced by a marker,
-/// and an oversized batch keeps its first [`limits::MAX_TOOLS`] names.
+/// The tools of a denied call as they can be stored: its first [`DENIAL_TOOLS_KEPT`]
+/// names, each replaced by a marker if it could never be an allow-list entry (empty, too
+/// long, NUL), since an agent may send anything.
 fn recordable_tools(tools: &[&str]) -> Vec<String> {
     tools
         .iter()
-        .take(limits::MAX_TOOLS)
+        .take(DENIAL_TOOLS_KEPT)
         .map(|tool| {
             if crate::model::is_valid_name(tool) {
                 (*tool).to_owned()

@@ -4,7 +4,9 @@
 //! # Invariant: check order
 //! A call is checked in this order, and the first failing check is the error reported:
 //! agent binding -> closed -> expired (status or time) -> budget -> tool allow-list -> tool
-//! limit -> rate window. A denied call consumes nothing: the input session is never
+//! limit -> rate window. The agent binding comes before even the request's shape (an empty
+//! or oversized batch): a caller that is not the session's agent learns nothing else, and
+//! only its mismatch is recorded. A denied call consumes nothing: the input session is never
 //! modified, and a denial returns no new state. A batch is all-or-nothing: every tool is
 //! checked, and the budget, each limited tool (counting its repeats in the batch) and the
 //! rate window must have room for the whole batch.
@@ -108,11 +110,6 @@ fn decide_use(
     now: DateTime<Utc>,
 ) -> Result<TaskSession, SessionError> {
     let id = session.session_id;
-    if tools.is_empty() || tools.len() > limits::MAX_TOOLS {
-        return Err(SessionError::InvalidRequest {
-            reason: format!("a batch needs 1..={} tools", limits::MAX_TOOLS),
-        });
-    }
     if let Some(actual) = agent
         && actual != session.agent_id
     {
@@ -120,6 +117,11 @@ fn decide_use(
             session_id: id,
             expected: session.agent_id,
             actual,
+        });
+    }
+    if tools.is_empty() || tools.len() > limits::MAX_TOOLS {
+        return Err(SessionError::InvalidRequest {
+            reason: format!("a batch needs 1..={} tools", limits::MAX_TOOLS),
         });
     }
     match session.status {
@@ -331,6 +333,15 @@ mod tests {
         assert!(matches!(
             err(&s, stranger),
             SessionError::AgentMismatch { .. }
+        ));
+        // Before the request's shape, too.
+        assert!(matches!(
+            use_tools(&s, &[], stranger, late).unwrap_err(),
+            SessionError::AgentMismatch { .. }
+        ));
+        assert!(matches!(
+            use_tools(&s, &[], Some(s.agent_id), late).unwrap_err(),
+            SessionError::InvalidRequest { .. }
         ));
         assert!(matches!(err(&s, None), SessionError::AlreadyClosed(_)));
         s.status = SessionStatus::Active;

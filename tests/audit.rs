@@ -125,8 +125,8 @@ async fn audit_hostile_tool_names_are_recorded_safely(pool: PgPool) {
     assert_eq!(rows[1].tools, ["<invalid name of 1048576 bytes>"]);
     assert_eq!(
         rows[2].tools.len(),
-        1024,
-        "an oversized batch keeps its first 1024 names"
+        16,
+        "an oversized batch keeps its first 16 names"
     );
 }
 
@@ -480,4 +480,117 @@ async fn audit_a_hot_sessions_next_denial_finds_its_link_at_once(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!(links, (100, 1));
+}
+
+/// Security review, defect 5. A caller that is not the session's agent is denied for that
+/// before anything else is checked, and its denial records who presented the session; an
+/// oversized call is recorded in part: its first 16 tools and how many it named.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn audit_a_strangers_denial_names_it_and_an_oversized_call_is_kept_short(pool: PgPool) {
+    let store = SessionStore::new(PgStorage::new(pool.clone()));
+    let agent = Uuid::new_v4();
+    let id = store
+        .create(request(agent, &["search"], 5))
+        .await
+        .unwrap()
+        .session_id;
+    let names: Vec<String> = (0..1100).map(|i| format!("{i:0>55}")).collect();
+    let tools: Vec<&str> = names.iter().map(String::as_str).collect();
+    let stranger = Uuid::new_v4();
+    let err = store
+        .use_session_batch(id, &tools, Some(stranger))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, arbiter_session::SessionError::AgentMismatch { .. }),
+        "{err:?}"
+    );
+    let err = store
+        .use_session_batch(id, &tools, Some(agent))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, arbiter_session::SessionError::InvalidRequest { .. }),
+        "{err:?}"
+    );
+    assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+    let rows = sqlx::query!(
+        r#"SELECT reason AS "reason!", agent_id, presented_agent_id, tools,
+                  tool_count
+             FROM arbiter.session_events
+            WHERE session_id = $1 AND kind = 'denied'
+            ORDER BY event_id"#,
+        id
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let rows: Vec<_> = rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.reason,
+                r.agent_id,
+                r.presented_agent_id,
+                r.tools,
+                r.tool_count,
+            )
+        })
+        .collect();
+    let kept = names[..16].to_vec();
+    assert_eq!(
+        rows,
+        [
+            (
+                "agent_mismatch".to_owned(),
+                agent,
+                Some(stranger),
+                kept.clone(),
+                Some(1100)
+            ),
+            ("invalid".to_owned(), agent, Some(agent), kept, Some(1100))
+        ]
+    );
+    // Both denials are links of the session's denial chain, presenter and count included.
+    let verdict = arbiter_session::operator::chain::verify_audit_chain(&pool, id)
+        .await
+        .unwrap();
+    assert!(verdict.is_intact(), "{verdict:?}");
+    assert_eq!(verdict.denials, 2);
+}
+
+/// Security review, defect 5: the denials waiting to be recorded are bounded in bytes as
+/// well as in number; past the bound they are dropped and counted, never kept.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn audit_the_denial_buffer_is_bounded_in_bytes(pool: PgPool) {
+    let storage = FaultyStorage::new(PgStorage::new(pool.clone()));
+    let store = SessionStore::builder(storage.clone())
+        .denial_buffer(10_000)
+        .denial_buffer_bytes(64 * 1024)
+        .build();
+    let agent = Uuid::new_v4();
+    let id = store
+        .create(request(agent, &["search"], 5))
+        .await
+        .unwrap()
+        .session_id;
+    // Denials of 16 names of 256 bytes each (about 4.6 KB), and storage refuses them.
+    storage.fail_writes();
+    let name = "x".repeat(256);
+    let tools: Vec<&str> = std::iter::repeat_n(name.as_str(), 20).collect();
+    for _ in 0..100 {
+        store
+            .use_session_batch(id, &tools, Some(agent))
+            .await
+            .unwrap_err();
+    }
+    let stats = store.stats();
+    let kept = 100 - stats.denials_dropped;
+    assert!(
+        (10..=14).contains(&kept),
+        "{kept} denials of about 4.6 KB kept in 64 KiB"
+    );
+    storage.heal();
+    assert!(store.shutdown(Duration::from_secs(10)).await.is_clean());
+    assert_eq!(denied(&pool, id).await.len() as u64, kept);
 }

@@ -596,7 +596,9 @@ async fn cli_exports_events_in_order_with_their_hashes(pool: PgPool) {
         "{csv}"
     );
     assert!(
-        lines[0].ends_with(",session_day,limited_tools,tool_calls,prev_hash,hash"),
+        lines[0].ends_with(
+            ",session_day,limited_tools,tool_calls,prev_hash,hash,presented_agent_id,tool_count"
+        ),
         "{csv}"
     );
     // Agent B's session s3: created, a call, closed, and a denial after the close.

@@ -171,6 +171,8 @@ struct ChainRow {
     reason: Option<String>,
     limited_tools: Option<Vec<Option<String>>>,
     tool_calls: Option<Vec<Option<i64>>>,
+    presented_agent_id: Option<Uuid>,
+    tool_count: Option<i32>,
     prev_hash: Option<Vec<u8>>,
     hash: Option<Vec<u8>>,
 }
@@ -232,6 +234,13 @@ fn link_hash(prev: Digest, row: &ChainRow) -> Digest {
             let calls = calls.get(at).copied().flatten().unwrap_or(-1);
             hasher.update(calls.to_be_bytes());
         }
+    }
+    // Then, if a denial recorded them, a tag no count of limited tools starts with, the
+    // presenting agent and how many tools the call named (migration 20261206000001).
+    if row.presented_agent_id.is_some() || row.tool_count.is_some() {
+        hasher.update([0xff]);
+        hasher.update(row.presented_agent_id.unwrap_or_default().as_bytes());
+        hasher.update(row.tool_count.unwrap_or(-1).to_be_bytes());
     }
     Digest(hasher.finalize().into())
 }
@@ -466,8 +475,34 @@ mod tests {
             reason: None,
             limited_tools: None,
             tool_calls: None,
+            presented_agent_id: None,
+            tool_count: None,
             prev_hash: None,
             hash: None,
+        }
+    }
+
+    #[test]
+    fn a_denials_presenter_and_count_are_hashed_only_when_present() {
+        let mut denial = row();
+        denial.kind = "denied".into();
+        denial.reason = Some("agent_mismatch".into());
+        denial.session_version = None;
+        let plain = link_hash(Digest::GENESIS, &denial);
+        let mut presented = denial.clone();
+        presented.presented_agent_id = Some(Uuid::from_u128(5));
+        presented.tool_count = Some(2);
+        let with_presenter = link_hash(Digest::GENESIS, &presented);
+        assert_ne!(plain, with_presenter);
+        for edit in [
+            |r: &mut ChainRow| r.presented_agent_id = Some(Uuid::from_u128(6)),
+            |r: &mut ChainRow| r.presented_agent_id = None,
+            |r: &mut ChainRow| r.tool_count = Some(3),
+            |r: &mut ChainRow| r.tool_count = None,
+        ] {
+            let mut edited = presented.clone();
+            edit(&mut edited);
+            assert_ne!(with_presenter, link_hash(Digest::GENESIS, &edited));
         }
     }
 

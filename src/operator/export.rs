@@ -95,10 +95,14 @@ pub struct ExportedEvent {
     pub limited_tools: Option<Vec<Option<String>>>,
     /// Each one's calls after the event, at the same positions.
     pub tool_calls: Option<Vec<Option<i64>>>,
-    /// The previous link's hash, hex (none for denials).
+    /// The previous link's hash in the event's chain, hex.
     pub prev_hash: Option<String>,
-    /// This link's hash, hex (none for denials).
+    /// This link's hash, hex.
     pub hash: Option<String>,
+    /// Denials: the agent that presented the session (`agent_id` is the session's).
+    pub presented_agent_id: Option<Uuid>,
+    /// Denials: how many tools the call named (`tools` holds the first 16).
+    pub tool_count: Option<i32>,
 }
 
 const CSV_COLUMNS: &[&str] = &[
@@ -121,6 +125,8 @@ const CSV_COLUMNS: &[&str] = &[
     "tool_calls",
     "prev_hash",
     "hash",
+    "presented_agent_id",
+    "tool_count",
 ];
 
 /// A list as one CSV cell: its values space-separated, a NULL element as an empty word.
@@ -133,7 +139,7 @@ fn space_separated<T: ToString>(values: &[Option<T>]) -> String {
 }
 
 impl ExportedEvent {
-    fn csv_cells(&self) -> [String; 19] {
+    fn csv_cells(&self) -> [String; 21] {
         let opt = |value: Option<String>| value.unwrap_or_default();
         [
             self.event_id.to_string(),
@@ -156,6 +162,8 @@ impl ExportedEvent {
             space_separated(self.tool_calls.as_deref().unwrap_or_default()),
             opt(self.prev_hash.clone()),
             opt(self.hash.clone()),
+            opt(self.presented_agent_id.map(|agent| agent.to_string())),
+            opt(self.tool_count.map(|count| count.to_string())),
         ]
     }
 }
@@ -290,6 +298,8 @@ mod tests {
             tool_calls: Some(vec![Some(2)]),
             prev_hash: None,
             hash: None,
+            presented_agent_id: None,
+            tool_count: None,
         };
         let column = |name: &str| CSV_COLUMNS.iter().position(|c| *c == name).expect(name);
         let cells = event.csv_cells();

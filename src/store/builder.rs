@@ -25,6 +25,7 @@ const CACHE_IDLE: Duration = Duration::from_secs(300);
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(250);
 const STORAGE_TIMEOUT: Duration = Duration::from_secs(5);
 const DENIAL_BUFFER: usize = 10_000;
+const DENIAL_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 const NEGATIVE_CAPACITY: u64 = 10_000;
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
@@ -45,6 +46,7 @@ pub struct SessionStoreBuilder<S> {
     negative_ttl: Duration,
     listen_for_changes: bool,
     denial_buffer: usize,
+    denial_buffer_bytes: usize,
     maintenance_interval: Option<Duration>,
     cold_loads: usize,
 }
@@ -63,6 +65,7 @@ impl<S: Storage> SessionStoreBuilder<S> {
             negative_ttl: NEGATIVE_TTL,
             listen_for_changes: true,
             denial_buffer: DENIAL_BUFFER,
+            denial_buffer_bytes: DENIAL_BUFFER_BYTES,
             maintenance_interval: Some(MAINTENANCE_INTERVAL),
             cold_loads: COLD_LOADS,
         }
@@ -91,6 +94,17 @@ impl<S: Storage> SessionStoreBuilder<S> {
     /// `stats().denials_dropped`.
     pub fn denial_buffer(mut self, denials: usize) -> Self {
         self.denial_buffer = denials;
+        self
+    }
+
+    /// Most bytes of memory the denials waiting to be recorded may hold (default 16 MiB),
+    /// beside [`Self::denial_buffer`]'s count: a denial keeps at most
+    /// [`DENIAL_TOOLS_KEPT`](crate::audit::DENIAL_TOOLS_KEPT) tool names of up to
+    /// [`MAX_NAME_BYTES`](crate::model::limits::MAX_NAME_BYTES) each, so a flood of
+    /// oversized denied calls fills this bound first. Past it, denials are dropped and
+    /// counted like those past the count.
+    pub fn denial_buffer_bytes(mut self, bytes: usize) -> Self {
+        self.denial_buffer_bytes = bytes;
         self
     }
 
@@ -185,7 +199,12 @@ impl<S: Storage> SessionStoreBuilder<S> {
         let storage = Arc::new(Deadline::new(self.storage, self.storage_timeout));
         let inner = Arc::new_cyclic(|me| Inner {
             commits: GroupCommit::new(Arc::clone(&storage)),
-            denials: DenialLog::new(Arc::clone(&storage), self.instance_id, self.denial_buffer),
+            denials: DenialLog::new(
+                Arc::clone(&storage),
+                self.instance_id,
+                self.denial_buffer,
+                self.denial_buffer_bytes,
+            ),
             storage,
             negative_cache: Cache::builder()
                 .max_capacity(self.negative_capacity)

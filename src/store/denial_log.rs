@@ -1,10 +1,12 @@
 //! The denial log: denied calls, recorded in the audit trail off the hot path.
 //!
 //! # Invariant: bounded, never silent, recorded once
-//! A denial is pushed into a bounded buffer (a `std` mutex held for a push, never across an
-//! await) and the log's writer task writes the buffer in batches, one statement each. When
-//! the buffer is full the denial is dropped, counted (`stats().denials_dropped`) and
-//! logged. When storage is unavailable, a batch goes back into the buffer (within its
+//! A denial is pushed into a buffer bounded both in denials and in bytes (a `std` mutex
+//! held for a push, never across an await), and the log's writer task writes the buffer in
+//! batches, one statement each. Each denial keeps at most
+//! [`DENIAL_TOOLS_KEPT`](crate::audit::DENIAL_TOOLS_KEPT) tool names, so its size is
+//! bounded whatever the agent sent. When the buffer is full (either bound) the denial is
+//! dropped, counted (`stats().denials_dropped`) and logged. When storage is unavailable, a batch goes back into the buffer (within its
 //! bound) for the next attempt; writing denials is idempotent by event key, so a batch
 //! whose earlier attempt committed unseen is recorded once. When storage *refuses* a batch
 //! (anything but unavailability), its denials are written one by one, and those refused
@@ -35,11 +37,13 @@ const BATCH: usize = 1000;
 pub(super) struct DenialLog<S> {
     storage: Arc<Deadline<S>>,
     instance_id: Uuid,
-    buffer: Mutex<Vec<Denial>>,
-    /// `buffer.len()`, written under the lock, so that a full buffer can be seen without
-    /// taking the lock (a stale read only means one more or one fewer counted drop).
+    buffer: Mutex<Buffer>,
+    /// `buffer.denials.len()`, written under the lock, so that a full buffer can be seen
+    /// without taking the lock (a stale read only means one more or one fewer counted
+    /// drop).
     len: AtomicUsize,
     capacity: usize,
+    capacity_bytes: usize,
     writer: Worker,
     recorded: AtomicU64,
     dropped: AtomicU64,
@@ -55,6 +59,13 @@ impl<S> std::fmt::Debug for DenialLog<S> {
     }
 }
 
+/// The denials waiting, and the bytes they hold (`Denial::approximate_size`).
+#[derive(Debug, Default)]
+struct Buffer {
+    denials: Vec<Denial>,
+    bytes: usize,
+}
+
 /// The denial log's counters, for [`StoreStats`](crate::StoreStats).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct DenialCounts {
@@ -64,13 +75,19 @@ pub(super) struct DenialCounts {
 }
 
 impl<S: Storage> DenialLog<S> {
-    pub(super) fn new(storage: Arc<Deadline<S>>, instance_id: Uuid, capacity: usize) -> Arc<Self> {
+    pub(super) fn new(
+        storage: Arc<Deadline<S>>,
+        instance_id: Uuid,
+        capacity: usize,
+        capacity_bytes: usize,
+    ) -> Arc<Self> {
         Arc::new(DenialLog {
             storage,
             instance_id,
             buffer: Mutex::default(),
             len: AtomicUsize::new(0),
             capacity,
+            capacity_bytes,
             writer: Worker::default(),
             recorded: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -78,12 +95,13 @@ impl<S: Storage> DenialLog<S> {
         })
     }
 
-    /// Records that a call of `tools` on `session` was denied with `err` at `at`, if `err`
-    /// is a denial worth recording.
+    /// Records that a call of `tools` on `session`, presented by `agent`, was denied with
+    /// `err` at `at`, if `err` is a denial worth recording.
     pub(super) fn record(
         self: &Arc<Self>,
         session: &TaskSession,
         tools: &[&str],
+        agent: Option<Uuid>,
         err: &SessionError,
         at: DateTime<Utc>,
     ) {
@@ -96,17 +114,18 @@ impl<S: Storage> DenialLog<S> {
             self.count_dropped(1);
             return;
         }
-        let denial = Denial::new(reason, tools, session, at, self.instance_id);
+        let denial = Denial::new(reason, tools, session, at, self.instance_id).presented_by(agent);
         let was_empty = {
             let mut buffer = self.buffer();
-            if buffer.len() >= self.capacity {
+            if !self.fits(buffer.denials.len(), buffer.bytes, &denial) {
                 drop(buffer);
                 self.count_dropped(1);
                 return;
             }
-            buffer.push(denial);
-            self.len.store(buffer.len(), Ordering::Relaxed);
-            buffer.len() == 1
+            buffer.bytes += denial.approximate_size();
+            buffer.denials.push(denial);
+            self.len.store(buffer.denials.len(), Ordering::Relaxed);
+            buffer.denials.len() == 1
         };
         // The writer parks only after it found the buffer empty: only the denial that
         // makes it non-empty needs to wake it.
@@ -176,7 +195,7 @@ impl<S: Storage> DenialLog<S> {
 impl<S> DenialLog<S> {
     /// Denials waiting to be recorded.
     pub(super) fn buffered(&self) -> usize {
-        self.buffer().len()
+        self.buffer().denials.len()
     }
 
     pub(super) fn counts(&self) -> DenialCounts {
@@ -187,7 +206,13 @@ impl<S> DenialLog<S> {
         }
     }
 
-    fn buffer(&self) -> MutexGuard<'_, Vec<Denial>> {
+    /// Whether `denial` fits beside `len` denials holding `bytes`.
+    fn fits(&self, len: usize, bytes: usize, denial: &Denial) -> bool {
+        len < self.capacity
+            && bytes.saturating_add(denial.approximate_size()) <= self.capacity_bytes
+    }
+
+    fn buffer(&self) -> MutexGuard<'_, Buffer> {
         // Nothing panics under this lock, so a poisoned buffer is still consistent.
         self.buffer.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -195,22 +220,31 @@ impl<S> DenialLog<S> {
     /// Takes up to one batch, oldest first.
     fn take_batch(&self) -> Vec<Denial> {
         let mut buffer = self.buffer();
-        let n = std::cmp::min(buffer.len(), BATCH);
-        let batch = buffer.drain(..n).collect();
-        self.len.store(buffer.len(), Ordering::Relaxed);
+        let n = std::cmp::min(buffer.denials.len(), BATCH);
+        let batch: Vec<Denial> = buffer.denials.drain(..n).collect();
+        let taken: usize = batch.iter().map(Denial::approximate_size).sum();
+        buffer.bytes = buffer.bytes.saturating_sub(taken);
+        self.len.store(buffer.denials.len(), Ordering::Relaxed);
         batch
     }
 
-    /// Puts a batch storage could not take now back in front, as far as the bound allows;
-    /// the rest are dropped and counted.
+    /// Puts a batch storage could not take now back in front, oldest first, as far as the
+    /// bounds allow; the rest are dropped and counted.
     fn restore(&self, batch: Vec<Denial>) {
         let lost = {
             let mut buffer = self.buffer();
-            let room = self.capacity.saturating_sub(buffer.len());
-            let kept = std::cmp::min(room, batch.len());
-            let lost = batch.len() - kept;
-            buffer.splice(0..0, batch.into_iter().take(kept));
-            self.len.store(buffer.len(), Ordering::Relaxed);
+            let mut kept = Vec::with_capacity(batch.len());
+            let mut lost = 0;
+            for denial in batch {
+                if self.fits(buffer.denials.len() + kept.len(), buffer.bytes, &denial) {
+                    buffer.bytes += denial.approximate_size();
+                    kept.push(denial);
+                } else {
+                    lost += 1;
+                }
+            }
+            buffer.denials.splice(0..0, kept);
+            self.len.store(buffer.denials.len(), Ordering::Relaxed);
             lost
         };
         if lost > 0 {

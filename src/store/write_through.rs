@@ -177,8 +177,8 @@ impl<S: Storage> Inner<S> {
                 .mutate_locked(id, &slot, &mut state, &[mutation], now, deadline)
                 .await;
             let result = results.pop().unwrap_or_else(|| Err(abandoned(id)));
-            if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
-                self.denials.record(&state.current, tools, err, now);
+            if let (Err(err), Mutation::Use { tools, agent }) = (&result, mutation) {
+                self.denials.record(&state.current, tools, agent, err, now);
             }
             return result;
         }
@@ -228,8 +228,8 @@ impl<S: Storage> Inner<S> {
             .mutate_locked(id, slot, state, &mutations, now, deadline)
             .await;
         for ((reply, mutation), result) in replies.into_iter().zip(&mutations).zip(results) {
-            if let (Err(err), Mutation::Use { tools, .. }) = (&result, mutation) {
-                self.denials.record(&state.current, tools, err, now);
+            if let (Err(err), Mutation::Use { tools, agent }) = (&result, mutation) {
+                self.denials.record(&state.current, tools, *agent, err, now);
             }
             // A caller that gave up no longer listens.
             let _ = reply.send(result);

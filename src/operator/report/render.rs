@@ -183,14 +183,25 @@ impl Tabular for EventRecord {
         "status",
         "version",
         "hash",
+        "presented_by",
     ];
     fn cells(&self) -> Vec<String> {
+        // A denial keeps the first tools of its call and how many it named.
+        let omitted = self
+            .tool_count
+            .and_then(|count| usize::try_from(count).ok())
+            .and_then(|count| count.checked_sub(self.tools.len()))
+            .filter(|&omitted| omitted > 0);
+        let tools = match omitted {
+            Some(omitted) => format!("{} (+{omitted} more)", self.tools.join(" ")),
+            None => self.tools.join(" "),
+        };
         vec![
             self.event_id.to_string(),
             timestamp(self.occurred_at),
             self.kind.clone(),
             self.reason.clone().unwrap_or_default(),
-            self.tools.join(" "),
+            tools,
             self.calls_made.to_string(),
             // The calls of each limited tool the event counted, after it.
             self.limited_tools
@@ -209,6 +220,9 @@ impl Tabular for EventRecord {
             self.hash
                 .as_deref()
                 .map(|h| h.chars().take(16).collect())
+                .unwrap_or_default(),
+            self.presented_agent_id
+                .map(|agent| agent.to_string())
                 .unwrap_or_default(),
         ]
     }

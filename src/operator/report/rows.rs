@@ -185,6 +185,10 @@ pub struct EventRecord {
     pub limited_tools: Option<Vec<String>>,
     /// Each one's calls after the event, at the same positions.
     pub tool_calls: Option<Vec<i64>>,
-    /// The event's link in the hash chain, hex (none for denials).
+    /// Denials: the agent that presented the session.
+    pub presented_agent_id: Option<Uuid>,
+    /// Denials: how many tools the call named (`tools` holds the first 16).
+    pub tool_count: Option<i32>,
+    /// The event's link in its hash chain, hex.
     pub hash: Option<String>,
 }

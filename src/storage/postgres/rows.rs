@@ -207,6 +207,8 @@ pub(super) struct BatchEventJson<'a> {
 pub(super) struct DenialJson<'a> {
     session_id: Uuid,
     agent_id: Uuid,
+    presented_agent_id: Option<Uuid>,
+    tool_count: i32,
     session_created_at: DateTime<Utc>,
     #[serde(flatten)]
     event: EventJson<'a>,
@@ -218,6 +220,10 @@ impl<'a> From<&'a Denial> for DenialJson<'a> {
         DenialJson {
             session_id: denial.session_id,
             agent_id: denial.agent_id,
+            presented_agent_id: denial.presented_agent_id,
+            // At most `limits::MAX_TOOLS` for a call the policy read; more only for a batch
+            // it refused as too large, whose count is then kept as the largest `integer`.
+            tool_count: i32::try_from(denial.tool_count).unwrap_or(i32::MAX),
             session_created_at: denial.session_created_at,
             event: EventJson::from(&denial.event),
             reason: denial.event.reason.map(DenialReason::as_str),
