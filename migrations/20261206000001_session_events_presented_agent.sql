@@ -70,8 +70,13 @@ BEGIN
 END
 $$;
 
--- The chain trigger's template of migration 20261201000009, hashing the two new columns,
--- with its search_path fixed. Installed again on every partition below.
+-- The chain trigger's template of migration 20261201000009, hashing the two new columns.
+-- Each partition's chain function now runs with its owner's rights (SECURITY DEFINER, with
+-- a fixed search_path): it reads its partition directly and keeps the rollups' bookkeeping
+-- (rollup_days, rollup_today), which the gateways' role then needs no grant on; a role
+-- that may INSERT into arbiter.session_events is all a gateway is. A trigger function
+-- cannot be called except as a trigger, so it lends those rights to nothing else.
+-- Installed again on every partition below.
 CREATE OR REPLACE FUNCTION arbiter.install_event_partition_chain(partition regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, arbiter, pg_temp
@@ -92,6 +97,7 @@ BEGIN
     EXECUTE format($source$
 CREATE OR REPLACE FUNCTION arbiter.%1$I() RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, arbiter, pg_temp
 SET plan_cache_mode = force_generic_plan
 SET enable_sort = off

@@ -1083,3 +1083,147 @@ async fn serve_a_readyz_flood_changes_no_answer_of_use(pool: PgPool) {
     locker.rollback().await.expect("rollback");
     assert_eq!(common::row(&pool, id).await.calls_made, 20);
 }
+
+/// The README's grants for the gateway role (the ```sql block that grants to
+/// `arbiter_gateway`), for `role`.
+fn readme_gateway_grants(role: &str) -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("```sql\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+        .find(|block| block.contains("TO arbiter_gateway"))
+        .expect("the README has the gateway role's grants");
+    block
+        .split(';')
+        .map(str::trim)
+        .filter(|statement| !statement.is_empty())
+        .map(|statement| statement.replace("arbiter_gateway", role))
+        .collect()
+}
+
+/// Security review, defect 6: the service runs as a role with exactly the README's grants,
+/// with `--no-upkeep`, through create, use, a denial, a write that fails and is reconciled
+/// into a row changed meanwhile, and close; the schema's owner runs `arbiter-session
+/// upkeep`. The role is dropped afterwards, whatever the outcome.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn serve_runs_as_a_role_with_only_the_readmes_grants(pool: PgPool) {
+    let role = format!("arbiter_gateway_{}", Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN")))
+        .execute(&pool)
+        .await
+        .expect("create the role");
+    let body = {
+        let (pool, role) = (pool.clone(), role.clone());
+        tokio::spawn(async move { run_as_gateway_role(pool, &role).await })
+    };
+    let outcome = body.await;
+    for statement in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&pool)
+            .await
+            .expect("drop the role");
+    }
+    if let Err(panicked) = outcome {
+        std::panic::resume_unwind(panicked.into_panic());
+    }
+}
+
+async fn run_as_gateway_role(pool: PgPool, role: &str) {
+    for grant in readme_gateway_grants(role) {
+        sqlx::query(sqlx::AssertSqlSafe(grant.clone()))
+            .execute(&pool)
+            .await
+            .expect(&grant);
+    }
+    let (proxy, _proxied) = common::proxied_pool(&pool).await;
+    let url = url_through(&pool, &proxy).await;
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let as_role = format!("{scheme}://{role}@{host}");
+    let service = start(&as_role, &["--no-upkeep"]).await;
+    let (status, ready) = json_of(service.send(Method::GET, "/readyz", None, None).await).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+
+    let agent = Uuid::new_v4();
+    let id = create(
+        &service,
+        json!({ "agent_id": agent, "authorized_tools": ["search"],
+        "call_budget": 5, "time_limit_secs": 600, "tool_limits": { "search": 4 } }),
+    )
+    .await;
+    let path = format!("/v1/sessions/{id}/use");
+    let call = |tool: &str, who: Uuid| json!({ "tool": tool, "agent_id": who });
+    assert_eq!(
+        service.post(&path, GATEWAY, call("search", agent)).await.0,
+        StatusCode::OK
+    );
+    assert_error(
+        &service.post(&path, GATEWAY, call("delete", agent)).await,
+        StatusCode::FORBIDDEN,
+        "tool_not_authorized",
+    );
+    assert_error(
+        &service
+            .post(&path, GATEWAY, call("search", Uuid::new_v4()))
+            .await,
+        StatusCode::FORBIDDEN,
+        "agent_mismatch",
+    );
+    // A write that fails: the call stays pending while the owner changes the row, and is
+    // merged into it (a locked update) once the database is back.
+    proxy.refuse();
+    proxy.cut();
+    assert_error(
+        &service.post(&path, GATEWAY, call("search", agent)).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_write_through",
+    );
+    sqlx::query!(
+        "UPDATE arbiter.sessions SET declared_intent = 'changed by the operator' WHERE session_id = $1",
+        id
+    )
+    .execute(&pool)
+    .await
+    .expect("the owner's update");
+    proxy.heal();
+    let mut waited = Duration::ZERO;
+    while common::row(&pool, id).await.calls_made != 2 {
+        assert!(
+            waited < Duration::from_secs(15),
+            "not reconciled:\n{}",
+            service.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
+    let (status, closed) = service
+        .post(&format!("/v1/sessions/{id}/close"), GATEWAY, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{closed}");
+
+    // The owner's upkeep, beside the service.
+    let upkeep = Command::new(env!("CARGO_BIN_EXE_arbiter-session"))
+        .arg("upkeep")
+        .env("DATABASE_URL", common::database_url(&pool).await)
+        .output()
+        .expect("the binary runs");
+    assert!(
+        upkeep.status.success(),
+        "{}",
+        String::from_utf8_lossy(&upkeep.stderr)
+    );
+    drop(service);
+    let kinds = common::event_kinds(&pool, id).await;
+    assert!(kinds.contains(&"reconciled".to_owned()), "{kinds:?}");
+    // The tool, the stranger, and the write that failed.
+    assert_eq!(
+        kinds.iter().filter(|kind| *kind == "denied").count(),
+        3,
+        "{kinds:?}"
+    );
+    let verdict = arbiter_session::operator::chain::verify_audit_chain(&pool, id)
+        .await
+        .expect("verify");
+    assert!(verdict.is_intact(), "{verdict:?}");
+}

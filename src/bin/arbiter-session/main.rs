@@ -76,9 +76,18 @@ enum Command {
         #[command(subcommand)]
         action: PartitionsAction,
     },
-    /// Roll up the days that are over for the reports (stores do this at start and daily;
-    /// run it from cron if they don't).
+    /// Roll up the days that are over, and today so far, for the reports (each store's
+    /// upkeep does this every minute; `upkeep` does it with the partitions).
     Rollup,
+    /// The upkeep a store runs every minute unless it is told not to (`serve
+    /// --no-upkeep`): create the audit trail's partitions a week ahead, then roll up for
+    /// the reports. Run it as the schema's owner, from cron or, with --every, as a sidecar.
+    Upkeep {
+        /// Run again every SECS seconds until stopped, reporting a failed run on stderr
+        /// instead of exiting.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+        every: Option<u64>,
+    },
     /// Stream the audit events that occurred in a time range, in order, with their hashes.
     Export {
         /// From: YYYY-MM-DD (midnight UTC) or an RFC 3339 timestamp (inclusive).
@@ -135,7 +144,7 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum PartitionsAction {
     /// Create the partitions from yesterday to --days-ahead days from today (UTC) that do
-    /// not exist yet. Stores do this at start and daily; run it from cron if they don't.
+    /// not exist yet. Each store's upkeep (or `upkeep`) does this every minute.
     Ensure {
         /// How many days ahead.
         #[arg(long, default_value_t = 7,
@@ -320,6 +329,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             print!("{}", report::render(&list, format.into())?);
             warn_if_default_partition_used(&pool).await?;
         }
+        Command::Upkeep { every: None } => upkeep(&pool).await?,
+        Command::Upkeep { every: Some(secs) } => loop {
+            if let Err(Failure(text)) = upkeep(&pool).await {
+                eprintln!("arbiter-session: upkeep failed, trying again in {secs} s: {text}");
+            }
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+        },
         Command::Rollup => {
             let outcome = rollup::roll_up(&pool).await?;
             for day in &outcome.rolled {
@@ -469,6 +485,25 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One upkeep run: the partitions a week ahead, then the rollups; one line of what it did.
+async fn upkeep(pool: &PgPool) -> Result<(), Failure> {
+    let created = partitions::ensure(pool, 7).await?;
+    let outcome = rollup::roll_up(pool).await?;
+    let today = match (outcome.stopped_at, outcome.today_until) {
+        (Some(day), _) => format!("stopped at {day}, which is busy"),
+        (None, Some(until)) => format!(
+            "today rolled up to {}",
+            until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        ),
+        (None, None) => "today is busy".to_owned(),
+    };
+    println!(
+        "upkeep: created {created} partitions; rolled up {} days; {today}",
+        outcome.rolled.len()
+    );
+    Ok(())
 }
 
 /// Warns on stderr when events sit in the default partition (see

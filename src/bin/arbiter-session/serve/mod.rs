@@ -51,6 +51,11 @@ pub(crate) struct ServeArgs {
     /// Apply the embedded migrations before serving.
     #[arg(long)]
     migrate: bool,
+    /// Run no upkeep (the audit trail's partitions, the reports' rollups) in this process:
+    /// it needs the schema's owner. Run `arbiter-session upkeep` every minute as the owner
+    /// instead, and serve as a role with only the gateway's grants (README, "Security").
+    #[arg(long, env = "ARBITER_NO_UPKEEP")]
+    no_upkeep: bool,
     /// File holding the admin token (else `ARBITER_ADMIN_TOKEN`).
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
@@ -206,7 +211,13 @@ pub(crate) async fn serve(database_url: &str, args: ServeArgs) -> Result<(), Fai
         .cache_capacity(args.cache_capacity)
         .storage_timeout(storage_timeout)
         .cold_loads(usize::try_from(args.cold_loads).unwrap_or(1))
+        .maintenance_interval((!args.no_upkeep).then_some(Duration::from_secs(60)))
         .build();
+    if args.no_upkeep {
+        tracing::info!(
+            "upkeep off: run `arbiter-session upkeep` as the schema's owner every minute"
+        );
+    }
     let state = AppState {
         store: store.clone(),
         tokens: Arc::new(tokens),
