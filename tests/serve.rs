@@ -711,8 +711,8 @@ async fn serve_readyz_follows_the_database_and_sigterm_flushes(pool: PgPool) {
 }
 
 #[test]
-fn serve_refuses_to_start_without_tokens_or_with_no_auth_in_public() {
-    let run = |args: &[&str], tokens: bool| {
+fn serve_refuses_to_start_without_good_tokens_or_with_no_auth_in_public() {
+    let run = |args: &[&str], tokens: (Option<&str>, Option<&str>)| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_arbiter-session"));
         command
             .arg("serve")
@@ -720,23 +720,49 @@ fn serve_refuses_to_start_without_tokens_or_with_no_auth_in_public() {
             .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
             .env_remove("ARBITER_ADMIN_TOKEN")
             .env_remove("ARBITER_GATEWAY_TOKEN");
-        if tokens {
-            command.env("ARBITER_ADMIN_TOKEN", ADMIN);
+        if let Some(admin) = tokens.0 {
+            command.env("ARBITER_ADMIN_TOKEN", admin);
+        }
+        if let Some(gateway) = tokens.1 {
+            command.env("ARBITER_GATEWAY_TOKEN", gateway);
         }
         command.output().expect("the binary runs")
     };
-    let no_tokens = run(&["--listen", "127.0.0.1:0"], false);
-    let one_token = run(&["--listen", "127.0.0.1:0"], true);
-    let public = run(&["--listen", "0.0.0.0:0", "--no-auth"], false);
-    for (output, expected) in [
-        (no_tokens, "both tokens are required"),
-        (one_token, "both tokens are required"),
-        (public, "only on a loopback address"),
+    let local = ["--listen", "127.0.0.1:0"];
+    let short = "fifteen-bytes!!";
+    for (output, expected, secret) in [
+        (run(&local, (None, None)), "both tokens are required", ADMIN),
+        (
+            run(&local, (Some(ADMIN), None)),
+            "both tokens are required",
+            ADMIN,
+        ),
+        (
+            run(&["--listen", "0.0.0.0:0", "--no-auth"], (None, None)),
+            "only on a loopback address",
+            ADMIN,
+        ),
+        // Security review, defect 7: tokens that are short, or one token for both roles.
+        (
+            run(&local, (Some(short), Some(GATEWAY))),
+            "the admin token is shorter than 16 bytes",
+            short,
+        ),
+        (
+            run(&local, (Some(ADMIN), Some(short))),
+            "the gateway token is shorter than 16 bytes",
+            short,
+        ),
+        (
+            run(&local, (Some(ADMIN), Some(ADMIN))),
+            "the admin and gateway tokens must differ",
+            ADMIN,
+        ),
     ] {
         let err = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{err}");
         assert!(err.contains(expected), "{err}");
-        assert!(!err.contains(ADMIN), "a token never appears in an error");
+        assert!(!err.contains(secret), "a token never appears in an error");
     }
 }
 
@@ -1226,4 +1252,43 @@ async fn run_as_gateway_role(pool: PgPool, role: &str) {
         .await
         .expect("verify");
     assert!(verdict.is_intact(), "{verdict:?}");
+}
+
+/// Security review, defect 7: with `--no-auth`, only requests whose `Host` is a loopback
+/// name are served, so a web page whose name resolves to 127.0.0.1 (DNS rebinding) cannot
+/// drive the service from a browser.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn serve_without_auth_answers_only_loopback_hosts(pool: PgPool) {
+    let service = start(&common::database_url(&pool).await, &["--no-auth"]).await;
+    let port = service.base.rsplit_once(':').expect("a port").1.to_owned();
+    let with_host = |host: String| {
+        service
+            .client
+            .post(format!("{}/v1/sessions", service.base))
+            .header("host", host)
+            .json(
+                &json!({ "agent_id": Uuid::new_v4(), "authorized_tools": ["search"],
+                "call_budget": 1, "time_limit_secs": 60 }),
+            )
+            .send()
+    };
+    for host in [
+        format!("attacker.example:{port}"),
+        "attacker.example".to_owned(),
+        format!("127.0.0.1.attacker.example:{port}"),
+        format!("localhost.attacker.example:{port}"),
+    ] {
+        let answer = json_of(with_host(host.clone()).await.expect("answer")).await;
+        assert_error(&answer, StatusCode::FORBIDDEN, "forbidden");
+    }
+    assert_eq!(sessions_in(&pool).await, 0);
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+        "localhost".to_owned(),
+    ] {
+        let answer = with_host(host.clone()).await.expect("answer");
+        assert_eq!(answer.status(), StatusCode::CREATED, "{host}");
+    }
 }

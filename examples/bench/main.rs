@@ -693,8 +693,8 @@ async fn http_service(bench: &mut Bench) -> Result<(), Box<dyn Error>> {
     service.stop()
 }
 
-const ADMIN_TOKEN: &str = "bench-admin";
-const GATEWAY_TOKEN: &str = "bench-gateway";
+const ADMIN_TOKEN: &str = "bench-admin-token-0001";
+const GATEWAY_TOKEN: &str = "bench-gateway-token-0001";
 
 fn expect_ok(answer: reqwest::Result<reqwest::Response>, what: &str) -> Result<(), String> {
     match answer {

@@ -324,11 +324,23 @@ fn printable(cell: &str) -> String {
 }
 
 /// One CSV field (RFC 4180): quoted only when it holds a comma, a quote or a line break.
+///
+/// Cells come from agents (tool names), and a spreadsheet runs a cell that starts with
+/// `=`, `+`, `-`, `@`, a tab or a carriage return as a formula: such a cell is written
+/// with a `'` before it, which spreadsheets show as text, unless it is a number. The
+/// audit export's JSON Lines are the verbatim form.
 pub(crate) fn csv_field(cell: &str) -> std::borrow::Cow<'_, str> {
+    let formula =
+        cell.starts_with(['=', '+', '-', '@', '\t', '\r']) && cell.parse::<f64>().is_err();
+    let cell: std::borrow::Cow<'_, str> = if formula {
+        format!("'{cell}").into()
+    } else {
+        cell.into()
+    };
     if cell.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", cell.replace('"', "\"\"")).into()
     } else {
-        cell.into()
+        cell
     }
 }
 
@@ -385,5 +397,29 @@ mod tests {
             csv(&["p", "q", "r"], rows.into_iter()),
             "p,q,r\r\n\"a,b\",\"say \"\"hi\"\"\",x\r\n"
         );
+    }
+
+    /// Security review, defect 7: tool names come from agents, and a spreadsheet runs a
+    /// cell that starts with `=`, `+`, `-` or `@` (or a tab or carriage return before one)
+    /// as a formula.
+    #[test]
+    fn csv_neutralizes_cells_a_spreadsheet_would_run() {
+        for (cell, field) in [
+            (
+                "=HYPERLINK(\"http://x\")",
+                "\"'=HYPERLINK(\"\"http://x\"\")\"",
+            ),
+            ("+cmd", "'+cmd"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\t=1", "'\t=1"),
+            ("\r=1", "\"'\r=1\""),
+        ] {
+            assert_eq!(csv_field(cell), field, "{cell:?}");
+        }
+        // A number is not a formula, whatever its sign.
+        for cell in ["-5", "+5", "-1.5", "0", "search"] {
+            assert_eq!(csv_field(cell), cell);
+        }
     }
 }

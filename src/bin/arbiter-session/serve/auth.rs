@@ -126,9 +126,86 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// Whether `host` (a `Host` header's value) names this machine's loopback interface:
+/// `localhost`, an address in 127.0.0.0/8 or `[::1]`, with or without a port. Under
+/// `--no-auth` only these are served: a page a browser loaded from a name that now
+/// resolves to 127.0.0.1 (DNS rebinding) sends its own name.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`.
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((address, rest)) if rest.is_empty() || is_port(rest) => address,
+            _ => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if is_port(&format!(":{port}")) => name,
+            Some(_) => return false,
+            None => host,
+        },
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
+}
+
+/// Whether `rest` is `:` and a port number.
+fn is_port(rest: &str) -> bool {
+    rest.strip_prefix(':')
+        .is_some_and(|port| port.parse::<u16>().is_ok())
+}
+
+/// Under `--no-auth`, answers 403 to a request whose `Host` is not a loopback name (see
+/// [`is_loopback_host`]); with tokens, lets every request through to them.
+pub(crate) async fn loopback_host_only(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if matches!(*state.tokens, Tokens::Disabled) {
+        let host = request
+            .headers()
+            .get(axum::http::header::HOST)
+            .and_then(|value| value.to_str().ok());
+        if !host.is_some_and(is_loopback_host) {
+            return ApiError::forbidden().into_response();
+        }
+    }
+    next.run(request).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts_are_loopback_names_only() {
+        for host in [
+            "localhost",
+            "LOCALHOST:8080",
+            "127.0.0.1",
+            "127.1.2.3:80",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "",
+            "attacker.example",
+            "localhost.attacker.example",
+            "127.0.0.1.attacker.example:80",
+            "10.0.0.1:80",
+            "[::2]:80",
+            "[::1]x",
+            "localhost:http",
+            "localhost:99999",
+            "::1",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 
     #[test]
     fn each_token_grants_its_own_role_only() {

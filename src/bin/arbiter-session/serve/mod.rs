@@ -37,6 +37,8 @@ use crate::Failure;
 
 /// Most bytes a request body may have.
 const BODY_LIMIT: usize = 64 * 1024;
+/// Fewest bytes a token may have (after trimming): 128 bits, if random.
+const MIN_TOKEN_BYTES: usize = 16;
 
 /// Options of `arbiter-session serve`. The tokens are read from the environment or from
 /// files, never from the command line (which other users can read in the process list).
@@ -142,7 +144,22 @@ fn tokens(args: &ServeArgs) -> Result<Tokens, Failure> {
         return Ok(Tokens::Disabled);
     }
     match (admin, gateway) {
-        (Some(admin), Some(gateway)) => Ok(Tokens::new(&admin, &gateway)),
+        (Some(admin), Some(gateway)) => {
+            for (role, token) in [("admin", &admin), ("gateway", &gateway)] {
+                if token.len() < MIN_TOKEN_BYTES {
+                    return Err(Failure(format!(
+                        "the {role} token is shorter than {MIN_TOKEN_BYTES} bytes"
+                    )));
+                }
+            }
+            if admin == gateway {
+                return Err(Failure(
+                    "the admin and gateway tokens must differ: a gateway could create sessions"
+                        .to_owned(),
+                ));
+            }
+            Ok(Tokens::new(&admin, &gateway))
+        }
         _ => Err(Failure(
             "both tokens are required: set ARBITER_ADMIN_TOKEN and ARBITER_GATEWAY_TOKEN \
              (or --admin-token-file and --gateway-token-file), or pass --no-auth on a \
@@ -176,6 +193,10 @@ fn app(state: AppState, with_metrics: bool) -> Router {
     }
     let timeout = routes::request_timeout(state.storage_timeout);
     app.fallback(routes::no_route)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::loopback_host_only,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(telemetry::count_request))
         .layer(TimeoutLayer::with_status_code(
