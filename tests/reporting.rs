@@ -990,7 +990,9 @@ async fn a_purge_removes_the_totals_of_the_sessions_it_deleted(pool: PgPool) {
 
 /// A session's totals over two days stay exact when the two days are rolled up at once:
 /// the second rollup waits for the first's totals, instead of writing totals that miss
-/// its day.
+/// its day. (Both days are sealed first: a day is counted for the first time only once
+/// every day before it is sealed, so two days are counted at once when they are counted
+/// again, as after late events.)
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn session_totals_stay_exact_when_two_of_its_days_roll_up_at_once(pool: PgPool) {
     // A session across midnight two days ago: a denial on each day, closed on the second.
@@ -1023,6 +1025,7 @@ async fn session_totals_stay_exact_when_two_of_its_days_roll_up_at_once(pool: Pg
         0
     );
 
+    roll_up_all(&pool).await;
     #[expect(
         clippy::disallowed_methods,
         reason = "a test's transaction, never cancelled"
@@ -1665,4 +1668,90 @@ async fn refreshing_skips_a_partition_whose_lock_is_held(pool: PgPool) {
         .execute(&mut *conn)
         .await
         .expect("reset");
+}
+
+/// The audit trail under concurrency, defect 3. docs/reporting.md's SQL recipe rolls up
+/// every pending day in one statement and goes on past a day that is busy: with the
+/// first day's rollup held open (and then rolled back), the recipe must not seal a later
+/// day, or the horizon would pass the first one, which would then be read neither from
+/// rollups nor raw, and never be pending again.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn the_sql_recipe_never_moves_the_horizon_past_a_busy_day(pool: PgPool) {
+    let first = Utc::now().date_naive() - chrono::Days::new(3);
+    let mut conn = pool.acquire().await.unwrap();
+    for (day, hour) in [(first, 10), (first, 11), (first + chrono::Days::new(1), 9)] {
+        let at = day.and_hms_opt(hour, 0, 0).unwrap().and_utc();
+        insert_denial(&mut conn, at).await;
+    }
+    // Inserted on their own days, the events would have left no row in rollup_days: these,
+    // inserted late, each marked its day unsealed.
+    sqlx::query!("DELETE FROM arbiter.rollup_days")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    // A rollup of the first day, in flight.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
+    let mut holding = pool.begin().await.unwrap();
+    let sealed = sqlx::query_scalar!("SELECT arbiter.rollup_day($1)", first)
+        .fetch_one(&mut *holding)
+        .await
+        .unwrap();
+    assert_eq!(sealed, Some(2));
+    // The recipe, beside it: it finds the first day busy, and a later day's rollup may
+    // wait for the first one's lock on the sessions' totals.
+    let recipe = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            sqlx::query_scalar!(
+                "SELECT arbiter.rollup_day(d) FROM arbiter.rollup_pending_days() AS d"
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !recipe.is_finished() && waiting_on_a_lock(&pool).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the recipe neither ran nor waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    holding.rollback().await.unwrap();
+    let results = recipe.await.unwrap();
+    assert_eq!(results.first(), Some(&None), "the first day is busy");
+
+    let horizon = rollup::horizon(&pool).await.unwrap();
+    assert!(
+        horizon.is_none_or(|horizon| horizon <= first),
+        "the horizon {horizon:?} passed {first}"
+    );
+    let off = views_against_raw(&pool).await.map(|(off, _)| off);
+    assert_eq!(off, [0, 0, 0, 0]);
+    // The next rollup counts every day, in order.
+    roll_up_all(&pool).await;
+    assert_eq!(
+        sealed_days(&pool, first + chrono::Days::new(1)).await,
+        vec![(first, 2), (first + chrono::Days::new(1), 1)]
+    );
+    assert_eq!(
+        views_against_raw(&pool).await.map(|(off, _)| off),
+        [0, 0, 0, 0]
+    );
+}
+
+/// Backends of this database waiting for a lock now.
+async fn waiting_on_a_lock(pool: &PgPool) -> i64 {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "waiting!" FROM pg_stat_activity
+            WHERE datname = current_database() AND wait_event_type = 'Lock'"#
+    )
+    .fetch_one(pool)
+    .await
+    .expect("pg_stat_activity")
 }
