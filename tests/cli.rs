@@ -505,8 +505,8 @@ async fn cli_checkpoint_proves_no_chain_was_rewritten_since(pool: PgPool) {
         "{text}"
     );
 
-    // A new checkpoint appended to the same file is the one checked; purged sessions are
-    // gone, not rewritten.
+    // A new checkpoint appended to the same file is the one checked; sessions a purge
+    // recorded in it are gone, not rewritten.
     let out = cli(&url, &["checkpoint", "--append", path]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = cli(
@@ -516,6 +516,8 @@ async fn cli_checkpoint_proves_no_chain_was_rewritten_since(pool: PgPool) {
             "--before",
             &chrono::Utc::now().to_rfc3339(),
             "--events",
+            "--record",
+            path,
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -523,7 +525,7 @@ async fn cli_checkpoint_proves_no_chain_was_rewritten_since(pool: PgPool) {
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     assert!(
         stdout(&out).contains("0 sessions of the checkpoint of ")
-            && stdout(&out).contains("3 have no events now (purged since)"),
+            && stdout(&out).contains("3 purged since"),
         "{}",
         stdout(&out)
     );
@@ -608,4 +610,89 @@ async fn cli_exports_events_in_order_with_their_hashes(pool: PgPool) {
         &["export", "--since", "2026-03-02", "--until", "2026-03-01"],
     );
     assert_one_line_error(&out, "export range is empty");
+}
+
+/// The audit trail under concurrency, defect 5. A checkpoint's session whose trail is gone
+/// must have been purged, and the purge must say so where the checkpoints live: `verify
+/// --against` fails for a trail that vanished without a purge's record, and for a session
+/// whose row is stored while its trail is gone (which no purge can leave); a purge run
+/// with `--record` appends the trails it removes to the checkpoint file, and those are gone,
+/// not tampered with.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn cli_verify_against_tells_a_purged_trail_from_a_vanished_one(pool: PgPool) {
+    let data = known_dataset(&pool).await;
+    let url = common::database_url(&pool).await;
+    let dir = std::env::temp_dir().join(format!("arbiter-purge-record-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("a directory");
+    let path = dir.join("checkpoints.jsonl");
+    let path = path.to_str().expect("a UTF-8 path");
+    assert!(
+        cli(&url, &["checkpoint", "--append", path])
+            .status
+            .success()
+    );
+
+    // S1's trail goes behind the purge's back while its row stays; S3's row and trail go.
+    common::tamper(
+        &pool,
+        &format!(
+            "DELETE FROM arbiter.session_events WHERE session_id IN ('{}', '{}')",
+            data.s1, data.s3
+        ),
+    )
+    .await;
+    common::tamper_sessions(
+        &pool,
+        &format!(
+            "DELETE FROM arbiter.sessions WHERE session_id = '{}'",
+            data.s3
+        ),
+    )
+    .await;
+    let vanished = |text: &str, session: uuid::Uuid, why: &str| {
+        text.contains(&format!("VANISHED session {session}: {why}"))
+    };
+    let out = cli(&url, &["verify", "--against", path]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        vanished(&text, data.s1, "its row is stored but its trail is gone"),
+        "{text}"
+    );
+    assert!(
+        vanished(&text, data.s3, "its trail is gone and no purge recorded it"),
+        "{text}"
+    );
+
+    // A recorded purge: S2's trail goes, and the file says so; S1 and S3 stay vanished.
+    let out = cli(
+        &url,
+        &[
+            "purge",
+            "--before",
+            &chrono::Utc::now().to_rfc3339(),
+            "--events",
+            "--record",
+            path,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&url, &["verify", "--against", path]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(!text.contains(&data.s2.to_string()), "{text}");
+    assert!(
+        vanished(&text, data.s1, "its trail is gone and no purge recorded it"),
+        "{text}"
+    );
+    assert!(text.contains("1 purged since"), "{text}");
+    // A checkpoint taken since holds none of them: nothing vanished after it.
+    assert!(
+        cli(&url, &["checkpoint", "--append", path])
+            .status
+            .success()
+    );
+    let out = cli(&url, &["verify", "--against", path]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    std::fs::remove_dir_all(&dir).expect("clean up");
 }

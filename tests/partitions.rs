@@ -497,15 +497,21 @@ async fn an_archiving_purge_drops_only_what_it_wrote_out(pool: PgPool) {
     assert_eq!(events_of(&pool, ten).await, 3);
 
     // The database drops an archived partition only with exactly the rows archived.
-    let wrong = sqlx::query_as::<_, (i64, i64)>(
-        "SELECT * FROM arbiter.purge_before($1, true, ARRAY[$2::date], ARRAY[2::bigint])",
+    let gone = sqlx::query_scalar::<_, i64>("SELECT arbiter.purge_sessions($1)")
+        .bind(cutoff)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(gone, 2, "two sessions go");
+    let wrong = sqlx::query_as::<_, (String, i64)>(
+        "SELECT outcome, events FROM arbiter.purge_partition($1, $2, 2)",
     )
-    .bind(cutoff)
     .bind(day(10))
+    .bind(cutoff)
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(wrong, (2, 0), "two sessions go, no event");
+    assert_eq!(wrong, ("changed".to_owned(), 0), "no event");
     assert!(exists(&pool, &partition_name(day(10))).await);
 
     let dir = std::env::temp_dir().join(format!("arbiter-archive-{}", Uuid::new_v4()));
@@ -513,6 +519,7 @@ async fn an_archiving_purge_drops_only_what_it_wrote_out(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!((report.purge.sessions, report.purge.events), (0, 3));
+    assert_eq!(report.purge.trails, 1);
     assert_eq!(report.partitions.len(), 1, "{report:?}");
     let archived = &report.partitions[0];
     assert_eq!(

@@ -19,10 +19,22 @@
 //! head (32 bytes), denial count (8 bytes) and denial head (32 bytes, zeros when none), in
 //! order: a checkpoint cut short or edited by accident is refused. [`verify_against`] checks the newest complete checkpoint of a file.
 //!
-//! Sessions purged since (retention deletes whole chains) are counted as gone, not as
-//! rewritten: compare their number with what `purge` reported.
+//!
+//! A purge appends a record of the trails it removes to the same file ([`PurgeRecord`];
+//! `purge --record FILE`):
+//! ```text
+//! {"arbiter_purge":1,"at":"2026-12-02T05:00:00Z","cutoff":"2026-11-01T00:00:00Z"}
+//! {"purged":"…"}
+//! …one line per session whose trail the purge may remove, written before it does…
+//! {"end_purge":true,"sessions":2,"digest":"<64 hex digits>"}
+//! ```
+//! (`digest` is SHA-256 over the listed ids, 16 bytes each, in order.) A session of the
+//! checkpoint whose trail is gone now is *gone* if a purge record that had not ended when
+//! the checkpoint began lists it, and *vanished* otherwise: a trail goes only by a
+//! recorded purge. A session whose row is stored while its trail is gone has vanished too,
+//! checkpoint or not: a purge removes only trails of sessions already deleted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 
 use chrono::{DateTime, Utc};
@@ -90,6 +102,92 @@ struct EndLine {
     events: u64,
     denials: u64,
     digest: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PurgeHeader {
+    arbiter_purge: u32,
+    at: DateTime<Utc>,
+    cutoff: DateTime<Utc>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PurgedLine {
+    purged: Uuid,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PurgeEnd {
+    end_purge: bool,
+    sessions: u64,
+    digest: String,
+}
+
+/// A purge's record of the trails it removes, appended to a checkpoint file (see the
+/// module's format): give [`PurgeRecord::trails`] to
+/// [`purge_before_recorded`](crate::operator::retention::purge_before_recorded), then
+/// [`PurgeRecord::finish`]. Each call of `trails` writes its lines and flushes `out`;
+/// make `out` durable there too (sync a file) so that no trail goes before its line is on
+/// disk.
+#[derive(Debug)]
+pub struct PurgeRecord<W: Write> {
+    out: W,
+    fold: Sha256,
+    sessions: u64,
+}
+
+impl<W: Write> PurgeRecord<W> {
+    /// Starts a record of a purge with `cutoff` on `out`.
+    ///
+    /// # Errors
+    /// `out` could not be written.
+    pub fn begin(mut out: W, cutoff: DateTime<Utc>) -> std::io::Result<Self> {
+        let header = PurgeHeader {
+            arbiter_purge: VERSION,
+            at: Utc::now(),
+            cutoff,
+        };
+        writeln!(out, "{}", json(&header)?)?;
+        out.flush()?;
+        Ok(PurgeRecord {
+            out,
+            fold: Sha256::new(),
+            sessions: 0,
+        })
+    }
+
+    /// Records sessions whose trails the purge may remove, and flushes.
+    ///
+    /// # Errors
+    /// `out` could not be written.
+    pub fn trails(&mut self, sessions: &[Uuid]) -> std::io::Result<()> {
+        for session in sessions {
+            writeln!(self.out, "{}", json(&PurgedLine { purged: *session })?)?;
+            self.fold.update(session.as_bytes());
+            self.sessions += 1;
+        }
+        self.out.flush()
+    }
+
+    /// The output, to make it durable after [`Self::trails`].
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
+    /// Ends the record; returns the output.
+    ///
+    /// # Errors
+    /// `out` could not be written.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        let end = PurgeEnd {
+            end_purge: true,
+            sessions: self.sessions,
+            digest: hex(Digest(self.fold.finalize().into())),
+        };
+        writeln!(self.out, "{}", json(&end)?)?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
 }
 
 /// The digest over head lines, in order.
@@ -284,8 +382,11 @@ pub struct CheckpointVerdict {
     pub taken_at: Option<DateTime<Utc>>,
     /// Sessions of the checkpoint whose chain still passes through its recorded head.
     pub kept: u64,
-    /// Sessions of the checkpoint with no chained event now (purged since, or deleted).
+    /// Sessions of the checkpoint whose trail a recorded purge removed since.
     pub gone: u64,
+    /// Trails that went without a recorded purge: sessions of the checkpoint with no event
+    /// now that no purge record lists, and stored sessions without a trail.
+    pub vanished: Vec<Vanished>,
     /// Chains of the checkpoint's sessions that were rewritten or cut short.
     pub rewritten: Vec<Rewritten>,
     /// Chains that do not verify on their own (every session, not only the checkpoint's).
@@ -293,35 +394,106 @@ pub struct CheckpointVerdict {
 }
 
 impl CheckpointVerdict {
-    /// Whether no chain was rewritten and every chain verifies.
+    /// Whether no chain was rewritten or cut, none vanished, and every chain verifies.
     pub fn is_intact(&self) -> bool {
-        self.rewritten.is_empty() && self.broken.is_empty()
+        self.rewritten.is_empty() && self.broken.is_empty() && self.vanished.is_empty()
+    }
+}
+
+/// A trail that went without a recorded purge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vanished {
+    /// The session.
+    pub session_id: Uuid,
+    /// Whether its row is still stored (no purge removes the trail of a stored session).
+    pub row_stored: bool,
+}
+
+impl std::fmt::Display for Vanished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.row_stored {
+            write!(
+                f,
+                "session {}: its row is stored but its trail is gone",
+                self.session_id
+            )
+        } else {
+            write!(
+                f,
+                "session {}: its trail is gone and no purge recorded it",
+                self.session_id
+            )
+        }
     }
 }
 
 /// Each recorded session's heads.
 type Heads = HashMap<Uuid, Recorded>;
 
-/// The newest complete checkpoint in `file`: its time and its heads. Memory grows with the
-/// sessions of one checkpoint (about 60 bytes each), not with the events.
-fn read_checkpoint<R: BufRead>(file: R) -> Result<(DateTime<Utc>, Heads), CheckpointError> {
+/// What a checkpoint file says: its newest complete checkpoint, and the sessions whose
+/// trails the purges recorded since it began may have removed.
+struct CheckpointFile {
+    taken_at: DateTime<Utc>,
+    heads: Heads,
+    purged: HashSet<Uuid>,
+}
+
+/// A purge record as read: its ids, their digest so far, and the line that ended it.
+#[derive(Default)]
+struct PurgeRead {
+    ids: Vec<Uuid>,
+    fold: Sha256,
+    ended_at: Option<usize>,
+}
+
+/// Reads `file` (see the module's format). Memory grows with the sessions of one
+/// checkpoint (about 60 bytes each) and those purged since it began, not with the events.
+fn read_checkpoint<R: BufRead>(file: R) -> Result<CheckpointFile, CheckpointError> {
     let invalid =
         |line: usize, what: &str| CheckpointError::Invalid(format!("line {line}: {what}"));
-    let mut newest = None;
-    let mut open: Option<(DateTime<Utc>, Heads, Fold)> = None;
+    // The newest complete checkpoint: its time, heads and header's line.
+    let mut newest: Option<(DateTime<Utc>, Heads, usize)> = None;
+    let mut open: Option<(DateTime<Utc>, Heads, Fold, usize)> = None;
+    // The purge records that may explain the newest checkpoint's trails; the last is the
+    // one lines belong to (one purge at a time per file).
+    let mut purges: Vec<PurgeRead> = Vec::new();
     for (index, line) in file.lines().enumerate() {
         let number = index + 1;
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
-        if let Ok(header) = serde_json::from_str::<Header>(&line) {
+        let open_purge = purges.last_mut().filter(|purge| purge.ended_at.is_none());
+        if let Ok(purged) = serde_json::from_str::<PurgedLine>(&line) {
+            let purge = open_purge
+                .ok_or_else(|| invalid(number, "a purged session outside a purge record"))?;
+            purge.fold.update(purged.purged.as_bytes());
+            purge.ids.push(purged.purged);
+        } else if let Ok(header) = serde_json::from_str::<PurgeHeader>(&line) {
+            if header.arbiter_purge != VERSION {
+                return Err(invalid(number, "unknown purge record version"));
+            }
+            purges.push(PurgeRead::default());
+        } else if let Ok(end) = serde_json::from_str::<PurgeEnd>(&line) {
+            let purge =
+                open_purge.ok_or_else(|| invalid(number, "a purge's end without its record"))?;
+            let recorded = parse_hex(&end.digest)
+                .ok_or_else(|| invalid(number, "a digest that is not 64 hex digits"))?;
+            let folded = Digest(std::mem::take(&mut purge.fold).finalize().into());
+            if folded != recorded || u64::try_from(purge.ids.len()).ok() != Some(end.sessions) {
+                return Err(invalid(
+                    number,
+                    "the purge record does not match its digest (edited or cut)",
+                ));
+            }
+            purge.ended_at = Some(number);
+        } else if let Ok(header) = serde_json::from_str::<Header>(&line) {
             if header.arbiter_checkpoint != VERSION {
                 return Err(invalid(number, "unknown checkpoint version"));
             }
-            open = Some((header.taken_at, HashMap::new(), Fold::default()));
+            open = Some((header.taken_at, HashMap::new(), Fold::default(), number));
         } else if let Ok(head) = serde_json::from_str::<HeadLine>(&line) {
-            let (_, heads, fold) = open
+            let (_, heads, fold, _) = open
                 .as_mut()
                 .ok_or_else(|| invalid(number, "a head before any checkpoint header"))?;
             let not_hex = || invalid(number, "a head that is not 64 hex digits");
@@ -337,7 +509,7 @@ fn read_checkpoint<R: BufRead>(file: R) -> Result<(DateTime<Utc>, Heads), Checkp
             fold.add(head.session_id, &recorded);
             heads.insert(head.session_id, recorded);
         } else if let Ok(end) = serde_json::from_str::<EndLine>(&line) {
-            let (taken_at, heads, fold) = open
+            let (taken_at, heads, fold, began) = open
                 .take()
                 .ok_or_else(|| invalid(number, "an end line without its header"))?;
             let recorded = parse_hex(&end.digest)
@@ -348,12 +520,25 @@ fn read_checkpoint<R: BufRead>(file: R) -> Result<(DateTime<Utc>, Heads), Checkp
                     "the checkpoint does not match its digest (edited or cut)",
                 ));
             }
-            newest = Some((taken_at, heads));
+            // A purge that ended before this checkpoint began removed none of its trails.
+            purges.retain(|purge| purge.ended_at.is_none_or(|ended| ended > began));
+            newest = Some((taken_at, heads, began));
         } else {
             return Err(invalid(number, "not a checkpoint line"));
         }
     }
-    newest.ok_or_else(|| CheckpointError::Invalid("no complete checkpoint".to_owned()))
+    let (taken_at, heads, began) =
+        newest.ok_or_else(|| CheckpointError::Invalid("no complete checkpoint".to_owned()))?;
+    let purged = purges
+        .into_iter()
+        .filter(|purge| purge.ended_at.is_none_or(|ended| ended > began))
+        .flat_map(|purge| purge.ids)
+        .collect();
+    Ok(CheckpointFile {
+        taken_at,
+        heads,
+        purged,
+    })
 }
 
 /// Proves against the newest complete checkpoint in `file` that no chain it recorded was
@@ -366,7 +551,11 @@ pub async fn verify_against<R: BufRead>(
     pool: &PgPool,
     file: R,
 ) -> Result<CheckpointVerdict, CheckpointError> {
-    let (taken_at, heads) = read_checkpoint(file)?;
+    let CheckpointFile {
+        taken_at,
+        heads,
+        purged,
+    } = read_checkpoint(file)?;
     let mut check = HeadCheck {
         heads,
         verdict: CheckpointVerdict {
@@ -376,8 +565,49 @@ pub async fn verify_against<R: BufRead>(
     };
     walk_all_chains(pool, &mut check).await?;
     let HeadCheck { heads, mut verdict } = check;
-    // What is left was never walked: those sessions have no chained event now.
-    verdict.gone = u64::try_from(heads.len()).unwrap_or(u64::MAX);
+    // What is left was never walked: those sessions have no chained event now. Gone by a
+    // recorded purge, or vanished; and a stored session without a trail vanished too.
+    let unwalked: Vec<Uuid> = heads.into_keys().collect();
+    let stored: HashSet<Uuid> = sqlx::query_scalar!(
+        r#"SELECT session_id AS "session_id!" FROM arbiter.sessions WHERE session_id = ANY($1)"#,
+        &unwalked
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(StorageError::from)?
+    .into_iter()
+    .collect();
+    for session_id in unwalked {
+        let row_stored = stored.contains(&session_id);
+        if !row_stored && purged.contains(&session_id) {
+            verdict.gone += 1;
+        } else {
+            verdict.vanished.push(Vanished {
+                session_id,
+                row_stored,
+            });
+        }
+    }
+    let trailless = sqlx::query_scalar!(
+        r#"SELECT s.session_id AS "session_id!" FROM arbiter.sessions s
+            WHERE NOT EXISTS (SELECT 1 FROM arbiter.session_events e
+                               WHERE e.session_id = s.session_id
+                                 AND e.session_day = (s.created_at AT TIME ZONE 'UTC')::date)
+            ORDER BY 1"#
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(StorageError::from)?;
+    let listed: HashSet<Uuid> = verdict.vanished.iter().map(|v| v.session_id).collect();
+    for session_id in trailless {
+        if !listed.contains(&session_id) {
+            verdict.vanished.push(Vanished {
+                session_id,
+                row_stored: true,
+            });
+        }
+    }
+    verdict.vanished.sort_by_key(|v| v.session_id);
     Ok(verdict)
 }
 
@@ -478,9 +708,9 @@ mod tests {
         );
         let older = checkpoint_text(&[one], &[one]);
         let newer = checkpoint_text(&[one, two], &[one, two]);
-        let (_, heads) = read_checkpoint((older.clone() + &newer).as_bytes()).unwrap();
-        assert_eq!(heads.len(), 2);
-        assert_eq!(heads[&two.0], two.1);
+        let read = read_checkpoint((older.clone() + &newer).as_bytes()).unwrap();
+        assert_eq!(read.heads.len(), 2);
+        assert_eq!(read.heads[&two.0], two.1);
 
         let edited = checkpoint_text(&[(one.0, recorded(4, 7))], &[one]);
         assert!(matches!(
@@ -501,5 +731,43 @@ mod tests {
             Some(Digest([0xab; 32]))
         );
         assert_eq!(parse_hex("zz"), None);
+    }
+
+    fn purge_text(ids: &[Uuid]) -> String {
+        let mut record = PurgeRecord::begin(Vec::new(), Utc::now()).unwrap();
+        record.trails(ids).unwrap();
+        String::from_utf8(record.finish().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn purges_open_or_ended_after_the_newest_checkpoint_began_explain_its_trails() {
+        let one = (Uuid::from_u128(1), recorded(3, 7));
+        let checkpoint = checkpoint_text(&[one], &[one]);
+        let (a, b, c) = (
+            Uuid::from_u128(10),
+            Uuid::from_u128(11),
+            Uuid::from_u128(12),
+        );
+        // Ended before the checkpoint began: explains nothing of it.
+        let before = purge_text(&[a]);
+        // Ended after it: explains its trails.
+        let after = purge_text(&[b]);
+        // Cut short (a crash): what it listed counts.
+        let unfinished = purge_text(&[c])
+            .lines()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+        let text = before + &checkpoint + &after + &unfinished;
+        let read = read_checkpoint(text.as_bytes()).unwrap();
+        assert_eq!(read.purged, HashSet::from([b, c]));
+
+        // An edited record is refused.
+        let edited = checkpoint + &purge_text(&[a]).replace(&a.to_string(), &b.to_string());
+        assert!(matches!(
+            read_checkpoint(edited.as_bytes()),
+            Err(CheckpointError::Invalid(_))
+        ));
     }
 }

@@ -13,3 +13,20 @@ pub mod partitions;
 pub mod report;
 pub mod retention;
 pub mod rollup;
+
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::error::StorageError;
+
+/// A transaction whose statements may take minutes: a day of a busy trail takes seconds to
+/// count or purge, more than a gateway's pool allows one statement (`PgStorage::connect`
+/// sets 5 s).
+pub(crate) async fn unhurried(
+    pool: &PgPool,
+) -> Result<Transaction<'static, Postgres>, StorageError> {
+    let mut tx = crate::storage::begin_transaction(pool).await?;
+    sqlx::query_scalar!("SELECT set_config('statement_timeout', '10min', true)")
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(tx)
+}

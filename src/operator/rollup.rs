@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 
 use crate::error::StorageError;
 
@@ -68,7 +68,7 @@ pub struct RollupOutcome {
 /// The storage error; the days sealed before it stay sealed.
 pub async fn roll_up(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
     // Before the first rollup this finds the trail's first day, which reads every event.
-    let mut tx = unhurried(pool).await?;
+    let mut tx = super::unhurried(pool).await?;
     let pending =
         sqlx::query_scalar!(r#"SELECT day AS "day!" FROM arbiter.rollup_pending_days() AS day"#)
             .fetch_all(&mut *tx)
@@ -87,14 +87,14 @@ pub async fn roll_up(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
         }
     }
     // Today's rollup is read only once every day before it is sealed.
-    let mut tx = unhurried(pool).await?;
+    let mut tx = super::unhurried(pool).await?;
     outcome.today_until = sqlx::query_scalar!("SELECT arbiter.rollup_today()")
         .fetch_one(&mut *tx)
         .await?;
     tx.commit().await?;
     // What the reports' raw read of today needs from the partitions (BRIN summaries,
     // statistics), where autovacuum has not given it yet: migration 20261203000010.
-    let mut tx = unhurried(pool).await?;
+    let mut tx = super::unhurried(pool).await?;
     sqlx::query_scalar!("SELECT arbiter.refresh_recent_partitions()")
         .fetch_one(&mut *tx)
         .await?;
@@ -105,7 +105,7 @@ pub async fn roll_up(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
 /// One day, tried [`BUSY_ATTEMPTS`] times while it is busy; `None` if it stayed busy.
 async fn roll_up_day(pool: &PgPool, day: NaiveDate) -> Result<Option<i64>, StorageError> {
     for attempt in 1..=BUSY_ATTEMPTS {
-        let mut tx = unhurried(pool).await?;
+        let mut tx = super::unhurried(pool).await?;
         let events = sqlx::query_scalar!("SELECT arbiter.rollup_day($1)", day)
             .fetch_one(&mut *tx)
             .await?;
@@ -116,16 +116,6 @@ async fn roll_up_day(pool: &PgPool, day: NaiveDate) -> Result<Option<i64>, Stora
         tokio::time::sleep(BUSY_PAUSE).await;
     }
     Ok(None)
-}
-
-/// A transaction whose statements may take minutes: a day of a busy trail takes seconds to
-/// count, more than a gateway's pool allows one statement (`PgStorage::connect` sets 5 s).
-async fn unhurried(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StorageError> {
-    let mut tx = crate::storage::begin_transaction(pool).await?;
-    sqlx::query_scalar!("SELECT set_config('statement_timeout', '10min', true)")
-        .fetch_one(&mut *tx)
-        .await?;
-    Ok(tx)
 }
 
 /// The rollup horizon: the first UTC day the reporting views read from raw events (every

@@ -296,3 +296,23 @@ pub async fn tamper(pool: &PgPool, sql: &str) {
     }
     tx.commit().await.expect("commit");
 }
+
+/// Deletes sessions the way a superuser could: with the retention trigger disabled.
+pub async fn tamper_sessions(pool: &PgPool, sql: &str) {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
+    let mut tx = pool.begin().await.expect("begin");
+    for statement in [
+        "ALTER TABLE arbiter.sessions DISABLE TRIGGER sessions_retention_only",
+        sql,
+        "ALTER TABLE arbiter.sessions ENABLE TRIGGER sessions_retention_only",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
+            .execute(&mut *tx)
+            .await
+            .expect(statement);
+    }
+    tx.commit().await.expect("commit");
+}

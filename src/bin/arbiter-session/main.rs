@@ -138,6 +138,11 @@ enum Command {
         /// row by row (the rest waits until its whole day can go).
         #[arg(long, value_name = "DIR", requires = "events")]
         archive: Option<std::path::PathBuf>,
+        /// With --events: append to FILE (the checkpoint file) the sessions whose trails
+        /// the purge removes, each synced to disk before it goes, so that `verify
+        /// --against FILE` tells them from trails that vanished.
+        #[arg(long, value_name = "FILE", requires = "events")]
+        record: Option<std::path::PathBuf>,
     },
 }
 
@@ -445,15 +450,58 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Serve(_) => return Err(Failure("serve runs from main".to_owned())),
         Command::Purge {
             before,
-            archive: Some(dir),
-            ..
-        } => {
-            let report = retention::purge_archiving(&pool, before, &dir).await?;
+            events,
+            archive,
+            record,
+        } => purge(&pool, before, events, archive, record).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `purge`: what it deleted, and what it left busy, on stdout.
+async fn purge(
+    pool: &PgPool,
+    before: DateTime<Utc>,
+    events: bool,
+    archive: Option<std::path::PathBuf>,
+    record_to: Option<std::path::PathBuf>,
+) -> Result<(), Failure> {
+    let mut record = match &record_to {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|err| Failure(format!("cannot open {}: {err}", path.display())))?;
+            Some(checkpoint::PurgeRecord::begin(
+                std::io::BufWriter::new(file),
+                before,
+            )?)
+        }
+        None => None,
+    };
+    let mut trails = |sessions: &[Uuid]| match record.as_mut() {
+        Some(record) => {
+            record.trails(sessions)?;
+            record.get_mut().get_ref().sync_data()
+        }
+        None => Ok(()),
+    };
+    let retention = if events {
+        EventRetention::Delete
+    } else {
+        EventRetention::Keep
+    };
+    let purged = match archive {
+        Some(dir) => {
+            let report =
+                retention::purge_archiving_recorded(pool, before, &dir, &mut trails).await?;
             for partition in &report.partitions {
                 let outcome = if partition.dropped {
                     "dropped"
                 } else {
-                    "kept: it changed after it was written, a later purge writes it again"
+                    "kept: it changed after it was written, or a lock stayed held; a later \
+                     purge writes it again"
                 };
                 println!(
                     "archived {} ({} events) to {}; {outcome}",
@@ -462,29 +510,31 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     partition.path.display()
                 );
             }
-            println!(
-                "purged {} sessions and {} events that ended before {}",
-                report.purge.sessions,
-                report.purge.events,
-                before.to_rfc3339()
-            );
+            report.purge
         }
-        Command::Purge { before, events, .. } => {
-            let retention = if events {
-                EventRetention::Delete
-            } else {
-                EventRetention::Keep
-            };
-            let purged = retention::purge_before(&pool, before, retention).await?;
-            println!(
-                "purged {} sessions and {} events that ended before {}",
-                purged.sessions,
-                purged.events,
-                before.to_rfc3339()
-            );
-        }
+        None => retention::purge_before_recorded(pool, before, retention, &mut trails).await?,
+    };
+    if let Some(record) = record {
+        record
+            .finish()?
+            .into_inner()
+            .map_err(|err| Failure(err.to_string()))?
+            .sync_all()?;
     }
-    Ok(ExitCode::SUCCESS)
+    println!(
+        "purged {} sessions and {} events that ended before {}",
+        purged.sessions,
+        purged.events,
+        before.to_rfc3339()
+    );
+    if purged.busy > 0 {
+        eprintln!(
+            "arbiter-session: {} steps found a lock held (a reader, a late event or a rollup in \
+             the way) and were left to a later purge",
+            purged.busy
+        );
+    }
+    Ok(())
 }
 
 /// One upkeep run: the partitions a week ahead, then the rollups; one line of what it did.
@@ -553,6 +603,9 @@ fn print_checkpoint_verdict(verdict: &CheckpointVerdict) -> ExitCode {
     for chain in &verdict.rewritten {
         println!("REWRITTEN {chain}");
     }
+    for trail in &verdict.vanished {
+        println!("VANISHED {trail}");
+    }
     let taken = verdict
         .taken_at
         .map(|at| at.to_rfc3339())
@@ -560,15 +613,18 @@ fn print_checkpoint_verdict(verdict: &CheckpointVerdict) -> ExitCode {
     if verdict.is_intact() {
         println!(
             "ok: {} sessions of the checkpoint of {taken} still pass through their recorded heads; \
-             {} have no events now (purged since)",
+             {} purged since",
             verdict.kept, verdict.gone
         );
         ExitCode::SUCCESS
     } else {
         println!(
-            "TAMPERED: {} chains rewritten since the checkpoint of {taken}, {} broken",
+            "TAMPERED: {} chains rewritten since the checkpoint of {taken}, {} broken, {} \
+             vanished; {} purged since",
             verdict.rewritten.len(),
-            verdict.broken.len()
+            verdict.broken.len(),
+            verdict.vanished.len(),
+            verdict.gone
         );
         ExitCode::from(EXIT_TAMPERED)
     }
