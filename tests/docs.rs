@@ -64,3 +64,14 @@ async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
     // Three sessions, each with a state chain and a denial chain.
     assert_eq!(rows[9].len(), 6);
 }
+
+/// The audit trail under concurrency, defect 7: the views' days are UTC days, and
+/// `current_date` is the reader's time zone's: a question that compared them answered for
+/// another day wherever the session's `TimeZone` is not UTC. No query of the guide does.
+#[test]
+fn no_query_in_the_reporting_guide_compares_a_utc_day_with_current_date() {
+    let guide = include_str!("../docs/reporting.md");
+    for sql in sql_blocks(guide) {
+        assert!(!sql.contains("current_date"), "{sql}");
+    }
+}

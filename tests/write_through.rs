@@ -97,3 +97,102 @@ async fn background_reconciler_drains_pending(pool: PgPool) {
     common::drained(&store).await;
     assert_eq!(row(&pool, id).await.calls_made, 1);
 }
+
+/// Backends of this database waiting for a lock now.
+async fn waiting_on_a_lock(pool: &PgPool) -> i64 {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "waiting!" FROM pg_stat_activity
+            WHERE datname = current_database() AND wait_event_type = 'Lock'"#
+    )
+    .fetch_one(pool)
+    .await
+    .expect("pg_stat_activity")
+}
+
+/// The audit trail under concurrency, defect 6. A late event (one a store decided long
+/// before it writes it: a write that failed, carried by the session's next one) may wait
+/// for today's rollup, which counts under a lock late events take. It must wait alone:
+/// with two such writes in flight, a write of another session, on time, is still answered
+/// at once, not queued behind them for the group commit's lanes.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn write_through_late_events_never_hold_up_the_writes_beside_them(pool: PgPool) {
+    let storage = FaultyStorage::new(PgStorage::new(pool.clone()));
+    let clock = ManualClock::new(chrono::Utc::now() - chrono::Duration::seconds(30));
+    let store = common::manual_reconcile(storage.clone())
+        .clock(Arc::new(clock.clone()))
+        .maintenance_interval(None)
+        .build();
+    let agent = Uuid::new_v4();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            store
+                .create(request(agent, &["search"], 10))
+                .await
+                .unwrap()
+                .session_id,
+        );
+    }
+    let [late_one, late_two, on_time] = [ids[0], ids[1], ids[2]];
+    // Two calls whose writes fail: their events, 30 s old by the time they are written,
+    // ride on their sessions' next writes.
+    storage.fail_next_writes(2);
+    for id in [late_one, late_two] {
+        assert!(matches!(
+            store.use_session(id, "search", Some(agent)).await,
+            Err(SessionError::StorageWriteThrough { .. })
+        ));
+    }
+    // Their denials (write_through), late too, are recorded before the rollup starts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.stats().denials_recorded < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "denials not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    clock.set(chrono::Utc::now());
+
+    // Today's rollup, counting: late events wait for it.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's transaction, never cancelled"
+    )]
+    let mut rollup = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('arbiter.rollup_today'), 1)")
+        .execute(&mut *rollup)
+        .await
+        .unwrap();
+    let late: Vec<_> = [late_one, late_two]
+        .into_iter()
+        .map(|id| {
+            let store = store.clone();
+            tokio::spawn(async move { store.use_session(id, "search", Some(agent)).await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while waiting_on_a_lock(&pool).await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the late writes did not wait"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let beside = tokio::time::timeout(
+        Duration::from_secs(1),
+        store.use_session(on_time, "search", Some(agent)),
+    )
+    .await;
+    assert!(
+        matches!(beside, Ok(Ok(_))),
+        "a write on time waited behind late ones: {beside:?}"
+    );
+    rollup.rollback().await.unwrap();
+    for write in late {
+        write.await.unwrap().unwrap();
+    }
+    for id in [late_one, late_two] {
+        assert_eq!(row(&pool, id).await.calls_made, 2);
+    }
+}

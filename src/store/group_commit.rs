@@ -20,9 +20,18 @@
 //!
 //! Batches are sent on tasks of their own, never on a caller's, so a caller that gives up
 //! (a cancelled future) cannot strand the other writes of its batch.
+//!
+//! # Invariant: a late event waits alone
+//! PostgreSQL makes the insert of an event that occurred more than a few seconds before it
+//! is written, or on a day that is over, wait for a rollup of that day in flight (see
+//! docs/reporting.md, "Rollups"): the rollup must count it or see it. A write carrying such
+//! an event (a call whose write failed, carried by its session's next write) never joins a
+//! batch and never takes a lane: it goes out on its own statement, so the wait is its
+//! alone, and the writes on time keep both lanes.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
+use chrono::{DateTime, Utc};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::time::Instant;
 
@@ -43,6 +52,20 @@ const MAX_BATCH: usize = 128;
 /// once the audit trigger had become cheap, 3 lanes were slower than 2 at both 16 and 64
 /// writers (three alternating runs each).
 const LANES: usize = 2;
+
+/// An event that occurred this long before its write, or this close before a UTC
+/// midnight, is late (see the module documentation): half PostgreSQL's five seconds
+/// (`arbiter.rollup_today_lag()`), so that a store's clock a little off the database's
+/// still calls late every event the database does.
+const LATE: chrono::TimeDelta = chrono::TimeDelta::milliseconds(2_500);
+
+/// Whether any of `events`, written at `now`, is late.
+fn carries_late(events: &[AuditEvent], now: DateTime<Utc>) -> bool {
+    events.iter().any(|event| {
+        let occurred = event.occurred_at;
+        occurred < now - LATE || (occurred + LATE).date_naive() != occurred.date_naive()
+    })
+}
 
 /// A write's outcome, as its caller receives it. A failed statement's error is shared by
 /// every write of its batch.
@@ -89,18 +112,20 @@ impl<S: Storage> GroupCommit<S> {
         })
     }
 
-    /// Writes `session` (naming `expected`) with `events` in the next group commit, giving
-    /// up at the caller's `deadline` (waiting for a lane included). Only a write that waits
-    /// for a batch is copied (it outlives its caller's borrow there).
+    /// Writes `session` (naming `expected`) with `events` at `now` in the next group
+    /// commit, or on its own if an event is late; gives up at the caller's `deadline`
+    /// (waiting for a lane included). Only a write that waits for a batch is copied (it
+    /// outlives its caller's borrow there).
     pub(super) async fn write(
         self: &Arc<Self>,
         session: &TaskSession,
         expected: Version,
         events: &[AuditEvent],
+        now: DateTime<Utc>,
         deadline: Instant,
     ) -> WriteOutcome {
         let storage = &self.storage;
-        if !storage.batches_writes() {
+        if !storage.batches_writes() || carries_late(events, now) {
             return storage
                 .by(deadline, storage.update(session, expected, events))
                 .await
@@ -219,5 +244,53 @@ async fn send_batches<S: Storage>(commits: Weak<GroupCommit<S>>, parking: Parkin
                 drop(lane);
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::EventKind;
+    use crate::model::CreateSessionRequest;
+
+    fn event_at(at: DateTime<Utc>) -> AuditEvent {
+        let req = CreateSessionRequest::new(
+            uuid::Uuid::new_v4(),
+            ["search"],
+            5,
+            chrono::Duration::minutes(5),
+        );
+        let session = TaskSession::from_request(uuid::Uuid::new_v4(), &req, at);
+        AuditEvent::new(
+            EventKind::CallAllowed,
+            Vec::new(),
+            &session,
+            at,
+            uuid::Uuid::nil(),
+        )
+    }
+
+    #[test]
+    fn an_event_long_before_its_write_or_close_before_midnight_is_late() {
+        let noon = DateTime::parse_from_rfc3339("2026-12-06T12:00:00Z")
+            .expect("a time")
+            .with_timezone(&Utc);
+        let on_time = [event_at(noon - chrono::Duration::seconds(1))];
+        assert!(!carries_late(&on_time, noon));
+        let old = [
+            event_at(noon),
+            event_at(noon - chrono::Duration::seconds(3)),
+        ];
+        assert!(carries_late(&old, noon));
+        let midnight = DateTime::parse_from_rfc3339("2026-12-07T00:00:00Z")
+            .expect("a time")
+            .with_timezone(&Utc);
+        let before_midnight = [event_at(midnight - chrono::Duration::seconds(1))];
+        assert!(carries_late(
+            &before_midnight,
+            midnight - chrono::Duration::seconds(1)
+        ));
+        let after_midnight = [event_at(midnight)];
+        assert!(!carries_late(&after_midnight, midnight));
     }
 }

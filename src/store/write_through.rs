@@ -262,6 +262,7 @@ impl<S: Storage> Inner<S> {
                 next,
                 state.durable_version,
                 &state.events_with(&round.events),
+                now,
                 deadline,
             )
             .await;
