@@ -1,6 +1,6 @@
 -- Retention in short steps, each in a transaction of its own, each waiting for a lock no
--- longer than it is given (lock_wait, 100 ms by default), never in the way of a gateway's
--- write for longer than that. It replaces the single function arbiter.purge_before, which
+-- longer than it is given (lock_wait, 100 ms by default; the sessions' step, which is in no
+-- writer's way, 10 s), never in the way of a gateway's write for longer than that. It replaces the single function arbiter.purge_before, which
 -- ran in one transaction and:
 --   * dropped partitions there: DROP TABLE takes an ACCESS EXCLUSIVE lock on
 --     arbiter.session_events, held until the purge committed (through row deletions and
@@ -83,10 +83,14 @@ END
 $$;
 
 -- Step 1: deletes the sessions that are over (closed or expired and last changed before
--- the cutoff, or past their time limit), and their totals; how many.
+-- the cutoff, or past their time limit), and their totals; how many. What it may wait for
+-- (an ended session's row a store is expiring, the totals' lock a rollup holds) holds up no
+-- writer; it waits at most 10 s for it, then fails (lock_not_available) and nothing of it
+-- is done.
 CREATE FUNCTION arbiter.purge_sessions(cutoff timestamptz) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, arbiter, pg_temp
+SET lock_timeout = '10s'
 AS $$
 DECLARE
     deleted bigint;
