@@ -213,18 +213,20 @@ SET search_path = pg_catalog, arbiter, pg_temp
 SET enable_nestloop = off
 SET jit = off
 AS $$
-    WITH bound AS (
-        SELECT least((cutoff AT TIME ZONE 'UTC')::date + 2,
-                     (now() AT TIME ZONE 'UTC')::date - 1) AS before_day
-    ), kept AS MATERIALIZED (
+    -- The day bound is an expression of the parameter and the clock, so that the scans are
+    -- pruned to the partitions before it; the instant is a sub-select, computed once.
+    WITH kept AS MATERIALIZED (
         SELECT DISTINCT l.session_id
-          FROM arbiter.session_events l, bound
-         WHERE l.session_day < bound.before_day
-           AND (l.recorded_at >= cutoff OR l.occurred_at >= arbiter.purge_keeps_from())
+          FROM arbiter.session_events l
+         WHERE l.session_day < least((cutoff AT TIME ZONE 'UTC')::date + 2,
+                                     (now() AT TIME ZONE 'UTC')::date - 1)
+           AND (l.recorded_at >= cutoff
+                OR l.occurred_at >= (SELECT arbiter.purge_keeps_from()))
     )
     SELECT DISTINCT e.session_id, e.session_day
-      FROM arbiter.session_events e, bound
-     WHERE e.session_day < bound.before_day
+      FROM arbiter.session_events e
+     WHERE e.session_day < least((cutoff AT TIME ZONE 'UTC')::date + 2,
+                                 (now() AT TIME ZONE 'UTC')::date - 1)
        AND NOT EXISTS (SELECT 1 FROM arbiter.sessions s WHERE s.session_id = e.session_id)
        AND NOT EXISTS (SELECT 1 FROM kept WHERE kept.session_id = e.session_id)
      ORDER BY 1
@@ -245,6 +247,7 @@ SET search_path = pg_catalog, arbiter, pg_temp
 SET jit = off
 AS $$
 DECLARE
+    keeps_from timestamptz := arbiter.purge_keeps_from();
     chained uuid;
     doomed_sessions uuid[];
     doomed_days date[];
@@ -270,8 +273,7 @@ BEGIN
      WHERE NOT EXISTS (SELECT 1 FROM arbiter.sessions x WHERE x.session_id = c.s)
        AND NOT EXISTS (SELECT 1 FROM arbiter.session_events e
                         WHERE e.session_id = c.s AND e.session_day = c.d
-                          AND (e.recorded_at >= cutoff
-                               OR e.occurred_at >= arbiter.purge_keeps_from()));
+                          AND (e.recorded_at >= cutoff OR e.occurred_at >= keeps_from));
     outcome := 'deleted';
     IF cardinality(doomed_sessions) = 0 THEN
         RETURN;

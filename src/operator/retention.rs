@@ -122,7 +122,7 @@ pub async fn purge_before(
     cutoff: DateTime<Utc>,
     events: EventRetention,
 ) -> Result<PurgeReport, PurgeError> {
-    purge_before_recorded(pool, cutoff, events, &mut |_: &[Uuid]| Ok(())).await
+    purge(pool, cutoff, events, None).await
 }
 
 /// [`purge_before`], telling `record` the sessions whose trails a step may delete before it
@@ -139,6 +139,16 @@ pub async fn purge_before_recorded(
     events: EventRetention,
     record: &mut RecordTrails<'_>,
 ) -> Result<PurgeReport, PurgeError> {
+    purge(pool, cutoff, events, Some(record)).await
+}
+
+/// [`purge_before`], recording the trails it removes in `record` if there is one.
+async fn purge(
+    pool: &PgPool,
+    cutoff: DateTime<Utc>,
+    events: EventRetention,
+    mut record: Option<&mut RecordTrails<'_>>,
+) -> Result<PurgeReport, PurgeError> {
     let mut report = PurgeReport {
         sessions: purge_sessions(pool, cutoff).await?,
         ..PurgeReport::default()
@@ -154,7 +164,7 @@ pub async fn purge_before_recorded(
     .await
     .map_err(StorageError::from)?;
     for day in days {
-        purge_partition(pool, cutoff, day, None, &mut report, record).await?;
+        purge_partition(pool, cutoff, day, None, &mut report, record.as_deref_mut()).await?;
     }
     purge_trails(pool, cutoff, &mut report, record).await?;
     roll_up_again(pool).await;
@@ -197,19 +207,22 @@ async fn purge_partition(
     day: NaiveDate,
     archived_rows: Option<i64>,
     report: &mut PurgeReport,
-    record: &mut RecordTrails<'_>,
+    mut record: Option<&mut RecordTrails<'_>>,
 ) -> Result<bool, PurgeError> {
     // The trails it may delete, recorded before they go (an event committed since is late,
     // and keeps the partition).
-    let trails = sqlx::query_scalar!(
-        r#"SELECT session_id AS "session_id!" FROM arbiter.session_events
-            WHERE session_day = $1 GROUP BY session_id"#,
-        day
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(StorageError::from)?;
-    record(&trails).map_err(PurgeError::Record)?;
+    let mut trails = Vec::new();
+    if let Some(record) = record.as_deref_mut() {
+        trails = sqlx::query_scalar!(
+            r#"SELECT session_id AS "session_id!" FROM arbiter.session_events
+                WHERE session_day = $1 GROUP BY session_id"#,
+            day
+        )
+        .fetch_all(pool)
+        .await
+        .map_err(StorageError::from)?;
+        record(&trails).map_err(PurgeError::Record)?;
+    }
     let step = busy_retried(report, || async {
         let mut tx = super::unhurried(pool).await?;
         let step = sqlx::query!(
@@ -233,7 +246,9 @@ async fn purge_partition(
     if step.outcome != "dropped" {
         return Ok(false);
     }
-    record_beyond(&trails, &step.sessions, record)?;
+    if let Some(record) = record {
+        record_beyond(&trails, &step.sessions, record)?;
+    }
     report.events += u64::try_from(step.events).unwrap_or(0);
     report.trails += u64::try_from(step.sessions.len()).unwrap_or(u64::MAX);
     Ok(true)
@@ -245,7 +260,7 @@ async fn purge_trails(
     pool: &PgPool,
     cutoff: DateTime<Utc>,
     report: &mut PurgeReport,
-    record: &mut RecordTrails<'_>,
+    mut record: Option<&mut RecordTrails<'_>>,
 ) -> Result<(), PurgeError> {
     loop {
         let candidates = {
@@ -266,7 +281,9 @@ async fn purge_trails(
         for batch in candidates.chunks(TRAIL_BATCH) {
             let sessions: Vec<Uuid> = batch.iter().map(|c| c.session_id).collect();
             let days: Vec<NaiveDate> = batch.iter().map(|c| c.session_day).collect();
-            record(&sessions).map_err(PurgeError::Record)?;
+            if let Some(record) = record.as_deref_mut() {
+                record(&sessions).map_err(PurgeError::Record)?;
+            }
             let step = busy_retried(report, || async {
                 let mut tx = super::unhurried(pool).await?;
                 let step = sqlx::query!(
@@ -346,7 +363,7 @@ fn record_beyond(
 /// rollups again; a failure only leaves them to the next upkeep (they are read raw, and
 /// exactly, meanwhile).
 async fn roll_up_again(pool: &PgPool) {
-    if let Err(err) = super::rollup::roll_up(pool).await {
+    if let Err(err) = super::rollup::roll_up_days(pool).await {
         tracing::warn!(error = %crate::error::error_chain(&err), "the rollup after a purge failed; the upkeep counts its days again");
     }
 }
@@ -482,8 +499,15 @@ pub async fn purge_archiving_recorded(
     };
     for partition in &mut partitions {
         let rows = i64::try_from(partition.events).unwrap_or(i64::MAX);
-        partition.dropped =
-            purge_partition(pool, cutoff, partition.day, Some(rows), &mut purge, record).await?;
+        partition.dropped = purge_partition(
+            pool,
+            cutoff,
+            partition.day,
+            Some(rows),
+            &mut purge,
+            Some(&mut *record),
+        )
+        .await?;
     }
     roll_up_again(pool).await;
     Ok(ArchiveReport { purge, partitions })

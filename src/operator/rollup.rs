@@ -67,6 +67,29 @@ pub struct RollupOutcome {
 /// # Errors
 /// The storage error; the days sealed before it stay sealed.
 pub async fn roll_up(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
+    let mut outcome = roll_up_days(pool).await?;
+    if outcome.stopped_at.is_some() {
+        return Ok(outcome);
+    }
+    // Today's rollup is read only once every day before it is sealed.
+    let mut tx = super::unhurried(pool).await?;
+    outcome.today_until = sqlx::query_scalar!("SELECT arbiter.rollup_today()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    // What the reports' raw read of today needs from the partitions (BRIN summaries,
+    // statistics), where autovacuum has not given it yet: migration 20261203000010.
+    let mut tx = super::unhurried(pool).await?;
+    sqlx::query_scalar!("SELECT arbiter.refresh_recent_partitions()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// The days that are over and not sealed, oldest first, one transaction per day, up to
+/// the first that stays busy; nothing of today.
+pub(crate) async fn roll_up_days(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
     // Before the first rollup this finds the trail's first day, which reads every event.
     let mut tx = super::unhurried(pool).await?;
     let pending =
@@ -86,19 +109,6 @@ pub async fn roll_up(pool: &PgPool) -> Result<RollupOutcome, StorageError> {
             }
         }
     }
-    // Today's rollup is read only once every day before it is sealed.
-    let mut tx = super::unhurried(pool).await?;
-    outcome.today_until = sqlx::query_scalar!("SELECT arbiter.rollup_today()")
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    // What the reports' raw read of today needs from the partitions (BRIN summaries,
-    // statistics), where autovacuum has not given it yet: migration 20261203000010.
-    let mut tx = super::unhurried(pool).await?;
-    sqlx::query_scalar!("SELECT arbiter.refresh_recent_partitions()")
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
     Ok(outcome)
 }
 
