@@ -1,7 +1,7 @@
 -- Retention in short steps, each in a transaction of its own, each waiting for a lock no
 -- longer than it is given (lock_wait, 100 ms by default; the sessions' step, which is in no
--- writer's way, 10 s), never in the way of a gateway's write for longer than that. It replaces the single function arbiter.purge_before, which
--- ran in one transaction and:
+-- writer's way, 10 s), never in the way of a gateway's write for longer than that. It
+-- replaces the single function arbiter.purge_before, which ran in one transaction and:
 --   * dropped partitions there: DROP TABLE takes an ACCESS EXCLUSIVE lock on
 --     arbiter.session_events, held until the purge committed (through row deletions and
 --     recounts), and while it waited behind a reader (an export, a report) every insert
@@ -27,9 +27,11 @@
 --      right after;
 --   3. arbiter.purge_trails(cutoff, sessions, days): the whole trails of purged sessions,
 --      row by row, a batch of sessions at a time (arbiter.purge_trail_candidates lists
---      them), under each session's denial-chain lock (a late denial of one of them in
---      flight is waited for and keeps its trail; a later one waits, and then starts a new
---      chain) and the locks of the days their events occurred on.
+--      them, one day at a time), under each session's denial-chain lock (a late denial of
+--      one of them in flight is waited for and keeps its trail; a later one waits, and then
+--      starts a new chain) and the locks of the days their events occurred on. Only the
+--      days of arbiter.purge_trail_days are read: the days whose sessions were deleted while
+--      their trails stayed, kept by step 1 and emptied as the trails go.
 -- A purge keeps every event that occurred since the start of yesterday (UTC), and every
 -- trail one of whose events did: it never takes the lock of today's or yesterday's events,
 -- which every insert takes (shared). A step whose lock wait runs out answers 'busy' and
@@ -40,6 +42,24 @@
 -- rolls up at the end of a purge.
 
 DROP FUNCTION arbiter.purge_before(timestamptz, boolean, date[], bigint[]);
+
+-- The days whose partition may hold the trail of a session no longer stored: what step 3
+-- reads, instead of every old partition. Step 1 adds the days of the sessions it deletes;
+-- a dropped partition's day goes, and so does a day step 3 finds with no such trail left.
+-- To start with, every day with a partition before today, and the days in the default
+-- partition (each is read once by the next purge that deletes events).
+CREATE TABLE arbiter.purge_trail_days (
+    day date PRIMARY KEY
+);
+
+COMMENT ON TABLE arbiter.purge_trail_days IS
+    'Days whose partition may hold trails of sessions no longer stored: the worklist of a purge''s row-by-row step.';
+
+INSERT INTO arbiter.purge_trail_days (day)
+SELECT p.day FROM arbiter.event_partitions() p
+ WHERE p.day < (now() AT TIME ZONE 'UTC')::date
+UNION
+SELECT DISTINCT d.session_day FROM arbiter.session_events_default d;
 
 -- The cutoff's checks, shared by the steps.
 CREATE FUNCTION arbiter.purge_check_cutoff(cutoff timestamptz) RETURNS void
@@ -97,9 +117,16 @@ DECLARE
 BEGIN
     PERFORM arbiter.purge_check_cutoff(cutoff);
     PERFORM set_config('arbiter.purge_cutoff', cutoff::text, true);
-    DELETE FROM arbiter.sessions s
-     WHERE arbiter.session_purgeable(s.status, s.updated_at, s.expires_at, cutoff);
-    GET DIAGNOSTICS deleted = ROW_COUNT;
+    WITH gone AS (
+        DELETE FROM arbiter.sessions s
+         WHERE arbiter.session_purgeable(s.status, s.updated_at, s.expires_at, cutoff)
+        RETURNING (s.created_at AT TIME ZONE 'UTC')::date AS day
+    ), days AS (
+        INSERT INTO arbiter.purge_trail_days (day)
+        SELECT DISTINCT gone.day FROM gone
+        ON CONFLICT (day) DO NOTHING
+    )
+    SELECT count(*) INTO deleted FROM gone;
     -- A deleted session ended before the cutoff, so it was created before the cutoff's day
     -- ended (a day's slack for a store's clock).
     IF deleted > 0 THEN
@@ -114,7 +141,8 @@ END
 $$;
 
 -- Step 2: drops the partition of `day` whole, if it may go. `outcome` says what happened:
--- 'dropped' (with its events' count and their sessions), 'busy' (a lock wait ran out:
+-- 'dropped' (with its events' count and, if `list_sessions`, their sessions), 'busy' (a
+-- lock wait ran out:
 -- nothing changed, a later purge tries again), 'recent' (not a day before the cutoff's and
 -- before yesterday, or an event of it occurred since the start of yesterday), 'late' (an
 -- event of it was recorded at or after the cutoff), 'session' (a session of the day is
@@ -123,7 +151,7 @@ $$;
 -- right after: the table's lock the drop takes is held until then.
 CREATE FUNCTION arbiter.purge_partition(
     day date, cutoff timestamptz, archived_rows bigint DEFAULT NULL,
-    lock_wait interval DEFAULT interval '100 milliseconds',
+    lock_wait interval DEFAULT interval '100 milliseconds', list_sessions boolean DEFAULT false,
     OUT outcome text, OUT events bigint, OUT sessions uuid[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, arbiter, pg_temp
@@ -164,9 +192,8 @@ BEGIN
         RETURN;
     END IF;
     EXECUTE format('SELECT count(*), coalesce(bool_or(recorded_at >= $1), false),'
-                   ' min(occurred_at), max(occurred_at),'
-                   ' coalesce(array_agg(DISTINCT session_id), ''{}'') FROM %s', partition)
-       INTO events, recorded_late, first_occurred, last_occurred, sessions USING cutoff;
+                   ' min(occurred_at), max(occurred_at) FROM %s', partition)
+       INTO events, recorded_late, first_occurred, last_occurred USING cutoff;
     outcome := CASE WHEN recorded_late THEN 'late'
                     WHEN last_occurred >= arbiter.purge_keeps_from() THEN 'recent'
                     WHEN archived_rows IS NOT NULL AND events IS DISTINCT FROM archived_rows
@@ -184,6 +211,12 @@ BEGIN
         sessions := '{}';
         RETURN;
     END IF;
+    IF list_sessions THEN
+        -- Read before the drop, under the same locks: exactly the trails that go.
+        EXECUTE format('SELECT coalesce(array_agg(DISTINCT session_id), ''{}'') FROM %s',
+                       partition)
+           INTO sessions;
+    END IF;
     BEGIN
         EXECUTE format('DROP TABLE %s', partition);
     EXCEPTION WHEN lock_not_available THEN
@@ -194,6 +227,7 @@ BEGIN
     END;
     EXECUTE format('DROP FUNCTION IF EXISTS arbiter.%I()',
                    'session_events_' || to_char(day, 'YYYYMMDD') || '_chain');
+    DELETE FROM arbiter.purge_trail_days t WHERE t.day = purge_partition.day;
     -- The days its events occurred on are read raw until a rollup counts them again.
     UPDATE arbiter.rollup_days r SET sealed = false
      WHERE r.sealed AND r.day BETWEEN (first_occurred AT TIME ZONE 'UTC')::date
@@ -202,35 +236,61 @@ BEGIN
 END
 $$;
 
--- Up to `max_sessions` purged sessions whose whole trail step 3 may delete, in session order: no
--- longer stored, of a day before the cutoff's next and before yesterday, every event of
--- them occurred before yesterday and recorded before the cutoff. One read of those days'
--- partitions (the sessions that keep their trail found once, as a set).
-CREATE FUNCTION arbiter.purge_trail_candidates(cutoff timestamptz, max_sessions integer)
-RETURNS TABLE (session_id uuid, session_day date)
+-- The days step 3 reads for `cutoff`: those of arbiter.purge_trail_days before the
+-- cutoff's next and before yesterday (a session's events are recorded after its day, with
+-- a day's slack for a store's clock), oldest first.
+CREATE FUNCTION arbiter.purge_trail_worklist(cutoff timestamptz) RETURNS SETOF date
 LANGUAGE sql STABLE
+SET search_path = pg_catalog, arbiter, pg_temp
+AS $$
+    SELECT t.day FROM arbiter.purge_trail_days t
+     WHERE t.day < least((cutoff AT TIME ZONE 'UTC')::date + 2,
+                         (now() AT TIME ZONE 'UTC')::date - 1)
+     ORDER BY 1
+$$;
+
+-- Up to `max_sessions` purged sessions of `day` whose whole trail step 3 may delete, in
+-- session order: no longer stored, every event of them occurred before yesterday and was
+-- recorded before the cutoff. One read of the day's partition (the sessions that keep
+-- their trail found once, as a set). When none is left and no other trail of a session no
+-- longer stored is in the partition, the day leaves arbiter.purge_trail_days.
+CREATE FUNCTION arbiter.purge_trail_candidates(cutoff timestamptz, day date, max_sessions integer)
+RETURNS TABLE (session_id uuid, session_day date)
+LANGUAGE plpgsql
 SET search_path = pg_catalog, arbiter, pg_temp
 SET enable_nestloop = off
 SET jit = off
 AS $$
-    -- The day bound is an expression of the parameter and the clock, so that the scans are
-    -- pruned to the partitions before it; the instant is a sub-select, computed once.
-    WITH kept AS MATERIALIZED (
+DECLARE
+    keeps_from timestamptz := arbiter.purge_keeps_from();
+    listed integer;
+BEGIN
+    RETURN QUERY
+    WITH gone AS MATERIALIZED (
+        SELECT DISTINCT e.session_id
+          FROM arbiter.session_events e
+         WHERE e.session_day = purge_trail_candidates.day
+           AND NOT EXISTS (SELECT 1 FROM arbiter.sessions s WHERE s.session_id = e.session_id)
+    ), kept AS MATERIALIZED (
         SELECT DISTINCT l.session_id
           FROM arbiter.session_events l
-         WHERE l.session_day < least((cutoff AT TIME ZONE 'UTC')::date + 2,
-                                     (now() AT TIME ZONE 'UTC')::date - 1)
-           AND (l.recorded_at >= cutoff
-                OR l.occurred_at >= (SELECT arbiter.purge_keeps_from()))
+          JOIN gone g ON g.session_id = l.session_id
+         WHERE l.session_day = purge_trail_candidates.day
+           AND (l.recorded_at >= cutoff OR l.occurred_at >= keeps_from)
     )
-    SELECT DISTINCT e.session_id, e.session_day
-      FROM arbiter.session_events e
-     WHERE e.session_day < least((cutoff AT TIME ZONE 'UTC')::date + 2,
-                                 (now() AT TIME ZONE 'UTC')::date - 1)
-       AND NOT EXISTS (SELECT 1 FROM arbiter.sessions s WHERE s.session_id = e.session_id)
-       AND NOT EXISTS (SELECT 1 FROM kept WHERE kept.session_id = e.session_id)
+    SELECT g.session_id, purge_trail_candidates.day
+      FROM gone g
+     WHERE NOT EXISTS (SELECT 1 FROM kept k WHERE k.session_id = g.session_id)
      ORDER BY 1
-     LIMIT max_sessions
+     LIMIT max_sessions;
+    GET DIAGNOSTICS listed = ROW_COUNT;
+    IF listed = 0 AND NOT EXISTS (
+        SELECT 1 FROM arbiter.session_events e
+         WHERE e.session_day = purge_trail_candidates.day
+           AND NOT EXISTS (SELECT 1 FROM arbiter.sessions s WHERE s.session_id = e.session_id)) THEN
+        DELETE FROM arbiter.purge_trail_days t WHERE t.day = purge_trail_candidates.day;
+    END IF;
+END
 $$;
 
 -- Step 3: deletes the whole trails of `sessions` (with their days, at the same positions)
@@ -336,17 +396,20 @@ BEGIN
         END IF;
         COMMIT;
     END LOOP;
-    LOOP
-        SELECT array_agg(t.session_id ORDER BY t.session_id),
-               array_agg(t.session_day ORDER BY t.session_id)
-          INTO batch_sessions, batch_days
-          FROM arbiter.purge_trail_candidates(cutoff, 256) AS t;
-        EXIT WHEN batch_sessions IS NULL;
-        SELECT * INTO step FROM arbiter.purge_trails(cutoff, batch_sessions, batch_days);
-        COMMIT;
-        progressed := step.outcome = 'deleted' AND cardinality(step.purged) > 0;
-        events_deleted := events_deleted + step.events;
-        EXIT WHEN NOT progressed;
+    FOR candidate IN SELECT w AS day FROM arbiter.purge_trail_worklist(cutoff) AS w LOOP
+        LOOP
+            SELECT array_agg(t.session_id ORDER BY t.session_id),
+                   array_agg(t.session_day ORDER BY t.session_id)
+              INTO batch_sessions, batch_days
+              FROM arbiter.purge_trail_candidates(cutoff, candidate.day, 256) AS t;
+            COMMIT;
+            EXIT WHEN batch_sessions IS NULL;
+            SELECT * INTO step FROM arbiter.purge_trails(cutoff, batch_sessions, batch_days);
+            COMMIT;
+            progressed := step.outcome = 'deleted' AND cardinality(step.purged) > 0;
+            events_deleted := events_deleted + step.events;
+            EXIT WHEN NOT progressed;
+        END LOOP;
     END LOOP;
     FOR candidate IN SELECT d AS day FROM arbiter.rollup_pending_days() AS d LOOP
         EXIT WHEN arbiter.rollup_day(candidate.day) IS NULL;

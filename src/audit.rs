@@ -240,8 +240,8 @@ impl AuditEvent {
 }
 
 /// Most tool names a denial keeps of its call: an agent may name up to
-/// [`MAX_TOOLS`](crate::model::limits::MAX_TOOLS) in a batch, and its denial row must not be as large as its request.
-/// [`Denial::tool_count`] says how many the call named.
+/// [`MAX_TOOLS`](crate::model::limits::MAX_TOOLS) in a batch, and its denial row must not
+/// be as large as its request. [`Denial::tool_count`] says how many the call named.
 pub const DENIAL_TOOLS_KEPT: usize = 16;
 
 /// A denied call waiting to be recorded: its event and the session it was about.

@@ -45,9 +45,7 @@ pub const LOCK_WAIT: Duration = Duration::from_millis(100);
 const BUSY_ATTEMPTS: u32 = 3;
 const BUSY_PAUSE: Duration = Duration::from_millis(200);
 /// Purged sessions whose trails one step deletes at most (each takes a lock).
-const TRAIL_BATCH: usize = 256;
-/// Sessions listed at a time for the trails' steps.
-const TRAIL_CANDIDATES: i32 = 10_000;
+const TRAIL_BATCH: i32 = 256;
 
 /// What a recorded purge tells of the sessions whose trails a step may delete (see
 /// [`purge_before_recorded`]).
@@ -72,8 +70,6 @@ pub struct PurgeReport {
     pub sessions: u64,
     /// Audit events deleted (0 unless [`EventRetention::Delete`]).
     pub events: u64,
-    /// Sessions whose whole trail was deleted.
-    pub trails: u64,
     /// Steps left to a later purge because a lock they needed stayed held (a reader, a late
     /// event, a rollup in the way): partitions, or batches of trails.
     pub busy: u64,
@@ -223,15 +219,17 @@ async fn purge_partition(
         .map_err(StorageError::from)?;
         record(&trails).map_err(PurgeError::Record)?;
     }
+    let listed = record.is_some();
     let step = busy_retried(report, || async {
         let mut tx = super::unhurried(pool).await?;
         let step = sqlx::query!(
             r#"SELECT outcome AS "outcome!", events AS "events!", sessions AS "sessions!"
-                 FROM arbiter.purge_partition($1, $2, $3, make_interval(secs => $4))"#,
+                 FROM arbiter.purge_partition($1, $2, $3, make_interval(secs => $4), $5)"#,
             day,
             cutoff,
             archived_rows,
-            LOCK_WAIT.as_secs_f64()
+            LOCK_WAIT.as_secs_f64(),
+            listed
         )
         .fetch_one(&mut *tx)
         .await?;
@@ -250,37 +248,47 @@ async fn purge_partition(
         record_beyond(&trails, &step.sessions, record)?;
     }
     report.events += u64::try_from(step.events).unwrap_or(0);
-    report.trails += u64::try_from(step.sessions.len()).unwrap_or(u64::MAX);
     Ok(true)
 }
 
-/// Step 3: the trails of sessions gone whose partition stays, a batch at a time, until a
-/// round deletes nothing more.
+/// Step 3: the trails of sessions gone whose partition stays, day by day (the days of
+/// `arbiter.purge_trail_days`), a batch at a time, until a day has none left or a batch
+/// deletes nothing.
 async fn purge_trails(
     pool: &PgPool,
     cutoff: DateTime<Utc>,
     report: &mut PurgeReport,
     mut record: Option<&mut RecordTrails<'_>>,
 ) -> Result<(), PurgeError> {
-    loop {
-        let candidates = {
-            let mut tx = super::unhurried(pool).await?;
-            let rows = sqlx::query!(
-                r#"SELECT session_id AS "session_id!", session_day AS "session_day!"
-                     FROM arbiter.purge_trail_candidates($1, $2)"#,
-                cutoff,
-                TRAIL_CANDIDATES
-            )
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(StorageError::from)?;
-            tx.commit().await.map_err(StorageError::from)?;
-            rows
-        };
-        let mut deleted_any = false;
-        for batch in candidates.chunks(TRAIL_BATCH) {
-            let sessions: Vec<Uuid> = batch.iter().map(|c| c.session_id).collect();
-            let days: Vec<NaiveDate> = batch.iter().map(|c| c.session_day).collect();
+    let days = sqlx::query_scalar!(
+        r#"SELECT day AS "day!" FROM arbiter.purge_trail_worklist($1) AS day"#,
+        cutoff
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(StorageError::from)?;
+    for day in days {
+        loop {
+            let candidates = {
+                let mut tx = super::unhurried(pool).await?;
+                let rows = sqlx::query!(
+                    r#"SELECT session_id AS "session_id!", session_day AS "session_day!"
+                         FROM arbiter.purge_trail_candidates($1, $2, $3)"#,
+                    cutoff,
+                    day,
+                    TRAIL_BATCH
+                )
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StorageError::from)?;
+                tx.commit().await.map_err(StorageError::from)?;
+                rows
+            };
+            if candidates.is_empty() {
+                break;
+            }
+            let sessions: Vec<Uuid> = candidates.iter().map(|c| c.session_id).collect();
+            let days: Vec<NaiveDate> = candidates.iter().map(|c| c.session_day).collect();
             if let Some(record) = record.as_deref_mut() {
                 record(&sessions).map_err(PurgeError::Record)?;
             }
@@ -304,18 +312,15 @@ async fn purge_trails(
                 })
             })
             .await?;
-            if step.outcome == "deleted" && !step.sessions.is_empty() {
-                deleted_any = true;
-                report.events += u64::try_from(step.events).unwrap_or(0);
-                report.trails += u64::try_from(step.sessions.len()).unwrap_or(u64::MAX);
+            report.events += u64::try_from(step.events).unwrap_or(0);
+            // A batch that deleted nothing (busy, or every trail kept meanwhile) would be
+            // listed again: the day is left to a later purge.
+            if step.outcome != "deleted" || step.sessions.is_empty() {
+                break;
             }
         }
-        // A round that deleted nothing (every batch busy, or every trail kept) would list
-        // the same sessions again.
-        if !deleted_any || candidates.len() < usize::try_from(TRAIL_CANDIDATES).unwrap_or(0) {
-            return Ok(());
-        }
     }
+    Ok(())
 }
 
 /// Runs `step` until it is not busy, at most [`BUSY_ATTEMPTS`] times; counts a step that
@@ -364,7 +369,10 @@ fn record_beyond(
 /// exactly, meanwhile).
 async fn roll_up_again(pool: &PgPool) {
     if let Err(err) = super::rollup::roll_up_days(pool).await {
-        tracing::warn!(error = %crate::error::error_chain(&err), "the rollup after a purge failed; the upkeep counts its days again");
+        tracing::warn!(
+            error = %crate::error::error_chain(&err),
+            "the rollup after a purge failed; the upkeep counts its days again"
+        );
     }
 }
 
@@ -412,7 +420,7 @@ pub async fn purge_archiving(
     cutoff: DateTime<Utc>,
     dir: &std::path::Path,
 ) -> Result<ArchiveReport, PurgeError> {
-    purge_archiving_recorded(pool, cutoff, dir, &mut |_: &[Uuid]| Ok(())).await
+    archive_and_purge(pool, cutoff, dir, None).await
 }
 
 /// [`purge_archiving`], telling `record` the sessions whose trails it drops, as
@@ -426,6 +434,17 @@ pub async fn purge_archiving_recorded(
     cutoff: DateTime<Utc>,
     dir: &std::path::Path,
     record: &mut RecordTrails<'_>,
+) -> Result<ArchiveReport, PurgeError> {
+    archive_and_purge(pool, cutoff, dir, Some(record)).await
+}
+
+/// [`purge_archiving`], recording in `record` if there is one.
+#[cfg(feature = "archive")]
+async fn archive_and_purge(
+    pool: &PgPool,
+    cutoff: DateTime<Utc>,
+    dir: &std::path::Path,
+    mut record: Option<&mut RecordTrails<'_>>,
 ) -> Result<ArchiveReport, PurgeError> {
     use std::io::Write as _;
 
@@ -505,7 +524,7 @@ pub async fn purge_archiving_recorded(
             partition.day,
             Some(rows),
             &mut purge,
-            Some(&mut *record),
+            record.as_deref_mut(),
         )
         .await?;
     }

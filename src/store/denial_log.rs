@@ -6,12 +6,13 @@
 //! batches, one statement each. Each denial keeps at most
 //! [`DENIAL_TOOLS_KEPT`](crate::audit::DENIAL_TOOLS_KEPT) tool names, so its size is
 //! bounded whatever the agent sent. When the buffer is full (either bound) the denial is
-//! dropped, counted (`stats().denials_dropped`) and logged. When storage is unavailable, a batch goes back into the buffer (within its
-//! bound) for the next attempt; writing denials is idempotent by event key, so a batch
-//! whose earlier attempt committed unseen is recorded once. When storage *refuses* a batch
-//! (anything but unavailability), its denials are written one by one, and those refused
-//! again are dropped, counted (`stats().denials_refused`) and logged: a poisoned denial
-//! never holds up the ones behind it. `shutdown` writes what is left.
+//! dropped, counted (`stats().denials_dropped`) and logged. When storage is unavailable, a
+//! batch goes back into the buffer (within its bounds) for the next attempt; writing
+//! denials is idempotent by event key, so a batch whose earlier attempt committed unseen is
+//! recorded once. When storage *refuses* a batch (anything but unavailability), its denials
+//! are written one by one, and those refused again are dropped, counted
+//! (`stats().denials_refused`) and logged: a poisoned denial never holds up the ones behind
+//! it. `shutdown` writes what is left.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};

@@ -492,10 +492,14 @@ async fn purge(
     } else {
         EventRetention::Keep
     };
+    let recording = record_to.is_some();
     let purged = match archive {
         Some(dir) => {
-            let report =
-                retention::purge_archiving_recorded(pool, before, &dir, &mut trails).await?;
+            let report = if recording {
+                retention::purge_archiving_recorded(pool, before, &dir, &mut trails).await?
+            } else {
+                retention::purge_archiving(pool, before, &dir).await?
+            };
             for partition in &report.partitions {
                 let outcome = if partition.dropped {
                     "dropped"
@@ -512,7 +516,11 @@ async fn purge(
             }
             report.purge
         }
-        None => retention::purge_before_recorded(pool, before, retention, &mut trails).await?,
+        // Recording reads each partition's sessions before it goes: only when asked.
+        None if recording => {
+            retention::purge_before_recorded(pool, before, retention, &mut trails).await?
+        }
+        None => retention::purge_before(pool, before, retention).await?,
     };
     if let Some(record) = record {
         record
