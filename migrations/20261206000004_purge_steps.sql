@@ -43,6 +43,11 @@
 
 DROP FUNCTION arbiter.purge_before(timestamptz, boolean, date[], bigint[]);
 
+-- A purge never removes an event that occurred since yesterday, so it no longer touches
+-- today's rollup.
+COMMENT ON TABLE arbiter.rollup_today IS
+    'Today''s rollup: the events of day that occurred before counted_until are counted in agent_today_rollup, tool_today_rollup and denial_today_rollup (events: how many), while valid. A late event marks it invalid until the next rollup.';
+
 -- The days whose partition may hold the trail of a session no longer stored: what step 3
 -- reads, instead of every old partition. Step 1 adds the days of the sessions it deletes;
 -- a dropped partition's day goes, and so does a day step 3 finds with no such trail left.

@@ -122,7 +122,11 @@ impl FromStr for DataSensitivity {
 }
 
 /// What a gateway asks for when it opens a session.
+///
+/// Built with [`CreateSessionRequest::new`] and the `with_*` setters (its fields stay
+/// public to read and to set): a field added later has a default and breaks no caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CreateSessionRequest {
     /// The agent the session is bound to.
     pub agent_id: Uuid,
@@ -154,7 +158,8 @@ pub struct CreateSessionRequest {
 
 impl CreateSessionRequest {
     /// A request with the given agent, tools, budget and time limit; no rate limit, a 60 s
-    /// window, no credentials, public data only. Adjust the pub fields as needed.
+    /// window, no credentials, public data only, no tool limits. The `with_*` setters
+    /// change the rest.
     pub fn new(
         agent_id: Uuid,
         authorized_tools: impl IntoIterator<Item = impl Into<String>>,
@@ -181,6 +186,55 @@ impl CreateSessionRequest {
     #[must_use]
     pub fn with_tool_limit(mut self, tool: impl Into<String>, limit: u64) -> Self {
         self.tool_limits.insert(tool.into(), limit);
+        self
+    }
+
+    /// The request with at most `calls` calls per rate window (see
+    /// [`rate_limit_per_minute`](Self::rate_limit_per_minute)).
+    #[must_use]
+    pub fn with_rate_limit_per_minute(mut self, calls: u64) -> Self {
+        self.rate_limit_per_minute = Some(calls);
+        self
+    }
+
+    /// The request with a rate window of `secs` seconds (default 60).
+    #[must_use]
+    pub fn with_rate_limit_window_secs(mut self, secs: u64) -> Self {
+        self.rate_limit_window_secs = secs;
+        self
+    }
+
+    /// The request with what the agent says it is doing, for audit.
+    #[must_use]
+    pub fn with_declared_intent(mut self, intent: impl Into<String>) -> Self {
+        self.declared_intent = intent.into();
+        self
+    }
+
+    /// The request with who delegated to the agent, outermost first.
+    #[must_use]
+    pub fn with_delegation_chain(
+        mut self,
+        chain: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.delegation_chain_snapshot = chain.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The request with the credentials the agent may use (same rule as tools).
+    #[must_use]
+    pub fn with_authorized_credentials(
+        mut self,
+        credentials: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.authorized_credentials = credentials.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The request with the most sensitive data the session may touch.
+    #[must_use]
+    pub fn with_data_sensitivity_ceiling(mut self, ceiling: DataSensitivity) -> Self {
+        self.data_sensitivity_ceiling = ceiling;
         self
     }
 

@@ -28,192 +28,94 @@ fn base() -> CreateSessionRequest {
     request(Uuid::new_v4(), &["t"], 5)
 }
 
+/// [`base`] with one field changed.
+fn with(change: impl FnOnce(&mut CreateSessionRequest)) -> CreateSessionRequest {
+    let mut req = base();
+    change(&mut req);
+    req
+}
+
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn bad_input_past_every_limit_is_refused_and_writes_nothing(pool: PgPool) {
     let store = SessionStore::postgres(pool.clone());
     let huge = "x".repeat(1 << 20);
     let cases: Vec<(&str, CreateSessionRequest)> = vec![
-        (
-            "budget 0",
-            CreateSessionRequest {
-                call_budget: 0,
-                ..base()
-            },
-        ),
+        ("budget 0", with(|r| r.call_budget = 0)),
         (
             "budget past bigint",
-            CreateSessionRequest {
-                call_budget: limits::MAX_COUNT + 1,
-                ..base()
-            },
+            with(|r| r.call_budget = limits::MAX_COUNT + 1),
         ),
-        (
-            "budget u64::MAX",
-            CreateSessionRequest {
-                call_budget: u64::MAX,
-                ..base()
-            },
-        ),
-        (
-            "time limit 0",
-            CreateSessionRequest {
-                time_limit: Duration::zero(),
-                ..base()
-            },
-        ),
+        ("budget u64::MAX", with(|r| r.call_budget = u64::MAX)),
+        ("time limit 0", with(|r| r.time_limit = Duration::zero())),
         (
             "time limit negative",
-            CreateSessionRequest {
-                time_limit: Duration::seconds(-60),
-                ..base()
-            },
+            with(|r| r.time_limit = Duration::seconds(-60)),
         ),
         (
             "time limit 999 ms",
-            CreateSessionRequest {
-                time_limit: Duration::milliseconds(999),
-                ..base()
-            },
+            with(|r| r.time_limit = Duration::milliseconds(999)),
         ),
         (
             "time limit 24 h + 1 ms",
-            CreateSessionRequest {
-                time_limit: Duration::hours(24) + Duration::milliseconds(1),
-                ..base()
-            },
+            with(|r| r.time_limit = Duration::hours(24) + Duration::milliseconds(1)),
         ),
-        (
-            "time limit max",
-            CreateSessionRequest {
-                time_limit: Duration::MAX,
-                ..base()
-            },
-        ),
-        (
-            "time limit min",
-            CreateSessionRequest {
-                time_limit: Duration::MIN,
-                ..base()
-            },
-        ),
-        (
-            "window 0",
-            CreateSessionRequest {
-                rate_limit_window_secs: 0,
-                ..base()
-            },
-        ),
+        ("time limit max", with(|r| r.time_limit = Duration::MAX)),
+        ("time limit min", with(|r| r.time_limit = Duration::MIN)),
+        ("window 0", with(|r| r.rate_limit_window_secs = 0)),
         (
             "window u64::MAX",
-            CreateSessionRequest {
-                rate_limit_window_secs: u64::MAX,
-                ..base()
-            },
+            with(|r| r.rate_limit_window_secs = u64::MAX),
         ),
-        (
-            "rate 0",
-            CreateSessionRequest {
-                rate_limit_per_minute: Some(0),
-                ..base()
-            },
-        ),
+        ("rate 0", with(|r| r.rate_limit_per_minute = Some(0))),
         (
             "rate u64::MAX",
-            CreateSessionRequest {
-                rate_limit_per_minute: Some(u64::MAX),
-                ..base()
-            },
+            with(|r| r.rate_limit_per_minute = Some(u64::MAX)),
         ),
         (
             "intent 4 KiB + 1",
-            CreateSessionRequest {
-                declared_intent: "i".repeat(4097),
-                ..base()
-            },
+            with(|r| r.declared_intent = "i".repeat(4097)),
         ),
-        (
-            "intent 1 MiB",
-            CreateSessionRequest {
-                declared_intent: huge.clone(),
-                ..base()
-            },
-        ),
-        (
-            "intent NUL",
-            CreateSessionRequest {
-                declared_intent: "a\0b".into(),
-                ..base()
-            },
-        ),
+        ("intent 1 MiB", with(|r| r.declared_intent = huge.clone())),
+        ("intent NUL", with(|r| r.declared_intent = "a\0b".into())),
         (
             "tool empty",
-            CreateSessionRequest {
-                authorized_tools: vec![String::new()],
-                ..base()
-            },
+            with(|r| r.authorized_tools = vec![String::new()]),
         ),
         (
             "tool 257 bytes",
-            CreateSessionRequest {
-                authorized_tools: vec!["t".repeat(257)],
-                ..base()
-            },
+            with(|r| r.authorized_tools = vec!["t".repeat(257)]),
         ),
         (
             "tool 1 MiB",
-            CreateSessionRequest {
-                authorized_tools: vec![huge.clone()],
-                ..base()
-            },
+            with(|r| r.authorized_tools = vec![huge.clone()]),
         ),
         (
             "tool NUL",
-            CreateSessionRequest {
-                authorized_tools: vec!["re\0ad".into()],
-                ..base()
-            },
+            with(|r| r.authorized_tools = vec!["re\0ad".into()]),
         ),
         (
             "1025 tools",
-            CreateSessionRequest {
-                authorized_tools: vec!["t".into(); 1025],
-                ..base()
-            },
+            with(|r| r.authorized_tools = vec!["t".into(); 1025]),
         ),
         (
             "a million tools",
-            CreateSessionRequest {
-                authorized_tools: (0..1_000_000).map(|i| format!("tool{i}")).collect(),
-                ..base()
-            },
+            with(|r| r.authorized_tools = (0..1_000_000).map(|i| format!("tool{i}")).collect()),
         ),
         (
             "credential NUL",
-            CreateSessionRequest {
-                authorized_credentials: vec!["\0".into()],
-                ..base()
-            },
+            with(|r| r.authorized_credentials = vec!["\0".into()]),
         ),
         (
             "credential empty",
-            CreateSessionRequest {
-                authorized_credentials: vec![String::new()],
-                ..base()
-            },
+            with(|r| r.authorized_credentials = vec![String::new()]),
         ),
         (
             "delegation 1 MiB",
-            CreateSessionRequest {
-                delegation_chain_snapshot: vec![huge.clone()],
-                ..base()
-            },
+            with(|r| r.delegation_chain_snapshot = vec![huge.clone()]),
         ),
         (
             "delegation 1025",
-            CreateSessionRequest {
-                delegation_chain_snapshot: vec!["d".into(); 1025],
-                ..base()
-            },
+            with(|r| r.delegation_chain_snapshot = vec!["d".into(); 1025]),
         ),
     ];
     for (what, req) in cases {
@@ -239,17 +141,17 @@ async fn bad_input_past_every_limit_is_refused_and_writes_nothing(pool: PgPool) 
 async fn bad_input_at_every_limit_is_stored_faithfully(pool: PgPool) {
     let store = SessionStore::postgres(pool.clone());
     let name = |i: usize| format!("{i:0>256}");
-    let req = CreateSessionRequest {
-        call_budget: limits::MAX_COUNT,
-        time_limit: limits::MAX_TIME_LIMIT,
-        rate_limit_per_minute: Some(limits::MAX_COUNT),
-        rate_limit_window_secs: limits::MAX_RATE_WINDOW_SECS,
-        declared_intent: "é".repeat(limits::MAX_INTENT_BYTES / 2),
-        authorized_tools: (0..limits::MAX_TOOLS).map(name).collect(),
-        authorized_credentials: (0..limits::MAX_TOOLS).map(name).collect(),
-        delegation_chain_snapshot: (0..limits::MAX_TOOLS).map(name).collect(),
-        ..base()
-    };
+    let req = CreateSessionRequest::new(
+        Uuid::new_v4(),
+        (0..limits::MAX_TOOLS).map(name),
+        limits::MAX_COUNT,
+        limits::MAX_TIME_LIMIT,
+    )
+    .with_rate_limit_per_minute(limits::MAX_COUNT)
+    .with_rate_limit_window_secs(limits::MAX_RATE_WINDOW_SECS)
+    .with_declared_intent("é".repeat(limits::MAX_INTENT_BYTES / 2))
+    .with_authorized_credentials((0..limits::MAX_TOOLS).map(name))
+    .with_delegation_chain((0..limits::MAX_TOOLS).map(name));
     let created = store.create(req.clone()).await.unwrap();
     let reloaded = SessionStore::postgres(pool.clone())
         .get(created.session_id)
@@ -268,10 +170,7 @@ async fn bad_input_at_every_limit_is_stored_faithfully(pool: PgPool) {
         1
     );
 
-    let shortest = CreateSessionRequest {
-        time_limit: limits::MIN_TIME_LIMIT,
-        ..base()
-    };
+    let shortest = with(|r| r.time_limit = limits::MIN_TIME_LIMIT);
     let s = store.create(shortest).await.unwrap();
     assert_eq!(s.expires_at - s.created_at, Duration::seconds(1));
 }

@@ -5,7 +5,7 @@ mod common;
 
 use arbiter_session::http::status_code_for_error;
 use arbiter_session::testing::{FaultyStorage, ManualClock};
-use arbiter_session::{CreateSessionRequest, PgStorage, SessionError, SessionStore};
+use arbiter_session::{PgStorage, SessionError, SessionStore};
 use chrono::Duration;
 use common::request;
 use sqlx::PgPool;
@@ -212,10 +212,8 @@ async fn errors_every_variant_reached_through_the_api(pool: PgPool) {
         })
     ));
 
-    let bad = CreateSessionRequest {
-        call_budget: 0,
-        ..request(agent, &["read"], 1)
-    };
+    let mut bad = request(agent, &["read"], 1);
+    bad.call_budget = 0;
     assert!(matches!(
         store.create(bad).await,
         Err(SessionError::InvalidRequest { .. })

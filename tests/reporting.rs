@@ -158,15 +158,9 @@ async fn agent_daily_activity_view_has_exact_rows(pool: PgPool) {
             (AGENT_B, day(2), 1, 1, 1, [0, 1, 0, 0, 0, 0, 0, 0]),
         ]
     );
-    let b_only = report::agent_activity(
-        &pool,
-        ReportFilter {
-            agent: Some(AGENT_B),
-            since: None,
-        },
-    )
-    .await
-    .unwrap();
+    let b_only = report::agent_activity(&pool, ReportFilter::default().with_agent(Some(AGENT_B)))
+        .await
+        .unwrap();
     assert_eq!(b_only.len(), 1);
     assert_eq!(b_only[0].agent_id, AGENT_B);
 }
@@ -309,10 +303,7 @@ async fn reports_render_exactly(pool: PgPool) {
          2026-03-02  rm            0       1       1         1\n\
          2026-03-02  search        1       1       1         1\n"
     );
-    let since_2nd = ReportFilter {
-        agent: None,
-        since: Some(day(2)),
-    };
+    let since_2nd = ReportFilter::default().with_since(Some(day(2)));
     let denials = report::denials(&pool, since_2nd).await.unwrap();
     assert_eq!(
         report::render(&denials, Format::Csv).unwrap(),
@@ -384,17 +375,12 @@ async fn a_limited_tools_use_and_denials_are_reported(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!(reasons, [Some("tool_budget".to_owned())]);
-    let filter = ReportFilter {
-        agent: Some(agent),
-        since: None,
-    };
+    let filter = ReportFilter::default().with_agent(Some(agent));
     let rows = report::utilization(&pool, filter).await.unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].calls_made, rows[0].denials), (4, 1));
-    assert_eq!(
-        rows[0].tool_use.get("write_file"),
-        Some(&report::ToolUse { limit: 2, calls: 2 })
-    );
+    let write_file = &rows[0].tool_use["write_file"];
+    assert_eq!((write_file.limit, write_file.calls), (2, 2));
     let csv = report::render(&rows, Format::Csv).unwrap();
     assert!(
         csv.lines().next().unwrap().ends_with(",denials,tool_use"),

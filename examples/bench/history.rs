@@ -170,10 +170,7 @@ where
 async fn reports(pool: &PgPool, today: NaiveDate) -> Result<BTreeMap<String, f64>, Box<dyn Error>> {
     let mut timings = BTreeMap::new();
     for (span, days) in [("1d", 1_u64), ("30d", u64::from(DAYS))] {
-        let filter = ReportFilter {
-            agent: None,
-            since: Some(today - Days::new(days)),
-        };
+        let filter = ReportFilter::default().with_since(Some(today - Days::new(days)));
         let ms = best_of_three(|| report::utilization(pool, filter)).await?;
         timings.insert(format!("utilization_{span}"), ms);
         let ms = best_of_three(|| report::agent_activity(pool, filter)).await?;
@@ -294,13 +291,12 @@ pub async fn history(bench: &mut Bench, events: u64) -> Result<HistoryFigures, B
     let reports_ms = reports(&history_pool, today).await?;
 
     let day = today - Days::new(2);
-    let range = export::ExportRange {
-        since: day.and_time(chrono::NaiveTime::MIN).and_utc(),
-        until: (day + Days::new(1))
+    let range = export::ExportRange::new(
+        day.and_time(chrono::NaiveTime::MIN).and_utc(),
+        (day + Days::new(1))
             .and_time(chrono::NaiveTime::MIN)
             .and_utc(),
-        agent: None,
-    };
+    );
     let started = Instant::now();
     let exported = export::export_events(
         &history_pool,

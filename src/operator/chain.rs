@@ -85,6 +85,7 @@ impl fmt::Display for LinkProblem {
 
 /// The first link of a session's chain that does not verify.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BrokenLink {
     /// The session.
     pub session_id: Uuid,
@@ -108,6 +109,7 @@ impl fmt::Display for BrokenLink {
 
 /// The verdict on one session's chains.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SessionChain {
     /// The session.
     pub session_id: Uuid,
@@ -134,6 +136,7 @@ impl SessionChain {
 
 /// The verdict on every chain in the database.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ChainSummary {
     /// Sessions with at least one state-changing event.
     pub sessions: u64,

@@ -67,6 +67,7 @@ pub enum CheckpointError {
 
 /// What [`write_checkpoint`] wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CheckpointSummary {
     /// Sessions whose head was recorded.
     pub sessions: u64,
@@ -342,6 +343,7 @@ pub enum ChainKind {
 
 /// A chain that no longer passes through its recorded head.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Rewritten {
     /// The session.
     pub session_id: Uuid,
@@ -377,6 +379,7 @@ impl std::fmt::Display for Rewritten {
 
 /// The verdict of [`verify_against`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CheckpointVerdict {
     /// When the checkpoint was taken.
     pub taken_at: Option<DateTime<Utc>>,
@@ -402,6 +405,7 @@ impl CheckpointVerdict {
 
 /// A trail that went without a recorded purge.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Vanished {
     /// The session.
     pub session_id: Uuid,

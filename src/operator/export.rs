@@ -20,8 +20,9 @@ use uuid::Uuid;
 use super::report::csv_field;
 use crate::error::StorageError;
 
-/// Which events to export.
+/// Which events to export: [`ExportRange::new`], narrowed by the `with_*` setters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExportRange {
     /// From this time on (inclusive, `occurred_at`).
     pub since: DateTime<Utc>,
@@ -29,6 +30,24 @@ pub struct ExportRange {
     pub until: DateTime<Utc>,
     /// Only this agent's events.
     pub agent: Option<Uuid>,
+}
+
+impl ExportRange {
+    /// Every agent's events that occurred from `since` (inclusive) to `until` (exclusive).
+    pub fn new(since: DateTime<Utc>, until: DateTime<Utc>) -> Self {
+        ExportRange {
+            since,
+            until,
+            agent: None,
+        }
+    }
+
+    /// Only `agent`'s events, or every agent's for `None`.
+    #[must_use]
+    pub fn with_agent(mut self, agent: Option<Uuid>) -> Self {
+        self.agent = agent;
+        self
+    }
 }
 
 /// How exported events are written.
@@ -58,6 +77,7 @@ pub enum ExportError {
 
 /// One exported event: every column of `arbiter.session_events`, hashes in hex.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ExportedEvent {
     /// Insertion order.
     pub event_id: i64,
@@ -213,6 +233,7 @@ pub async fn export_events<W: Write>(
 
 /// What [`export_partition`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct PartitionExport {
     /// Events written.
     pub events: u64,

@@ -1,17 +1,18 @@
-//! The audit trail's partitions (migration `20261201000001_event_partitions.sql`): one per
-//! UTC day of the owning sessions' creation, created ahead by
-//! `arbiter.ensure_event_partitions`, plus a default partition for a day that had none.
+//! The audit trail's partitions: one per UTC day of the owning sessions' creation, created
+//! ahead by `arbiter.ensure_event_partitions`, plus a default partition for a day that had
+//! none (see `schema/arbiter.sql` and docs/architecture.md, section 4).
 //!
-//! The store runs [`ensure`]'s function at start and daily (see
+//! Each store's upkeep runs [`ensure`]'s function when the store is first used and then
+//! every minute (see
 //! [`SessionStoreBuilder::maintenance_interval`](crate::SessionStoreBuilder::maintenance_interval));
-//! `arbiter-session partitions ensure` runs it by hand, e.g. from cron where stores run with
-//! maintenance off. Retention drops whole partitions
+//! `arbiter-session upkeep` (or `partitions ensure`) runs it by hand, e.g. from cron where
+//! stores run with their upkeep off. Retention drops whole partitions
 //! ([`purge_before`](crate::operator::retention::purge_before)).
 //!
-//! Each partition has its own audit chain trigger (migration
-//! `20261201000007_partition_local_chain.sql`), whose predecessor lookup reads that
-//! partition alone, so writing an event locks one partition however many days are kept.
-//! [`ensure`] keeps those triggers in step with the partitions.
+//! Each partition has its own audit chain trigger, made from one template
+//! (`arbiter.install_event_partition_chain`), whose predecessor lookup reads that partition
+//! alone, so writing an event locks one partition however many days are kept. [`ensure`]
+//! keeps those triggers in step with the partitions.
 
 use chrono::NaiveDate;
 use serde::Serialize;
@@ -45,6 +46,7 @@ pub async fn ensure(pool: &PgPool, days_ahead: u16) -> Result<u32, StorageError>
 
 /// One partition of the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct EventPartition {
     /// Its table, e.g. `arbiter.session_events_20261201`.
     pub name: String,

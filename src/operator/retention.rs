@@ -379,6 +379,7 @@ async fn roll_up_again(pool: &PgPool) {
 /// A partition written out by [`purge_archiving`].
 #[cfg(feature = "archive")]
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ArchivedPartition {
     /// The day of the sessions whose events it holds.
     pub day: chrono::NaiveDate,
@@ -396,6 +397,7 @@ pub struct ArchivedPartition {
 /// What [`purge_archiving`] did.
 #[cfg(feature = "archive")]
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct ArchiveReport {
     /// Sessions and events deleted.
     pub purge: PurgeReport,

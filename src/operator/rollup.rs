@@ -1,16 +1,17 @@
-//! Rollups for reports (migrations `20261201000003_rollups.sql` and
-//! `20261201000004_session_rollup.sql`): the daily aggregates behind
-//! `agent_daily_activity`, `tool_daily_usage` and `denials_by_reason`, and each session's
-//! denials and close time behind `session_utilization`, kept for days that are over, so a
-//! report reads one row per agent, tool, reason or session and day instead of the events. The views read rollups before the *rollup horizon* and raw events from it
-//! on; their answers are exactly those of the raw events (the migration states why).
+//! Rollups for reports: the daily aggregates behind `agent_daily_activity`,
+//! `tool_daily_usage` and `denials_by_reason`, and each session's denials and close time
+//! behind `session_utilization`, kept for days that are over, so a report reads one row per
+//! agent, tool, reason or session and day instead of the events. The views read rollups
+//! before the *rollup horizon* and raw events from it on; their answers are exactly those
+//! of the raw events (migration `20261201000003_rollups.sql` states why; the functions as
+//! they are now are in `schema/arbiter.sql`, listed in docs/architecture.md, section 4).
 //!
-//! Today is rolled up as it goes (migration `20261201000009_rollup_today.sql`): up to a few
-//! seconds before each rollup, so that one day's report reads the events since the last
-//! rollup, not the whole day's. The rollup then summarizes the new BRIN ranges of the
-//! partitions that hold today's events, and analyzes one that has no statistics yet
-//! (migration `20261203000010_recent_partition_upkeep.sql`), so that the report finds
-//! those events without reading the rest of the day.
+//! Today is rolled up as it goes (the design is migration
+//! `20261201000009_rollup_today.sql`): up to a few seconds before each rollup, so that one
+//! day's report reads the events since the last rollup, not the whole day's. The rollup
+//! then summarizes the new BRIN ranges of the partitions that hold today's events, and
+//! analyzes one that has no statistics yet, so that the report finds those events without
+//! reading the rest of the day.
 //!
 //! The store rolls up at start and then every minute with its upkeep (see
 //! [`SessionStoreBuilder::maintenance_interval`](crate::SessionStoreBuilder::maintenance_interval));
@@ -34,6 +35,7 @@ const BUSY_PAUSE: Duration = Duration::from_millis(200);
 
 /// One day rolled up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct RolledDay {
     /// The UTC day.
     pub day: NaiveDate,
@@ -43,6 +45,7 @@ pub struct RolledDay {
 
 /// What [`roll_up`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct RollupOutcome {
     /// The days sealed, oldest first.
     pub rolled: Vec<RolledDay>,

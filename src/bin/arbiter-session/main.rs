@@ -300,7 +300,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             since,
             format,
         } => {
-            let filter = ReportFilter { agent, since };
+            let filter = ReportFilter::default().with_agent(agent).with_since(since);
             let format = Format::from(format);
             let text = match report {
                 ReportKind::Utilization => {
@@ -379,11 +379,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 ExportFormatArg::Jsonl => ExportFormat::JsonLines,
                 ExportFormatArg::Csv => ExportFormat::Csv,
             };
-            let range = ExportRange {
-                since,
-                until,
-                agent,
-            };
+            let range = ExportRange::new(since, until).with_agent(agent);
             let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
             export::export_events(&pool, range, format, &mut out).await?;
         }

@@ -10,13 +10,31 @@ use uuid::Uuid;
 use super::rows::{AgentDay, DenialDay, EventRecord, SessionRecord, ToolDay, ToolUse, Utilization};
 use crate::error::StorageError;
 
-/// Which rows a report covers.
+/// Which rows a report covers: every row by default ([`ReportFilter::default`]), narrowed
+/// by the `with_*` setters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReportFilter {
     /// Only this agent's sessions or events.
     pub agent: Option<Uuid>,
     /// Only from this UTC day on (sessions created, events occurred).
     pub since: Option<NaiveDate>,
+}
+
+impl ReportFilter {
+    /// Only `agent`'s rows, or every agent's for `None`.
+    #[must_use]
+    pub fn with_agent(mut self, agent: Option<Uuid>) -> Self {
+        self.agent = agent;
+        self
+    }
+
+    /// Only rows from this UTC day on, or every day's for `None`.
+    #[must_use]
+    pub fn with_since(mut self, since: Option<NaiveDate>) -> Self {
+        self.since = since;
+        self
+    }
 }
 
 /// A transaction for one report, with PostgreSQL's JIT compiler off and room to sort in

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 /// One row of `arbiter.session_utilization`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Utilization {
     /// The session.
     pub session_id: Uuid,
@@ -39,6 +40,7 @@ pub struct Utilization {
 
 /// A limited tool's use in a session (`tool_use` of `arbiter.session_utilization`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ToolUse {
     /// Calls of the tool allowed in the session.
     pub limit: i64,
@@ -48,6 +50,7 @@ pub struct ToolUse {
 
 /// One row of `arbiter.agent_daily_activity`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct AgentDay {
     /// The agent.
     pub agent_id: Uuid,
@@ -81,6 +84,7 @@ pub struct AgentDay {
 
 /// One tool's day, summed over the agents of `arbiter.tool_daily_usage`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ToolDay {
     /// The UTC day.
     pub day: NaiveDate,
@@ -98,6 +102,7 @@ pub struct ToolDay {
 
 /// One reason's day, summed over the agents of `arbiter.denials_by_reason`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct DenialDay {
     /// The UTC day.
     pub day: NaiveDate,
@@ -113,6 +118,7 @@ pub struct DenialDay {
 
 /// A stored session, every column, as `inspect` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct SessionRecord {
     /// The session.
     pub session_id: Uuid,
@@ -160,6 +166,7 @@ pub struct SessionRecord {
 
 /// One audit event, as `inspect` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct EventRecord {
     /// `session_events.event_id`.
     pub event_id: i64,
