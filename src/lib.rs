@@ -43,6 +43,8 @@ mod metrics;
 pub mod model;
 pub mod operator;
 mod policy;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod storage;
 mod store;
 #[cfg(feature = "testing")]

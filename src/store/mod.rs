@@ -129,6 +129,12 @@ impl<S: Storage> SessionStore<S> {
         self.inner.storage.inner()
     }
 
+    /// The longest one storage operation may take (the builder's `storage_timeout`): a
+    /// public call answers within a small multiple of it.
+    pub fn storage_timeout(&self) -> std::time::Duration {
+        self.inner.storage.after()
+    }
+
     /// The id this store writes into audit events.
     pub fn instance_id(&self) -> Uuid {
         self.inner.instance_id

@@ -277,6 +277,21 @@ pub async fn database_url(pool: &PgPool) -> String {
     format!("{server}/{name}{query}")
 }
 
+/// [`database_url`] of `pool`'s database, through `proxy`.
+pub async fn database_url_through(pool: &PgPool, proxy: &proxy::FaultProxy) -> String {
+    let url = database_url(pool).await;
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (authority, path) = rest.split_once('/').expect("a database name");
+    let credentials = authority
+        .rsplit_once('@')
+        .map(|(c, _)| format!("{c}@"))
+        .unwrap_or_default();
+    format!(
+        "{scheme}://{credentials}127.0.0.1:{}/{path}",
+        proxy.addr().port()
+    )
+}
+
 /// Edits the audit trail the way a superuser could: with the append-only trigger disabled.
 pub async fn tamper(pool: &PgPool, sql: &str) {
     #[expect(

@@ -9,36 +9,17 @@
 //! too), makes the pending set and buffered denials durable in the time left
 //! (`SessionStore::shutdown`), logs what it could not, and exits 0.
 
-mod api;
-mod auth;
-mod connections;
-mod readiness;
-mod routes;
-mod state;
 mod telemetry;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
+use arbiter_session::server::{ConnectionLimits, Server, Tokens, serve_connections};
 use arbiter_session::{PgStorage, SessionStore};
-use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, get, post};
 use tokio::time::Instant;
-use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 
-use self::auth::Tokens;
-use self::connections::ConnectionLimits;
-use self::state::AppState;
-use crate::Failure;
-
-/// Most bytes a request body may have.
-const BODY_LIMIT: usize = 64 * 1024;
-/// Fewest bytes a token may have (after trimming): 128 bits, if random.
-const MIN_TOKEN_BYTES: usize = 16;
+use crate::shell::Failure;
 
 /// Options of `arbiter-session serve`. The tokens are read from the environment or from
 /// files, never from the command line (which other users can read in the process list).
@@ -108,11 +89,10 @@ pub(crate) struct ServeArgs {
 
 impl ServeArgs {
     fn connection_limits(&self) -> ConnectionLimits {
-        ConnectionLimits {
-            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
-            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
-            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
-        }
+        ConnectionLimits::default()
+            .with_header_read_timeout(Duration::from_secs(self.header_read_timeout_secs))
+            .with_idle_timeout(Duration::from_secs(self.idle_timeout_secs))
+            .with_max_connections(usize::try_from(self.max_connections).unwrap_or(usize::MAX))
     }
 }
 
@@ -141,24 +121,11 @@ fn tokens(args: &ServeArgs) -> Result<Tokens, Failure> {
             )));
         }
         tracing::warn!(listen = %args.listen, "serving WITHOUT authentication (--no-auth)");
-        return Ok(Tokens::Disabled);
+        return Ok(Tokens::disabled());
     }
     match (admin, gateway) {
         (Some(admin), Some(gateway)) => {
-            for (role, token) in [("admin", &admin), ("gateway", &gateway)] {
-                if token.len() < MIN_TOKEN_BYTES {
-                    return Err(Failure(format!(
-                        "the {role} token is shorter than {MIN_TOKEN_BYTES} bytes"
-                    )));
-                }
-            }
-            if admin == gateway {
-                return Err(Failure(
-                    "the admin and gateway tokens must differ: a gateway could create sessions"
-                        .to_owned(),
-                ));
-            }
-            Ok(Tokens::new(&admin, &gateway))
+            Tokens::new(&admin, &gateway).map_err(|err| Failure(err.to_string()))
         }
         _ => Err(Failure(
             "both tokens are required: set ARBITER_ADMIN_TOKEN and ARBITER_GATEWAY_TOKEN \
@@ -169,46 +136,8 @@ fn tokens(args: &ServeArgs) -> Result<Tokens, Failure> {
     }
 }
 
-/// The routes of the service, over `state`.
-fn app(state: AppState, with_metrics: bool) -> Router {
-    let mut app = Router::new()
-        .route("/v1/sessions", post(routes::create))
-        .route("/v1/sessions/{id}", get(routes::get_session))
-        .route("/v1/sessions/{id}/use", post(routes::use_session))
-        .route("/v1/sessions/{id}/use-batch", post(routes::use_batch))
-        .route("/v1/sessions/{id}/close", post(routes::close))
-        .route(
-            "/v1/agents/{agent_id}/live-sessions",
-            get(routes::live_sessions),
-        )
-        .route("/v1/agents/{agent_id}/close-all", post(routes::close_all))
-        .route("/v1/check", any(routes::check))
-        .route("/v1/check/", any(routes::check))
-        .route("/v1/check/{*rest}", any(routes::check))
-        .route("/healthz", get(routes::healthz))
-        .route("/readyz", get(routes::readyz))
-        .route("/openapi.json", get(routes::openapi));
-    if with_metrics {
-        app = app.route("/metrics", get(routes::metrics));
-    }
-    let timeout = routes::request_timeout(state.storage_timeout);
-    app.fallback(routes::no_route)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::loopback_host_only,
-        ))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::middleware::from_fn(telemetry::count_request))
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            timeout,
-        ))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
-}
-
 /// Runs the service until SIGTERM or SIGINT.
-pub(crate) async fn serve(database_url: &str, args: ServeArgs) -> Result<(), Failure> {
+pub(crate) async fn run(database_url: &str, args: ServeArgs) -> Result<(), Failure> {
     telemetry::init_logs(args.log_format);
     let tokens = tokens(&args)?;
     let metrics = telemetry::install_metrics()?;
@@ -239,13 +168,9 @@ pub(crate) async fn serve(database_url: &str, args: ServeArgs) -> Result<(), Fai
             "upkeep off: run `arbiter-session upkeep` as the schema's owner every minute"
         );
     }
-    let state = AppState {
-        store: store.clone(),
-        tokens: Arc::new(tokens),
-        metrics,
-        storage_timeout,
-        readiness: Arc::new(readiness::Readiness::new(storage_timeout)),
-    };
+    let server = Server::new(store.clone(), tokens).with_metrics(metrics);
+    let mut app = server.router();
+    let metrics_app = server.metrics_router().unwrap_or_default();
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -265,10 +190,7 @@ pub(crate) async fn serve(database_url: &str, args: ServeArgs) -> Result<(), Fai
             let metrics_listener = tokio::net::TcpListener::bind(metrics_address)
                 .await
                 .map_err(|err| Failure(format!("cannot listen on {metrics_address}: {err}")))?;
-            let metrics_app = Router::new()
-                .route("/metrics", get(routes::metrics))
-                .with_state(state.clone());
-            Some(tokio::spawn(connections::serve(
+            Some(tokio::spawn(serve_connections(
                 metrics_listener,
                 metrics_app,
                 limits,
@@ -276,7 +198,10 @@ pub(crate) async fn serve(database_url: &str, args: ServeArgs) -> Result<(), Fai
                 drain_for,
             )))
         }
-        None => None,
+        None => {
+            app = app.merge(metrics_app);
+            None
+        }
     };
     // The one line a supervisor (or a test) reads to find the port.
     println!("arbiter-session: listening on {address}");
@@ -285,14 +210,7 @@ pub(crate) async fn serve(database_url: &str, args: ServeArgs) -> Result<(), Fai
         telemetry::shutdown_signal().await;
         signalled_tx.send_replace(Some(Instant::now()));
     };
-    let drained = connections::serve(
-        listener,
-        app(state, args.metrics_listen.is_none()),
-        limits,
-        signal,
-        drain_for,
-    )
-    .await;
+    let drained = serve_connections(listener, app, limits, signal, drain_for).await;
     if let Some(metrics_served) = metrics_served {
         // Bounded by the same drain; a panicked task has nothing left to close.
         let _ = metrics_served.await;

@@ -1,15 +1,8 @@
 //! Logs, metrics and signals: what an operator sees of the service.
 
-use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
-use axum::response::Response;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::Failure;
-
-/// Requests answered, by route (its pattern, never the raw path: ids would make one series
-/// per session) and status.
-const HTTP_REQUESTS: &str = "arbiter_http_requests_total";
+use crate::shell::Failure;
 
 /// How logs are written (to stderr).
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -39,21 +32,8 @@ pub(crate) fn install_metrics() -> Result<PrometheusHandle, Failure> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|err| Failure(format!("cannot install the metrics recorder: {err}")))?;
-    arbiter_session::metrics::describe();
-    metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status");
+    arbiter_session::server::describe_metrics();
     Ok(handle)
-}
-
-/// Counts each request by route and status.
-pub(crate) async fn count_request(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
-    response
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -10,26 +10,27 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
+use metrics_exporter_prometheus::PrometheusHandle;
 use utoipa::OpenApi;
 use uuid::Uuid;
 
-use arbiter_session::http::check::{PARTIAL_BODY_HEADER, tools_to_decide};
-use arbiter_session::http::{SESSION_HEADER, parse_session_header};
-use arbiter_session::model::DataSensitivity;
-use arbiter_session::{CreateSessionRequest, SessionError, TaskSession};
+use crate::http::check::{PARTIAL_BODY_HEADER, tools_to_decide};
+use crate::http::{SESSION_HEADER, parse_session_header};
+use crate::model::DataSensitivity;
+use crate::{CreateSessionRequest, SessionError, TaskSession};
 
+use super::AppState;
 use super::api::{
     ApiError, Body, Closed, CreateBody, ErrorBody, Health, LiveCount, SessionView, ToolLimitView,
     UseAnswer, UseBatchBody, UseBody,
 };
 use super::auth::{Caller, Role};
 use super::readiness::Ready;
-use super::state::AppState;
 
 /// The header that names the presenting agent.
 pub(crate) const AGENT_HEADER: &str = "x-arbiter-agent";
 /// The header that names the tool, when the body has no `tools/call` (see
-/// `arbiter_session::http::check` for how the two are decided).
+/// `crate::http::check` for how the two are decided).
 pub(crate) const TOOL_HEADER: &str = "x-arbiter-tool";
 /// The header an allowed check answers with.
 pub(crate) const REMAINING_HEADER: &str = "x-arbiter-calls-remaining";
@@ -284,7 +285,7 @@ fn header_id(headers: &HeaderMap, name: &str) -> Result<Uuid, ApiError> {
 
 /// Envoy's HTTP `ext_authz` contract (gateway): allowed is 200 with
 /// `x-arbiter-calls-remaining`; denied is the error's status and body, which Envoy returns
-/// to the client. The calls decided are those of `arbiter_session::http::check` (a
+/// to the client. The calls decided are those of `crate::http::check` (a
 /// JSON-RPC body's `tools/call`s, all or nothing, else `x-arbiter-tool`); a request it
 /// cannot decide is 400 and counts nothing.
 #[utoipa::path(post, path = "/v1/check/{rest}", params(("rest" = String, Path),
@@ -356,7 +357,11 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<H
 pub(crate) async fn metrics(State(state): State<AppState>) -> String {
     // Sets the cache and pending gauges.
     let _ = state.store.stats();
-    state.metrics.render()
+    // The route exists only with a handle (`Server::metrics_router`).
+    state
+        .metrics
+        .as_ref()
+        .map_or_else(String::new, PrometheusHandle::render)
 }
 
 /// The OpenAPI 3 document of these routes.

@@ -1,4 +1,4 @@
-//! The service's connections: accepting them, bounding what a client can hold, and closing
+//! The server's connections ([`serve_connections`]): accepting them, bounding what a client can hold, and closing
 //! them at shutdown whatever the clients do.
 //!
 //! # Invariant: no client holds a connection, or the shutdown, for longer than its bound
@@ -35,36 +35,76 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::ServiceExt as _;
 
-/// What a client may hold, and for how long (see the module's invariant).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ConnectionLimits {
+/// What a client may hold, and for how long (see the module's invariant). The default is
+/// `arbiter-session serve`'s: 10 s for a head, 60 s idle, 1024 connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionLimits {
     /// Most time from a request head's first byte to its last.
-    pub(crate) header_read_timeout: Duration,
+    pub header_read_timeout: Duration,
     /// Most time a connection stays open with no request in progress and nothing sent.
-    pub(crate) idle_timeout: Duration,
-    /// Most connections open at once.
-    pub(crate) max_connections: usize,
+    pub idle_timeout: Duration,
+    /// Most connections open at once; keep it under the process's file descriptor limit.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// Sets [`Self::header_read_timeout`].
+    #[must_use]
+    pub fn with_header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Self::idle_timeout`].
+    #[must_use]
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Self::max_connections`] (at least one).
+    #[must_use]
+    pub fn with_max_connections(mut self, max_connections: usize) -> Self {
+        self.max_connections = std::cmp::max(max_connections, 1);
+        self
+    }
 }
 
 /// What became of the connections at shutdown.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Drained {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Drained {
     /// Connections still open at the shutdown signal.
-    pub(crate) open: usize,
+    pub open: usize,
     /// Of those, connections closed at the drain deadline with a request in progress.
-    pub(crate) cut: usize,
+    pub cut: usize,
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then closes every connection by
-/// `drain_deadline(now)` at the latest (see the module's invariant).
-pub(crate) async fn serve(
+/// Serves `app` on `listener` within `limits` until `shutdown` resolves; then accepts no
+/// more, closes every connection without a request in progress at once, and the others
+/// once answered or `drain_for` after the signal, whichever comes first (see the module's
+/// invariant). Returns what it had to close.
+///
+/// `app` is usually [`Server::router`](super::Server::router); any axum [`Router`] works.
+pub async fn serve_connections(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
     drain_for: Duration,
 ) -> Drained {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let permits = Arc::new(Semaphore::new(std::cmp::max(limits.max_connections, 1)));
     let (closing_tx, closing) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);

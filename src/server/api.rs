@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use arbiter_session::http::{error_code, status_code_for_error};
-use arbiter_session::{SessionError, TaskSession};
+use crate::http::{error_code, status_code_for_error};
+use crate::{SessionError, TaskSession};
 
 /// Every error body.
 #[derive(Debug, Serialize, ToSchema)]

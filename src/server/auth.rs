@@ -6,13 +6,19 @@
 //! nor the position of its first wrong byte shows in the time to answer. A token is never
 //! logged, never echoed in an error, and never printed by `Debug`.
 
-use axum::extract::FromRequestParts;
-use axum::http::header::AUTHORIZATION;
+use std::sync::Arc;
+
+use axum::extract::{FromRef, FromRequestParts, Request, State};
+use axum::http::header::{AUTHORIZATION, HOST};
 use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse as _, Response};
 use sha2::{Digest as _, Sha256};
 
 use super::api::ApiError;
-use super::state::AppState;
+
+/// Fewest bytes a token may have (after trimming): 128 bits, if random.
+pub const MIN_TOKEN_BYTES: usize = 16;
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,19 +29,38 @@ pub(crate) enum Role {
     Gateway,
 }
 
-/// The two tokens, kept as digests only.
-pub(crate) enum Tokens {
+/// The admin and the gateway token, kept as digests only: the admin's creates sessions and
+/// manages agents, the gateway's uses and checks them.
+pub struct Tokens(Guard);
+
+/// What a [`Tokens`] requires of a request.
+enum Guard {
     /// Every request must present one of these.
     Required { admin: [u8; 32], gateway: [u8; 32] },
-    /// `--no-auth` (loopback only): every caller has every role.
+    /// No token: every caller has every role (loopback `Host` names only).
     Disabled,
+}
+
+/// Why two tokens cannot guard a server.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// A token has fewer than [`MIN_TOKEN_BYTES`] bytes after trimming.
+    #[error("the {role} token is shorter than {MIN_TOKEN_BYTES} bytes")]
+    TooShort {
+        /// `admin` or `gateway`.
+        role: &'static str,
+    },
+    /// The two tokens are the same, so a gateway could create sessions.
+    #[error("the admin and gateway tokens must differ: a gateway could create sessions")]
+    Same,
 }
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Tokens::Required { .. } => f.write_str("Tokens::Required(..)"),
-            Tokens::Disabled => f.write_str("Tokens::Disabled"),
+        match self.0 {
+            Guard::Required { .. } => f.write_str("Tokens::Required(..)"),
+            Guard::Disabled => f.write_str("Tokens::Disabled"),
         }
     }
 }
@@ -50,18 +75,40 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Tokens {
-    pub(crate) fn new(admin: &str, gateway: &str) -> Self {
-        Tokens::Required {
+    /// Requires `admin` or `gateway` (each trimmed) as a bearer token: each of at least
+    /// [`MIN_TOKEN_BYTES`] bytes, and different.
+    pub fn new(admin: &str, gateway: &str) -> Result<Self, TokenError> {
+        let (admin, gateway) = (admin.trim(), gateway.trim());
+        for (role, token) in [("admin", admin), ("gateway", gateway)] {
+            if token.len() < MIN_TOKEN_BYTES {
+                return Err(TokenError::TooShort { role });
+            }
+        }
+        if admin == gateway {
+            return Err(TokenError::Same);
+        }
+        Ok(Tokens(Guard::Required {
             admin: digest(admin),
             gateway: digest(gateway),
-        }
+        }))
+    }
+
+    /// No token: every caller has every role, and only requests whose `Host` is a loopback
+    /// name are served. For a server listening on a loopback address only.
+    pub fn disabled() -> Self {
+        Tokens(Guard::Disabled)
+    }
+
+    /// Whether no token is required.
+    pub fn is_disabled(&self) -> bool {
+        matches!(self.0, Guard::Disabled)
     }
 
     /// The roles `presented` (a bearer token) grants; empty for a wrong one.
     fn roles(&self, presented: &str) -> &'static [Role] {
-        match self {
-            Tokens::Disabled => &[Role::Admin, Role::Gateway],
-            Tokens::Required { admin, gateway } => {
+        match &self.0 {
+            Guard::Disabled => &[Role::Admin, Role::Gateway],
+            Guard::Required { admin, gateway } => {
                 let presented = digest(presented);
                 // Both comparisons always run.
                 let (is_admin, is_gateway) = (same(admin, &presented), same(gateway, &presented));
@@ -100,16 +147,18 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
+impl<S> FromRequestParts<S> for Caller
+where
+    S: Send + Sync,
+    Arc<Tokens>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        if matches!(*state.tokens, Tokens::Disabled) {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let tokens = Arc::<Tokens>::from_ref(state);
+        if tokens.is_disabled() {
             return Ok(Caller {
-                roles: state.tokens.roles(""),
+                roles: tokens.roles(""),
             });
         }
         let presented = parts
@@ -118,7 +167,7 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|value| value.to_str().ok())
             .and_then(bearer)
             .ok_or_else(ApiError::unauthorized)?;
-        let roles = state.tokens.roles(presented);
+        let roles = tokens.roles(presented);
         if roles.is_empty() {
             return Err(ApiError::unauthorized());
         }
@@ -128,7 +177,7 @@ impl FromRequestParts<AppState> for Caller {
 
 /// Whether `host` (a `Host` header's value) names this machine's loopback interface:
 /// `localhost`, an address in 127.0.0.0/8 or `[::1]`, with or without a port. Under
-/// `--no-auth` only these are served: a page a browser loaded from a name that now
+/// [`Tokens::disabled`] only these are served: a page a browser loaded from a name that now
 /// resolves to 127.0.0.1 (DNS rebinding) sends its own name.
 pub(crate) fn is_loopback_host(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
@@ -155,18 +204,17 @@ fn is_port(rest: &str) -> bool {
         .is_some_and(|port| port.parse::<u16>().is_ok())
 }
 
-/// Under `--no-auth`, answers 403 to a request whose `Host` is not a loopback name (see
-/// [`is_loopback_host`]); with tokens, lets every request through to them.
+/// With [`Tokens::disabled`], answers 403 to a request whose `Host` is not a loopback name
+/// (see [`is_loopback_host`]); with tokens, lets every request through to them.
 pub(crate) async fn loopback_host_only(
-    axum::extract::State(state): axum::extract::State<AppState>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::response::IntoResponse as _;
-    if matches!(*state.tokens, Tokens::Disabled) {
+    State(tokens): State<Arc<Tokens>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if tokens.is_disabled() {
         let host = request
             .headers()
-            .get(axum::http::header::HOST)
+            .get(HOST)
             .and_then(|value| value.to_str().ok());
         if !host.is_some_and(is_loopback_host) {
             return ApiError::forbidden().into_response();
@@ -209,15 +257,32 @@ mod tests {
 
     #[test]
     fn each_token_grants_its_own_role_only() {
-        let tokens = Tokens::new("admin-secret", "gateway-secret");
-        assert_eq!(tokens.roles("admin-secret"), [Role::Admin]);
-        assert_eq!(tokens.roles("gateway-secret"), [Role::Gateway]);
-        assert!(tokens.roles("gateway-secre").is_empty());
+        let tokens = Tokens::new(" admin-secret-0001\n", "gateway-secret-01").unwrap();
+        assert_eq!(tokens.roles("admin-secret-0001"), [Role::Admin]);
+        assert_eq!(tokens.roles("gateway-secret-01"), [Role::Gateway]);
+        assert!(tokens.roles("gateway-secret-0").is_empty());
         assert!(tokens.roles("").is_empty());
         assert_eq!(format!("{tokens:?}"), "Tokens::Required(..)");
         assert_eq!(bearer("Bearer abc"), Some("abc"));
         assert_eq!(bearer("bearer  abc "), Some("abc"));
         assert_eq!(bearer("Basic abc"), None);
         assert_eq!(bearer("Bearer"), None);
+    }
+
+    #[test]
+    fn tokens_are_long_and_distinct() {
+        assert_eq!(
+            Tokens::new("short", "gateway-secret-01").unwrap_err(),
+            TokenError::TooShort { role: "admin" }
+        );
+        assert_eq!(
+            Tokens::new("admin-secret-0001", "  gateway-secret  ").unwrap_err(),
+            TokenError::TooShort { role: "gateway" }
+        );
+        assert_eq!(
+            Tokens::new("the-same-secret-1", "the-same-secret-1 ").unwrap_err(),
+            TokenError::Same
+        );
+        assert!(Tokens::disabled().is_disabled());
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use arbiter_session::PgStorage;
+use crate::PgStorage;
 use tokio::time::Instant;
 
 /// How long a check's result answers `/readyz`.

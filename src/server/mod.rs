@@ -1,0 +1,172 @@
+//! The store behind HTTP (feature `server`): the routes of `arbiter-session serve`, as an
+//! axum [`Router`] a Rust gateway can also mount in its own app, and the connection loop
+//! that serves them with bounded timeouts ([`serve_connections`]).
+//!
+//! One [`Server`] is one store: every route makes one call of [`SessionStore`], nothing is
+//! re-implemented. The routes' roles, wire format and errors are in the README ("Run it as
+//! a service"); each route's OpenAPI description is at `/openapi.json`.
+//!
+//! ```no_run
+//! # async fn mount(store: arbiter_session::SessionStore) -> Result<(), Box<dyn std::error::Error>> {
+//! use arbiter_session::server::{Server, Tokens};
+//!
+//! let tokens = Tokens::new("an admin token, 16+ bytes", "a gateway token, 16+ bytes")?;
+//! let routes = Server::new(store, tokens).router();
+//! let app = axum::Router::new().nest("/arbiter", routes);
+//! # let _ = app;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Its invariants are stated where they are kept: one error shape and nothing leaked
+//! (`api`), no token leaks and no timing oracle ([`Tokens`]), the check decides the calls a
+//! body names (`crate::http::check`), readiness costs at most one connection (`readiness`),
+//! and no client holds a connection or the shutdown past its bound ([`serve_connections`]).
+
+mod api;
+mod auth;
+mod connections;
+mod readiness;
+mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{any, get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use auth::{TokenError, Tokens};
+pub use connections::{ConnectionLimits, Drained, serve_connections};
+
+use crate::SessionStore;
+use readiness::Readiness;
+
+/// Most bytes a request body may have.
+const BODY_LIMIT: usize = 64 * 1024;
+
+/// Requests answered, by route (its pattern, never the raw path: ids would make one series
+/// per session) and status.
+const HTTP_REQUESTS: &str = "arbiter_http_requests_total";
+
+/// The routes over one store, with the tokens that guard them.
+#[derive(Debug, Clone)]
+pub struct Server {
+    state: AppState,
+}
+
+/// What every handler shares; cloning is shallow.
+#[derive(Debug, Clone)]
+struct AppState {
+    store: SessionStore,
+    tokens: Arc<Tokens>,
+    /// Renders `/metrics`, when the server has a recorder's handle.
+    metrics: Option<PrometheusHandle>,
+    /// The store's timeout, which bounds every request.
+    storage_timeout: Duration,
+    readiness: Arc<Readiness>,
+}
+
+impl FromRef<AppState> for Arc<Tokens> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(&state.tokens)
+    }
+}
+
+impl Server {
+    /// The routes over `store`, guarded by `tokens`.
+    pub fn new(store: SessionStore, tokens: Tokens) -> Self {
+        let storage_timeout = store.storage_timeout();
+        Server {
+            state: AppState {
+                store,
+                tokens: Arc::new(tokens),
+                metrics: None,
+                storage_timeout,
+                readiness: Arc::new(Readiness::new(storage_timeout)),
+            },
+        }
+    }
+
+    /// Serves Prometheus text at `/metrics` of [`Self::metrics_router`] from `handle` (the
+    /// handle of the recorder the library's metrics go to; see [`describe_metrics`]).
+    #[must_use]
+    pub fn with_metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.state.metrics = Some(handle);
+        self
+    }
+
+    /// Every route but `/metrics`, with the service's layers: the body limit, the request
+    /// timeout (twice the store's storage timeout plus a second), the request counter and
+    /// tracing; with [`Tokens::disabled`], only requests whose `Host` is a loopback name
+    /// are served.
+    pub fn router(&self) -> Router {
+        let state = self.state.clone();
+        let timeout = routes::request_timeout(state.storage_timeout);
+        Router::new()
+            .route("/v1/sessions", post(routes::create))
+            .route("/v1/sessions/{id}", get(routes::get_session))
+            .route("/v1/sessions/{id}/use", post(routes::use_session))
+            .route("/v1/sessions/{id}/use-batch", post(routes::use_batch))
+            .route("/v1/sessions/{id}/close", post(routes::close))
+            .route(
+                "/v1/agents/{agent_id}/live-sessions",
+                get(routes::live_sessions),
+            )
+            .route("/v1/agents/{agent_id}/close-all", post(routes::close_all))
+            .route("/v1/check", any(routes::check))
+            .route("/v1/check/", any(routes::check))
+            .route("/v1/check/{*rest}", any(routes::check))
+            .route("/healthz", get(routes::healthz))
+            .route("/readyz", get(routes::readyz))
+            .route("/openapi.json", get(routes::openapi))
+            .fallback(routes::no_route)
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&state.tokens),
+                auth::loopback_host_only,
+            ))
+            .layer(DefaultBodyLimit::max(BODY_LIMIT))
+            .layer(axum::middleware::from_fn(count_request))
+            .layer(TimeoutLayer::with_status_code(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                timeout,
+            ))
+            .layer(TraceLayer::new_for_http())
+            .with_state(state)
+    }
+
+    /// `/metrics` alone, when the server has a recorder's handle ([`Self::with_metrics`]):
+    /// merge it into [`Self::router`], or serve it on an address of its own.
+    pub fn metrics_router(&self) -> Option<Router> {
+        self.state.metrics.as_ref()?;
+        Some(
+            Router::new()
+                .route("/metrics", get(routes::metrics))
+                .with_state(self.state.clone()),
+        )
+    }
+}
+
+/// Describes the metrics the server and the library emit, for the recorder installed by
+/// the process (`arbiter-session serve` installs Prometheus's).
+pub fn describe_metrics() {
+    crate::metrics::describe();
+    metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status");
+}
+
+/// Counts each request by route and status.
+async fn count_request(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
+    response
+}
