@@ -12,18 +12,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbiter_session::testing::{FaultyStorage, ManualClock};
+use arbiter_session::testing::ManualClock;
 use arbiter_session::{PgStorage, SessionError, SessionStatus, SessionStore};
-use common::{audited_calls, drained, event_kinds, proxied_pool, request, row};
+use common::{audited_calls, drained, event_kinds, faulty, proxied_pool, request, row};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 /// A liveness bound for one call: generous, because it only proves there is no hang.
 const NO_HANG: Duration = Duration::from_secs(15);
-
-fn faulty(pool: &PgPool) -> FaultyStorage<PgStorage> {
-    FaultyStorage::new(PgStorage::new(pool.clone()))
-}
 
 /// PostgreSQL stalls (bytes stop flowing, nothing closes): the write gives up at the
 /// store's deadline with `StorageWriteThrough`, the cache stays ahead, the session is

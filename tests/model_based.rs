@@ -252,10 +252,16 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
                     async move { store.use_session(id, "t", None).await }
                 });
                 // A call denied by policy writes nothing: then there is no write to hang.
-                until(|| faulty.hung_writes() > 0 || first.is_finished()).await;
+                common::until("a write hangs or the first call ends", || {
+                    faulty.hung_writes() > 0 || first.is_finished()
+                })
+                .await;
                 let resets = store.stats().listener_reconnects;
                 faulty.reset_change_feed();
-                until(|| store.stats().listener_reconnects > resets).await;
+                common::until("the listener reconnected", || {
+                    store.stats().listener_reconnects > resets
+                })
+                .await;
                 let second = tokio::spawn({
                     let store = store.clone();
                     async move {
@@ -380,18 +386,6 @@ async fn write_calls(pool: &PgPool, id: Uuid) -> (u64, u64) {
     .expect("the session limits its tool");
     let count = |n: i64| u64::try_from(n).expect("non-negative");
     (count(row.stored), count(row.audited))
-}
-
-/// Waits (bounded: a liveness check) until `done` holds.
-async fn until(mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + StdDuration::from_secs(10);
-    while !done() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition never held"
-        );
-        tokio::time::sleep(StdDuration::from_millis(1)).await;
-    }
 }
 
 /// The rate windows of `id` replayed from its audit trail with the policy's rule (a fixed

@@ -6,7 +6,7 @@
 //! Each check is a generic function over a [`Backend`]; the `contract!` macro runs it once
 //! per backend, over a fresh `MemoryStorage` and over a fresh database (`#[sqlx::test]`).
 //! What only PostgreSQL can do (a row held by another transaction) is checked below the
-//! suite and in `tests/reliability.rs` (`LockWait::NoWait` answers `Busy`).
+//! suite and in `tests/regressions.rs` (`LockWait::NoWait` answers `Busy`).
 
 use std::future::Future;
 use std::sync::Arc;

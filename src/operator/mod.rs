@@ -3,8 +3,10 @@
 //! the database and proves later that no chain was rewritten, [`retention`] purges what has
 //! ended, [`export`] streams the trail out as JSON Lines or CSV,
 //! [`partitions`] keeps the audit trail's daily partitions, [`rollup`] keeps the daily
-//! aggregates the reports read, and [`report`] reads the reporting views. The `arbiter-session` command-line tool (the
-//! `cli` feature) is a thin shell over this module.
+//! aggregates the reports read, and [`report`] reads the reporting views. The
+//! `arbiter-session` command-line tool (the `cli` feature) is a thin shell over this module.
+
+pub(crate) use crate::storage::unhurried;
 
 pub mod chain;
 pub mod checkpoint;
@@ -13,20 +15,3 @@ pub mod partitions;
 pub mod report;
 pub mod retention;
 pub mod rollup;
-
-use sqlx::{PgPool, Postgres, Transaction};
-
-use crate::error::StorageError;
-
-/// A transaction whose statements may take minutes: a day of a busy trail takes seconds to
-/// count or purge, more than a gateway's pool allows one statement (`PgStorage::connect`
-/// sets 5 s).
-pub(crate) async fn unhurried(
-    pool: &PgPool,
-) -> Result<Transaction<'static, Postgres>, StorageError> {
-    let mut tx = crate::storage::begin_transaction(pool).await?;
-    sqlx::query_scalar!("SELECT set_config('statement_timeout', '10min', true)")
-        .fetch_one(&mut *tx)
-        .await?;
-    Ok(tx)
-}

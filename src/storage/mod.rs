@@ -37,7 +37,8 @@ mod postgres;
 
 pub use memory::MemoryStorage;
 pub use postgres::PgStorage;
-pub(crate) use postgres::transaction::begin as begin_transaction;
+pub(crate) use postgres::transaction::{begin as begin_transaction, unhurried};
+pub(crate) use postgres::upkeep;
 
 /// The stored version of a session row. Advanced by every update.
 pub type Version = i64;

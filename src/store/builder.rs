@@ -5,18 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moka::future::Cache;
-use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::SessionStore;
-use super::deadline::Deadline;
-use super::denial_log::DenialLog;
-use super::group_commit::GroupCommit;
-use super::inner::Inner;
+use super::inner::{Inner, Parts};
 use super::listener::Listener;
 use super::maintenance::Maintenance;
 use super::reconciler::Reconciler;
 use super::stats::Counters;
+use super::time_bounded::TimeBounded;
 use crate::clock::{Clock, SystemClock};
 use crate::storage::Storage;
 
@@ -196,31 +193,21 @@ impl<S: Storage> SessionStoreBuilder<S> {
                 }
             })
             .build();
-        let storage = Arc::new(Deadline::new(self.storage, self.storage_timeout));
-        let inner = Arc::new_cyclic(|me| Inner {
-            commits: GroupCommit::new(Arc::clone(&storage)),
-            denials: DenialLog::new(
-                Arc::clone(&storage),
-                self.instance_id,
-                self.denial_buffer,
-                self.denial_buffer_bytes,
-            ),
-            storage,
+        let inner = Inner::new(Parts {
+            storage: TimeBounded::new(self.storage, self.storage_timeout),
+            clock: self.clock,
+            cache,
             negative_cache: Cache::builder()
                 .max_capacity(self.negative_capacity)
                 .time_to_live(self.negative_ttl)
                 .build(),
-            clock: self.clock,
-            cache,
-            slots: Arc::default(),
-            cold_loads: Semaphore::new(self.cold_loads),
-            pending: Default::default(),
             counters,
+            cold_loads: self.cold_loads,
             instance_id: self.instance_id,
-            me: me.clone(),
             reconciler: Reconciler::new(self.reconcile_interval),
             listener: Listener::new(self.listen_for_changes),
             maintenance: Maintenance::new(self.maintenance_interval),
+            denial_buffer: (self.denial_buffer, self.denial_buffer_bytes),
         });
         SessionStore { inner }
     }

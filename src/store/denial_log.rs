@@ -21,7 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::deadline::Deadline;
+use super::time_bounded::TimeBounded;
 use super::worker::{Parking, Worker};
 use crate::audit::{Denial, DenialReason};
 use crate::error::{SessionError, error_chain};
@@ -36,7 +36,7 @@ const BATCH: usize = 1000;
 
 /// Denials waiting to be recorded, their writer task, and what became of them.
 pub(super) struct DenialLog<S> {
-    storage: Arc<Deadline<S>>,
+    storage: Arc<TimeBounded<S>>,
     instance_id: Uuid,
     buffer: Mutex<Buffer>,
     /// `buffer.denials.len()`, written under the lock, so that a full buffer can be seen
@@ -77,7 +77,7 @@ pub(super) struct DenialCounts {
 
 impl<S: Storage> DenialLog<S> {
     pub(super) fn new(
-        storage: Arc<Deadline<S>>,
+        storage: Arc<TimeBounded<S>>,
         instance_id: Uuid,
         capacity: usize,
         capacity_bytes: usize,

@@ -35,7 +35,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::time::Instant;
 
-use super::deadline::Deadline;
+use super::time_bounded::TimeBounded;
 use super::worker::{Parking, Worker};
 use crate::audit::AuditEvent;
 use crate::error::StorageError;
@@ -80,7 +80,7 @@ struct Write {
 
 /// The writes waiting for the next batch, the lanes, and the task that sends batches.
 pub(super) struct GroupCommit<S> {
-    storage: Arc<Deadline<S>>,
+    storage: Arc<TimeBounded<S>>,
     waiting: Mutex<Vec<Write>>,
     lanes: Arc<Semaphore>,
     sender: Worker,
@@ -103,7 +103,7 @@ impl<S> GroupCommit<S> {
 }
 
 impl<S: Storage> GroupCommit<S> {
-    pub(super) fn new(storage: Arc<Deadline<S>>) -> Arc<Self> {
+    pub(super) fn new(storage: Arc<TimeBounded<S>>) -> Arc<Self> {
         Arc::new(GroupCommit {
             storage,
             waiting: Mutex::default(),
@@ -125,27 +125,21 @@ impl<S: Storage> GroupCommit<S> {
         deadline: Instant,
     ) -> WriteOutcome {
         let storage = &self.storage;
-        if !storage.batches_writes() || carries_late(events, now) {
-            return storage
+        let on_its_own = !storage.batches_writes() || carries_late(events, now);
+        // Nothing waiting and a lane free: go out at once, on this task (no hop), as a
+        // plain update: a batch is only ever what the sender takes from the waiting list.
+        let lane = if on_its_own || !self.waiting().is_empty() {
+            None
+        } else {
+            self.lanes.try_acquire().ok()
+        };
+        if on_its_own || lane.is_some() {
+            let result = storage
                 .by(deadline, storage.update(session, expected, events))
                 .await
                 .map_err(Arc::new);
-        }
-        // Nothing waiting and a lane free: go out at once, on this task (no hop).
-        if self.waiting().is_empty()
-            && let Ok(_lane) = self.lanes.try_acquire()
-        {
-            let alone = [BatchUpdate {
-                session,
-                expected,
-                events,
-            }];
-            let result = storage.by(deadline, storage.update_many(&alone)).await;
-            return outcomes(result, 1).pop().unwrap_or_else(|| {
-                Err(Arc::new(StorageError::Decode(
-                    "update_many answered no outcome".to_owned(),
-                )))
-            });
+            drop(lane);
+            return result;
         }
         let (reply, outcome) = oneshot::channel();
         let was_empty = {

@@ -4,7 +4,7 @@
 //! A status change made anywhere drops that session from this cache and marks its live
 //! slot stale, so the next `get` reloads it. After the feed reconnects, the whole cache is
 //! dropped and every live slot marked stale, because changes made while it was
-//! disconnected are lost. A slot in use keeps its identity (see `registry`), and a stale
+//! disconnected are lost. A slot in use keeps its identity (see `slot`), and a stale
 //! slot whose state is ahead of storage is not reloaded, so invalidation never loses a
 //! change this process has not yet made durable.
 //!
@@ -88,7 +88,7 @@ async fn listen<S: Storage>(
             () = parking.closed() => return,
         };
         let Some(inner) = store.upgrade() else { return };
-        let listener = &inner.listener;
+        let listener = inner.listener();
         match change {
             Change::Session(id) => {
                 inner.invalidate(id).await;

@@ -110,7 +110,7 @@ impl Maintenance {
 /// PostgreSQL that rolls back its open transaction and starts no further statement.
 async fn run_every<S: Storage>(store: Weak<Inner<S>>, every: Duration, parking: Parking) {
     loop {
-        let Some(storage) = store.upgrade().map(|inner| Arc::clone(&inner.storage)) else {
+        let Some(storage) = store.upgrade().map(|inner| Arc::clone(inner.storage())) else {
             return;
         };
         let outcome = tokio::select! {
@@ -120,7 +120,7 @@ async fn run_every<S: Storage>(store: Weak<Inner<S>>, every: Duration, parking: 
         };
         drop(storage);
         let Some(inner) = store.upgrade() else { return };
-        let wait = inner.maintenance.record(outcome, every);
+        let wait = inner.maintenance().record(outcome, every);
         drop(inner);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}

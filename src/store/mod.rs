@@ -3,18 +3,19 @@
 //! This file is the facade: the public calls, each a few lines over the components. They
 //! are, one file each, with the invariant each owns stated at its top:
 //! * `builder`: the options and their defaults;
-//! * `inner`: the shared state and the lookup from id to slot (isolation);
-//! * `registry`: one live slot per session; `slot`: one session's state and queue;
-//!   `queued`: the mutations waiting in that queue;
-//! * `write_through`: deciding and writing under the session's lock, combining queued
-//!   mutations (budget, write-through);
+//! * `inner`: the shared state, the lookup from id to slot, and write-through: deciding and
+//!   writing under the session's lock, combining queued mutations (isolation, the bounded
+//!   cold loads, write-through);
+//! * `round`: the mutations of one session decided together, and their answers;
+//! * `slot`: one live slot per session, and one session's state and queue; `queued`: the
+//!   mutations waiting in that queue;
 //! * `group_commit`: the writes of different sessions sharing one statement;
 //! * `pending`: sessions ahead of storage (pinning); `reconciler`: writing them later;
 //! * `denial_log`: denied calls recorded off the hot path;
 //! * `listener`: cache invalidation from the change feed; `maintenance`: the storage's
-//!   periodic upkeep (the audit trail's partitions);
-//! * `deadline`: one deadline per call; `worker`: how every background task starts, parks
-//!   and ends; `stats`: the counters.
+//!   periodic upkeep (for PostgreSQL, the audit trail's partitions and the rollups);
+//! * `time_bounded`: storage bounded in time, one deadline per call; `worker`: how every
+//!   background task starts, parks and ends; `stats`: the counters.
 //!
 //! `docs/architecture.md` follows one call through all of them.
 //!
@@ -30,7 +31,6 @@
 //! is fair); across processes by the versioned write.
 
 mod builder;
-mod deadline;
 mod denial_log;
 mod group_commit;
 mod inner;
@@ -39,11 +39,11 @@ mod maintenance;
 mod pending;
 mod queued;
 mod reconciler;
-mod registry;
+mod round;
 mod slot;
 mod stats;
+mod time_bounded;
 mod worker;
-mod write_through;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,18 +126,18 @@ impl<S: Storage> SessionStore<S> {
 
     /// The storage behind the store.
     pub fn storage(&self) -> &S {
-        self.inner.storage.inner()
+        self.inner.storage().inner()
     }
 
     /// The longest one storage operation may take (the builder's `storage_timeout`): a
     /// public call answers within a small multiple of it.
     pub fn storage_timeout(&self) -> std::time::Duration {
-        self.inner.storage.after()
+        self.inner.storage().after()
     }
 
     /// The id this store writes into audit events.
     pub fn instance_id(&self) -> Uuid {
-        self.inner.instance_id
+        self.inner.instance_id()
     }
 
     /// Creates a session.
@@ -150,7 +150,7 @@ impl<S: Storage> SessionStore<S> {
     pub async fn create(&self, req: CreateSessionRequest) -> Result<TaskSession, SessionError> {
         req.validate()?;
         let (session, event) = self.inner.new_session(&req);
-        match self.inner.storage.insert(&session, &event).await {
+        match self.inner.storage().insert(&session, &event).await {
             Ok(version) => Ok(self.inner.cache_created(session, version).await),
             Err(err) => Err(self.inner.create_failed(session.session_id, &err)),
         }
@@ -171,7 +171,7 @@ impl<S: Storage> SessionStore<S> {
         let now = event.occurred_at;
         match self
             .inner
-            .storage
+            .storage()
             .insert_if_under_cap(&session, &event, max, now)
             .await
         {
@@ -264,9 +264,9 @@ impl<S: Storage> SessionStore<S> {
     /// [`SessionError::NotFound`] or [`SessionError::StorageRead`] (storage unavailable, or
     /// a write of this session in flight did not finish in time).
     pub async fn get(&self, session_id: Uuid) -> Result<TaskSession, SessionError> {
-        let deadline = self.inner.storage.for_call();
+        let deadline = self.inner.storage().for_call();
         let slot = self.inner.slot(session_id, deadline).await?;
-        let storage = &self.inner.storage;
+        let storage = self.inner.storage();
         let mut state = storage
             .by(deadline, async { Ok(slot.state.lock().await) })
             .await
@@ -299,7 +299,7 @@ impl<S: Storage> SessionStore<S> {
     pub async fn count_live_for_agent(&self, agent_id: Uuid) -> Result<u64, SessionError> {
         let now = self.inner.now();
         self.inner
-            .storage
+            .storage()
             .count_live_for_agent(agent_id, now)
             .await
             .map_err(|err| read_failed(None, &err))
@@ -314,7 +314,7 @@ impl<S: Storage> SessionStore<S> {
     pub async fn close_sessions_for_agent(&self, agent_id: Uuid) -> Result<usize, SessionError> {
         let ids = self
             .inner
-            .storage
+            .storage()
             .active_for_agent(agent_id)
             .await
             .map_err(|err| read_failed(None, &err))?;
@@ -350,7 +350,7 @@ impl<S: Storage> SessionStore<S> {
             let now = self.inner.now();
             let due = self
                 .inner
-                .storage
+                .storage()
                 .due_for_expiry(now, EXPIRE_BATCH)
                 .await
                 .map_err(|err| read_failed(None, &err))?;
@@ -377,17 +377,17 @@ impl<S: Storage> SessionStore<S> {
     pub fn stats(&self) -> StoreStats {
         let inner = &self.inner;
         let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        let listener = inner.listener.counts();
-        let denials = inner.denials.counts();
-        let maintenance = inner.maintenance.counts();
-        let cache_entries = inner.cache.entry_count();
-        let pending = count(inner.pending.len());
+        let listener = inner.listener().counts();
+        let denials = inner.denials().counts();
+        let maintenance = inner.maintenance().counts();
+        let cache_entries = inner.cache_entries();
+        let pending = count(inner.pending_len());
         metrics::set(Gauge::CacheEntries, cache_entries);
         metrics::set(Gauge::Pending, pending);
-        inner.counters.snapshot(StoreStats {
+        inner.counters().snapshot(StoreStats {
             cache_entries,
             pending,
-            reconciled: inner.reconciler.reconciled(),
+            reconciled: inner.reconciler().reconciled(),
             invalidations: listener.invalidations,
             listener_reconnects: listener.reconnects,
             listening: listener.listening,
@@ -403,7 +403,7 @@ impl<S: Storage> SessionStore<S> {
     /// Runs one reconciliation pass now, without waiting for the background task: tries to
     /// write every pending session once.
     pub async fn reconcile_now(&self) -> ReconcileReport {
-        self.inner.reconciler.pass(&self.inner).await
+        self.inner.reconciler().pass(&self.inner).await
     }
 
     /// Makes the pending set and the buffered denials durable, retrying with the
@@ -418,28 +418,27 @@ impl<S: Storage> SessionStore<S> {
     pub async fn shutdown(&self, within: Duration) -> ShutdownReport {
         let inner = &self.inner;
         let deadline = Instant::now() + within;
-        inner.maintenance.stop().await;
-        let mut delay = inner.reconciler.first_delay();
+        inner.maintenance().stop().await;
+        let mut delay = inner.reconciler().first_delay();
         loop {
-            let report = tokio::time::timeout_at(deadline, inner.reconciler.pass(inner)).await;
+            let report = tokio::time::timeout_at(deadline, inner.reconciler().pass(inner)).await;
             // Denials after sessions: a reconciled write-through is what some of them record.
-            let denials = tokio::time::timeout_at(deadline, inner.denials.write_buffered()).await;
+            let denials = tokio::time::timeout_at(deadline, inner.denials().write_buffered()).await;
             let done =
                 matches!(report, Ok(r) if r.still_pending == 0) && matches!(denials, Ok(true));
             if done || Instant::now() + delay >= deadline {
                 break;
             }
             tokio::time::sleep(delay).await;
-            delay = inner.reconciler.backoff(delay);
+            delay = inner.reconciler().backoff(delay);
         }
         ShutdownReport {
             unflushed: inner
-                .pending
-                .snapshot()
+                .pending_snapshot()
                 .into_iter()
                 .map(|(id, _)| id)
                 .collect(),
-            unrecorded_denials: inner.denials.buffered(),
+            unrecorded_denials: inner.denials().buffered(),
         }
     }
 }

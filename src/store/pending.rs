@@ -2,7 +2,7 @@
 //!
 //! # Invariant: pinning
 //! A slot in this set is kept alive by the set itself, whatever the cache evicts, so a
-//! cache miss finds it among the live slots (`registry`) before reading storage: loading
+//! cache miss finds it among the live slots (`slot`) before reading storage: loading
 //! the older durable row instead would hand an agent back budget it already spent. A slot leaves the set only once storage holds
 //! its state. The lock is a `std` mutex held for a map operation, never across an await.
 
@@ -49,10 +49,6 @@ impl PendingSet {
 
     pub(crate) fn len(&self) -> usize {
         self.slots().len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.slots().is_empty()
     }
 
     pub(crate) fn snapshot(&self) -> Vec<(Uuid, Arc<Slot>)> {

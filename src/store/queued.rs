@@ -1,5 +1,5 @@
 //! The mutations that wait in a slot's queue for whoever holds the session's lock, and what
-//! their callers get back (see `write_through`'s combining). A leaf: the slot stores these
+//! their callers get back (see `inner`'s "Combining"). A leaf: the slot stores these
 //! and the write-through produces them, and neither needs the other to name them.
 
 use tokio::sync::oneshot;

@@ -92,7 +92,7 @@ impl Reconciler {
     /// always leave the same sessions for last.
     pub(super) async fn pass<S: Storage>(&self, store: &Inner<S>) -> ReconcileReport {
         let mut reconciled = 0;
-        let mut pending = store.pending.snapshot();
+        let mut pending = store.pending_snapshot();
         if !pending.is_empty() {
             let start = self.passes.fetch_add(1, Ordering::Relaxed) % pending.len();
             pending.rotate_left(start);
@@ -106,7 +106,7 @@ impl Reconciler {
         }
         ReconcileReport {
             reconciled,
-            still_pending: store.pending.len(),
+            still_pending: store.pending_len(),
         }
     }
 
@@ -124,27 +124,27 @@ impl Reconciler {
             store.unpin(id, slot, &mut state);
             return Written::Durable;
         }
-        let reconciled = state.reconciled_event(store.now(), store.instance_id);
+        let reconciled = state.reconciled_event(store.now(), store.instance_id());
         let events = state.events_with(std::slice::from_ref(&reconciled));
         let outcome = match store
-            .storage
+            .storage()
             .update(&state.current, state.durable_version, &events)
             .await
         {
             Ok(UpdateOutcome::Applied(version)) => Ok(LockedUpdate::Applied(version)),
             Ok(UpdateOutcome::Conflict) => {
-                store.counters.conflict();
+                store.counters().conflict();
                 let at = store.now();
                 let probe = state.unwritten_keys();
                 store
-                    .storage
+                    .storage()
                     .update_locked(id, &probe, LockWait::NoWait, |fresh, landed| {
                         let dropped = state.rebase(fresh, landed);
                         // Everything may have landed already (nothing to write). If the merge
                         // dropped calls (no room left, or the session was closed meanwhile),
                         // the `reconciled` event still records that it happened.
                         (state.is_ahead() || dropped > 0).then(|| {
-                            let reconciled = state.reconciled_event(at, store.instance_id);
+                            let reconciled = state.reconciled_event(at, store.instance_id());
                             let events = state
                                 .events_with(std::slice::from_ref(&reconciled))
                                 .into_owned();
@@ -198,10 +198,10 @@ async fn run<S: Storage>(store: Weak<Inner<S>>, parking: Parking) {
         loop {
             let first = {
                 let Some(inner) = store.upgrade() else { return };
-                if inner.pending.is_empty() {
+                if inner.pending_len() == 0 {
                     break;
                 }
-                inner.reconciler.first_delay()
+                inner.reconciler().first_delay()
             };
             // Sleep without holding the store, so dropping every handle ends this task. The
             // wait comes before the pass: the failure that woke us is fresh, and retrying
@@ -209,11 +209,11 @@ async fn run<S: Storage>(store: Weak<Inner<S>>, parking: Parking) {
             let wait = *delay.get_or_insert(first);
             tokio::time::sleep(wait).await;
             let Some(inner) = store.upgrade() else { return };
-            let report = inner.reconciler.pass(&inner).await;
+            let report = inner.reconciler().pass(&inner).await;
             delay = Some(if report.reconciled > 0 {
                 first
             } else {
-                inner.reconciler.backoff(wait)
+                inner.reconciler().backoff(wait)
             });
         }
     }

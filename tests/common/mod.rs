@@ -5,12 +5,30 @@
 
 use std::sync::Arc;
 
-use arbiter_session::testing::ManualClock;
+use arbiter_session::testing::{FaultyStorage, ManualClock};
 use arbiter_session::{CreateSessionRequest, PgStorage, SessionStore};
 use chrono::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
+
+/// A [`FaultyStorage`] over `pool`: the real database, with faults injected on cue.
+pub fn faulty(pool: &PgPool) -> FaultyStorage<PgStorage> {
+    FaultyStorage::new(PgStorage::new(pool.clone()))
+}
+
+/// Waits until `done` holds, polling every 5 ms; fails naming `what` after 10 s (a
+/// liveness bound, never a measure of speed).
+pub async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
 
 /// A request for `agent` with the given tools and budget, ten minutes long.
 pub fn request(agent: Uuid, tools: &[&str], budget: u64) -> CreateSessionRequest {
@@ -78,6 +96,7 @@ pub async fn event_kinds(pool: &PgPool, id: Uuid) -> Vec<String> {
 }
 
 pub mod proxy;
+pub mod reports;
 
 /// A proxy in front of the test database's server, and a pool that goes through it.
 /// The pool gives up acquiring after 1 s, so a refused network fails fast.

@@ -17,6 +17,7 @@ mod batch;
 mod change_feed;
 mod rows;
 pub(crate) mod transaction;
+pub(crate) mod upkeep;
 
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -368,12 +369,12 @@ impl Storage for PgStorage {
 
     /// Creates the audit trail's partitions for yesterday through a week ahead that do not
     /// exist yet (`arbiter.ensure_event_partitions`), then rolls up the days that are over
-    /// and today so far ([`operator::rollup::roll_up`](crate::operator::rollup::roll_up)).
+    /// and today so far ([`upkeep::roll_up`]).
     async fn maintain(&self) -> Result<(), StorageError> {
         sqlx::query_scalar!("SELECT arbiter.ensure_event_partitions()")
             .fetch_one(&self.pool)
             .await?;
-        let rollup = crate::operator::rollup::roll_up(&self.pool).await?;
+        let rollup = upkeep::roll_up(&self.pool).await?;
         if let Some(day) = rollup.stopped_at {
             tracing::info!(%day, "rollup stopped at a busy day (inserts or another rollup in flight); the next upkeep goes on");
         } else if rollup.today_until.is_none() {

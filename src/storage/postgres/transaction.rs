@@ -11,9 +11,11 @@
 //! counted by one gateway and not by the others, and a budget overspent after a restart.
 //! Futures here are dropped in flight routinely: a gateway's client goes away, a caller's
 //! `storage_timeout` passes, `shutdown` cancels an upkeep run
-//! (`tests/reliability.rs`, defect 7).
+//! (`tests/regressions.rs`, defect 7).
 
 use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::error::StorageError;
 
 /// Begins a transaction on a connection of `pool`.
 ///
@@ -41,4 +43,17 @@ pub(crate) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres
             "the runtime shut down while a transaction was being opened",
         ))),
     }
+}
+
+/// A transaction whose statements may take minutes: a day of a busy trail takes seconds to
+/// count or purge, more than a gateway's pool allows one statement (`PgStorage::connect`
+/// sets 5 s).
+pub(crate) async fn unhurried(
+    pool: &PgPool,
+) -> Result<Transaction<'static, Postgres>, StorageError> {
+    let mut tx = begin(pool).await?;
+    sqlx::query_scalar!("SELECT set_config('statement_timeout', '10min', true)")
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(tx)
 }

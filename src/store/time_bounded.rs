@@ -6,8 +6,8 @@
 //! Each storage operation is bounded by `storage_timeout` on its own, and a public call
 //! that makes several, or waits before making one (for a group-commit lane, or behind
 //! another write of the same session), bounds the whole call by one deadline taken when it
-//! started ([`Deadline::by`]). So every call is answered within `storage_timeout` plus the
-//! time to decide and to be scheduled again (microseconds, and tokio's 1 ms timer
+//! started ([`TimeBounded::by`]). So every call is answered within `storage_timeout` plus
+//! the time to decide and to be scheduled again (microseconds, and tokio's 1 ms timer
 //! resolution), however loaded the store is.
 //!
 //! Async cancellation safety: a timed-out operation's future is dropped. A write may still
@@ -28,16 +28,17 @@ use crate::storage::{
     BatchUpdate, CapOutcome, LockWait, LockedUpdate, Storage, UpdateOutcome, Version, Versioned,
 };
 
-/// A storage whose every operation is bounded by `after`.
+/// A storage whose every operation is bounded in time: each by `after`, and a call's by
+/// one deadline ([`Self::for_call`]).
 #[derive(Debug)]
-pub(crate) struct Deadline<S> {
+pub(crate) struct TimeBounded<S> {
     inner: S,
     after: Duration,
 }
 
-impl<S> Deadline<S> {
+impl<S> TimeBounded<S> {
     pub(crate) fn new(inner: S, after: Duration) -> Self {
-        Deadline { inner, after }
+        TimeBounded { inner, after }
     }
 
     /// The storage itself.
@@ -81,7 +82,7 @@ impl<S> Deadline<S> {
     }
 }
 
-impl<S: Storage> Storage for Deadline<S> {
+impl<S: Storage> Storage for TimeBounded<S> {
     fn change_feed(&self) -> Option<Box<dyn crate::storage::ChangeFeed>> {
         self.inner.change_feed()
     }

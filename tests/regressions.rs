@@ -14,26 +14,13 @@ use std::time::Duration;
 
 use arbiter_session::testing::{FaultyStorage, ManualClock};
 use arbiter_session::{MemoryStorage, PgStorage, SessionError, SessionStatus, SessionStore};
-use common::{manual_reconcile, new_session, request, row, wait_listening};
+use common::{faulty, manual_reconcile, new_session, request, row, until, wait_listening};
 use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-fn faulty(pool: &PgPool) -> FaultyStorage<PgStorage> {
-    FaultyStorage::new(PgStorage::new(pool.clone()))
-}
-
 fn is_write_through(result: &Result<arbiter_session::TaskSession, SessionError>) -> bool {
     matches!(result, Err(SessionError::StorageWriteThrough { .. }))
-}
-
-/// Waits (bounded: a liveness check) until `done` holds.
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Defect 1. Store B fills the rate window (5 per 60 s); store A, whose cache is older,

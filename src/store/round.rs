@@ -1,0 +1,138 @@
+//! A round: the mutations of one session that one holder of its lock decides together, in
+//! arrival order, each against the state the ones before it left (see `inner`'s
+//! "Combining"). A round decides; it does no I/O. What its write's outcome means for each
+//! caller is here too, so every caller of a round is answered by the same rules.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::queued::{Answer, Mutated};
+use crate::audit::AuditEvent;
+use crate::error::SessionError;
+use crate::model::TaskSession;
+use crate::policy::{self, Decision, Mutation};
+
+/// A mutation's decision within a round, before the write's outcome is known.
+enum Decided {
+    /// Changed the session; the state right after it.
+    Changed(TaskSession),
+    /// Nothing to change; the state it saw.
+    Unchanged(TaskSession),
+    /// Denied by the policy: nothing consumed.
+    Denied(SessionError),
+}
+
+/// Every mutation of a round decided in order: the final state (if any mutation changed
+/// the session), the events to write, and each mutation's decision.
+pub(super) struct Round {
+    next: Option<TaskSession>,
+    events: Vec<AuditEvent>,
+    decided: Vec<Decided>,
+}
+
+impl Round {
+    /// Decides `mutations` in order at `now`, each against the state the ones before it
+    /// left, starting from `start`; events are recorded as made by `instance_id`.
+    pub(super) fn decide(
+        start: &TaskSession,
+        mutations: &[Mutation<'_>],
+        now: DateTime<Utc>,
+        instance_id: Uuid,
+    ) -> Self {
+        let mut next: Option<TaskSession> = None;
+        let mut events = Vec::new();
+        let decided = mutations
+            .iter()
+            .map(|mutation| {
+                let current = next.as_ref().unwrap_or(start);
+                match decide_one(current, *mutation, now, instance_id) {
+                    Ok(Some((changed, event))) => {
+                        events.push(event);
+                        Decided::Changed(next.insert(changed).clone())
+                    }
+                    Ok(None) => Decided::Unchanged(current.clone()),
+                    Err(denial) => Decided::Denied(denial),
+                }
+            })
+            .collect();
+        Round {
+            next,
+            events,
+            decided,
+        }
+    }
+
+    /// The state after the round, if any mutation changed the session: what to write.
+    pub(super) fn next(&self) -> Option<&TaskSession> {
+        self.next.as_ref()
+    }
+
+    /// The events of the mutations that changed the session, in order.
+    pub(super) fn events(&self) -> &[AuditEvent] {
+        &self.events
+    }
+
+    /// The state after the round and its events, taken out to go into the slot; the
+    /// decisions stay for the answers.
+    pub(super) fn take_changes(&mut self) -> (Option<TaskSession>, Vec<AuditEvent>) {
+        (self.next.take(), std::mem::take(&mut self.events))
+    }
+
+    /// The callers' answers once the round's write succeeded (or there was none).
+    pub(super) fn answers(self) -> Vec<Answer> {
+        self.decided
+            .into_iter()
+            .map(|decided| match decided {
+                Decided::Changed(session) => Ok(Mutated {
+                    session,
+                    changed: true,
+                }),
+                Decided::Unchanged(session) => Ok(Mutated {
+                    session,
+                    changed: false,
+                }),
+                Decided::Denied(err) => Err(err),
+            })
+            .collect()
+    }
+
+    /// The callers' answers once the round's write failed with `detail`: every mutation
+    /// that changed the session is `StorageWriteThrough` (counted in the cache, not known
+    /// to be durable); the others are answered as if the write had succeeded.
+    pub(super) fn answers_after_failure(self, session_id: Uuid, detail: &str) -> Vec<Answer> {
+        self.decided
+            .into_iter()
+            .map(|decided| match decided {
+                Decided::Changed(_) => Err(SessionError::StorageWriteThrough {
+                    session_id,
+                    detail: detail.to_owned(),
+                }),
+                Decided::Unchanged(session) => Ok(Mutated {
+                    session,
+                    changed: false,
+                }),
+                Decided::Denied(err) => Err(err),
+            })
+            .collect()
+    }
+}
+
+/// Decides `mutation` against `current`: the new state and its audit event, `None` if
+/// nothing changes, or the denial.
+fn decide_one(
+    current: &TaskSession,
+    mutation: Mutation<'_>,
+    now: DateTime<Utc>,
+    instance_id: Uuid,
+) -> Result<Option<(TaskSession, AuditEvent)>, SessionError> {
+    let (next, kind) = match policy::decide(current, mutation, now)? {
+        Decision::Apply(next, kind) => (next, kind),
+        Decision::Unchanged => return Ok(None),
+    };
+    let tools = match mutation {
+        Mutation::Use { tools, .. } => tools.iter().map(|t| (*t).to_owned()).collect(),
+        Mutation::Close | Mutation::Expire => Vec::new(),
+    };
+    let event = AuditEvent::new(kind, tools, &next, now, instance_id);
+    Ok(Some((next, event)))
+}
