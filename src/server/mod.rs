@@ -41,7 +41,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-pub use auth::{TokenError, Tokens};
+pub use auth::{MIN_TOKEN_BYTES, TokenError, Tokens};
 pub use connections::{ConnectionLimits, Drained, serve_connections};
 
 use crate::SessionStore;

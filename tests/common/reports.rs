@@ -1,9 +1,15 @@
-//! Helpers of the reporting tests (`tests/report_views.rs`, `tests/rollups.rs`): the
+//! Helpers of the reporting tests (`tests/reporting/`): the known data set's days, the
 //! rollup-backed views against the raw events, rolling up until nothing is busy, and a
 //! store that runs no upkeep of its own.
 
 use arbiter_session::operator::rollup;
+use chrono::NaiveDate;
 use sqlx::PgPool;
+
+/// Day `d` of March 2026, the month of the known data set.
+pub fn day(d: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(2026, 3, d).expect("valid day")
+}
 
 /// How far each rollup-backed view is from the raw definition of migration
 /// 20261124000006 on the same events: (rows in one and not the other, both ways; rows in

@@ -367,23 +367,9 @@ impl Storage for PgStorage {
         Ok(CapOutcome::Created(version))
     }
 
-    /// Creates the audit trail's partitions for yesterday through a week ahead that do not
-    /// exist yet (`arbiter.ensure_event_partitions`), then rolls up the days that are over
-    /// and today so far ([`upkeep::roll_up`]).
+    /// The upkeep (`upkeep::run`): the audit trail's partitions ahead, then the rollups.
     async fn maintain(&self) -> Result<(), StorageError> {
-        sqlx::query_scalar!("SELECT arbiter.ensure_event_partitions()")
-            .fetch_one(&self.pool)
-            .await?;
-        let rollup = upkeep::roll_up(&self.pool).await?;
-        if let Some(day) = rollup.stopped_at {
-            tracing::info!(%day, "rollup stopped at a busy day (inserts or another rollup in flight); the next upkeep goes on");
-        } else if rollup.today_until.is_none() {
-            // Most often another process's upkeep rolling today up at the same time.
-            tracing::debug!(
-                "today's rollup is busy (another rollup of it, or an insert of today's events, in flight); the next upkeep goes on"
-            );
-        }
-        Ok(())
+        upkeep::run(&self.pool).await
     }
 
     async fn update(

@@ -1,10 +1,10 @@
-//! The rollups the reports read (the days that are over, then today so far): the part of
-//! the PostgreSQL storage's upkeep ([`Storage::maintain`](crate::Storage::maintain)) that
-//! is more than one statement. Each store's upkeep runs it through `PgStorage`, and
-//! `arbiter-session rollup` and `upkeep` by hand through the operator's side, which
-//! re-exports it as [`crate::operator::rollup`], whose documentation says what a rollup
-//! keeps and why. It lives with the storage because the store's upkeep runs it from below:
-//! the storage layer imports nothing above it.
+//! The PostgreSQL storage's upkeep ([`Storage::maintain`](crate::Storage::maintain)): the
+//! audit trail's partitions ahead, then the rollups the reports read (the days that are
+//! over, then today so far). Each store's upkeep runs [`run`] through `PgStorage`; the
+//! operator's side re-exports the rollup as [`crate::operator::rollup`] (whose
+//! documentation says what a rollup keeps and why) for `arbiter-session rollup` and
+//! `upkeep`. It lives with the storage because the store's upkeep runs it from below: the
+//! storage layer imports nothing above it.
 
 use std::time::Duration;
 
@@ -14,6 +14,29 @@ use sqlx::PgPool;
 
 use super::transaction::unhurried;
 use crate::error::StorageError;
+
+/// One upkeep run: creates the audit trail's partitions for yesterday through a week ahead
+/// that do not exist yet (`arbiter.ensure_event_partitions`), then rolls up the days that
+/// are over and today so far ([`roll_up`]). A busy day or a busy today is left to the next
+/// run, not an error.
+///
+/// # Errors
+/// The storage error; what was done before it stays done.
+pub(crate) async fn run(pool: &PgPool) -> Result<(), StorageError> {
+    sqlx::query_scalar!("SELECT arbiter.ensure_event_partitions()")
+        .fetch_one(pool)
+        .await?;
+    let rollup = roll_up(pool).await?;
+    if let Some(day) = rollup.stopped_at {
+        tracing::info!(%day, "rollup stopped at a busy day (inserts or another rollup in flight); the next upkeep goes on");
+    } else if rollup.today_until.is_none() {
+        // Most often another process's upkeep rolling today up at the same time.
+        tracing::debug!(
+            "today's rollup is busy (another rollup of it, or an insert of today's events, in flight); the next upkeep goes on"
+        );
+    }
+    Ok(())
+}
 
 /// How often a busy day (inserts of its events, or another rollup of it, in flight) is
 /// tried again before the rollup stops at it (the next rollup goes on from there).

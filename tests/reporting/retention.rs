@@ -2,12 +2,11 @@
 //! that nothing else deletes from the audit trail. Purges racing writers, rollups and
 //! late events are in `tests/retention_races.rs`.
 
-mod common;
-
+use crate::common;
+use crate::common::known_dataset;
 use arbiter_session::operator::report::{self, ReportFilter};
 use arbiter_session::operator::retention::{self, EventRetention, PurgeError};
 use chrono::Utc;
-use common::known_dataset;
 use sqlx::PgPool;
 use uuid::Uuid;
 

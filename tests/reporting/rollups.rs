@@ -3,20 +3,15 @@
 //! inserts wait for each other, today's rollup, each session's totals, and what the
 //! rollup leaves in today's partition for the reports' raw read.
 
-mod common;
-
+use crate::common;
+use crate::common::reports::{day, roll_up_all, store_without_upkeep, views_against_raw};
+use crate::common::{AGENT_A, AGENT_B, known_dataset};
 use arbiter_session::operator::retention::{self, EventRetention};
 use arbiter_session::operator::rollup;
 use chrono::{NaiveDate, Utc};
-use common::reports::{roll_up_all, store_without_upkeep, views_against_raw};
-use common::{AGENT_A, AGENT_B, known_dataset};
 use sqlx::PgPool;
 use std::time::Duration;
 use uuid::Uuid;
-
-fn day(d: u32) -> NaiveDate {
-    NaiveDate::from_ymd_opt(2026, 3, d).expect("valid day")
-}
 
 /// The sealed days through `last` and their events.
 async fn sealed_days(pool: &PgPool, last: NaiveDate) -> Vec<(NaiveDate, i64)> {

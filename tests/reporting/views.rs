@@ -2,22 +2,17 @@
 //! session and one agent's day off a sequential scan, and the reports as the CLI renders
 //! them.
 
-mod common;
-
+use crate::common;
+use crate::common::reports::{day, roll_up_all, store_without_upkeep, views_against_raw};
+use crate::common::{AGENT_A, AGENT_B, known_dataset};
 use arbiter_session::SessionError;
 use arbiter_session::clock::Clock as _;
 use arbiter_session::operator::report::{self, Format, ReportFilter};
 use arbiter_session::operator::rollup;
-use chrono::{NaiveDate, Utc};
-use common::reports::{roll_up_all, store_without_upkeep, views_against_raw};
-use common::{AGENT_A, AGENT_B, known_dataset};
+use chrono::Utc;
 use sqlx::PgPool;
 use std::time::Duration;
 use uuid::Uuid;
-
-fn day(d: u32) -> NaiveDate {
-    NaiveDate::from_ymd_opt(2026, 3, d).expect("valid day")
-}
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn session_utilization_view_has_exact_rows(pool: PgPool) {
