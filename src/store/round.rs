@@ -80,33 +80,33 @@ impl Round {
 
     /// The callers' answers once the round's write succeeded (or there was none).
     pub(super) fn answers(self) -> Vec<Answer> {
-        self.decided
-            .into_iter()
-            .map(|decided| match decided {
-                Decided::Changed(session) => Ok(Mutated {
-                    session,
-                    changed: true,
-                }),
-                Decided::Unchanged(session) => Ok(Mutated {
-                    session,
-                    changed: false,
-                }),
-                Decided::Denied(err) => Err(err),
+        self.answer_each(|session| {
+            Ok(Mutated {
+                session,
+                changed: true,
             })
-            .collect()
+        })
     }
 
     /// The callers' answers once the round's write failed with `detail`: every mutation
     /// that changed the session is `StorageWriteThrough` (counted in the cache, not known
     /// to be durable); the others are answered as if the write had succeeded.
     pub(super) fn answers_after_failure(self, session_id: Uuid, detail: &str) -> Vec<Answer> {
+        self.answer_each(|_| {
+            Err(SessionError::StorageWriteThrough {
+                session_id,
+                detail: detail.to_owned(),
+            })
+        })
+    }
+
+    /// One answer per mutation, in order: `changed` for those that changed the session,
+    /// the state seen for those with nothing to change, the denial for the others.
+    fn answer_each(self, changed: impl Fn(TaskSession) -> Answer) -> Vec<Answer> {
         self.decided
             .into_iter()
             .map(|decided| match decided {
-                Decided::Changed(_) => Err(SessionError::StorageWriteThrough {
-                    session_id,
-                    detail: detail.to_owned(),
-                }),
+                Decided::Changed(session) => changed(session),
                 Decided::Unchanged(session) => Ok(Mutated {
                     session,
                     changed: false,
