@@ -102,6 +102,328 @@ $$;
 
 
 --
+-- Name: budget_grant(uuid, uuid, text, bigint, bigint, interval); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budget_grant(share uuid, holder uuid, budget text, need bigint, want bigint, lease interval) RETURNS TABLE(share_open boolean, added bigint, granted bigint, used bigint, room bigint, tightest text, valid_until timestamp with time zone, lease_until timestamp with time zone)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+#variable_conflict use_column
+DECLARE
+    lineage text[];
+    starts timestamptz[] := '{}';
+    ends timestamptz;
+    least_room bigint;
+    tight text;
+    level_room bigint;
+    level record;
+    existing arbiter.budget_shares;
+    exists_already boolean;
+    adding bigint;
+    stale uuid;
+    result arbiter.budget_shares;
+BEGIN
+    IF need < 0 OR want < 0 OR lease <= interval '0' THEN
+        RAISE EXCEPTION 'need, want and lease must not be negative'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    lineage := arbiter.budget_lock_chain(budget);
+    FOR stale IN
+        SELECT b.share_id FROM arbiter.budget_shares b
+         WHERE b.closed_at IS NULL
+           AND b.chain[cardinality(b.chain)] = lineage[cardinality(lineage)]
+           AND b.lease_until < now()
+         ORDER BY b.share_id
+    LOOP
+        PERFORM arbiter.budget_share_shrink(stale, 0, true);
+    END LOOP;
+    FOR level IN
+        SELECT c.ord, c.budget_id, b.unit_limit, bounds.period_start, bounds.period_end
+          FROM unnest(lineage) WITH ORDINALITY AS c(budget_id, ord)
+          JOIN arbiter.budgets b ON b.budget_id = c.budget_id
+         CROSS JOIN LATERAL arbiter.budget_period_bounds(b.period, b.time_zone, now()) bounds
+         ORDER BY c.ord
+    LOOP
+        starts := starts || level.period_start;
+        IF level.period_end IS NOT NULL AND (ends IS NULL OR level.period_end < ends) THEN
+            ends := level.period_end;
+        END IF;
+        INSERT INTO arbiter.budget_periods AS p (budget_id, period_start, period_end)
+        VALUES (level.budget_id, level.period_start, level.period_end)
+        ON CONFLICT (budget_id, period_start) DO NOTHING;
+        SELECT level.unit_limit - p.allocated INTO level_room
+          FROM arbiter.budget_periods p
+         WHERE p.budget_id = level.budget_id AND p.period_start = level.period_start;
+        IF least_room IS NULL OR level_room < least_room THEN
+            least_room := level_room;
+            tight := level.budget_id;
+        END IF;
+    END LOOP;
+    least_room := greatest(least_room, 0);
+    SELECT * INTO existing FROM arbiter.budget_shares b WHERE b.share_id = share FOR UPDATE;
+    exists_already := FOUND;
+    IF exists_already AND (existing.closed_at IS NOT NULL OR existing.holder <> holder
+                           OR existing.budget_id <> budget OR existing.chain <> lineage
+                           OR existing.period_starts <> starts) THEN
+        RETURN QUERY SELECT false, 0::bigint, existing.granted, existing.used, least_room,
+                            tight, existing.valid_until, existing.lease_until;
+        RETURN;
+    END IF;
+    adding := CASE WHEN least_room < need THEN 0
+                   ELSE least(least_room, greatest(need, least(want, (least_room + 1) / 2)))
+              END;
+    IF NOT exists_already AND adding = 0 THEN
+        RETURN QUERY SELECT true, 0::bigint, 0::bigint, 0::bigint, least_room, tight, ends,
+                            NULL::timestamptz;
+        RETURN;
+    END IF;
+    UPDATE arbiter.budget_periods p
+       SET allocated = p.allocated + adding
+      FROM unnest(lineage, starts) AS c(budget_id, period_start)
+     WHERE p.budget_id = c.budget_id AND p.period_start = c.period_start;
+    INSERT INTO arbiter.budget_shares AS b
+           (share_id, budget_id, holder, chain, period_starts, valid_until, granted,
+            lease_until)
+    VALUES (share, budget, holder, lineage, starts, ends, adding, now() + lease)
+    ON CONFLICT (share_id) DO UPDATE
+       SET granted = b.granted + EXCLUDED.granted, lease_until = EXCLUDED.lease_until
+    RETURNING b.* INTO result;
+    RETURN QUERY SELECT true, adding, result.granted, result.used, least_room, tight,
+                        result.valid_until, result.lease_until;
+END
+$$;
+
+
+--
+-- Name: budget_lock_chain(text); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budget_lock_chain(budget text) RETURNS text[]
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+DECLARE
+    chain text[];
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(arbiter.budget_tree_lock_key());
+    WITH RECURSIVE up(budget_id, parent_id, depth) AS (
+        SELECT b.budget_id, b.parent_id, 1 FROM arbiter.budgets b WHERE b.budget_id = budget
+        UNION ALL
+        SELECT b.budget_id, b.parent_id, up.depth + 1
+          FROM arbiter.budgets b JOIN up ON b.budget_id = up.parent_id
+    )
+    SELECT array_agg(up.budget_id ORDER BY up.depth) INTO chain FROM up;
+    IF chain IS NULL THEN
+        RAISE EXCEPTION 'no budget %', budget
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    FOR i IN REVERSE cardinality(chain)..1 LOOP
+        PERFORM 1 FROM arbiter.budgets b WHERE b.budget_id = chain[i] FOR NO KEY UPDATE;
+    END LOOP;
+    RETURN chain;
+END
+$$;
+
+
+--
+-- Name: budget_max_depth(); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budget_max_depth() RETURNS integer
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$ SELECT 8 $$;
+
+
+--
+-- Name: budget_period_bounds(text, text, timestamp with time zone); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budget_period_bounds(period text, time_zone text, at timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) RETURNS record
+    LANGUAGE sql STABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+    SELECT CASE period WHEN 'none' THEN 'epoch'::timestamptz
+                       ELSE date_trunc(period, at, time_zone) END,
+           CASE period WHEN 'none' THEN NULL
+                       ELSE ((date_trunc(period, at, time_zone) AT TIME ZONE time_zone)
+                             + ('1 ' || period)::interval) AT TIME ZONE time_zone END
+$$;
+
+
+--
+-- Name: budget_put(text, text, bigint, text, text, text); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budget_put(budget text, new_parent text, new_limit bigint, new_period text, new_time_zone text, new_unit text) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+BEGIN
+    -- Taken before the update, so two creates of one id are not both inserts.
+    PERFORM pg_advisory_xact_lock(arbiter.budget_tree_lock_key());
+    UPDATE arbiter.budgets b
+       SET parent_id = new_parent, unit_limit = new_limit, period = new_period,
+           time_zone = new_time_zone, unit = new_unit
+     WHERE b.budget_id = budget;
+    IF FOUND THEN
+        RETURN false;
+    END IF;
+    INSERT INTO arbiter.budgets (budget_id, parent_id, unit_limit, period, time_zone, unit)
+    VALUES (budget, new_parent, new_limit, new_period, new_time_zone, new_unit);
+    RETURN true;
+END
+$$;
+
+
+--
+-- Name: budget_share_release(uuid, bigint, boolean); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budget_share_release(share uuid, keep bigint, close boolean) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+DECLARE
+    drawn_on text;
+BEGIN
+    SELECT b.budget_id INTO drawn_on FROM arbiter.budget_shares b WHERE b.share_id = share;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    -- The share's own chain, not the budget's current one: it holds units of those rows.
+    PERFORM arbiter.budget_lock_chain(drawn_on);
+    RETURN arbiter.budget_share_shrink(share, keep, close);
+END
+$$;
+
+
+--
+-- Name: budget_share_shrink(uuid, bigint, boolean); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budget_share_shrink(share uuid, keep bigint, close boolean) RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+DECLARE
+    s arbiter.budget_shares;
+    returned bigint;
+BEGIN
+    SELECT * INTO s FROM arbiter.budget_shares b
+     WHERE b.share_id = share AND b.closed_at IS NULL FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    returned := s.granted - CASE WHEN close THEN s.used ELSE greatest(s.used, keep) END;
+    IF returned < 0 THEN
+        returned := 0;
+    END IF;
+    UPDATE arbiter.budget_periods p
+       SET allocated = p.allocated - returned
+      FROM unnest(s.chain, s.period_starts) AS c(budget_id, period_start)
+     WHERE p.budget_id = c.budget_id AND p.period_start = c.period_start;
+    UPDATE arbiter.budget_shares b
+       SET granted = b.granted - returned,
+           closed_at = CASE WHEN close THEN now() END
+     WHERE b.share_id = share;
+    RETURN returned;
+END
+$$;
+
+
+--
+-- Name: budget_tree_lock_key(); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budget_tree_lock_key() RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$ SELECT hashtext('arbiter.budgets')::bigint $$;
+
+
+--
+-- Name: budgets_check_terms(); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budgets_check_terms() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+DECLARE
+    above integer;
+    below integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(arbiter.budget_tree_lock_key());
+    IF TG_OP = 'UPDATE' AND (NEW.budget_id <> OLD.budget_id OR NEW.period <> OLD.period
+                             OR NEW.time_zone <> OLD.time_zone) THEN
+        RAISE EXCEPTION 'the id, period and time zone of budget % cannot change', OLD.budget_id
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'budgets_period_fixed',
+                  TABLE = 'budgets', SCHEMA = 'arbiter';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = NEW.time_zone) THEN
+        RAISE EXCEPTION 'unknown time zone for budget %', NEW.budget_id
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'budgets_time_zone_known',
+                  TABLE = 'budgets', SCHEMA = 'arbiter';
+    END IF;
+    IF NEW.parent_id IS NULL THEN
+        above := 0;
+    ELSE
+        -- The existing tree is acyclic, so this walk ends; reaching the budget itself means
+        -- the new parent is one of its descendants.
+        WITH RECURSIVE up(budget_id, parent_id, depth) AS (
+            SELECT b.budget_id, b.parent_id, 1
+              FROM arbiter.budgets b WHERE b.budget_id = NEW.parent_id
+            UNION ALL
+            SELECT b.budget_id, b.parent_id, up.depth + 1
+              FROM arbiter.budgets b JOIN up ON b.budget_id = up.parent_id
+             WHERE up.budget_id <> NEW.budget_id
+        )
+        SELECT CASE WHEN bool_or(up.budget_id = NEW.budget_id) THEN NULL ELSE max(up.depth) END
+          INTO above FROM up;
+        IF above IS NULL THEN
+            RAISE EXCEPTION 'the parent of budget % would make a cycle', NEW.budget_id
+                USING ERRCODE = 'check_violation', CONSTRAINT = 'budgets_acyclic',
+                      TABLE = 'budgets', SCHEMA = 'arbiter';
+        END IF;
+    END IF;
+    WITH RECURSIVE down(budget_id, depth) AS (
+        SELECT b.budget_id, 1 FROM arbiter.budgets b WHERE b.parent_id = NEW.budget_id
+        UNION ALL
+        SELECT b.budget_id, down.depth + 1
+          FROM arbiter.budgets b JOIN down ON b.parent_id = down.budget_id
+    )
+    SELECT coalesce(max(depth), 0) INTO below FROM down;
+    IF above + 1 + below > arbiter.budget_max_depth() THEN
+        RAISE EXCEPTION 'budget % would make a tree deeper than % levels', NEW.budget_id,
+                        arbiter.budget_max_depth()
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'budgets_depth',
+                  TABLE = 'budgets', SCHEMA = 'arbiter';
+    END IF;
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$$;
+
+
+--
+-- Name: budgets_refuse_delete(); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budgets_refuse_delete() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+BEGIN
+    RAISE EXCEPTION 'budgets are never deleted'
+        USING ERRCODE = 'check_violation', CONSTRAINT = 'budgets_kept',
+              TABLE = 'budgets', SCHEMA = 'arbiter';
+END
+$$;
+
+
+--
 -- Name: create_event_partition(date); Type: FUNCTION; Schema: arbiter; Owner: -
 --
 
@@ -1800,6 +2122,111 @@ COMMENT ON VIEW arbiter.agent_daily_activity IS 'One row per agent and UTC day w
 
 
 --
+-- Name: budget_periods; Type: TABLE; Schema: arbiter; Owner: -
+--
+
+CREATE TABLE arbiter.budget_periods (
+    budget_id text NOT NULL,
+    period_start timestamp with time zone NOT NULL,
+    period_end timestamp with time zone,
+    allocated bigint DEFAULT 0 NOT NULL,
+    CONSTRAINT budget_periods_allocated_not_negative CHECK ((allocated >= 0))
+);
+
+
+--
+-- Name: TABLE budget_periods; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON TABLE arbiter.budget_periods IS 'One row per budget and period with shares: allocated is the sum of granted over the shares that hold units of it (a closed share holds its used). Written by arbiter.budget_grant and arbiter.budget_share_release only.';
+
+
+--
+-- Name: budget_shares; Type: TABLE; Schema: arbiter; Owner: -
+--
+
+CREATE TABLE arbiter.budget_shares (
+    share_id uuid NOT NULL,
+    budget_id text NOT NULL,
+    holder uuid NOT NULL,
+    chain text[] NOT NULL,
+    period_starts timestamp with time zone[] NOT NULL,
+    valid_until timestamp with time zone,
+    granted bigint NOT NULL,
+    used bigint DEFAULT 0 NOT NULL,
+    lease_until timestamp with time zone NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    closed_at timestamp with time zone,
+    CONSTRAINT budget_shares_chain_matches CHECK ((((cardinality(chain) >= 1) AND (cardinality(chain) <= 8)) AND (cardinality(chain) = cardinality(period_starts)) AND (chain[1] = budget_id))),
+    CONSTRAINT budget_shares_used_within_granted CHECK (((0 <= used) AND (used <= granted)))
+);
+
+
+--
+-- Name: TABLE budget_shares; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON TABLE arbiter.budget_shares IS 'Units of a budget held by one process (holder: its store instance id) for one period of each budget of chain (the budget drawn on, then its ancestors, with period_starts at the same positions): granted by arbiter.budget_grant, used as the holder spends them. For calls decided before valid_until (the first end among those periods; NULL: never). The holder renews lease_until; once it has passed, any grant of the tree closes the share, returning granted - used.';
+
+
+--
+-- Name: budgets; Type: TABLE; Schema: arbiter; Owner: -
+--
+
+CREATE TABLE arbiter.budgets (
+    budget_id text NOT NULL,
+    parent_id text,
+    unit_limit bigint NOT NULL,
+    period text DEFAULT 'none'::text NOT NULL,
+    time_zone text DEFAULT 'UTC'::text NOT NULL,
+    unit text DEFAULT 'calls'::text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT budgets_id_alphabet CHECK ((budget_id ~ '^[A-Za-z0-9._:/-]{1,128}$'::text)),
+    CONSTRAINT budgets_limit_not_negative CHECK ((unit_limit >= 0)),
+    CONSTRAINT budgets_not_own_parent CHECK ((parent_id IS DISTINCT FROM budget_id)),
+    CONSTRAINT budgets_period_known CHECK ((period = ANY (ARRAY['none'::text, 'day'::text, 'month'::text]))),
+    CONSTRAINT budgets_unit_named CHECK ((unit ~ '^[A-Za-z0-9_.:/-]{1,32}$'::text))
+);
+
+
+--
+-- Name: TABLE budgets; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON TABLE arbiter.budgets IS 'Budgets shared by sessions: unit_limit units of unit per period (none, day or month, starting at local midnight in time_zone). A charge to a budget is a charge to each of its ancestors (parent_id). At most 8 levels; no cycle.';
+
+
+--
+-- Name: budget_usage; Type: VIEW; Schema: arbiter; Owner: -
+--
+
+CREATE VIEW arbiter.budget_usage AS
+ SELECT p.budget_id,
+    p.period_start,
+    p.period_end,
+    b.unit_limit,
+    b.unit,
+    (COALESCE(u.used, (0)::numeric))::bigint AS used,
+    p.allocated
+   FROM ((arbiter.budget_periods p
+     JOIN arbiter.budgets b USING (budget_id))
+     LEFT JOIN ( SELECT c.budget_id,
+            c.period_start,
+            sum(s.used) AS used
+           FROM arbiter.budget_shares s,
+            LATERAL UNNEST(s.chain, s.period_starts) c(budget_id, period_start)
+          GROUP BY c.budget_id, c.period_start) u ON (((u.budget_id = p.budget_id) AND (u.period_start = p.period_start))));
+
+
+--
+-- Name: VIEW budget_usage; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON VIEW arbiter.budget_usage IS 'Per budget and period with shares: used (units spent, counting each descendant''s) and allocated (units granted to processes, spent or not), with the budget''s current limit and unit.';
+
+
+--
 -- Name: denial_day_rollup; Type: TABLE; Schema: arbiter; Owner: -
 --
 
@@ -2270,6 +2697,30 @@ ALTER TABLE ONLY arbiter.agent_today_rollup
 
 
 --
+-- Name: budget_periods budget_periods_pkey; Type: CONSTRAINT; Schema: arbiter; Owner: -
+--
+
+ALTER TABLE ONLY arbiter.budget_periods
+    ADD CONSTRAINT budget_periods_pkey PRIMARY KEY (budget_id, period_start);
+
+
+--
+-- Name: budget_shares budget_shares_pkey; Type: CONSTRAINT; Schema: arbiter; Owner: -
+--
+
+ALTER TABLE ONLY arbiter.budget_shares
+    ADD CONSTRAINT budget_shares_pkey PRIMARY KEY (share_id);
+
+
+--
+-- Name: budgets budgets_pkey; Type: CONSTRAINT; Schema: arbiter; Owner: -
+--
+
+ALTER TABLE ONLY arbiter.budgets
+    ADD CONSTRAINT budgets_pkey PRIMARY KEY (budget_id);
+
+
+--
 -- Name: denial_day_rollup denial_day_rollup_pkey; Type: CONSTRAINT; Schema: arbiter; Owner: -
 --
 
@@ -2387,6 +2838,20 @@ ALTER TABLE ONLY arbiter.tool_day_rollup
 
 ALTER TABLE ONLY arbiter.tool_today_rollup
     ADD CONSTRAINT tool_today_rollup_pkey PRIMARY KEY (day, agent_id, tool, session_id);
+
+
+--
+-- Name: budget_shares_open; Type: INDEX; Schema: arbiter; Owner: -
+--
+
+CREATE INDEX budget_shares_open ON arbiter.budget_shares USING btree ((chain[cardinality(chain)])) WHERE (closed_at IS NULL);
+
+
+--
+-- Name: budgets_parent; Type: INDEX; Schema: arbiter; Owner: -
+--
+
+CREATE INDEX budgets_parent ON arbiter.budgets USING btree (parent_id) WHERE (parent_id IS NOT NULL);
 
 
 --
@@ -2509,6 +2974,27 @@ ALTER INDEX arbiter.session_events_denials ATTACH PARTITION arbiter.session_even
 
 
 --
+-- Name: budgets budgets_check_terms; Type: TRIGGER; Schema: arbiter; Owner: -
+--
+
+CREATE TRIGGER budgets_check_terms BEFORE INSERT OR UPDATE ON arbiter.budgets FOR EACH ROW EXECUTE FUNCTION arbiter.budgets_check_terms();
+
+
+--
+-- Name: budgets budgets_kept; Type: TRIGGER; Schema: arbiter; Owner: -
+--
+
+CREATE TRIGGER budgets_kept BEFORE DELETE ON arbiter.budgets FOR EACH ROW EXECUTE FUNCTION arbiter.budgets_refuse_delete();
+
+
+--
+-- Name: budgets budgets_kept_truncate; Type: TRIGGER; Schema: arbiter; Owner: -
+--
+
+CREATE TRIGGER budgets_kept_truncate BEFORE TRUNCATE ON arbiter.budgets FOR EACH STATEMENT EXECUTE FUNCTION arbiter.budgets_refuse_delete();
+
+
+--
 -- Name: session_events session_events_append_only; Type: TRIGGER; Schema: arbiter; Owner: -
 --
 
@@ -2569,6 +3055,30 @@ CREATE TRIGGER sessions_tool_limits_fixed BEFORE UPDATE OF limited_tools, tool_l
 --
 
 CREATE TRIGGER sessions_version_advance BEFORE UPDATE ON arbiter.sessions FOR EACH ROW EXECUTE FUNCTION arbiter.sessions_before_update();
+
+
+--
+-- Name: budget_periods budget_periods_budget_id_fkey; Type: FK CONSTRAINT; Schema: arbiter; Owner: -
+--
+
+ALTER TABLE ONLY arbiter.budget_periods
+    ADD CONSTRAINT budget_periods_budget_id_fkey FOREIGN KEY (budget_id) REFERENCES arbiter.budgets(budget_id);
+
+
+--
+-- Name: budget_shares budget_shares_budget_id_fkey; Type: FK CONSTRAINT; Schema: arbiter; Owner: -
+--
+
+ALTER TABLE ONLY arbiter.budget_shares
+    ADD CONSTRAINT budget_shares_budget_id_fkey FOREIGN KEY (budget_id) REFERENCES arbiter.budgets(budget_id);
+
+
+--
+-- Name: budgets budgets_parent_id_fkey; Type: FK CONSTRAINT; Schema: arbiter; Owner: -
+--
+
+ALTER TABLE ONLY arbiter.budgets
+    ADD CONSTRAINT budgets_parent_id_fkey FOREIGN KEY (parent_id) REFERENCES arbiter.budgets(budget_id);
 
 
 --

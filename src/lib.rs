@@ -33,6 +33,7 @@
 //!   monotonic (a terminal status wins, counters never decrease).
 
 pub mod audit;
+pub mod budget;
 pub mod clock;
 pub mod error;
 pub mod http;

@@ -56,7 +56,8 @@ async fn cli_migrates_an_empty_database(pool: PgPool) {
     .fetch_one(&pool)
     .await
     .expect("views readable");
-    assert_eq!(views, 4);
+    // The four reporting views and budget_usage.
+    assert_eq!(views, 5);
 }
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
@@ -695,4 +696,102 @@ async fn cli_verify_against_tells_a_purged_trail_from_a_vanished_one(pool: PgPoo
     let out = cli(&url, &["verify", "--against", path]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+/// `budgets set|list|show` and `report budgets`: what the store's budget calls and the
+/// view `arbiter.budget_usage` say, printed; a bad time zone or an unknown budget is one
+/// line on stderr.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn cli_sets_lists_and_reports_budgets(pool: PgPool) {
+    let url = common::database_url(&pool).await;
+    let out = cli(
+        &url,
+        &["budgets", "set", "team", "--limit", "10", "--period", "day"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "budget team created\n");
+    let out = cli(
+        &url,
+        &[
+            "budgets", "set", "team/a", "--limit", "4", "--parent", "team", "--unit", "tokens",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let day_start: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar!(r#"SELECT date_trunc('day', now(), 'UTC') AS "start!""#)
+            .fetch_one(&pool)
+            .await
+            .expect("today");
+    // Three units of team/a spent through a share, as a process would.
+    let share = uuid::Uuid::new_v4();
+    sqlx::query!(
+        "SELECT * FROM arbiter.budget_grant($1, $2, 'team/a', 3, 3, '1 minute')",
+        share,
+        uuid::Uuid::new_v4()
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("a grant");
+    sqlx::query!(
+        "UPDATE arbiter.budget_shares SET used = 3 WHERE share_id = $1",
+        share
+    )
+    .execute(&pool)
+    .await
+    .expect("spent");
+
+    let start = day_start.format("%Y-%m-%d %H:%M:%S").to_string();
+    let out = cli(&url, &["budgets", "list", "--format", "csv"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "budget_id,parent_id,limit,period,unit,time_zone,period_start,used,reserved,remaining\r\n\
+             team,,10,day,calls,UTC,{start},3,0,7\r\n\
+             team/a,team,4,none,tokens,UTC,1970-01-01 00:00:00,3,0,1\r\n"
+        )
+    );
+    let out = cli(&url, &["budgets", "show", "team/a", "--format", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(json[0]["remaining"], 1, "{json}");
+    assert_eq!(json[0]["parent_id"], "team", "{json}");
+
+    let end = (day_start + chrono::Duration::days(1))
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    let out = cli(&url, &["report", "budgets", "--format", "csv"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "budget_id,period_start,period_end,limit,unit,used,used_pct,allocated\r\n\
+             team,{start},{end},10,calls,3,30.0,3\r\n\
+             team/a,1970-01-01 00:00:00,,4,tokens,3,75.0,3\r\n"
+        )
+    );
+
+    assert_one_line_error(
+        &cli(
+            &url,
+            &[
+                "budgets",
+                "set",
+                "x",
+                "--limit",
+                "1",
+                "--time-zone",
+                "Mars/Olympus",
+            ],
+        ),
+        "time_zone is not a time zone the database knows",
+    );
+    assert_one_line_error(
+        &cli(&url, &["budgets", "set", "a b", "--limit", "1"]),
+        "a budget id is 1 to 128 characters",
+    );
+    assert_one_line_error(
+        &cli(&url, &["budgets", "show", "nobody"]),
+        "budget nobody not found",
+    );
 }

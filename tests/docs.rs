@@ -27,6 +27,27 @@ fn sql_blocks(markdown: &str) -> Vec<String> {
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
     common::known_dataset(&pool).await;
+    // A budget with 3 of its 10 units spent, for the budgets query.
+    sqlx::query!("SELECT arbiter.budget_put('team', NULL, 10, 'day', 'UTC', 'calls')")
+        .fetch_one(&pool)
+        .await
+        .expect("a budget");
+    let share = uuid::Uuid::new_v4();
+    sqlx::query!(
+        "SELECT * FROM arbiter.budget_grant($1, $2, 'team', 3, 3, '1 minute')",
+        share,
+        uuid::Uuid::new_v4()
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("a grant");
+    sqlx::query!(
+        "UPDATE arbiter.budget_shares SET used = 3 WHERE share_id = $1",
+        share
+    )
+    .execute(&pool)
+    .await
+    .expect("spent");
     let guide = include_str!("../docs/reporting.md");
     let (schema, questions) = guide
         .split_once("## Ten questions")
@@ -36,8 +57,8 @@ async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
     let schema_blocks = sql_blocks(schema);
     assert_eq!(
         schema_blocks.len(),
-        3,
-        "the partitions, recent sessions and rollups queries"
+        4,
+        "the partitions, recent sessions, budgets and rollups queries"
     );
     let mut rows = Vec::new();
     for sql in schema_blocks.iter().chain(&blocks) {
@@ -53,6 +74,10 @@ async fn every_query_in_the_reporting_guide_runs(pool: PgPool) {
     assert_eq!(rows.remove(0).len(), 10);
     // The sessions of the last 24 hours that were denied: the data set's are of 2026-03.
     assert_eq!(rows.remove(0).len(), 0);
+    // The budgets query: the one budget, 30 % used.
+    let budgets = rows.remove(0);
+    assert_eq!(budgets.len(), 1);
+    assert_eq!(budgets[0].get::<i64, _>("used"), 3);
     // The rollups query: one row, whatever the data set's store rolled up.
     assert_eq!(rows.remove(0).len(), 1);
     // On the data set: S1 ran out of budget; agent A's 2026-03-02 had one active hour;

@@ -444,6 +444,180 @@ async fn routes_roles_and_errors(pool: PgPool) {
     );
 }
 
+async fn budgets_in(pool: &PgPool) -> i64 {
+    sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM arbiter.budgets"#)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+impl Service {
+    async fn put(&self, path: &str, token: &str, body: Value) -> Answer {
+        self.call(Method::PUT, path)
+            .bearer(token)
+            .json(&body)
+            .send()
+            .await
+    }
+}
+
+/// The budget routes: create (201) and replace (200) with the admin token only, read with
+/// both, list with the admin's; ids with `/` in the path, plain or percent-encoded; every
+/// kind of bad input is 400 and writes nothing.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn budget_routes_roles_and_bad_input(pool: PgPool) {
+    let service = service(&common::database_url(&pool).await).await;
+    let acme = json!({ "limit": 300, "period": "month", "time_zone": "Pacific/Auckland",
+        "unit": "usd_micros" });
+    assert_error(
+        &service.put("/v1/budgets/acme", GATEWAY, acme.clone()).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let created = service.put("/v1/budgets/acme", ADMIN, acme.clone()).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.body["limit"], 300);
+    assert_eq!(created.body["period"], "month");
+    assert_eq!(created.body["unit"], "usd_micros");
+    assert_eq!(created.body["used"], 0);
+    assert_eq!(created.body["reserved"], 0);
+    assert_eq!(created.body["remaining"], 300);
+    assert!(created.body["parent_id"].is_null(), "{}", created.body);
+    // A month in Auckland starts at local midnight of its first day: 11:00 or 12:00 UTC
+    // the day before, by the season.
+    let start: chrono::DateTime<chrono::Utc> = created.body["period_start"]
+        .as_str()
+        .and_then(|at| at.parse().ok())
+        .expect("a period start");
+    let local = start.with_timezone(&chrono::FixedOffset::east_opt(13 * 3600).expect("NZDT"));
+    assert_eq!(
+        (local.format("%d %H:%M").to_string()),
+        "01 00:00",
+        "{start}"
+    );
+
+    let payments = json!({ "limit": 200, "parent_id": "acme" });
+    let made = service
+        .put("/v1/budgets/acme/payments", ADMIN, payments.clone())
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    assert_eq!(made.body["budget_id"], "acme/payments");
+    assert_eq!(made.body["period"], "none");
+    assert_eq!(made.body["unit"], "calls");
+    assert_eq!(made.body["time_zone"], "UTC");
+    let mut lower = payments.clone();
+    lower["limit"] = json!(150);
+    let replaced = service
+        .put("/v1/budgets/acme%2Fpayments", ADMIN, lower)
+        .await;
+    assert_eq!(replaced.status, StatusCode::OK, "{}", replaced.body);
+    assert_eq!(replaced.body["limit"], 150);
+    for token in [ADMIN, GATEWAY] {
+        let read = service.get("/v1/budgets/acme/payments", token).await;
+        assert_eq!(read.status, StatusCode::OK, "{}", read.body);
+        assert_eq!(read.body["parent_id"], "acme");
+        assert_eq!(read.body["remaining"], 150);
+    }
+    assert_error(
+        &service.get("/v1/budgets/nobody", ADMIN).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &service.get("/v1/budgets", GATEWAY).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let list = service.get("/v1/budgets", ADMIN).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.body);
+    let ids: Vec<&str> = list.body["budgets"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|b| b["budget_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["acme", "acme/payments"]);
+
+    // Bad input: 400, nothing written.
+    let deep: Vec<String> = (0..7).map(|level| format!("deep{level}")).collect();
+    let mut parent: Option<&str> = Some("acme");
+    for id in &deep {
+        let body = json!({ "limit": 1, "parent_id": parent });
+        let answer = service.put(&format!("/v1/budgets/{id}"), ADMIN, body).await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{id}: {}", answer.body);
+        parent = Some(id);
+    }
+    let before = budgets_in(&pool).await;
+    let refused = [
+        ("acme", json!({ "limit": -1 })),
+        ("acme", json!({ "limit": 1.5 })),
+        ("acme", json!({ "limit": "10" })),
+        ("acme", json!({})),
+        ("acme", json!({ "limit": 9_223_372_036_854_775_808_u64 })),
+        ("acme", json!({ "limit": 1, "surprise": true })),
+        ("acme", json!({ "limit": 1, "period": "week" })),
+        (
+            "acme",
+            json!({ "limit": 1, "period": "month", "time_zone": "Mars/Olympus" }),
+        ),
+        (
+            "acme",
+            json!({ "limit": 1, "period": "month", "time_zone": "x; DROP" }),
+        ),
+        (
+            "acme",
+            json!({ "limit": 1, "period": "day", "time_zone": "Pacific/Auckland" }),
+        ),
+        (
+            "acme",
+            json!({ "limit": 1, "period": "month", "time_zone": "UTC" }),
+        ),
+        (
+            "acme",
+            json!({ "limit": 1, "period": "month", "time_zone": "Pacific/Auckland",
+            "parent_id": "acme/payments" }),
+        ),
+        (
+            "acme",
+            json!({ "limit": 1, "period": "month", "time_zone": "Pacific/Auckland",
+            "parent_id": "acme" }),
+        ),
+        (
+            "acme",
+            json!({ "limit": 1, "period": "month", "time_zone": "Pacific/Auckland",
+            "unit": "dollars and cents" }),
+        ),
+        ("team", json!({ "limit": 1, "parent_id": "nobody" })),
+        ("team", json!({ "limit": 1, "parent_id": "bad id" })),
+        ("team", json!({ "limit": 1, "parent_id": "deep6" })),
+        ("a%20b", json!({ "limit": 1 })),
+        ("a_b", json!({ "limit": 1 })),
+        (&"x".repeat(129), json!({ "limit": 1 })),
+    ];
+    for (id, body) in refused {
+        let answer = service
+            .put(&format!("/v1/budgets/{id}"), ADMIN, body.clone())
+            .await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request");
+        assert!(
+            !answer.body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(id),
+            "{body}: {}",
+            answer.body
+        );
+    }
+    assert_eq!(
+        budgets_in(&pool).await,
+        before,
+        "a refused put wrote nothing"
+    );
+    let acme_now = service.get("/v1/budgets/acme", ADMIN).await;
+    assert_eq!(acme_now.body["limit"], 300, "{}", acme_now.body);
+    assert!(acme_now.body["parent_id"].is_null(), "{}", acme_now.body);
+}
+
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn ext_authz_metrics_and_openapi(pool: PgPool) {
     // This test's own recorder: sqlx::test runs it on one thread, store tasks included, so
@@ -875,6 +1049,16 @@ async fn run_as_gateway_role(pool: PgPool, role: &str) {
     let service = service_with(&as_role, 16, false, tokens()).await;
     let ready = service.call(Method::GET, "/readyz").send().await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
+    let budget = service
+        .put(
+            "/v1/budgets/team",
+            ADMIN,
+            json!({ "limit": 10, "period": "day" }),
+        )
+        .await;
+    assert_eq!(budget.status, StatusCode::CREATED, "{}", budget.body);
+    let budget = service.get("/v1/budgets/team", GATEWAY).await;
+    assert_eq!(budget.body["remaining"], 10, "{}", budget.body);
 
     let agent = Uuid::new_v4();
     let id = create(

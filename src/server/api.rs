@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::budget::{BudgetId, BudgetTerms, BudgetUsage};
 use crate::http::{error_code, status_code_for_error};
 use crate::{SessionError, TaskSession};
 
@@ -77,6 +78,10 @@ impl ApiError {
 
     pub(crate) fn no_route() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+
+    pub(crate) fn no_budget() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such budget")
     }
 
     /// The error answered for `err`, with `Retry-After` for a full rate window.
@@ -294,4 +299,91 @@ pub(crate) struct Closed {
 pub(crate) struct Health {
     /// `ok`, or why the service is not ready.
     pub(crate) status: &'static str,
+}
+
+/// `PUT /v1/budgets/{budget_id}`: a budget's terms. Only `limit` is required.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BudgetBody {
+    /// Units allowed per period.
+    #[schema(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
+    pub(crate) limit: u64,
+    /// `none` (the default: one period that never ends), `day` or `month`.
+    #[schema(value_type = Option<String>, pattern = "^(none|day|month)$")]
+    pub(crate) period: Option<String>,
+    /// The budget charged with this one's charges too.
+    #[schema(pattern = "^[A-Za-z0-9._:/-]{1,128}$")]
+    pub(crate) parent_id: Option<String>,
+    /// What a unit is, for people (default `calls`).
+    #[schema(pattern = "^[A-Za-z0-9_.:/-]{1,32}$")]
+    pub(crate) unit: Option<String>,
+    /// The IANA time zone whose midnight starts a day or a month (default `UTC`).
+    pub(crate) time_zone: Option<String>,
+}
+
+impl BudgetBody {
+    /// The terms, checked as far as the service can without the database.
+    pub(crate) fn into_terms(self) -> Result<BudgetTerms, SessionError> {
+        let mut terms = BudgetTerms::new(self.limit);
+        if let Some(period) = self.period {
+            terms.period = period.parse()?;
+        }
+        terms.parent_id = self.parent_id.map(BudgetId::new).transpose()?;
+        if let Some(unit) = self.unit {
+            terms.unit = unit;
+        }
+        if let Some(zone) = self.time_zone {
+            terms.time_zone = zone;
+        }
+        Ok(terms)
+    }
+}
+
+/// A budget, its terms and its current period's usage.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BudgetView {
+    pub(crate) budget_id: String,
+    pub(crate) parent_id: Option<String>,
+    /// Units allowed per period.
+    pub(crate) limit: u64,
+    /// `none`, `day` or `month`.
+    pub(crate) period: &'static str,
+    pub(crate) unit: String,
+    pub(crate) time_zone: String,
+    /// When the current period started (the epoch for `none`).
+    pub(crate) period_start: DateTime<Utc>,
+    /// When it ends; absent for `none`.
+    pub(crate) period_end: Option<DateTime<Utc>>,
+    /// Units spent in the current period, by this budget's sessions and those of every
+    /// budget below it.
+    pub(crate) used: u64,
+    /// Units held by reservations not yet settled.
+    pub(crate) reserved: u64,
+    /// `limit - used - reserved`, or 0.
+    pub(crate) remaining: u64,
+}
+
+impl From<&BudgetUsage> for BudgetView {
+    fn from(b: &BudgetUsage) -> Self {
+        BudgetView {
+            budget_id: b.budget_id.to_string(),
+            parent_id: b.terms.parent_id.as_ref().map(ToString::to_string),
+            limit: b.terms.limit,
+            period: b.terms.period.as_str(),
+            unit: b.terms.unit.clone(),
+            time_zone: b.terms.time_zone.clone(),
+            period_start: b.period_start,
+            period_end: b.period_end,
+            used: b.used,
+            reserved: b.reserved,
+            remaining: b.remaining(),
+        }
+    }
+}
+
+/// `GET /v1/budgets`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BudgetList {
+    /// Every budget, by id.
+    pub(crate) budgets: Vec<BudgetView>,
 }

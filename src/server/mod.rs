@@ -119,6 +119,11 @@ impl Server {
                 get(routes::live_sessions),
             )
             .route("/v1/agents/{agent_id}/close-all", post(routes::close_all))
+            .route("/v1/budgets", get(routes::list_budgets))
+            .route(
+                "/v1/budgets/{*budget_id}",
+                get(routes::get_budget).put(routes::put_budget),
+            )
             .route("/v1/check", any(routes::check))
             .route("/v1/check/", any(routes::check))
             .route("/v1/check/{*rest}", any(routes::check))

@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use utoipa::OpenApi;
 use uuid::Uuid;
 
+use crate::budget::{BudgetId, BudgetWrite};
 use crate::http::check::{PARTIAL_BODY_HEADER, tools_to_decide};
 use crate::http::{SESSION_HEADER, parse_session_header};
 use crate::model::DataSensitivity;
@@ -21,8 +22,8 @@ use crate::{CreateSessionRequest, SessionError, TaskSession};
 
 use super::AppState;
 use super::api::{
-    ApiError, Body, Closed, CreateBody, ErrorBody, Health, LiveCount, SessionView, ToolLimitView,
-    UseAnswer, UseBatchBody, UseBody,
+    ApiError, Body, BudgetBody, BudgetList, BudgetView, Closed, CreateBody, ErrorBody, Health,
+    LiveCount, SessionView, ToolLimitView, UseAnswer, UseBatchBody, UseBody,
 };
 use super::auth::{Caller, Role};
 use super::readiness::Ready;
@@ -47,6 +48,9 @@ pub(crate) const REMAINING_HEADER: &str = "x-arbiter-calls-remaining";
         close,
         live_sessions,
         close_all,
+        put_budget,
+        get_budget,
+        list_budgets,
         check,
         healthz,
         readyz,
@@ -61,6 +65,9 @@ pub(crate) const REMAINING_HEADER: &str = "x-arbiter-calls-remaining";
         UseAnswer,
         LiveCount,
         Closed,
+        BudgetBody,
+        BudgetView,
+        BudgetList,
         Health,
         ErrorBody
     )),
@@ -273,6 +280,80 @@ pub(crate) async fn close_all(
     caller.require(&[Role::Admin])?;
     let closed = state.store.close_sessions_for_agent(agent).await?;
     Ok(Json(Closed { closed }))
+}
+
+/// A budget id from the path (it may hold `/`); anything outside the alphabet is 400.
+#[derive(Debug, Clone)]
+pub(crate) struct BudgetPath(BudgetId);
+
+impl<S: Send + Sync> FromRequestParts<S> for BudgetPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Ok(Path(id)) = Path::<String>::from_request_parts(parts, state).await else {
+            return Err(ApiError::invalid("the budget id in the path is not valid"));
+        };
+        BudgetId::new(id).map(BudgetPath).map_err(ApiError::from)
+    }
+}
+
+/// Creates a budget or replaces its terms (admin): 201 when created, 200 when replaced.
+#[utoipa::path(put, path = "/v1/budgets/{budget_id}", params(("budget_id" = String, Path)),
+    request_body = BudgetBody,
+    responses((status = 201, body = BudgetView), (status = 200, body = BudgetView),
+        (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn put_budget(
+    State(state): State<AppState>,
+    caller: Caller,
+    BudgetPath(id): BudgetPath,
+    Body(body): Body<BudgetBody>,
+) -> Result<(StatusCode, Json<BudgetView>), ApiError> {
+    caller.require(&[Role::Admin])?;
+    let terms = body.into_terms()?;
+    let status = match state.store.put_budget(&id, &terms).await? {
+        BudgetWrite::Created => StatusCode::CREATED,
+        BudgetWrite::Replaced => StatusCode::OK,
+    };
+    let budget = state
+        .store
+        .budget(&id)
+        .await?
+        .ok_or_else(ApiError::no_budget)?;
+    Ok((status, Json(BudgetView::from(&budget))))
+}
+
+/// A budget and its current period's usage (admin, gateway).
+#[utoipa::path(get, path = "/v1/budgets/{budget_id}", params(("budget_id" = String, Path)),
+    responses((status = 200, body = BudgetView), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn get_budget(
+    State(state): State<AppState>,
+    caller: Caller,
+    BudgetPath(id): BudgetPath,
+) -> Result<Json<BudgetView>, ApiError> {
+    caller.require(&[Role::Admin, Role::Gateway])?;
+    let budget = state
+        .store
+        .budget(&id)
+        .await?
+        .ok_or_else(ApiError::no_budget)?;
+    Ok(Json(BudgetView::from(&budget)))
+}
+
+/// Every budget and its current period's usage (admin).
+#[utoipa::path(get, path = "/v1/budgets",
+    responses((status = 200, body = BudgetList), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn list_budgets(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<BudgetList>, ApiError> {
+    caller.require(&[Role::Admin])?;
+    let budgets = state.store.budgets().await?;
+    Ok(Json(BudgetList {
+        budgets: budgets.iter().map(BudgetView::from).collect(),
+    }))
 }
 
 fn header_id(headers: &HeaderMap, name: &str) -> Result<Uuid, ApiError> {

@@ -56,7 +56,8 @@ pub use reconciler::ReconcileReport;
 pub use stats::StoreStats;
 
 use self::inner::{Inner, read_failed};
-use crate::error::SessionError;
+use crate::budget::{self, BudgetId, BudgetTerms, BudgetUsage, BudgetWrite};
+use crate::error::{SessionError, StorageError};
 use crate::metrics::{self, Gauge, UseTimer};
 use crate::model::{CreateSessionRequest, TaskSession};
 use crate::policy::Mutation;
@@ -110,6 +111,57 @@ impl SessionStore<PgStorage> {
     /// A store over PostgreSQL with default options. Run [`crate::migrate`] first.
     pub fn postgres(pool: sqlx::PgPool) -> Self {
         SessionStore::new(PgStorage::new(pool))
+    }
+
+    /// Creates budget `id` with `terms`, or replaces the terms of the existing one. New
+    /// terms take effect for the next grant of units; a budget's period and time zone never
+    /// change.
+    ///
+    /// # Errors
+    /// [`SessionError::InvalidRequest`] (nothing written) for terms out of bounds, an
+    /// unknown parent or time zone, a parent that would make a cycle or a tree deeper than
+    /// [`budget::MAX_DEPTH`](crate::budget::MAX_DEPTH), or a changed period or time zone;
+    /// [`SessionError::StorageRead`] if storage did not answer.
+    pub async fn put_budget(
+        &self,
+        id: &BudgetId,
+        terms: &BudgetTerms,
+    ) -> Result<BudgetWrite, SessionError> {
+        terms.validate(id)?;
+        let storage = self.inner.storage();
+        storage
+            .by(storage.for_call(), storage.inner().put_budget(id, terms))
+            .await
+            .map_err(|err| match &err {
+                StorageError::Constraint { name, .. } => SessionError::InvalidRequest {
+                    reason: budget::refused_terms(name).to_owned(),
+                },
+                _ => read_failed(None, &err),
+            })
+    }
+
+    /// Budget `id` with its current period's usage, `None` if there is no such budget.
+    ///
+    /// # Errors
+    /// [`SessionError::StorageRead`].
+    pub async fn budget(&self, id: &BudgetId) -> Result<Option<BudgetUsage>, SessionError> {
+        Ok(self.read_budgets(Some(id)).await?.into_iter().next())
+    }
+
+    /// Every budget with its current period's usage, ordered by id.
+    ///
+    /// # Errors
+    /// [`SessionError::StorageRead`].
+    pub async fn budgets(&self) -> Result<Vec<BudgetUsage>, SessionError> {
+        self.read_budgets(None).await
+    }
+
+    async fn read_budgets(&self, id: Option<&BudgetId>) -> Result<Vec<BudgetUsage>, SessionError> {
+        let storage = self.inner.storage();
+        storage
+            .by(storage.for_call(), storage.inner().budget_usage(id))
+            .await
+            .map_err(|err| read_failed(None, &err))
     }
 }
 

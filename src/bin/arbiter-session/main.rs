@@ -6,6 +6,7 @@
 //! every failure into one line on stderr and a non-zero exit. This file only parses and
 //! dispatches.
 
+mod budgets;
 mod checkpoint;
 mod export;
 mod inspect;
@@ -30,7 +31,7 @@ use shell::{Failure, fail};
 #[command(
     name = "arbiter-session",
     version,
-    about = "Operate an arbiter-session database: migrate, inspect, report, export, verify, checkpoint, purge, partitions",
+    about = "Operate an arbiter-session database: migrate, inspect, report, budgets, export, verify, checkpoint, purge, partitions",
     after_help = "Exit status: 0 on success, 1 on an error (one line on stderr), \
                   2 on a usage error, 3 when `verify` or `checkpoint` finds a broken or rewritten audit chain."
 )]
@@ -62,6 +63,11 @@ enum OperatorCommand {
     Inspect(inspect::InspectArgs),
     /// Print a report from the reporting views.
     Report(report::ReportArgs),
+    /// The budgets sessions share: list them, show one, or set one's terms.
+    Budgets {
+        #[command(subcommand)]
+        action: budgets::BudgetsAction,
+    },
     /// The audit trail's daily partitions: create the days ahead, or list them.
     Partitions {
         #[command(subcommand)]
@@ -121,6 +127,7 @@ async fn operate(pool: &sqlx::PgPool, command: OperatorCommand) -> Result<ExitCo
         OperatorCommand::Migrate => migrate::run(pool).await?,
         OperatorCommand::Inspect(args) => inspect::run(pool, args).await?,
         OperatorCommand::Report(args) => report::run(pool, args).await?,
+        OperatorCommand::Budgets { action } => budgets::run(pool, action).await?,
         OperatorCommand::Partitions { action } => partitions::run(pool, action).await?,
         OperatorCommand::Rollup => rollup::run(pool).await?,
         OperatorCommand::Upkeep(args) => upkeep::run(pool, args).await?,

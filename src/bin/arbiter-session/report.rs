@@ -16,7 +16,7 @@ pub(crate) struct ReportArgs {
     /// Only this agent.
     #[arg(long)]
     agent: Option<Uuid>,
-    /// Only from this UTC day on (YYYY-MM-DD).
+    /// Only from this UTC day on (YYYY-MM-DD); for budgets, the periods that end after it.
     #[arg(long)]
     since: Option<NaiveDate>,
     /// Output format.
@@ -35,6 +35,8 @@ enum ReportKind {
     Tools,
     /// Denials per reason per day.
     Denials,
+    /// Each budget's use per period, with its limit.
+    Budgets,
 }
 
 /// Prints the report asked for.
@@ -50,6 +52,9 @@ pub(crate) async fn run(pool: &PgPool, args: ReportArgs) -> Result<(), Failure> 
         ReportKind::Agents => report::render(&report::agent_activity(pool, filter).await?, format)?,
         ReportKind::Tools => report::render(&report::tool_usage(pool, filter).await?, format)?,
         ReportKind::Denials => report::render(&report::denials(pool, filter).await?, format)?,
+        ReportKind::Budgets => {
+            report::render(&report::budget_periods(pool, filter).await?, format)?
+        }
     };
     print!("{text}");
     Ok(())

@@ -9,8 +9,11 @@ mod render;
 mod rows;
 
 pub use reads::{
-    ReportFilter, agent_activity, denials, session, session_events, tool_usage, utilization,
+    ReportFilter, agent_activity, budget_periods, denials, session, session_events, tool_usage,
+    utilization,
 };
 pub(crate) use render::csv_field;
 pub use render::{Format, Tabular, render};
-pub use rows::{AgentDay, DenialDay, EventRecord, SessionRecord, ToolDay, ToolUse, Utilization};
+pub use rows::{
+    AgentDay, BudgetPeriod, DenialDay, EventRecord, SessionRecord, ToolDay, ToolUse, Utilization,
+};

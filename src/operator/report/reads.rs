@@ -7,7 +7,9 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::rows::{AgentDay, DenialDay, EventRecord, SessionRecord, ToolDay, ToolUse, Utilization};
+use super::rows::{
+    AgentDay, BudgetPeriod, DenialDay, EventRecord, SessionRecord, ToolDay, ToolUse, Utilization,
+};
 use crate::error::StorageError;
 
 /// Which rows a report covers: every row by default ([`ReportFilter::default`]), narrowed
@@ -149,6 +151,25 @@ pub async fn denials(pool: &PgPool, filter: ReportFilter) -> Result<Vec<DenialDa
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
+    Ok(rows)
+}
+
+/// Each budget's use per period, by budget then period; with `filter.since`, only the
+/// periods that end after that day began (UTC). The agent filter does not apply.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn budget_periods(
+    pool: &PgPool,
+    filter: ReportFilter,
+) -> Result<Vec<BudgetPeriod>, StorageError> {
+    let rows = sqlx::query_file_as!(
+        BudgetPeriod,
+        "src/operator/report/sql/budget_periods.sql",
+        filter.since
+    )
+    .fetch_all(pool)
+    .await?;
     Ok(rows)
 }
 

@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::rows::{AgentDay, DenialDay, EventRecord, SessionRecord, ToolDay, Utilization};
+use super::rows::{
+    AgentDay, BudgetPeriod, DenialDay, EventRecord, SessionRecord, ToolDay, Utilization,
+};
 
 /// A row of a report: named columns and their rendered cells.
 pub trait Tabular: Serialize {
@@ -120,6 +122,44 @@ impl Tabular for DenialDay {
             self.sessions.to_string(),
         ]
     }
+}
+
+impl Tabular for BudgetPeriod {
+    const COLUMNS: &'static [&'static str] = &[
+        "budget_id",
+        "period_start",
+        "period_end",
+        "limit",
+        "unit",
+        "used",
+        "used_pct",
+        "allocated",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.budget_id.clone(),
+            timestamp(self.period_start),
+            self.period_end.map(timestamp).unwrap_or_default(),
+            self.unit_limit.to_string(),
+            self.unit.clone(),
+            self.used.to_string(),
+            percent(self.used, self.unit_limit),
+            self.allocated.to_string(),
+        ]
+    }
+}
+
+/// `part` of `whole` in percent, one decimal; empty for a whole of 0.
+fn percent(part: i64, whole: i64) -> String {
+    if whole == 0 {
+        return String::new();
+    }
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "a percentage shown to one decimal"
+    )]
+    let pct = part as f64 * 100.0 / whole as f64;
+    format!("{pct:.1}")
 }
 
 impl SessionRecord {

@@ -199,3 +199,24 @@ pub struct EventRecord {
     /// The event's link in its hash chain, hex.
     pub hash: Option<String>,
 }
+
+/// One row of `arbiter.budget_usage`: a budget's use in one of its periods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct BudgetPeriod {
+    /// The budget.
+    pub budget_id: String,
+    /// When the period started (the epoch for a budget whose period is `none`).
+    pub period_start: DateTime<Utc>,
+    /// When it ends; `None` for `none`.
+    pub period_end: Option<DateTime<Utc>>,
+    /// The budget's limit (its current one) in units per period.
+    pub unit_limit: i64,
+    /// What a unit is.
+    pub unit: String,
+    /// Units spent in the period, by the budget's sessions and those of every budget below
+    /// it.
+    pub used: i64,
+    /// Units granted to processes in the period, spent or not.
+    pub allocated: i64,
+}

@@ -14,6 +14,7 @@
 //! lock does not make it skip its row).
 
 mod batch;
+mod budgets;
 mod change_feed;
 mod rows;
 pub(crate) mod transaction;
@@ -35,6 +36,7 @@ use super::{
     Versioned,
 };
 use crate::audit::{AuditEvent, Denial};
+use crate::budget::{BudgetId, BudgetTerms, BudgetUsage, BudgetWrite};
 use crate::error::StorageError;
 use crate::model::TaskSession;
 
@@ -170,6 +172,35 @@ impl PgStorage {
             Err(err) if is_undefined_table(&err) => Ok(false),
             Err(err) => Err(err.into()),
         }
+    }
+
+    /// Creates budget `id` with `terms`, or replaces the terms of the existing one
+    /// (its period and time zone must stay the same). The store's
+    /// [`put_budget`](crate::SessionStore::put_budget) checks the terms first.
+    ///
+    /// # Errors
+    /// [`StorageError::Constraint`] when the schema refuses the terms (named after the
+    /// check: `budgets_acyclic`, `budgets_depth`, `budgets_time_zone_known`,
+    /// `budgets_period_fixed`, `budgets_parent_id_fkey`, …); any other failure of the
+    /// statement.
+    pub async fn put_budget(
+        &self,
+        id: &BudgetId,
+        terms: &BudgetTerms,
+    ) -> Result<BudgetWrite, StorageError> {
+        budgets::put(&self.pool, id, terms).await
+    }
+
+    /// Every budget with its current period's usage, ordered by id; only `id`'s (none if it
+    /// does not exist) when given.
+    ///
+    /// # Errors
+    /// The query failed, or a row does not decode.
+    pub async fn budget_usage(
+        &self,
+        id: Option<&BudgetId>,
+    ) -> Result<Vec<BudgetUsage>, StorageError> {
+        budgets::usage(&self.pool, id).await
     }
 }
 
