@@ -31,10 +31,10 @@ CREATE SCHEMA arbiter;
 
 
 --
--- Name: audit_link_hash(bytea, uuid, uuid, uuid, text, text[], bigint, bigint, text, bigint, timestamp with time zone, timestamp with time zone, uuid, text, text[], bigint[], uuid, integer); Type: FUNCTION; Schema: arbiter; Owner: -
+-- Name: audit_link_hash(bytea, uuid, uuid, uuid, text, text[], bigint, bigint, text, bigint, timestamp with time zone, timestamp with time zone, uuid, text, text[], bigint[], uuid, integer, bigint, uuid, text); Type: FUNCTION; Schema: arbiter; Owner: -
 --
 
-CREATE FUNCTION arbiter.audit_link_hash(prev bytea, event_key uuid, session_id uuid, agent_id uuid, kind text, tools text[], calls_made bigint, rate_window_calls bigint, status text, session_version bigint, occurred_at timestamp with time zone, recorded_at timestamp with time zone, instance_id uuid, reason text, limited_tools text[], tool_calls bigint[], presented_agent_id uuid, tool_count integer) RETURNS bytea
+CREATE FUNCTION arbiter.audit_link_hash(prev bytea, event_key uuid, session_id uuid, agent_id uuid, kind text, tools text[], calls_made bigint, rate_window_calls bigint, status text, session_version bigint, occurred_at timestamp with time zone, recorded_at timestamp with time zone, instance_id uuid, reason text, limited_tools text[], tool_calls bigint[], presented_agent_id uuid, tool_count integer, cost bigint, share_id uuid, budget_id text) RETURNS bytea
     LANGUAGE plpgsql STABLE PARALLEL SAFE
     SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
     AS $$
@@ -42,6 +42,7 @@ DECLARE
     folded    bytea := int4send(cardinality(tools));
     counted   bytea := ''::bytea;
     presented bytea := ''::bytea;
+    charged   bytea := ''::bytea;
     tool      text;
     i         integer;
 BEGIN
@@ -60,6 +61,12 @@ BEGIN
             || uuid_send(coalesce(presented_agent_id, '00000000-0000-0000-0000-000000000000'::uuid))
             || int4send(coalesce(tool_count, -1));
     END IF;
+    IF cost IS NOT NULL OR share_id IS NOT NULL OR budget_id IS NOT NULL THEN
+        charged := '\xfe'::bytea
+            || int8send(coalesce(cost, -1))
+            || uuid_send(coalesce(share_id, '00000000-0000-0000-0000-000000000000'::uuid))
+            || arbiter.audit_text(coalesce(budget_id, ''));
+    END IF;
     RETURN sha256(
         prev
         || uuid_send(event_key) || uuid_send(session_id) || uuid_send(agent_id)
@@ -72,7 +79,8 @@ BEGIN
         || uuid_send(instance_id)
         || CASE WHEN kind = 'denied' THEN arbiter.audit_text(reason) ELSE ''::bytea END
         || counted
-        || presented);
+        || presented
+        || charged);
 END
 $$;
 
@@ -98,6 +106,38 @@ CREATE FUNCTION arbiter.audit_text(value text) RETURNS bytea
     SELECT CASE WHEN value IS NULL THEN int4send(-1)
                 ELSE int4send(octet_length(convert_to(value, 'UTF8'))) || convert_to(value, 'UTF8')
            END
+$$;
+
+
+--
+-- Name: budget_charge(uuid[], bigint[]); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budget_charge(shares uuid[], units bigint[]) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+DECLARE
+    charge record;
+    charged integer := 0;
+BEGIN
+    FOR charge IN
+        SELECT c.share_id, c.units FROM unnest(shares, units) AS c(share_id, units)
+         ORDER BY c.share_id
+    LOOP
+        UPDATE arbiter.budget_shares s
+           SET used = s.used + charge.units
+         WHERE s.share_id = charge.share_id AND s.closed_at IS NULL
+           AND s.lease_until > now();
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'share % is closed, expired or unknown', charge.share_id
+                USING ERRCODE = 'check_violation', CONSTRAINT = 'budget_shares_live',
+                      TABLE = 'budget_shares', SCHEMA = 'arbiter';
+        END IF;
+        charged := charged + 1;
+    END LOOP;
+    RETURN charged;
+END
 $$;
 
 
@@ -595,7 +635,8 @@ BEGIN
         NEW.prev_hash, NEW.event_key, NEW.session_id, NEW.agent_id, NEW.kind, NEW.tools,
         NEW.calls_made, NEW.rate_window_calls, NEW.status, NEW.session_version,
         NEW.occurred_at, NEW.recorded_at, NEW.instance_id, NEW.reason,
-        NEW.limited_tools, NEW.tool_calls, NEW.presented_agent_id, NEW.tool_count);
+        NEW.limited_tools, NEW.tool_calls, NEW.presented_agent_id, NEW.tool_count,
+        NEW.cost, NEW.share_id, NEW.budget_id);
     RETURN NEW;
 END
 $chain$
@@ -1642,7 +1683,8 @@ BEGIN
         NEW.prev_hash, NEW.event_key, NEW.session_id, NEW.agent_id, NEW.kind, NEW.tools,
         NEW.calls_made, NEW.rate_window_calls, NEW.status, NEW.session_version,
         NEW.occurred_at, NEW.recorded_at, NEW.instance_id, NEW.reason,
-        NEW.limited_tools, NEW.tool_calls, NEW.presented_agent_id, NEW.tool_count);
+        NEW.limited_tools, NEW.tool_calls, NEW.presented_agent_id, NEW.tool_count,
+        NEW.cost, NEW.share_id, NEW.budget_id);
     RETURN NEW;
 END
 $$;
@@ -1812,6 +1854,27 @@ $$;
 
 
 --
+-- Name: sessions_budget_fixed(); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.sessions_budget_fixed() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+BEGIN
+    IF NEW.budget_id IS DISTINCT FROM OLD.budget_id
+       OR NEW.cost_tools IS DISTINCT FROM OLD.cost_tools
+       OR NEW.tool_costs IS DISTINCT FROM OLD.tool_costs THEN
+        RAISE EXCEPTION 'the budget and tool costs of session % cannot change', OLD.session_id
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'sessions_budget_fixed',
+                  TABLE = 'sessions', SCHEMA = 'arbiter';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+
+--
 -- Name: sessions_guard_delete(); Type: FUNCTION; Schema: arbiter; Owner: -
 --
 
@@ -1975,10 +2038,14 @@ CREATE TABLE arbiter.session_events (
     tool_calls bigint[],
     presented_agent_id uuid,
     tool_count integer,
+    cost bigint,
+    share_id uuid,
+    budget_id text,
     CONSTRAINT session_events_chained CHECK (((hash IS NOT NULL) AND (prev_hash IS NOT NULL))),
+    CONSTRAINT session_events_cost_not_negative CHECK ((cost >= 0)),
     CONSTRAINT session_events_kind_known CHECK ((kind = ANY (ARRAY['created'::text, 'call_allowed'::text, 'batch_allowed'::text, 'closed'::text, 'expired'::text, 'reconciled'::text, 'denied'::text]))),
     CONSTRAINT session_events_reason_iff_denied CHECK (((kind = 'denied'::text) = (reason IS NOT NULL))),
-    CONSTRAINT session_events_reason_known CHECK ((reason = ANY (ARRAY['agent_mismatch'::text, 'closed'::text, 'expired'::text, 'budget'::text, 'tool_budget'::text, 'tool'::text, 'rate'::text, 'write_through'::text, 'invalid'::text]))),
+    CONSTRAINT session_events_reason_known CHECK ((reason = ANY (ARRAY['agent_mismatch'::text, 'closed'::text, 'expired'::text, 'budget'::text, 'tool_budget'::text, 'tool'::text, 'rate'::text, 'write_through'::text, 'invalid'::text, 'shared_budget'::text]))),
     CONSTRAINT session_events_tool_calls_paired CHECK ((((limited_tools IS NULL) AND (tool_calls IS NULL)) OR ((cardinality(limited_tools) > 0) AND (cardinality(limited_tools) = cardinality(tool_calls)) AND (array_position(limited_tools, NULL::text) IS NULL) AND (array_position(tool_calls, NULL::bigint) IS NULL)))),
     CONSTRAINT session_events_version_unless_denied CHECK (((kind = 'denied'::text) = (session_version IS NULL)))
 )
@@ -1996,7 +2063,7 @@ COMMENT ON TABLE arbiter.session_events IS 'Append-only audit trail: one row per
 -- Name: COLUMN session_events.reason; Type: COMMENT; Schema: arbiter; Owner: -
 --
 
-COMMENT ON COLUMN arbiter.session_events.reason IS 'Why a call was denied (kind = denied only): agent_mismatch, closed, expired, budget, tool_budget (a tool''s own limit), tool, rate, write_through, invalid.';
+COMMENT ON COLUMN arbiter.session_events.reason IS 'Why a call was denied (kind = denied only): agent_mismatch, closed, expired, budget, tool_budget (a tool''s own limit), tool, rate, write_through, invalid, shared_budget (budget_id names the budget that had no room).';
 
 
 --
@@ -2039,6 +2106,27 @@ COMMENT ON COLUMN arbiter.session_events.presented_agent_id IS 'Denials: the age
 --
 
 COMMENT ON COLUMN arbiter.session_events.tool_count IS 'Denials: how many tools the denied call named; tools holds the first 16 of them. NULL on other events.';
+
+
+--
+-- Name: COLUMN session_events.cost; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON COLUMN arbiter.session_events.cost IS 'Allowed calls of a session with a shared budget: the units the call cost, charged to share_id. NULL otherwise.';
+
+
+--
+-- Name: COLUMN session_events.share_id; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON COLUMN arbiter.session_events.share_id IS 'Allowed calls of a session with a shared budget: the share (arbiter.budget_shares) the cost was charged to.';
+
+
+--
+-- Name: COLUMN session_events.budget_id; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON COLUMN arbiter.session_events.budget_id IS 'Allowed calls: the session''s shared budget. Denials for reason shared_budget: the budget (the session''s or an ancestor) that had no room.';
 
 
 --
@@ -2439,10 +2527,14 @@ CREATE TABLE arbiter.session_events_default (
     tool_calls bigint[],
     presented_agent_id uuid,
     tool_count integer,
+    cost bigint,
+    share_id uuid,
+    budget_id text,
     CONSTRAINT session_events_chained CHECK (((hash IS NOT NULL) AND (prev_hash IS NOT NULL))),
+    CONSTRAINT session_events_cost_not_negative CHECK ((cost >= 0)),
     CONSTRAINT session_events_kind_known CHECK ((kind = ANY (ARRAY['created'::text, 'call_allowed'::text, 'batch_allowed'::text, 'closed'::text, 'expired'::text, 'reconciled'::text, 'denied'::text]))),
     CONSTRAINT session_events_reason_iff_denied CHECK (((kind = 'denied'::text) = (reason IS NOT NULL))),
-    CONSTRAINT session_events_reason_known CHECK ((reason = ANY (ARRAY['agent_mismatch'::text, 'closed'::text, 'expired'::text, 'budget'::text, 'tool_budget'::text, 'tool'::text, 'rate'::text, 'write_through'::text, 'invalid'::text]))),
+    CONSTRAINT session_events_reason_known CHECK ((reason = ANY (ARRAY['agent_mismatch'::text, 'closed'::text, 'expired'::text, 'budget'::text, 'tool_budget'::text, 'tool'::text, 'rate'::text, 'write_through'::text, 'invalid'::text, 'shared_budget'::text]))),
     CONSTRAINT session_events_tool_calls_paired CHECK ((((limited_tools IS NULL) AND (tool_calls IS NULL)) OR ((cardinality(limited_tools) > 0) AND (cardinality(limited_tools) = cardinality(tool_calls)) AND (array_position(limited_tools, NULL::text) IS NULL) AND (array_position(tool_calls, NULL::bigint) IS NULL)))),
     CONSTRAINT session_events_version_unless_denied CHECK (((kind = 'denied'::text) = (session_version IS NULL)))
 );
@@ -2540,6 +2632,9 @@ CREATE TABLE arbiter.sessions (
     limited_tools text[] DEFAULT '{}'::text[] NOT NULL,
     tool_limits bigint[] DEFAULT '{}'::bigint[] NOT NULL,
     tool_calls bigint[] DEFAULT '{}'::bigint[] NOT NULL,
+    budget_id text,
+    cost_tools text[] DEFAULT '{}'::text[] NOT NULL,
+    tool_costs bigint[] DEFAULT '{}'::bigint[] NOT NULL,
     CONSTRAINT sessions_budget_positive CHECK ((call_budget >= 1)),
     CONSTRAINT sessions_calls_nonnegative CHECK ((calls_made >= 0)),
     CONSTRAINT sessions_calls_within_budget CHECK ((calls_made <= call_budget)),
@@ -2550,6 +2645,7 @@ CREATE TABLE arbiter.sessions (
     CONSTRAINT sessions_sensitivity_known CHECK ((data_sensitivity_ceiling = ANY (ARRAY['public'::text, 'internal'::text, 'confidential'::text, 'restricted'::text]))),
     CONSTRAINT sessions_status_known CHECK ((status = ANY (ARRAY['active'::text, 'closed'::text, 'expired'::text]))),
     CONSTRAINT sessions_tool_calls_within_limits CHECK ((((cardinality(tool_limits) = 0) AND (cardinality(tool_calls) = 0)) OR arbiter.tool_calls_within_limits(tool_limits, tool_calls, calls_made))),
+    CONSTRAINT sessions_tool_costs_named CHECK (((cardinality(cost_tools) = cardinality(tool_costs)) AND (array_position(cost_tools, NULL::text) IS NULL) AND (array_position(tool_costs, NULL::bigint) IS NULL) AND (0 <= ALL (tool_costs)))),
     CONSTRAINT sessions_tool_limits_named CHECK (((cardinality(limited_tools) = cardinality(tool_limits)) AND (array_position(limited_tools, NULL::text) IS NULL)))
 );
 
@@ -2566,6 +2662,20 @@ COMMENT ON TABLE arbiter.sessions IS 'One row per task session. Mutated only thr
 --
 
 COMMENT ON COLUMN arbiter.sessions.limited_tools IS 'Tools with a call limit of their own, sorted by name; tool_limits and tool_calls hold, at the same positions, each one''s limit and calls so far.';
+
+
+--
+-- Name: COLUMN sessions.budget_id; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON COLUMN arbiter.sessions.budget_id IS 'The shared budget the session''s calls are charged to (and so its ancestors); NULL: none.';
+
+
+--
+-- Name: COLUMN sessions.cost_tools; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON COLUMN arbiter.sessions.cost_tools IS 'Tools whose calls cost other than 1 unit of the shared budget, sorted by name; tool_costs holds, at the same positions, what each costs.';
 
 
 --
@@ -3023,6 +3133,13 @@ CREATE TRIGGER session_events_chain BEFORE INSERT ON arbiter.session_events_defa
 
 
 --
+-- Name: sessions sessions_budget_fixed; Type: TRIGGER; Schema: arbiter; Owner: -
+--
+
+CREATE TRIGGER sessions_budget_fixed BEFORE UPDATE OF budget_id, cost_tools, tool_costs ON arbiter.sessions FOR EACH ROW EXECUTE FUNCTION arbiter.sessions_budget_fixed();
+
+
+--
 -- Name: sessions sessions_retention_only; Type: TRIGGER; Schema: arbiter; Owner: -
 --
 
@@ -3079,6 +3196,14 @@ ALTER TABLE ONLY arbiter.budget_shares
 
 ALTER TABLE ONLY arbiter.budgets
     ADD CONSTRAINT budgets_parent_id_fkey FOREIGN KEY (parent_id) REFERENCES arbiter.budgets(budget_id);
+
+
+--
+-- Name: sessions sessions_budget_id_fkey; Type: FK CONSTRAINT; Schema: arbiter; Owner: -
+--
+
+ALTER TABLE ONLY arbiter.sessions
+    ADD CONSTRAINT sessions_budget_id_fkey FOREIGN KEY (budget_id) REFERENCES arbiter.budgets(budget_id);
 
 
 --

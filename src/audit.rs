@@ -7,6 +7,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::budget::BudgetId;
 use crate::error::SessionError;
 use crate::model::{SessionStatus, TaskSession, ToolLimit};
 
@@ -75,6 +76,9 @@ pub enum DenialReason {
     WriteThrough,
     /// The request was malformed (an empty or oversized batch).
     Invalid,
+    /// A shared budget (the session's, or one of its ancestors) had no room for the
+    /// call's cost; the denial's [`AuditEvent::budget_id`] names it.
+    SharedBudget,
 }
 
 impl DenialReason {
@@ -90,6 +94,7 @@ impl DenialReason {
             DenialReason::Rate => "rate",
             DenialReason::WriteThrough => "write_through",
             DenialReason::Invalid => "invalid",
+            DenialReason::SharedBudget => "shared_budget",
         }
     }
 
@@ -120,6 +125,7 @@ impl DenialReason {
             SessionError::RateLimited { .. } => DenialReason::Rate,
             SessionError::StorageWriteThrough { .. } => DenialReason::WriteThrough,
             SessionError::InvalidRequest { .. } => DenialReason::Invalid,
+            SessionError::SharedBudgetExceeded { .. } => DenialReason::SharedBudget,
             SessionError::NotFound(_)
             | SessionError::StorageRead { .. }
             | SessionError::TooManySessions { .. } => return None,
@@ -157,6 +163,16 @@ pub struct AuditEvent {
     /// tool of the session (it records the whole merged state); empty otherwise. Part of
     /// the event's hash in PostgreSQL.
     pub tool_calls: Vec<ToolCalls>,
+    /// An allowed call of a session with a shared budget: the units it cost. `None`
+    /// otherwise. Part of the event's hash.
+    pub cost: Option<u64>,
+    /// The share of the shared budget the cost was charged to (the writing process's).
+    /// Part of the event's hash.
+    pub share_id: Option<Uuid>,
+    /// An allowed call: the session's shared budget; a denial for
+    /// [`DenialReason::SharedBudget`]: the budget that had no room. Part of the event's
+    /// hash.
+    pub budget_id: Option<BudgetId>,
 }
 
 /// A tool with a limit of its own and its calls after an event ([`AuditEvent::tool_calls`]).
@@ -220,6 +236,9 @@ impl AuditEvent {
             reason: None,
             tool_calls: tool_calls_of(kind, &tools, after),
             tools,
+            cost: None,
+            share_id: None,
+            budget_id: None,
         }
     }
 

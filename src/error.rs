@@ -116,6 +116,19 @@ pub enum SessionError {
         /// Which field or rule was violated, for logs only.
         reason: String,
     },
+
+    /// A shared budget the session draws on (its own, or one of its ancestors) has no
+    /// room for the call's cost: every unit not yet spent is held by another process or a
+    /// reservation. The same opaque `Display` as [`SessionError::BudgetExceeded`], and the
+    /// same error code (`budget_exceeded`); `budget_id` names the budget, for logs and the
+    /// audit trail (reason `shared_budget`).
+    #[error("session budget exceeded")]
+    SharedBudgetExceeded {
+        /// The session whose call was denied.
+        session_id: Uuid,
+        /// The budget that had no room.
+        budget_id: String,
+    },
 }
 
 /// A storage failure, typed so that callers (the store, the reconciler) decide from the
@@ -146,6 +159,10 @@ pub enum StorageError {
         /// The deadline that passed.
         after: std::time::Duration,
     },
+    /// The storage does not keep what the operation needs (shared budgets in
+    /// [`MemoryStorage`](crate::MemoryStorage)).
+    #[error("this storage does not support {0}")]
+    Unsupported(&'static str),
 }
 
 impl StorageError {

@@ -56,7 +56,9 @@ pub mod testing;
 pub use sqlx;
 
 pub use error::SessionError;
-pub use model::{CreateSessionRequest, DataSensitivity, SessionStatus, TaskSession, ToolLimit};
+pub use model::{
+    CreateSessionRequest, DataSensitivity, SessionStatus, TaskSession, ToolCost, ToolLimit,
+};
 pub use storage::{MemoryStorage, PgStorage, Storage};
 pub use store::{ReconcileReport, SessionStore, SessionStoreBuilder, ShutdownReport, StoreStats};
 

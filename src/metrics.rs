@@ -15,6 +15,8 @@
 //! | `arbiter_session_denials_recorded_total` | counter | |
 //! | `arbiter_session_denials_dropped_total` | counter | |
 //! | `arbiter_session_listener_connected` | gauge (0 or 1) | |
+//! | `arbiter_session_share_grants_total` | counter | |
+//! | `arbiter_session_budget_units_total` | counter | `budget_id` (the budget a session draws on: as many series as the operator made budgets) |
 
 use crate::error::SessionError;
 
@@ -49,6 +51,13 @@ pub const DENIALS_DROPPED: &str = "arbiter_session_denials_dropped_total";
 #[cfg(feature = "metrics")]
 pub const LISTENER_CONNECTED: &str = "arbiter_session_listener_connected";
 
+/// Grants of shared-budget units this process asked storage for and got.
+#[cfg(feature = "metrics")]
+pub const SHARE_GRANTS: &str = "arbiter_session_share_grants_total";
+/// Units of a shared budget charged by allowed calls whose write landed.
+#[cfg(feature = "metrics")]
+pub const BUDGET_UNITS: &str = "arbiter_session_budget_units_total";
+
 /// Registers a description and unit for every metric above with the installed recorder.
 /// Call once after installing it; metrics work without it.
 #[cfg(feature = "metrics")]
@@ -77,6 +86,22 @@ pub fn describe() {
     describe_counter!(DENIALS_RECORDED, "Denied calls written to the audit trail");
     describe_counter!(DENIALS_DROPPED, "Denied calls not recorded");
     describe_gauge!(LISTENER_CONNECTED, "Whether the change feed is connected");
+    describe_counter!(
+        SHARE_GRANTS,
+        "Grants of shared-budget units to this process"
+    );
+    describe_counter!(
+        BUDGET_UNITS,
+        "Units of shared budgets charged by allowed calls, by the budget drawn on"
+    );
+}
+
+/// Adds `units` to the units charged to `budget`.
+pub(crate) fn charged(budget: &crate::budget::BudgetId, units: u64) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(BUDGET_UNITS, "budget_id" => budget.to_string()).increment(units);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (budget, units);
 }
 
 /// Times one use of a session, from its start to its answer. Empty without the feature.
@@ -133,6 +158,7 @@ pub(crate) enum Counter {
     Reconciled,
     DenialsRecorded,
     DenialsDropped,
+    ShareGrants,
 }
 
 /// Adds `n` to `counter`.
@@ -145,6 +171,7 @@ pub(crate) fn count(counter: Counter, n: u64) {
             Counter::Reconciled => RECONCILED,
             Counter::DenialsRecorded => DENIALS_RECORDED,
             Counter::DenialsDropped => DENIALS_DROPPED,
+            Counter::ShareGrants => SHARE_GRANTS,
         };
         metrics::counter!(name).increment(n);
     }

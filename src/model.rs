@@ -9,6 +9,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, SubsecRound as _, Utc};
 use uuid::Uuid;
 
+use crate::budget::BudgetId;
 use crate::error::SessionError;
 
 /// The tool or credential entry that authorizes every tool or credential.
@@ -34,6 +35,10 @@ pub mod limits {
     /// Longest rate window, in seconds: a window longer than the longest session is
     /// meaningless.
     pub const MAX_RATE_WINDOW_SECS: u64 = 24 * 60 * 60;
+    /// Largest cost of one call or batch in a shared budget's units, and of one tool in
+    /// `tool_costs`: a batch of [`MAX_TOOLS`] tools at this cost each still fits in a
+    /// `bigint`.
+    pub const MAX_COST: u64 = 1_000_000_000_000;
 }
 
 /// Lifecycle of a session. Moves only from `Active` to `Closed` or `Expired`, never back.
@@ -154,6 +159,13 @@ pub struct CreateSessionRequest {
     /// authorized by `authorized_tools` (where `"*"` authorizes any), and there are at
     /// most as many entries as `authorized_tools` has. Empty by default.
     pub tool_limits: BTreeMap<String, u64>,
+    /// The shared budget the session's calls are charged to, and so each of its
+    /// ancestors (see [`crate::budget`]); `None` by default. It must exist.
+    pub budget_id: Option<BudgetId>,
+    /// What a call of a tool costs in the shared budget's units, by tool name (0 is
+    /// allowed; at most [`limits::MAX_COST`]); a tool without an entry costs 1. Only with
+    /// a `budget_id`; each name authorized by `authorized_tools`. Empty by default.
+    pub tool_costs: BTreeMap<String, u64>,
 }
 
 impl CreateSessionRequest {
@@ -178,7 +190,25 @@ impl CreateSessionRequest {
             rate_limit_window_secs: 60,
             data_sensitivity_ceiling: DataSensitivity::Public,
             tool_limits: BTreeMap::new(),
+            budget_id: None,
+            tool_costs: BTreeMap::new(),
         }
+    }
+
+    /// The request with its calls charged to the shared budget `budget` (see
+    /// [`budget_id`](Self::budget_id)).
+    #[must_use]
+    pub fn with_budget(mut self, budget: BudgetId) -> Self {
+        self.budget_id = Some(budget);
+        self
+    }
+
+    /// The request with a call of `tool` costing `cost` units of its shared budget (see
+    /// [`tool_costs`](Self::tool_costs)).
+    #[must_use]
+    pub fn with_tool_cost(mut self, tool: impl Into<String>, cost: u64) -> Self {
+        self.tool_costs.insert(tool.into(), cost);
+        self
     }
 
     /// The request with a call limit of its own for `tool` (see
@@ -273,7 +303,39 @@ impl CreateSessionRequest {
         ] {
             validate_names(field, names)?;
         }
-        self.validate_tool_limits()
+        self.validate_tool_limits()?;
+        self.validate_tool_costs()
+    }
+
+    fn validate_tool_costs(&self) -> Result<(), SessionError> {
+        use limits::*;
+        let invalid = |reason: String| Err(SessionError::InvalidRequest { reason });
+        if self.tool_costs.is_empty() {
+            return Ok(());
+        }
+        if self.budget_id.is_none() {
+            return invalid("tool_costs needs a budget_id".to_owned());
+        }
+        if self.tool_costs.len() > self.authorized_tools.len() {
+            return invalid("tool_costs has more entries than authorized_tools".to_owned());
+        }
+        for (tool, &cost) in &self.tool_costs {
+            // Checked first: a name that is not valid is not echoed back.
+            if !is_valid_name(tool) {
+                return invalid(format!(
+                    "tool_costs names must be 1..={MAX_NAME_BYTES} bytes without NUL"
+                ));
+            }
+            if !list_authorizes(&self.authorized_tools, tool) {
+                return invalid(format!(
+                    "tool_costs names {tool:?}, which authorized_tools does not authorize"
+                ));
+            }
+            if cost > MAX_COST {
+                return invalid(format!("tool_costs[{tool:?}] must be 0..={MAX_COST}"));
+            }
+        }
+        Ok(())
     }
 
     fn validate_tool_limits(&self) -> Result<(), SessionError> {
@@ -300,6 +362,15 @@ impl CreateSessionRequest {
         }
         Ok(())
     }
+}
+
+/// What a call of a tool costs in its session's shared budget (when not 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCost {
+    /// The tool's name.
+    pub tool: Arc<str>,
+    /// Units of the shared budget one call of it costs.
+    pub cost: u64,
 }
 
 /// A tool with a call limit of its own inside a session, and its calls so far.
@@ -372,6 +443,10 @@ pub struct TaskSession {
     /// The tools with a call limit of their own, sorted by name, with their calls so far;
     /// empty when no tool has one.
     pub tool_limits: Arc<[ToolLimit]>,
+    /// The shared budget the session's calls are charged to, if any.
+    pub budget_id: Option<BudgetId>,
+    /// The tools whose call costs other than 1 unit of the shared budget, sorted by name.
+    pub tool_costs: Arc<[ToolCost]>,
 }
 
 impl TaskSession {
@@ -411,7 +486,35 @@ impl TaskSession {
                     calls: 0,
                 })
                 .collect(),
+            budget_id: req.budget_id.clone(),
+            tool_costs: req
+                .tool_costs
+                .iter()
+                .map(|(tool, &cost)| ToolCost {
+                    tool: tool.as_str().into(),
+                    cost,
+                })
+                .collect(),
         }
+    }
+
+    /// What a call of `tools` costs in the session's shared budget: `explicit` when given,
+    /// else the sum of each tool's cost (its entry in [`tool_costs`](Self::tool_costs),
+    /// else 1). `None` when the session draws on no shared budget.
+    pub fn cost_of(&self, tools: &[&str], explicit: Option<u64>) -> Option<u64> {
+        self.budget_id.as_ref()?;
+        Some(explicit.unwrap_or_else(|| {
+            tools
+                .iter()
+                .map(|tool| {
+                    self.tool_costs
+                        .binary_search_by(|entry| (*entry.tool).cmp(tool))
+                        .ok()
+                        .and_then(|index| self.tool_costs.get(index))
+                        .map_or(1, |entry| entry.cost)
+                })
+                .fold(0, u64::saturating_add)
+        }))
     }
 
     /// Whether the session may be used at `now`: active and before `expires_at`.

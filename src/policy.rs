@@ -36,10 +36,12 @@ use crate::model::{SessionStatus, TaskSession, ToolLimit, limits};
 /// A state change the store can be asked for.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Mutation<'a> {
-    /// Count one call per tool, all or nothing.
+    /// Count one call per tool, all or nothing; `cost`, when given, is what the call costs
+    /// in the session's shared budget (else its tools' costs).
     Use {
         tools: &'a [&'a str],
         agent: Option<Uuid>,
+        cost: Option<u64>,
     },
     /// Close the session.
     Close,
@@ -67,7 +69,7 @@ pub(crate) fn decide(
     now: DateTime<Utc>,
 ) -> Result<Decision, SessionError> {
     match mutation {
-        Mutation::Use { tools, agent } => decide_use(session, tools, agent, now).map(|next| {
+        Mutation::Use { tools, agent, .. } => decide_use(session, tools, agent, now).map(|next| {
             let kind = if tools.len() == 1 {
                 EventKind::CallAllowed
             } else {
@@ -217,8 +219,9 @@ fn window_after(
 
 /// Re-applies the changes recorded by `unwritten` (changes a store applied to its cache
 /// but could not write) on top of `fresh`, the newer row in storage, in order. Returns
-/// the merged state; `unwritten` keeps only the events that still apply, renumbered so the
-/// trail's counters follow the merged timeline.
+/// the merged state and the events dropped; `unwritten` keeps only the events that still
+/// apply, renumbered so the trail's counters follow the merged timeline. `admit` may drop a
+/// call before it is counted (one charged to a shared budget's share that died).
 ///
 /// # Invariant: monotonic merge
 /// A terminal status in storage wins; an unwritten close or expiry applies only over
@@ -229,20 +232,44 @@ fn window_after(
 /// still be active; a call that does not fit is dropped with its event. Every unwritten
 /// call was answered `StorageWriteThrough` (denied), so dropping one never takes back a
 /// call that got `Ok`, and a closed session never gains a call, even in the audit trail.
-pub(crate) fn merge_unwritten(fresh: &TaskSession, unwritten: &mut Vec<AuditEvent>) -> TaskSession {
+pub(crate) fn merge_unwritten(
+    fresh: &TaskSession,
+    unwritten: &mut Vec<AuditEvent>,
+    mut admit: impl FnMut(&AuditEvent) -> bool,
+) -> (TaskSession, Vec<AuditEvent>) {
     let mut merged = fresh.clone();
-    unwritten.retain_mut(|event| {
+    let mut dropped = Vec::new();
+    let mut kept = Vec::with_capacity(unwritten.len());
+    for mut event in unwritten.drain(..) {
+        if merge_one(&mut merged, &mut event, &mut admit) {
+            kept.push(event);
+        } else {
+            dropped.push(event);
+        }
+    }
+    *unwritten = kept;
+    (merged, dropped)
+}
+
+/// Re-applies one unwritten event on `merged` (see [`merge_unwritten`]); `false` when it
+/// is dropped.
+fn merge_one(
+    merged: &mut TaskSession,
+    event: &mut AuditEvent,
+    admit: &mut impl FnMut(&AuditEvent) -> bool,
+) -> bool {
+    {
         match event.kind {
             EventKind::CallAllowed | EventKind::BatchAllowed => {
-                if merged.status != SessionStatus::Active {
+                if merged.status != SessionStatus::Active || !admit(event) {
                     return false;
                 }
                 // At most `limits::MAX_TOOLS` tools per event.
                 let calls = event.tools.len() as u64;
                 let (Some(calls_made), Ok(tool_limits), Some((window_started_at, window_calls))) = (
-                    calls_after(&merged, calls),
-                    tool_limits_after(&merged, event.tools.iter().map(String::as_str)),
-                    window_after(&merged, calls, event.occurred_at),
+                    calls_after(merged, calls),
+                    tool_limits_after(merged, event.tools.iter().map(String::as_str)),
+                    window_after(merged, calls, event.occurred_at),
                 ) else {
                     return false;
                 };
@@ -259,10 +286,9 @@ pub(crate) fn merge_unwritten(fresh: &TaskSession, unwritten: &mut Vec<AuditEven
         event.calls_made = merged.calls_made;
         event.rate_window_calls = merged.rate_window_calls;
         event.status = merged.status;
-        event.tool_calls = crate::audit::tool_calls_of(event.kind, &event.tools, &merged);
+        event.tool_calls = crate::audit::tool_calls_of(event.kind, &event.tools, merged);
         true
-    });
-    merged
+    }
 }
 
 /// The rate window a call at `now` falls in, and the calls already counted in it.
@@ -313,7 +339,15 @@ mod tests {
         agent: Option<Uuid>,
         now: DateTime<Utc>,
     ) -> Result<TaskSession, SessionError> {
-        match decide(s, Mutation::Use { tools, agent }, now)? {
+        match decide(
+            s,
+            Mutation::Use {
+                tools,
+                agent,
+                cost: None,
+            },
+            now,
+        )? {
             Decision::Apply(next, _) => Ok(next),
             Decision::Unchanged => panic!("a use always changes state"),
         }
@@ -506,7 +540,7 @@ mod tests {
         }
         let later = now + Duration::seconds(2);
         let mut unwritten = vec![call_at(&s, later), call_at(&s, later)];
-        let merged = merge_unwritten(&stored, &mut unwritten);
+        let (merged, _) = merge_unwritten(&stored, &mut unwritten, |_| true);
         assert_eq!(
             (merged.calls_made, merged.rate_window_calls),
             (5, 5),
@@ -519,7 +553,7 @@ mod tests {
         // Once the stored window is over, an unwritten call opens the next one.
         let next = now + Duration::seconds(61);
         let mut unwritten = vec![call_at(&s, next)];
-        let merged = merge_unwritten(&merged, &mut unwritten);
+        let (merged, _) = merge_unwritten(&merged, &mut unwritten, |_| true);
         assert_eq!(merged.rate_window_started_at, Some(next));
         assert_eq!((merged.calls_made, merged.rate_window_calls), (6, 1));
     }
@@ -658,7 +692,7 @@ mod tests {
             Uuid::nil(),
         );
         let mut unwritten = vec![write(now), write(now), read];
-        let merged = merge_unwritten(&stored, &mut unwritten);
+        let (merged, _) = merge_unwritten(&stored, &mut unwritten, |_| true);
         assert_eq!(
             (merged.calls_made, write_calls(&merged)),
             (3, 2),

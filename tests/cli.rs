@@ -600,7 +600,7 @@ async fn cli_exports_events_in_order_with_their_hashes(pool: PgPool) {
     );
     assert!(
         lines[0].ends_with(
-            ",session_day,limited_tools,tool_calls,prev_hash,hash,presented_agent_id,tool_count"
+            ",session_day,limited_tools,tool_calls,prev_hash,hash,presented_agent_id,tool_count,cost,share_id,budget_id"
         ),
         "{csv}"
     );

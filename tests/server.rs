@@ -618,6 +618,138 @@ async fn budget_routes_roles_and_bad_input(pool: PgPool) {
     assert!(acme_now.body["parent_id"].is_null(), "{}", acme_now.body);
 }
 
+/// Sessions drawing on a shared budget over HTTP: `budget_id` and `tool_costs` at create
+/// (an unknown budget is 400 and creates nothing), `cost` on `/use` and `/use-batch`,
+/// `x-arbiter-cost` on the check, and the budget's denial as the session's own (429
+/// `budget_exceeded`).
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn sessions_spend_a_shared_budget_over_http(pool: PgPool) {
+    let service = service(&common::database_url(&pool).await).await;
+    let put = service
+        .put(
+            "/v1/budgets/acme",
+            ADMIN,
+            json!({ "limit": 10, "unit": "tokens" }),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::CREATED, "{}", put.body);
+    let agent = Uuid::new_v4();
+    let body = json!({ "agent_id": agent, "authorized_tools": ["search", "write"],
+        "call_budget": 100, "time_limit_secs": 600, "budget_id": "acme",
+        "tool_costs": { "write": 3 } });
+    for (field, value) in [
+        ("budget_id", json!("nobody")),
+        ("budget_id", json!("bad id")),
+        ("tool_costs", json!({ "rm": 1 })),
+        ("tool_costs", json!({ "write": -1 })),
+        ("tool_costs", json!({ "write": 1_000_000_000_001_u64 })),
+    ] {
+        let mut bad = body.clone();
+        bad[field] = value;
+        assert_error(
+            &service.post("/v1/sessions", ADMIN, bad).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        );
+    }
+    assert_eq!(sessions_in(&pool).await, 0);
+    let created = service.post("/v1/sessions", ADMIN, body).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.body["budget_id"], "acme");
+    assert_eq!(created.body["tool_costs"], json!({ "write": 3 }));
+    let id = created.body["session_id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+
+    let path = format!("/v1/sessions/{id}/use");
+    let batch = format!("/v1/sessions/{id}/use-batch");
+    let ok = |answer: Answer| assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    ok(service
+        .post(
+            &path,
+            GATEWAY,
+            json!({ "tool": "write", "agent_id": agent }),
+        )
+        .await);
+    ok(service
+        .post(
+            &path,
+            GATEWAY,
+            json!({ "tool": "search", "agent_id": agent, "cost": 2 }),
+        )
+        .await);
+    ok(service
+        .post(
+            &batch,
+            GATEWAY,
+            json!({ "tools": ["search", "search"], "agent_id": agent }),
+        )
+        .await);
+    for bad in [json!(-1), json!(1.5), json!("2")] {
+        assert_error(
+            &service
+                .post(
+                    &path,
+                    GATEWAY,
+                    json!({ "tool": "search", "agent_id": agent, "cost": bad }),
+                )
+                .await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        );
+    }
+    let check = |cost: &str| {
+        service
+            .call(Method::POST, "/v1/check/tools")
+            .bearer(GATEWAY)
+            .header("x-arbiter-session", &id)
+            .header("x-arbiter-agent", agent.to_string())
+            .header("x-arbiter-tool", "search")
+            .header("x-arbiter-cost", cost)
+            .send()
+    };
+    for bad in ["-1", "two", "", "1.0"] {
+        assert_error(
+            &check(bad).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        );
+    }
+    ok(check("2").await);
+    // 3 + 2 + 2 + 2 spent: 1 left.
+    let denied = service
+        .post(
+            &batch,
+            GATEWAY,
+            json!({ "tools": ["search"], "agent_id": agent, "cost": 2 }),
+        )
+        .await;
+    assert_error(&denied, StatusCode::TOO_MANY_REQUESTS, "budget_exceeded");
+    assert_eq!(denied.body["message"], "session budget exceeded");
+    assert_error(
+        &check("5").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "budget_exceeded",
+    );
+    ok(service
+        .post(
+            &path,
+            GATEWAY,
+            json!({ "tool": "search", "agent_id": agent }),
+        )
+        .await);
+    let acme = service.get("/v1/budgets/acme", GATEWAY).await;
+    assert_eq!(
+        (&acme.body["used"], &acme.body["remaining"]),
+        (&json!(10), &json!(0)),
+        "{}",
+        acme.body
+    );
+    let session = service.get(&format!("/v1/sessions/{id}"), ADMIN).await;
+    assert_eq!(session.body["calls_made"], 6, "{}", session.body);
+}
+
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn ext_authz_metrics_and_openapi(pool: PgPool) {
     // This test's own recorder: sqlx::test runs it on one thread, store tasks included, so
@@ -1059,6 +1191,24 @@ async fn run_as_gateway_role(pool: PgPool, role: &str) {
     assert_eq!(budget.status, StatusCode::CREATED, "{}", budget.body);
     let budget = service.get("/v1/budgets/team", GATEWAY).await;
     assert_eq!(budget.body["remaining"], 10, "{}", budget.body);
+    // A session drawing on it: its calls are charged through the process's share.
+    let spender = Uuid::new_v4();
+    let charged = create(
+        &service,
+        json!({ "agent_id": spender, "authorized_tools": ["search"], "call_budget": 5,
+        "time_limit_secs": 600, "budget_id": "team", "tool_costs": { "search": 3 } }),
+    )
+    .await;
+    let charge = service
+        .post(
+            &format!("/v1/sessions/{charged}/use"),
+            GATEWAY,
+            json!({ "tool": "search", "agent_id": spender }),
+        )
+        .await;
+    assert_eq!(charge.status, StatusCode::OK, "{}", charge.body);
+    let budget = service.get("/v1/budgets/team", GATEWAY).await;
+    assert_eq!(budget.body["used"], 3, "{}", budget.body);
 
     let agent = Uuid::new_v4();
     let id = create(

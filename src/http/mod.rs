@@ -13,13 +13,15 @@ use crate::error::SessionError;
 
 /// HTTP status a gateway should answer with for `err`.
 ///
-/// 404 not found, 408 expired, 429 budget / rate / too many sessions, 403 tool or agent,
+/// 404 not found, 408 expired, 429 budget (the session's or a shared one) / rate / too many
+/// sessions, 403 tool or agent,
 /// 410 closed, 503 storage, 400 invalid request.
 pub fn status_code_for_error(err: &SessionError) -> u16 {
     match err {
         SessionError::NotFound(_) => 404,
         SessionError::Expired(_) => 408,
         SessionError::BudgetExceeded { .. }
+        | SessionError::SharedBudgetExceeded { .. }
         | SessionError::RateLimited { .. }
         | SessionError::TooManySessions { .. } => 429,
         SessionError::ToolNotAuthorized { .. } | SessionError::AgentMismatch { .. } => 403,
@@ -36,7 +38,9 @@ pub fn error_code(err: &SessionError) -> &'static str {
     match err {
         SessionError::NotFound(_) => "not_found",
         SessionError::Expired(_) => "expired",
-        SessionError::BudgetExceeded { .. } => "budget_exceeded",
+        SessionError::BudgetExceeded { .. } | SessionError::SharedBudgetExceeded { .. } => {
+            "budget_exceeded"
+        }
         SessionError::ToolNotAuthorized { .. } => "tool_not_authorized",
         SessionError::AlreadyClosed(_) => "already_closed",
         SessionError::RateLimited { .. } => "rate_limited",

@@ -176,6 +176,9 @@ struct ChainRow {
     tool_calls: Option<Vec<Option<i64>>>,
     presented_agent_id: Option<Uuid>,
     tool_count: Option<i32>,
+    cost: Option<i64>,
+    share_id: Option<Uuid>,
+    budget_id: Option<String>,
     prev_hash: Option<Vec<u8>>,
     hash: Option<Vec<u8>>,
 }
@@ -244,6 +247,17 @@ fn link_hash(prev: Digest, row: &ChainRow) -> Digest {
         hasher.update([0xff]);
         hasher.update(row.presented_agent_id.unwrap_or_default().as_bytes());
         hasher.update(row.tool_count.unwrap_or(-1).to_be_bytes());
+    }
+    // Then, if the event records a shared budget's charge or denial, another tag, the
+    // cost, the share and the budget (migration 20261206000006).
+    if row.cost.is_some() || row.share_id.is_some() || row.budget_id.is_some() {
+        hasher.update([0xfe]);
+        hasher.update(row.cost.unwrap_or(-1).to_be_bytes());
+        hasher.update(row.share_id.unwrap_or_default().as_bytes());
+        text(
+            &mut hasher,
+            Some(row.budget_id.as_deref().unwrap_or_default()),
+        );
     }
     Digest(hasher.finalize().into())
 }
@@ -480,8 +494,33 @@ mod tests {
             tool_calls: None,
             presented_agent_id: None,
             tool_count: None,
+            cost: None,
+            share_id: None,
+            budget_id: None,
             prev_hash: None,
             hash: None,
+        }
+    }
+
+    #[test]
+    fn a_calls_cost_share_and_budget_are_hashed_only_when_present() {
+        let plain = link_hash(Digest::GENESIS, &row());
+        let mut charged = row();
+        charged.cost = Some(3);
+        charged.share_id = Some(Uuid::from_u128(7));
+        charged.budget_id = Some("acme".into());
+        let with_charge = link_hash(Digest::GENESIS, &charged);
+        assert_ne!(plain, with_charge);
+        for edit in [
+            |r: &mut ChainRow| r.cost = Some(4),
+            |r: &mut ChainRow| r.cost = None,
+            |r: &mut ChainRow| r.share_id = Some(Uuid::from_u128(8)),
+            |r: &mut ChainRow| r.budget_id = Some("acme/x".into()),
+            |r: &mut ChainRow| r.budget_id = None,
+        ] {
+            let mut edited = charged.clone();
+            edit(&mut edited);
+            assert_ne!(with_charge, link_hash(Digest::GENESIS, &edited));
         }
     }
 

@@ -123,6 +123,13 @@ pub struct ExportedEvent {
     pub presented_agent_id: Option<Uuid>,
     /// Denials: how many tools the call named (`tools` holds the first 16).
     pub tool_count: Option<i32>,
+    /// Allowed calls of a session with a shared budget: the units the call cost.
+    pub cost: Option<i64>,
+    /// The share of the shared budget the cost was charged to.
+    pub share_id: Option<Uuid>,
+    /// Allowed calls: the session's shared budget; `shared_budget` denials: the budget
+    /// that had no room.
+    pub budget_id: Option<String>,
 }
 
 const CSV_COLUMNS: &[&str] = &[
@@ -147,6 +154,9 @@ const CSV_COLUMNS: &[&str] = &[
     "hash",
     "presented_agent_id",
     "tool_count",
+    "cost",
+    "share_id",
+    "budget_id",
 ];
 
 /// A list as one CSV cell: its values space-separated, a NULL element as an empty word.
@@ -159,7 +169,7 @@ fn space_separated<T: ToString>(values: &[Option<T>]) -> String {
 }
 
 impl ExportedEvent {
-    fn csv_cells(&self) -> [String; 21] {
+    fn csv_cells(&self) -> [String; 24] {
         let opt = |value: Option<String>| value.unwrap_or_default();
         [
             self.event_id.to_string(),
@@ -184,6 +194,9 @@ impl ExportedEvent {
             opt(self.hash.clone()),
             opt(self.presented_agent_id.map(|agent| agent.to_string())),
             opt(self.tool_count.map(|count| count.to_string())),
+            opt(self.cost.map(|cost| cost.to_string())),
+            opt(self.share_id.map(|share| share.to_string())),
+            opt(self.budget_id.clone()),
         ]
     }
 }
@@ -321,12 +334,18 @@ mod tests {
             hash: None,
             presented_agent_id: None,
             tool_count: None,
+            cost: Some(5),
+            share_id: None,
+            budget_id: Some("acme".to_owned()),
         };
         let column = |name: &str| CSV_COLUMNS.iter().position(|c| *c == name).expect(name);
         let cells = event.csv_cells();
         assert_eq!(cells[column("tools")], "search write_file");
         assert_eq!(cells[column("limited_tools")], "write_file");
         assert_eq!(cells[column("tool_calls")], "2");
+        assert_eq!(cells[column("cost")], "5");
+        assert_eq!(cells[column("share_id")], "");
+        assert_eq!(cells[column("budget_id")], "acme");
 
         event.limited_tools = None;
         event.tool_calls = None;

@@ -178,6 +178,13 @@ pub(crate) struct CreateBody {
     /// tool authorized by `authorized_tools`); none by default.
     #[serde(default)]
     pub(crate) tool_limits: BTreeMap<String, u64>,
+    /// The shared budget the session's calls are charged to (it must exist).
+    #[schema(pattern = "^[A-Za-z0-9._:/-]{1,128}$")]
+    pub(crate) budget_id: Option<String>,
+    /// What a call of a tool costs in the shared budget's units, by tool name (0 allowed;
+    /// a tool without an entry costs 1); only with `budget_id`.
+    #[serde(default)]
+    pub(crate) tool_costs: BTreeMap<String, u64>,
 }
 
 /// A session.
@@ -200,6 +207,11 @@ pub(crate) struct SessionView {
     pub(crate) expires_at: DateTime<Utc>,
     /// The tools with a call limit of their own, by name.
     pub(crate) tool_limits: BTreeMap<String, ToolLimitView>,
+    /// The shared budget the session's calls are charged to.
+    pub(crate) budget_id: Option<String>,
+    /// What a call of a tool costs in the shared budget, for the tools that cost other
+    /// than 1.
+    pub(crate) tool_costs: BTreeMap<String, u64>,
 }
 
 /// A tool's own call limit and its calls so far.
@@ -237,6 +249,12 @@ impl From<&TaskSession> for SessionView {
                     (l.tool.to_string(), view)
                 })
                 .collect(),
+            budget_id: s.budget_id.as_ref().map(ToString::to_string),
+            tool_costs: s
+                .tool_costs
+                .iter()
+                .map(|c| (c.tool.to_string(), c.cost))
+                .collect(),
         }
     }
 }
@@ -249,6 +267,9 @@ pub(crate) struct UseBody {
     pub(crate) tool: String,
     /// The agent presenting the session.
     pub(crate) agent_id: Uuid,
+    /// What the call costs in the session's shared budget, instead of its `tool_costs`.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
+    pub(crate) cost: Option<u64>,
 }
 
 /// `POST /v1/sessions/{id}/use-batch`.
@@ -259,6 +280,10 @@ pub(crate) struct UseBatchBody {
     pub(crate) tools: Vec<String>,
     /// The agent presenting the session.
     pub(crate) agent_id: Uuid,
+    /// What the whole batch costs in the session's shared budget, instead of the sum of
+    /// its tools' costs.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
+    pub(crate) cost: Option<u64>,
 }
 
 /// An allowed use.

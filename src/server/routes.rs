@@ -33,6 +33,8 @@ pub(crate) const AGENT_HEADER: &str = "x-arbiter-agent";
 /// The header that names the tool, when the body has no `tools/call` (see
 /// `crate::http::check` for how the two are decided).
 pub(crate) const TOOL_HEADER: &str = "x-arbiter-tool";
+/// The header that gives a checked call's cost in its session's shared budget.
+pub(crate) const COST_HEADER: &str = "x-arbiter-cost";
 /// The header an allowed check answers with.
 pub(crate) const REMAINING_HEADER: &str = "x-arbiter-calls-remaining";
 
@@ -125,6 +127,8 @@ impl CreateBody {
             req.authorized_credentials = credentials;
         }
         req.tool_limits = self.tool_limits;
+        req.budget_id = self.budget_id.map(BudgetId::new).transpose()?;
+        req.tool_costs = self.tool_costs;
         if let Some(ceiling) = self.data_sensitivity_ceiling {
             req.data_sensitivity_ceiling = ceiling.parse::<DataSensitivity>().map_err(|_| {
                 ApiError::invalid(
@@ -205,11 +209,21 @@ pub(crate) async fn use_session(
     Body(body): Body<UseBody>,
 ) -> Result<Json<UseAnswer>, ApiError> {
     caller.require(&[Role::Gateway])?;
-    match state
-        .store
-        .use_session(id, &body.tool, Some(body.agent_id))
-        .await
-    {
+    let used = match body.cost {
+        Some(cost) => {
+            state
+                .store
+                .use_session_with_cost(id, &body.tool, Some(body.agent_id), cost)
+                .await
+        }
+        None => {
+            state
+                .store
+                .use_session(id, &body.tool, Some(body.agent_id))
+                .await
+        }
+    };
+    match used {
         Ok(session) => Ok(Json(UseAnswer::from(&session))),
         Err(err) => Err(denied(&state, id, err).await),
     }
@@ -228,11 +242,21 @@ pub(crate) async fn use_batch(
 ) -> Result<Json<UseAnswer>, ApiError> {
     caller.require(&[Role::Gateway])?;
     let tools: Vec<&str> = body.tools.iter().map(String::as_str).collect();
-    match state
-        .store
-        .use_session_batch(id, &tools, Some(body.agent_id))
-        .await
-    {
+    let used = match body.cost {
+        Some(cost) => {
+            state
+                .store
+                .use_session_batch_with_cost(id, &tools, Some(body.agent_id), cost)
+                .await
+        }
+        None => {
+            state
+                .store
+                .use_session_batch(id, &tools, Some(body.agent_id))
+                .await
+        }
+    };
+    match used {
         Ok(session) => Ok(Json(UseAnswer::from(&session))),
         Err(err) => Err(denied(&state, id, err).await),
     }
@@ -356,6 +380,22 @@ pub(crate) async fn list_budgets(
     }))
 }
 
+/// The call's cost from `x-arbiter-cost`, if sent: a decimal integer, else 400.
+fn header_cost(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(COST_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|text| text.parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid(format!("the {COST_HEADER} header must be a whole number"))
+        })
+}
+
 fn header_id(headers: &HeaderMap, name: &str) -> Result<Uuid, ApiError> {
     headers
         .get(name)
@@ -371,7 +411,8 @@ fn header_id(headers: &HeaderMap, name: &str) -> Result<Uuid, ApiError> {
 /// cannot decide is 400 and counts nothing.
 #[utoipa::path(post, path = "/v1/check/{rest}", params(("rest" = String, Path),
         ("x-arbiter-session" = Uuid, Header), ("x-arbiter-agent" = Uuid, Header),
-        ("x-arbiter-tool" = Option<String>, Header)),
+        ("x-arbiter-tool" = Option<String>, Header),
+        ("x-arbiter-cost" = Option<u64>, Header)),
     responses((status = 200, headers(("x-arbiter-calls-remaining" = u64))),
         (status = "default", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -398,8 +439,18 @@ pub(crate) async fn check(
         tracing::warn!(session_id = %id, %refusal, "check refused before the store");
         ApiError::invalid(refusal.to_string())
     })?;
+    let cost = header_cost(&headers)?;
     let tools: Vec<&str> = tools.iter().map(String::as_str).collect();
-    match state.store.use_session_batch(id, &tools, Some(agent)).await {
+    let used = match cost {
+        Some(cost) => {
+            state
+                .store
+                .use_session_batch_with_cost(id, &tools, Some(agent), cost)
+                .await
+        }
+        None => state.store.use_session_batch(id, &tools, Some(agent)).await,
+    };
+    match used {
         Ok(session) => {
             let remaining = HeaderValue::from(session.calls_remaining());
             Ok(([(REMAINING_HEADER, remaining)], StatusCode::OK).into_response())

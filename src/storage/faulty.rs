@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    CapOutcome, Change, ChangeFeed, LockWait, LockedUpdate, Storage, UpdateOutcome, Version,
-    Versioned,
+    CapOutcome, Change, ChangeFeed, LockWait, LockedUpdate, ShareGrant, ShareRequest, Storage,
+    UpdateOutcome, Version, Versioned,
 };
 use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
@@ -432,5 +432,19 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     ) -> Result<Vec<Uuid>, StorageError> {
         self.check_read()?;
         self.inner.due_for_expiry(now, limit).await
+    }
+
+    async fn grant_share(&self, request: ShareRequest<'_>) -> Result<ShareGrant, StorageError> {
+        self.write(self.inner.grant_share(request)).await
+    }
+
+    async fn release_share(
+        &self,
+        share_id: Uuid,
+        keep: u64,
+        close: bool,
+    ) -> Result<u64, StorageError> {
+        self.write(self.inner.release_share(share_id, keep, close))
+            .await
     }
 }

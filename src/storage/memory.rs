@@ -78,6 +78,10 @@ impl Tables {
         if self.sessions.contains_key(&session.session_id) {
             return Err(constraint("sessions_pkey"));
         }
+        // Shared budgets live in PostgreSQL only: no budget exists here.
+        if session.budget_id.is_some() {
+            return Err(constraint("sessions_budget_id_fkey"));
+        }
         if !self.event_keys.insert(event.key) {
             return Err(constraint("session_events_key_unique"));
         }

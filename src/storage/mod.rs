@@ -27,6 +27,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::audit::{AuditEvent, Denial};
+use crate::budget::BudgetId;
 use crate::error::StorageError;
 use crate::model::TaskSession;
 
@@ -107,6 +108,43 @@ pub enum CapOutcome {
         /// Live sessions the agent has.
         current: u64,
     },
+}
+
+/// A process asking for units of a shared budget ([`Storage::grant_share`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ShareRequest<'a> {
+    /// The share to add them to (made if it does not exist).
+    pub share_id: Uuid,
+    /// The asking store's instance id: a share is only ever topped up by its holder.
+    pub holder: Uuid,
+    /// The budget drawn on (units of each of its ancestors come with it).
+    pub budget_id: &'a BudgetId,
+    /// Grant nothing unless at least this many units are left at every level.
+    pub need: u64,
+    /// As many as this, if there is room (storage may grant fewer, never fewer than
+    /// `need`).
+    pub want: u64,
+    /// How long the share stays the holder's without a renewal (any grant renews it).
+    pub lease: std::time::Duration,
+}
+
+/// What [`Storage::grant_share`] granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareGrant {
+    /// `false` when the share is closed, not the holder's, or of a period that is over:
+    /// nothing was granted; ask again on a new share.
+    pub share_open: bool,
+    /// Units this grant added.
+    pub added: u64,
+    /// Units the share holds in all.
+    pub granted: u64,
+    /// Units left before this grant at the level with least room.
+    pub room: u64,
+    /// That level.
+    pub tightest: Option<BudgetId>,
+    /// The share is for calls decided before this instant (the first end among its
+    /// budgets' periods); `None`: no end.
+    pub period_end: Option<DateTime<Utc>>,
 }
 
 /// What a [`ChangeFeed`] reports.
@@ -253,6 +291,31 @@ pub trait Storage: Send + Sync + 'static {
         &self,
         agent_id: Uuid,
     ) -> impl Future<Output = Result<Vec<Uuid>, StorageError>> + Send;
+
+    /// Grants units of a shared budget to a share of the asking process (see
+    /// [`ShareRequest`]), in one transaction that never takes any level of the budget's
+    /// chain past its limit, and renews the share's lease. The default refuses: a storage
+    /// without budgets ([`MemoryStorage`] refuses sessions that name one).
+    fn grant_share(
+        &self,
+        request: ShareRequest<'_>,
+    ) -> impl Future<Output = Result<ShareGrant, StorageError>> + Send {
+        let _ = request;
+        async { Err(StorageError::Unsupported("shared budgets")) }
+    }
+
+    /// Gives back the units of `share_id` beyond `keep` (what its holder has spent or is
+    /// spending; never below what storage recorded as used), closing the share when
+    /// `close`. Returns how many came back. The default has nothing to give back.
+    fn release_share(
+        &self,
+        share_id: Uuid,
+        keep: u64,
+        close: bool,
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send {
+        let _ = (share_id, keep, close);
+        async { Ok(0) }
+    }
 
     /// Ids of up to `limit` active sessions whose `expires_at <= now`, earliest first.
     fn due_for_expiry(

@@ -8,6 +8,7 @@ use moka::future::Cache;
 use uuid::Uuid;
 
 use super::SessionStore;
+use super::escrow::{self, Escrow};
 use super::inner::{Inner, Parts};
 use super::listener::Listener;
 use super::maintenance::Maintenance;
@@ -46,6 +47,7 @@ pub struct SessionStoreBuilder<S> {
     denial_buffer_bytes: usize,
     maintenance_interval: Option<Duration>,
     cold_loads: usize,
+    share_lease: Duration,
 }
 
 impl<S: Storage> SessionStoreBuilder<S> {
@@ -65,7 +67,17 @@ impl<S: Storage> SessionStoreBuilder<S> {
             denial_buffer_bytes: DENIAL_BUFFER_BYTES,
             maintenance_interval: Some(MAINTENANCE_INTERVAL),
             cold_loads: COLD_LOADS,
+            share_lease: escrow::LEASE,
         }
+    }
+
+    /// How long this store's share of a shared budget stays its own without a renewal
+    /// (default 10 s; the store renews it while it is in use). The units a process that
+    /// died was holding come back to the others this long after its last renewal, at the
+    /// next grant of the budget's tree. Shorter leases mean more renewals.
+    pub fn share_lease(mut self, lease: Duration) -> Self {
+        self.share_lease = std::cmp::max(lease, Duration::from_millis(100));
+        self
     }
 
     /// Longest wait for any one call's storage work (default 5 s), connection acquisition
@@ -208,6 +220,7 @@ impl<S: Storage> SessionStoreBuilder<S> {
             listener: Listener::new(self.listen_for_changes),
             maintenance: Maintenance::new(self.maintenance_interval),
             denial_buffer: (self.denial_buffer, self.denial_buffer_bytes),
+            escrow: Escrow::new(self.instance_id, self.share_lease, self.storage_timeout),
         });
         SessionStore { inner }
     }

@@ -24,6 +24,7 @@ use uuid::Uuid;
 use super::time_bounded::TimeBounded;
 use super::worker::{Parking, Worker};
 use crate::audit::{Denial, DenialReason};
+use crate::budget::BudgetId;
 use crate::error::{SessionError, error_chain};
 use crate::metrics::{self, Counter};
 use crate::model::TaskSession;
@@ -115,7 +116,12 @@ impl<S: Storage> DenialLog<S> {
             self.count_dropped(1);
             return;
         }
-        let denial = Denial::new(reason, tools, session, at, self.instance_id).presented_by(agent);
+        let mut denial =
+            Denial::new(reason, tools, session, at, self.instance_id).presented_by(agent);
+        if let SessionError::SharedBudgetExceeded { budget_id, .. } = err {
+            // The budget that had no room: a valid id, since the store took it from one.
+            denial.event.budget_id = BudgetId::new(budget_id.as_str()).ok();
+        }
         let was_empty = {
             let mut buffer = self.buffer();
             if !self.fits(buffer.denials.len(), buffer.bytes, &denial) {

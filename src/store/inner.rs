@@ -43,6 +43,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::denial_log::DenialLog;
+use super::escrow::Escrow;
+use super::escrow::Hold;
 use super::group_commit::GroupCommit;
 use super::listener::Listener;
 use super::maintenance::Maintenance;
@@ -82,6 +84,7 @@ pub(crate) struct Inner<S> {
     denials: Arc<DenialLog<S>>,
     listener: Listener,
     maintenance: Maintenance,
+    escrow: Escrow,
 }
 
 /// What a store is built from (`SessionStoreBuilder::build`); [`Inner::new`] makes the
@@ -100,6 +103,7 @@ pub(super) struct Parts<S> {
     pub(super) maintenance: Maintenance,
     /// The denial buffer's bounds: entries, then bytes.
     pub(super) denial_buffer: (usize, usize),
+    pub(super) escrow: Escrow,
 }
 
 impl<S> std::fmt::Debug for Inner<S> {
@@ -172,6 +176,7 @@ impl<S: Storage> Inner<S> {
             reconciler: parts.reconciler,
             listener: parts.listener,
             maintenance: parts.maintenance,
+            escrow: parts.escrow,
         })
     }
 
@@ -204,6 +209,34 @@ impl<S: Storage> Inner<S> {
 
     pub(super) fn denials(&self) -> &DenialLog<S> {
         &self.denials
+    }
+
+    pub(super) fn escrow(&self) -> &Escrow {
+        &self.escrow
+    }
+
+    /// Whether a write of `state` must first merge its unwritten calls into a fresh row:
+    /// some were charged to a share that died (see `escrow`), and are to be dropped.
+    pub(super) fn holds_dead_charges(&self, state: &SlotState) -> bool {
+        state.unwritten.iter().any(|event| {
+            event
+                .share_id
+                .is_some_and(|share| self.escrow.is_dead(share))
+        })
+    }
+
+    /// Rebases `state` on `fresh` (see `SlotState::rebase`), dropping the unwritten calls
+    /// charged to a dead share and giving back the units of those it drops otherwise.
+    pub(super) fn rebase(&self, state: &mut SlotState, fresh: Versioned, landed: usize) -> usize {
+        let dropped = state.rebase(fresh, landed, |event| {
+            event
+                .share_id
+                .is_none_or(|share| !self.escrow.is_dead(share))
+        });
+        for event in &dropped {
+            self.escrow.refund(event);
+        }
+        dropped.len()
     }
 
     /// The sessions ahead of storage and their slots, in no order.
@@ -259,6 +292,13 @@ impl<S: Storage> Inner<S> {
     }
 
     pub(super) fn create_failed(&self, session_id: Uuid, err: &StorageError) -> SessionError {
+        if let StorageError::Constraint { name, .. } = err
+            && name == "sessions_budget_id_fkey"
+        {
+            return SessionError::InvalidRequest {
+                reason: "budget_id names no budget".to_owned(),
+            };
+        }
         self.counters.write_failed();
         let detail = error_chain(err);
         tracing::warn!(%session_id, error = %detail, "session create was not made durable");
@@ -426,7 +466,7 @@ impl<S: Storage> Inner<S> {
             .mutate_locked(id, slot, state, mutations, now, deadline)
             .await;
         for (answer, mutation) in answers.iter().zip(mutations) {
-            if let (Err(err), Mutation::Use { tools, agent }) = (answer, mutation) {
+            if let (Err(err), Mutation::Use { tools, agent, .. }) = (answer, mutation) {
                 self.denials.record(&state.current, tools, *agent, err, now);
             }
         }
@@ -449,26 +489,69 @@ impl<S: Storage> Inner<S> {
         now: DateTime<Utc>,
         deadline: Instant,
     ) -> Vec<Answer> {
-        let round = Round::decide(&state.current, mutations, now, self.instance_id);
+        let mut hold = match Round::cost(&state.current, mutations) {
+            Some((budget, units)) => Some(
+                self.escrow
+                    .hold(&self.me, &self.storage, &budget, units, now, deadline)
+                    .await,
+            ),
+            None => None,
+        };
+        // Dropping the hold, here or where the caller went away, gives back what the
+        // round did not spend.
+        self.decide_and_write(id, slot, state, mutations, now, deadline, hold.as_mut())
+            .await
+    }
+
+    /// [`Self::mutate_locked`] once the round's shared-budget units are held: the calls
+    /// spend from `hold`, and what they did not spend goes back when it is dropped.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the round, its lock and its hold"
+    )]
+    async fn decide_and_write(
+        &self,
+        id: Uuid,
+        slot: &Arc<Slot>,
+        state: &mut SlotState,
+        mutations: &[Mutation<'_>],
+        now: DateTime<Utc>,
+        deadline: Instant,
+        mut hold: Option<&mut Hold>,
+    ) -> Vec<Answer> {
+        let round = Round::decide(
+            &state.current,
+            mutations,
+            now,
+            self.instance_id,
+            hold.as_deref_mut(),
+        );
         let Some(next) = round.next() else {
             return round.answers();
         };
-        let written = self
-            .commits
-            .write(
-                next,
-                state.durable_version,
-                &state.events_with(round.events()),
-                now,
-                deadline,
-            )
-            .await;
-        match written {
-            Ok(UpdateOutcome::Applied(version)) => {
-                return self.applied(id, slot, state, round, version);
+        // Calls charged to a dead share cannot land: merge into the fresh row, which drops
+        // them, rather than write and be refused.
+        if !self.holds_dead_charges(state) {
+            let written = self
+                .commits
+                .write(
+                    next,
+                    state.durable_version,
+                    &state.events_with(round.events()),
+                    now,
+                    deadline,
+                )
+                .await;
+            match written {
+                Ok(UpdateOutcome::Applied(version)) => {
+                    return self.applied(id, slot, state, round, version);
+                }
+                Ok(UpdateOutcome::Conflict) => self.counters.conflict(),
+                Err(err) => return self.write_failed(id, slot, state, round, &err),
             }
-            Ok(UpdateOutcome::Conflict) => self.counters.conflict(),
-            Err(err) => return self.write_failed(id, slot, state, round, &err),
+        }
+        if let Some(hold) = hold.as_deref_mut() {
+            hold.restart();
         }
 
         // The round decided under the row lock. It is kept outside the closure, not handed
@@ -484,8 +567,9 @@ impl<S: Storage> Inner<S> {
                     .update_locked(id, &probe, LockWait::Wait, |fresh, landed| {
                         // Dropped calls were denied to their callers; this round's events (if
                         // any) carry the merged counters.
-                        state.rebase(fresh, landed);
-                        let round = Round::decide(&state.current, mutations, now, self.instance_id);
+                        self.rebase(state, fresh, landed);
+                        let round =
+                            Round::decide(&state.current, mutations, now, self.instance_id, hold);
                         let write = round
                             .next()
                             .cloned()
@@ -540,6 +624,11 @@ impl<S: Storage> Inner<S> {
         mut round: Round,
         version: i64,
     ) -> Vec<Answer> {
+        for event in round.events() {
+            if let (Some(budget), Some(cost)) = (&event.budget_id, event.cost) {
+                crate::metrics::charged(budget, cost);
+            }
+        }
         if let (Some(next), _) = round.take_changes() {
             state.current = next;
         }

@@ -12,6 +12,9 @@
 //! * `group_commit`: the writes of different sessions sharing one statement;
 //! * `pending`: sessions ahead of storage (pinning); `reconciler`: writing them later;
 //! * `denial_log`: denied calls recorded off the hot path;
+//! * `escrow`: this process's shares of the shared budgets, and the hold each round
+//!   takes from them (a process never spends a unit it was not granted; no unit
+//!   stranded);
 //! * `listener`: cache invalidation from the change feed; `maintenance`: the storage's
 //!   periodic upkeep (for PostgreSQL, the audit trail's partitions and the rollups);
 //! * `time_bounded`: storage bounded in time, one deadline per call; `worker`: how every
@@ -32,6 +35,7 @@
 
 mod builder;
 mod denial_log;
+mod escrow;
 mod group_commit;
 mod inner;
 mod listener;
@@ -255,27 +259,31 @@ impl<S: Storage> SessionStore<S> {
         tool: &str,
         agent: Option<Uuid>,
     ) -> Result<TaskSession, SessionError> {
-        let timer = UseTimer::start();
-        let tools = [tool];
-        let result = self
-            .inner
-            .mutate(
-                session_id,
-                Mutation::Use {
-                    tools: &tools,
-                    agent,
-                },
-            )
-            .await
-            .map(|m| m.session);
-        timer.answered(&result);
-        result
+        self.use_tools(session_id, &[tool], agent, None).await
+    }
+
+    /// [`Self::use_session`] with the call's cost in the session's shared budget given
+    /// explicitly (at most [`limits::MAX_COST`](crate::model::limits::MAX_COST)), instead
+    /// of the session's `tool_costs`. A session without a shared budget ignores it.
+    ///
+    /// # Errors
+    /// As [`Self::use_session`], and [`SessionError::SharedBudgetExceeded`] (checked last:
+    /// nothing consumed) when a budget of the session's chain has no room for `cost`.
+    pub async fn use_session_with_cost(
+        &self,
+        session_id: Uuid,
+        tool: &str,
+        agent: Option<Uuid>,
+        cost: u64,
+    ) -> Result<TaskSession, SessionError> {
+        self.use_tools(session_id, &[tool], agent, Some(cost)).await
     }
 
     /// Counts one call per entry of `tools`, all or nothing: one unauthorized tool, or a
     /// budget or window without room for all of them, consumes nothing. At most
     /// [`limits::MAX_TOOLS`](crate::model::limits::MAX_TOOLS) tools; an empty batch is
-    /// [`SessionError::InvalidRequest`].
+    /// [`SessionError::InvalidRequest`]. In a session with a shared budget, the batch
+    /// costs the sum of its tools' costs.
     ///
     /// # Errors
     /// As [`Self::use_session`].
@@ -285,10 +293,40 @@ impl<S: Storage> SessionStore<S> {
         tools: &[&str],
         agent: Option<Uuid>,
     ) -> Result<TaskSession, SessionError> {
+        self.use_tools(session_id, tools, agent, None).await
+    }
+
+    /// [`Self::use_session_batch`] with the whole batch's cost given explicitly (see
+    /// [`Self::use_session_with_cost`]).
+    ///
+    /// # Errors
+    /// As [`Self::use_session_with_cost`].
+    pub async fn use_session_batch_with_cost(
+        &self,
+        session_id: Uuid,
+        tools: &[&str],
+        agent: Option<Uuid>,
+        cost: u64,
+    ) -> Result<TaskSession, SessionError> {
+        self.use_tools(session_id, tools, agent, Some(cost)).await
+    }
+
+    async fn use_tools(
+        &self,
+        session_id: Uuid,
+        tools: &[&str],
+        agent: Option<Uuid>,
+        cost: Option<u64>,
+    ) -> Result<TaskSession, SessionError> {
+        if cost.is_some_and(|cost| cost > crate::model::limits::MAX_COST) {
+            return Err(SessionError::InvalidRequest {
+                reason: format!("cost must be 0..={}", crate::model::limits::MAX_COST),
+            });
+        }
         let timer = UseTimer::start();
         let result = self
             .inner
-            .mutate(session_id, Mutation::Use { tools, agent })
+            .mutate(session_id, Mutation::Use { tools, agent, cost })
             .await
             .map(|m| m.session);
         timer.answered(&result);
@@ -328,7 +366,7 @@ impl<S: Storage> SessionStore<S> {
         if slot.take_stale() && !state.is_ahead() {
             match storage.by(deadline, storage.load(session_id)).await {
                 Ok(Some(fresh)) => {
-                    state.rebase(fresh, 0);
+                    self.inner.rebase(&mut state, fresh, 0);
                 }
                 Ok(None) => {
                     self.inner.forget(session_id, &slot, &mut state).await;
@@ -466,7 +504,9 @@ impl<S: Storage> SessionStore<S> {
     /// [`SessionStoreBuilder::maintenance_interval`]): a run in progress is cancelled and
     /// none starts again. For PostgreSQL the run starts no further statement, and its open
     /// transaction rolls back once a statement in flight has ended (a rollup keeps the days
-    /// it sealed before). The store remains usable for calls afterwards.
+    /// it sealed before). Last, it gives back the unspent units of its shares of shared
+    /// budgets (see [`SessionStoreBuilder::share_lease`]). The store remains usable for
+    /// calls afterwards.
     pub async fn shutdown(&self, within: Duration) -> ShutdownReport {
         let inner = &self.inner;
         let deadline = Instant::now() + within;
@@ -484,6 +524,15 @@ impl<S: Storage> SessionStore<S> {
             tokio::time::sleep(delay).await;
             delay = inner.reconciler().backoff(delay);
         }
+        // The shares' unspent units go back to their budgets now rather than when their
+        // leases run out; a share is closed only if nothing of this store is pending (a
+        // pending call may still be written against it).
+        let nothing_pending = inner.pending_len() == 0;
+        let _ = tokio::time::timeout_at(
+            deadline,
+            inner.escrow().release_all(inner.storage(), nothing_pending),
+        )
+        .await;
         ShutdownReport {
             unflushed: inner
                 .pending_snapshot()

@@ -58,6 +58,7 @@ pub(crate) enum OwnedMutation {
     Use {
         tools: Vec<String>,
         agent: Option<Uuid>,
+        cost: Option<u64>,
     },
     Close,
     Expire,
@@ -66,9 +67,10 @@ pub(crate) enum OwnedMutation {
 impl OwnedMutation {
     fn new(mutation: Mutation<'_>) -> Self {
         match mutation {
-            Mutation::Use { tools, agent } => OwnedMutation::Use {
+            Mutation::Use { tools, agent, cost } => OwnedMutation::Use {
                 tools: tools.iter().map(|t| (*t).to_owned()).collect(),
                 agent,
+                cost,
             },
             Mutation::Close => OwnedMutation::Close,
             Mutation::Expire => OwnedMutation::Expire,
@@ -86,9 +88,10 @@ impl OwnedMutation {
     /// The mutation, borrowing `tools` (from [`Self::tools`]).
     pub(crate) fn borrow<'a>(&self, tools: &'a [&'a str]) -> Mutation<'a> {
         match self {
-            OwnedMutation::Use { agent, .. } => Mutation::Use {
+            OwnedMutation::Use { agent, cost, .. } => Mutation::Use {
                 tools,
                 agent: *agent,
+                cost: *cost,
             },
             OwnedMutation::Close => Mutation::Close,
             OwnedMutation::Expire => Mutation::Expire,

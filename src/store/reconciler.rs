@@ -126,20 +126,29 @@ impl Reconciler {
         }
         let reconciled = state.reconciled_event(store.now(), store.instance_id());
         let events = state.events_with(std::slice::from_ref(&reconciled));
-        let outcome = match store
-            .storage()
-            .update(&state.current, state.durable_version, &events)
-            .await
-        {
-            Ok(UpdateOutcome::Applied(version)) => Ok(LockedUpdate::Applied(version)),
-            Ok(UpdateOutcome::Conflict) => {
-                store.counters().conflict();
+        // Calls charged to a shared budget's share that died cannot land: they are dropped
+        // by the merge into the row read under its lock.
+        let optimistic = if store.holds_dead_charges(&state) {
+            Ok(None)
+        } else {
+            store
+                .storage()
+                .update(&state.current, state.durable_version, &events)
+                .await
+                .map(Some)
+        };
+        let outcome = match optimistic {
+            Ok(Some(UpdateOutcome::Applied(version))) => Ok(LockedUpdate::Applied(version)),
+            Ok(conflict @ (Some(UpdateOutcome::Conflict) | None)) => {
+                if conflict.is_some() {
+                    store.counters().conflict();
+                }
                 let at = store.now();
                 let probe = state.unwritten_keys();
                 store
                     .storage()
                     .update_locked(id, &probe, LockWait::NoWait, |fresh, landed| {
-                        let dropped = state.rebase(fresh, landed);
+                        let dropped = store.rebase(&mut state, fresh, landed);
                         // Everything may have landed already (nothing to write). If the merge
                         // dropped calls (no room left, or the session was closed meanwhile),
                         // the `reconciled` event still records that it happened.

@@ -6,8 +6,10 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::escrow::{Hold, Shortfall};
 use super::queued::{Answer, Mutated};
 use crate::audit::AuditEvent;
+use crate::budget::BudgetId;
 use crate::error::SessionError;
 use crate::model::TaskSession;
 use crate::policy::{self, Decision, Mutation};
@@ -31,13 +33,33 @@ pub(super) struct Round {
 }
 
 impl Round {
+    /// What the calls of `mutations` on `session` may cost its shared budget at most (each
+    /// as if allowed): what a round's hold must hold. `None` for a session without one.
+    pub(super) fn cost(
+        session: &TaskSession,
+        mutations: &[Mutation<'_>],
+    ) -> Option<(BudgetId, u64)> {
+        let budget = session.budget_id.clone()?;
+        let units = mutations
+            .iter()
+            .filter_map(|mutation| match mutation {
+                Mutation::Use { tools, cost, .. } => session.cost_of(tools, *cost),
+                Mutation::Close | Mutation::Expire => None,
+            })
+            .fold(0, u64::saturating_add);
+        Some((budget, units))
+    }
+
     /// Decides `mutations` in order at `now`, each against the state the ones before it
-    /// left, starting from `start`; events are recorded as made by `instance_id`.
+    /// left, starting from `start`; events are recorded as made by `instance_id`. A call
+    /// of a session with a shared budget is allowed only if `hold` pays for it, last of
+    /// every check.
     pub(super) fn decide(
         start: &TaskSession,
         mutations: &[Mutation<'_>],
         now: DateTime<Utc>,
         instance_id: Uuid,
+        mut hold: Option<&mut Hold>,
     ) -> Self {
         let mut next: Option<TaskSession> = None;
         let mut events = Vec::new();
@@ -45,7 +67,7 @@ impl Round {
             .iter()
             .map(|mutation| {
                 let current = next.as_ref().unwrap_or(start);
-                match decide_one(current, *mutation, now, instance_id) {
+                match decide_one(current, *mutation, now, instance_id, hold.as_deref_mut()) {
                     Ok(Some((changed, event))) => {
                         events.push(event);
                         Decided::Changed(next.insert(changed).clone())
@@ -118,21 +140,44 @@ impl Round {
 }
 
 /// Decides `mutation` against `current`: the new state and its audit event, `None` if
-/// nothing changes, or the denial.
+/// nothing changes, or the denial. A call the policy allows is then charged to the shared
+/// budget, if the session has one, from `hold`.
 fn decide_one(
     current: &TaskSession,
     mutation: Mutation<'_>,
     now: DateTime<Utc>,
     instance_id: Uuid,
+    hold: Option<&mut Hold>,
 ) -> Result<Option<(TaskSession, AuditEvent)>, SessionError> {
     let (next, kind) = match policy::decide(current, mutation, now)? {
         Decision::Apply(next, kind) => (next, kind),
         Decision::Unchanged => return Ok(None),
     };
-    let tools = match mutation {
-        Mutation::Use { tools, .. } => tools.iter().map(|t| (*t).to_owned()).collect(),
-        Mutation::Close | Mutation::Expire => Vec::new(),
+    let (tools, charge) = match mutation {
+        Mutation::Use { tools, cost, .. } => (
+            tools.iter().map(|t| (*t).to_owned()).collect(),
+            current.cost_of(tools, cost),
+        ),
+        Mutation::Close | Mutation::Expire => (Vec::new(), None),
     };
-    let event = AuditEvent::new(kind, tools, &next, now, instance_id);
+    let mut event = AuditEvent::new(kind, tools, &next, now, instance_id);
+    if let (Some(cost), Some(budget)) = (charge, &current.budget_id) {
+        let spent = match hold {
+            Some(hold) => hold.spend(cost),
+            None => Err(Shortfall::Exhausted(budget.clone())),
+        };
+        event.share_id = spent.map_err(|short| match short {
+            Shortfall::Exhausted(tightest) => SessionError::SharedBudgetExceeded {
+                session_id: current.session_id,
+                budget_id: tightest.to_string(),
+            },
+            Shortfall::Unavailable(detail) => SessionError::StorageRead {
+                session_id: Some(current.session_id),
+                detail,
+            },
+        })?;
+        event.cost = Some(cost);
+        event.budget_id = Some(budget.clone());
+    }
     Ok(Some((next, event)))
 }

@@ -201,19 +201,25 @@ impl SlotState {
 
     /// Storage holds `fresh`, newer than our version, and already contains the first
     /// `landed` unwritten events (a write reported as failed that did commit). Adopt
-    /// `fresh`, re-applying on top of it only the changes that did not land. Returns how
-    /// many unwritten events the merge had to drop.
-    pub(crate) fn rebase(&mut self, fresh: Versioned, landed: usize) -> usize {
+    /// `fresh`, re-applying on top of it only the changes that did not land and that
+    /// `admit` keeps (a call charged to a shared budget's share that died is not).
+    /// Returns the unwritten events the merge dropped.
+    pub(crate) fn rebase(
+        &mut self,
+        fresh: Versioned,
+        landed: usize,
+        admit: impl FnMut(&AuditEvent) -> bool,
+    ) -> Vec<AuditEvent> {
         let landed = std::cmp::min(landed, self.unwritten.len());
         self.unwritten.drain(..landed);
-        let before = self.unwritten.len();
-        self.current = if self.unwritten.is_empty() {
-            fresh.session
+        let dropped;
+        (self.current, dropped) = if self.unwritten.is_empty() {
+            (fresh.session, Vec::new())
         } else {
-            policy::merge_unwritten(&fresh.session, &mut self.unwritten)
+            policy::merge_unwritten(&fresh.session, &mut self.unwritten, admit)
         };
         self.durable_version = fresh.version;
-        before - self.unwritten.len()
+        dropped
     }
 
     /// The events a write of the current state must carry: every unwritten one, then
@@ -247,6 +253,13 @@ impl SlotState {
 #[cfg(test)]
 mod tests {
     use chrono::{Duration, Utc};
+
+    impl SlotState {
+        /// [`SlotState::rebase`] admitting every unwritten event; how many it dropped.
+        fn rebase_all(&mut self, fresh: Versioned, landed: usize) -> usize {
+            self.rebase(fresh, landed, |_| true).len()
+        }
+    }
 
     use super::*;
     use crate::model::{CreateSessionRequest, SessionStatus};
@@ -304,7 +317,7 @@ mod tests {
             with(&s, 5, SessionStatus::Active),
             vec![call(&s, 1), call(&s, 2)],
         );
-        state.rebase(fresh(with(&s, 4, SessionStatus::Active)), 0);
+        state.rebase_all(fresh(with(&s, 4, SessionStatus::Active)), 0);
         assert_eq!(state.current.calls_made, 7);
         assert_eq!(state.durable_version, 7);
         let after: Vec<u64> = state.unwritten.iter().map(|e| e.calls_made).collect();
@@ -320,7 +333,7 @@ mod tests {
             vec![call(&s, 1), call(&s, 1)],
         );
         // Both calls committed although we were told otherwise; someone added one more.
-        state.rebase(fresh(with(&s, 5, SessionStatus::Active)), 2);
+        state.rebase_all(fresh(with(&s, 5, SessionStatus::Active)), 2);
         assert_eq!(state.current.calls_made, 5, "nothing is counted twice");
         assert!(!state.is_ahead());
     }
@@ -333,7 +346,7 @@ mod tests {
             with(&s, 5, SessionStatus::Active),
             vec![call(&s, 1), call(&s, 2)],
         );
-        state.rebase(fresh(with(&s, 5, SessionStatus::Active)), 0);
+        state.rebase_all(fresh(with(&s, 5, SessionStatus::Active)), 0);
         assert_eq!(state.current.calls_made, 6);
         assert_eq!(
             state.unwritten.len(),
@@ -342,7 +355,7 @@ mod tests {
         );
 
         let mut state = slot(&s, with(&s, 3, SessionStatus::Active), vec![call(&s, 1)]);
-        state.rebase(fresh(with(&s, 2, SessionStatus::Closed)), 0);
+        state.rebase_all(fresh(with(&s, 2, SessionStatus::Closed)), 0);
         assert_eq!(
             (state.current.calls_made, state.current.status),
             (2, SessionStatus::Closed),
@@ -358,14 +371,14 @@ mod tests {
             Uuid::nil(),
         );
         let mut state = slot(&s, with(&s, 2, SessionStatus::Closed), vec![closed.clone()]);
-        state.rebase(fresh(with(&s, 3, SessionStatus::Active)), 0);
+        state.rebase_all(fresh(with(&s, 3, SessionStatus::Active)), 0);
         assert_eq!(
             (state.current.calls_made, state.current.status),
             (3, SessionStatus::Closed)
         );
 
         let mut state = slot(&s, with(&s, 2, SessionStatus::Closed), vec![closed]);
-        state.rebase(fresh(with(&s, 3, SessionStatus::Expired)), 0);
+        state.rebase_all(fresh(with(&s, 3, SessionStatus::Expired)), 0);
         assert_eq!(
             state.current.status,
             SessionStatus::Expired,

@@ -25,7 +25,8 @@ use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
 use crate::model::TaskSession;
 use crate::storage::{
-    BatchUpdate, CapOutcome, LockWait, LockedUpdate, Storage, UpdateOutcome, Version, Versioned,
+    BatchUpdate, CapOutcome, LockWait, LockedUpdate, ShareGrant, ShareRequest, Storage,
+    UpdateOutcome, Version, Versioned,
 };
 
 /// A storage whose every operation is bounded in time: each by `after`, and a call's by
@@ -175,5 +176,19 @@ impl<S: Storage> Storage for TimeBounded<S> {
         limit: u32,
     ) -> Result<Vec<Uuid>, StorageError> {
         self.run(self.inner.due_for_expiry(now, limit)).await
+    }
+
+    async fn grant_share(&self, request: ShareRequest<'_>) -> Result<ShareGrant, StorageError> {
+        self.run(self.inner.grant_share(request)).await
+    }
+
+    async fn release_share(
+        &self,
+        share_id: Uuid,
+        keep: u64,
+        close: bool,
+    ) -> Result<u64, StorageError> {
+        self.run(self.inner.release_share(share_id, keep, close))
+            .await
     }
 }

@@ -4,7 +4,7 @@ SELECT event_id, event_key, session_id, agent_id, kind, reason,
        limited_tools AS "limited_tools?: Vec<Option<String>>",
        tool_calls AS "tool_calls?: Vec<Option<i64>>",
        encode(prev_hash, 'hex') AS prev_hash, encode(hash, 'hex') AS hash,
-       presented_agent_id, tool_count
+       presented_agent_id, tool_count, cost, share_id, budget_id
   FROM arbiter.session_events
  WHERE occurred_at >= $1 AND occurred_at < $2
    AND ($3::uuid IS NULL OR agent_id = $3)

@@ -10,6 +10,7 @@ use sqlx::PgPool;
 
 use crate::budget::{BudgetId, BudgetTerms, BudgetUsage, BudgetWrite, Period};
 use crate::error::StorageError;
+use crate::storage::{ShareGrant, ShareRequest};
 
 /// Creates the budget or replaces its terms.
 pub(super) async fn put(
@@ -35,6 +36,64 @@ pub(super) async fn put(
     } else {
         BudgetWrite::Replaced
     })
+}
+
+/// Grants units to a share (`arbiter.budget_grant`).
+pub(super) async fn grant(
+    pool: &PgPool,
+    request: ShareRequest<'_>,
+) -> Result<ShareGrant, StorageError> {
+    let units = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+    let lease = sqlx::postgres::types::PgInterval::try_from(request.lease)
+        .map_err(|_| StorageError::Decode("a share's lease is out of range".to_owned()))?;
+    let row = sqlx::query!(
+        r#"SELECT share_open AS "share_open!", added AS "added!", granted AS "granted!",
+                  room AS "room!", tightest, valid_until
+             FROM arbiter.budget_grant($1, $2, $3, $4, $5, $6)"#,
+        request.share_id,
+        request.holder,
+        request.budget_id.as_str(),
+        units(request.need),
+        units(request.want),
+        lease,
+    )
+    .fetch_one(pool)
+    .await?;
+    let count = |name: &str, value: i64| {
+        u64::try_from(value)
+            .map_err(|_| StorageError::Decode(format!("budget_grant: {name} is {value}")))
+    };
+    Ok(ShareGrant {
+        share_open: row.share_open,
+        added: count("added", row.added)?,
+        granted: count("granted", row.granted)?,
+        room: count("room", row.room)?,
+        tightest: row
+            .tightest
+            .map(BudgetId::new)
+            .transpose()
+            .map_err(|_| StorageError::Decode("budget_grant: tightest".to_owned()))?,
+        period_end: row.valid_until,
+    })
+}
+
+/// Gives back a share's units beyond `keep` (`arbiter.budget_share_release`).
+pub(super) async fn release(
+    pool: &PgPool,
+    share_id: uuid::Uuid,
+    keep: u64,
+    close: bool,
+) -> Result<u64, StorageError> {
+    let returned = sqlx::query_scalar!(
+        r#"SELECT arbiter.budget_share_release($1, $2, $3) AS "returned!""#,
+        share_id,
+        i64::try_from(keep).unwrap_or(i64::MAX),
+        close
+    )
+    .fetch_one(pool)
+    .await?;
+    // The function never returns a negative count.
+    Ok(u64::try_from(returned).unwrap_or(0))
 }
 
 /// Every budget with its current period's usage, by id; only `id`'s when given.

@@ -32,8 +32,8 @@ use uuid::Uuid;
 use self::change_feed::{DEFAULT_LISTENER_CHECK, PgChangeFeed};
 use self::rows::{DenialJson, EventJson, SessionRow, to_bigint, tool_calls};
 use super::{
-    BatchUpdate, CapOutcome, ChangeFeed, LockWait, LockedUpdate, Storage, UpdateOutcome, Version,
-    Versioned,
+    BatchUpdate, CapOutcome, ChangeFeed, LockWait, LockedUpdate, ShareGrant, ShareRequest, Storage,
+    UpdateOutcome, Version, Versioned,
 };
 use crate::audit::{AuditEvent, Denial};
 use crate::budget::{BudgetId, BudgetTerms, BudgetUsage, BudgetWrite};
@@ -321,6 +321,8 @@ impl PgStorage {
     ) -> Result<Version, StorageError> {
         let limited_tools: Vec<&str> = s.tool_limits.iter().map(|l| &*l.tool).collect();
         let limits: Vec<i64> = s.tool_limits.iter().map(|l| to_bigint(l.limit)).collect();
+        let cost_tools: Vec<&str> = s.tool_costs.iter().map(|c| &*c.tool).collect();
+        let costs: Vec<i64> = s.tool_costs.iter().map(|c| to_bigint(c.cost)).collect();
         let version = sqlx::query_file_scalar!(
             "src/storage/postgres/sql/insert.sql",
             s.session_id,
@@ -346,6 +348,9 @@ impl PgStorage {
             &limited_tools as &[&str],
             &limits,
             &tool_calls(s),
+            s.budget_id.as_ref().map(BudgetId::as_str),
+            &cost_tools as &[&str],
+            &costs,
         )
         .fetch_one(executor)
         .await?;
@@ -520,5 +525,18 @@ impl Storage for PgStorage {
         .fetch_all(&self.pool)
         .await?;
         Ok(ids)
+    }
+
+    async fn grant_share(&self, request: ShareRequest<'_>) -> Result<ShareGrant, StorageError> {
+        budgets::grant(&self.pool, request).await
+    }
+
+    async fn release_share(
+        &self,
+        share_id: Uuid,
+        keep: u64,
+        close: bool,
+    ) -> Result<u64, StorageError> {
+        budgets::release(&self.pool, share_id, keep, close).await
     }
 }

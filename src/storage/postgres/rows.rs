@@ -8,8 +8,9 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::audit::{AuditEvent, Denial, DenialReason};
+use crate::budget::BudgetId;
 use crate::error::StorageError;
-use crate::model::{TaskSession, ToolLimit};
+use crate::model::{TaskSession, ToolCost, ToolLimit};
 use crate::storage::Versioned;
 
 /// A `sessions` row as the load statements select it.
@@ -34,6 +35,9 @@ pub(super) struct SessionRow {
     pub(super) limited_tools: Vec<String>,
     pub(super) tool_limits: Vec<i64>,
     pub(super) tool_calls: Vec<i64>,
+    pub(super) budget_id: Option<String>,
+    pub(super) cost_tools: Vec<String>,
+    pub(super) tool_costs: Vec<i64>,
 }
 
 impl TryFrom<SessionRow> for Versioned {
@@ -48,6 +52,12 @@ impl TryFrom<SessionRow> for Versioned {
                 .map_err(|_| StorageError::Decode(format!("session {id}: {name} is {value}")))
         };
         let tool_limits = tool_limits(id, row.limited_tools, row.tool_limits, row.tool_calls)?;
+        let tool_costs = tool_costs(id, row.cost_tools, row.tool_costs)?;
+        let budget_id = row
+            .budget_id
+            .map(BudgetId::new)
+            .transpose()
+            .map_err(|_| StorageError::Decode(format!("session {id}: budget_id")))?;
         let session = TaskSession {
             session_id: row.session_id,
             agent_id: row.agent_id,
@@ -76,6 +86,8 @@ impl TryFrom<SessionRow> for Versioned {
                 .parse()
                 .map_err(|e| StorageError::Decode(format!("session {id}: {e}")))?,
             tool_limits,
+            budget_id,
+            tool_costs,
         };
         Ok(Versioned {
             session,
@@ -127,6 +139,42 @@ fn tool_limits(
     Ok(zipped.into())
 }
 
+/// The tool costs of a row: the two arrays zipped, strictly sorted by name (the store looks
+/// a tool's cost up by binary search).
+fn tool_costs(
+    id: Uuid,
+    tools: Vec<String>,
+    costs: Vec<i64>,
+) -> Result<Arc<[ToolCost]>, StorageError> {
+    let decode = |what: String| StorageError::Decode(format!("session {id}: {what}"));
+    if tools.len() != costs.len() {
+        return Err(decode(format!(
+            "{} cost tools and {} costs",
+            tools.len(),
+            costs.len()
+        )));
+    }
+    let zipped = tools
+        .into_iter()
+        .zip(costs)
+        .map(|(tool, cost)| {
+            let cost = u64::try_from(cost)
+                .map_err(|_| decode(format!("tool {tool:?}: a cost of {cost}")))?;
+            Ok(ToolCost {
+                tool: tool.into(),
+                cost,
+            })
+        })
+        .collect::<Result<Vec<_>, StorageError>>()?;
+    if let Some(pair) = zipped.windows(2).find(|pair| pair[0].tool >= pair[1].tool) {
+        return Err(decode(format!(
+            "cost tools not sorted by name, or one twice: {:?} before {:?}",
+            pair[0].tool, pair[1].tool
+        )));
+    }
+    Ok(zipped.into())
+}
+
 /// The calls of each limited tool, in the order of `limited_tools`.
 pub(super) fn tool_calls(session: &TaskSession) -> Vec<i64> {
     session
@@ -167,6 +215,13 @@ pub(super) struct EventJson<'a> {
     limited_tools: Option<Vec<&'a str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_calls: Option<Vec<i64>>,
+    /// `AuditEvent::cost`, `share_id` and `budget_id`; left out when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget_id: Option<&'a str>,
 }
 
 impl<'a> From<&'a AuditEvent> for EventJson<'a> {
@@ -190,6 +245,9 @@ impl<'a> From<&'a AuditEvent> for EventJson<'a> {
                     .map(|count| to_bigint(count.calls))
                     .collect()
             }),
+            cost: event.cost.map(to_bigint),
+            share_id: event.share_id,
+            budget_id: event.budget_id.as_ref().map(BudgetId::as_str),
         }
     }
 }

@@ -1,0 +1,673 @@
+//! Escrow: this process's shares of the shared budgets its sessions draw on, and the holds
+//! each round of decisions takes from them.
+//!
+//! A process never asks the database whether a call fits a shared budget: it holds a share
+//! of each budget it uses (`arbiter.budget_grant` takes it from what is left at every
+//! level of the budget's chain), decides calls against that share in memory, and writes
+//! each allowed call's cost to its own share's row in the statement that writes the call
+//! (`arbiter.budget_charge`). So no call of a busy budget waits for another process's, and
+//! no call writes a row another process writes.
+//!
+//! # Invariant: a process never spends a unit it was not granted
+//! A round of one session takes a hold of its calls' costs from the live share before it
+//! decides ([`Escrow::hold`]); each allowed call spends from the hold, and a call the hold
+//! cannot pay for is denied. A hold is only ever taken from units the share was granted and
+//! not yet charged, so what this process's calls charge to a share never passes what
+//! storage granted it; storage never grants past any level's limit; and
+//! `arbiter.budget_charge` refuses a share whose lease ran out, whose units may have gone
+//! back to the budget. Units of a round that were not spent go back to the share when the
+//! round's hold is dropped. A call charged to a share that died before its
+//! write landed (the process could not renew the lease) is dropped when its session is
+//! reconciled (it was answered `StorageWriteThrough`), never charged elsewhere.
+//!
+//! # Invariant: no unit stranded
+//! A call is denied by a shared budget only after a grant, asked for after the call's
+//! round began, found fewer units than it needed at some level: every unit not spent is
+//! then held by a process or a reservation. A share is sized to its process's recent use,
+//! and storage grants at most half of what is left, so the last units are spread among the
+//! processes that ask. A share's unspent units go back when it has been idle for
+//! [`IDLE_RETURN`], when its period ends and at shutdown; a process that died returns them
+//! when its lease runs out ([`LEASE`]), at the next grant of the budget's tree.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::inner::Inner;
+use super::time_bounded::TimeBounded;
+use super::worker::{Parking, Worker};
+use crate::budget::BudgetId;
+use crate::error::{StorageError, error_chain};
+use crate::metrics::{self, Counter};
+use crate::storage::{ShareGrant, ShareRequest, Storage};
+
+/// How long a share stays its holder's without a renewal: the bound on how long a dead
+/// process keeps units from the others.
+pub(crate) const LEASE: Duration = Duration::from_secs(10);
+/// A share unused this long gives back what it holds beyond what it charged.
+pub(crate) const IDLE_RETURN: Duration = Duration::from_secs(1);
+/// How often the escrow's task renews leases and gives back idle units.
+const TICK: Duration = Duration::from_millis(250);
+/// A grant asks for two of these windows of the account's recent use.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// Before an account has a recent use, a grant asks for this many times its need.
+const COLD_START_ROUNDS: u64 = 8;
+
+/// This store's shares, one account per budget its sessions drew on.
+#[derive(Debug)]
+pub(super) struct Escrow {
+    holder: Uuid,
+    lease: Duration,
+    /// A share is used for new calls only until this long before its lease may have run
+    /// out: a write decided then still lands before the lease does.
+    margin: Duration,
+    accounts: Mutex<HashMap<BudgetId, Arc<Account>>>,
+    task: Worker,
+}
+
+/// One budget's shares in this process.
+#[derive(Debug)]
+struct Account {
+    budget: BudgetId,
+    /// One grant or release of this account at a time.
+    refill: tokio::sync::Mutex<()>,
+    state: Mutex<AccountState>,
+}
+
+#[derive(Debug, Default)]
+struct AccountState {
+    live: Option<Share>,
+    /// Shares replaced (their period ended, or storage closed them), for
+    /// [`Escrow::is_dead`]: until their lease has run out, calls charged to them may still
+    /// land.
+    retired: Vec<(Uuid, Instant)>,
+    /// The level that had no room when the last grant found less than it needed; cleared
+    /// by a grant that did not.
+    exhausted: Option<BudgetId>,
+    /// Units charged since `window_start`, for sizing the next grant.
+    recent: u64,
+    window_start: Option<Instant>,
+    /// Units charged in the window before.
+    last_window: u64,
+    last_charge: Option<Instant>,
+    /// Holds taken from the live share and not yet dropped.
+    holds: usize,
+    /// The live share holds exactly what storage counted as used, and nothing was taken
+    /// since: nothing to resync.
+    settled: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Share {
+    id: Uuid,
+    granted: u64,
+    /// Units held or spent by this process's calls (written, in flight or pending).
+    charged: u64,
+    /// Calls may be charged to it until then (its lease, less the margin).
+    usable_until: Instant,
+    /// Its lease has certainly run out by then if not renewed.
+    dead_after: Instant,
+    /// Calls decided from then on belong to the budget's next period.
+    period_end: Option<DateTime<Utc>>,
+}
+
+impl Share {
+    fn available(&self) -> u64 {
+        self.granted.saturating_sub(self.charged)
+    }
+
+    fn usable(&self, now: Instant, at: DateTime<Utc>) -> bool {
+        now < self.usable_until && self.period_end.is_none_or(|end| at < end)
+    }
+}
+
+/// Units of one budget held for one round of decisions: each allowed call spends from it.
+/// Dropping it gives back what was not spent, so a round whose caller went away strands
+/// nothing; what was spent stays charged (its write may land).
+#[derive(Debug)]
+pub(crate) struct Hold {
+    account: Arc<Account>,
+    share: Option<Uuid>,
+    held: u64,
+    spent: u64,
+    /// Why the hold has fewer units than asked for.
+    short: Option<Shortfall>,
+}
+
+/// Why a hold could not get every unit asked for.
+#[derive(Debug, Clone)]
+pub(crate) enum Shortfall {
+    /// A grant found no room at this level.
+    Exhausted(BudgetId),
+    /// Storage did not answer the grant.
+    Unavailable(String),
+}
+
+impl Hold {
+    /// Spends `cost` units for one call: the share they were charged to, or why they could
+    /// not be.
+    pub(crate) fn spend(&mut self, cost: u64) -> Result<Option<Uuid>, Shortfall> {
+        if cost == 0 {
+            return Ok(self.share);
+        }
+        match self.spent.checked_add(cost) {
+            Some(after) if after <= self.held => {
+                self.spent = after;
+                Ok(self.share)
+            }
+            _ => Err(self
+                .short
+                .clone()
+                .unwrap_or_else(|| Shortfall::Exhausted(self.account.budget.clone()))),
+        }
+    }
+
+    /// Forgets what was spent: the round is decided again from the start.
+    pub(crate) fn restart(&mut self) {
+        self.spent = 0;
+    }
+}
+
+impl Escrow {
+    pub(super) fn new(holder: Uuid, lease: Duration, storage_timeout: Duration) -> Self {
+        Escrow {
+            holder,
+            lease,
+            margin: std::cmp::min(storage_timeout + Duration::from_secs(1), lease / 2),
+            accounts: Mutex::default(),
+            task: Worker::default(),
+        }
+    }
+
+    fn account(&self, budget: &BudgetId) -> Arc<Account> {
+        let mut accounts = lock(&self.accounts);
+        Arc::clone(accounts.entry(budget.clone()).or_insert_with(|| {
+            Arc::new(Account {
+                budget: budget.clone(),
+                refill: tokio::sync::Mutex::new(()),
+                state: Mutex::default(),
+            })
+        }))
+    }
+
+    fn accounts(&self) -> Vec<Arc<Account>> {
+        lock(&self.accounts).values().cloned().collect()
+    }
+
+    /// Holds `units` of `budget` for a round decided at `at`, granting more from storage
+    /// first (by `deadline`) if the live share has fewer. Fewer units (maybe none) when
+    /// storage has no room for the rest, or did not answer.
+    pub(super) async fn hold<S: Storage>(
+        &self,
+        store: &Weak<Inner<S>>,
+        storage: &TimeBounded<S>,
+        budget: &BudgetId,
+        units: u64,
+        at: DateTime<Utc>,
+        deadline: Instant,
+    ) -> Hold {
+        self.task.start(|parking| Some(run(store.clone(), parking)));
+        let account = self.account(budget);
+        if let Some(hold) = Account::take(&account, units, at, false) {
+            return hold;
+        }
+        let short = match self.refill(storage, &account, units, at, deadline).await {
+            Ok(()) => None,
+            Err(err) => Some(Shortfall::Unavailable(error_chain(&err))),
+        };
+        let mut hold =
+            Account::take(&account, units, at, true).unwrap_or_else(|| Hold::empty(&account));
+        if hold.held < units {
+            hold.short = short.or(hold.short.take());
+        }
+        hold
+    }
+
+    /// Gives back the units of an unwritten call the merge dropped, if its share is still
+    /// the live one.
+    pub(super) fn refund(&self, event: &crate::audit::AuditEvent) {
+        if let (Some(budget), Some(share), Some(cost)) =
+            (&event.budget_id, event.share_id, event.cost)
+        {
+            self.account(budget).refund(share, cost);
+        }
+    }
+
+    /// Whether calls charged to `share` can no longer land: its lease has run out, or
+    /// storage closed it. A share this process does not know is left to storage to judge.
+    pub(super) fn is_dead(&self, share: Uuid) -> bool {
+        let now = Instant::now();
+        self.accounts().iter().any(|account| {
+            let state = account.lock();
+            let live_dead = state
+                .live
+                .as_ref()
+                .is_some_and(|live| live.id == share && now >= live.dead_after);
+            live_dead
+                || state
+                    .retired
+                    .iter()
+                    .any(|(id, dead_after)| *id == share && now >= *dead_after)
+        })
+    }
+
+    /// Grants the account enough for `units` more, if storage has room: one grant at a
+    /// time per account; a share storage closed is replaced by a new one.
+    async fn refill<S: Storage>(
+        &self,
+        storage: &TimeBounded<S>,
+        account: &Account,
+        units: u64,
+        at: DateTime<Utc>,
+        deadline: Instant,
+    ) -> Result<(), StorageError> {
+        let _one = tokio::time::timeout_at(deadline, account.refill.lock())
+            .await
+            .map_err(|_| storage.timed_out())?;
+        for _ in 0..2 {
+            let (share_id, need, want) = {
+                let mut state = account.lock();
+                let now = Instant::now();
+                let over = state.live.as_ref().is_some_and(|live| {
+                    live.period_end.is_some_and(|end| at >= end) || now >= live.dead_after
+                });
+                if over {
+                    state.retire();
+                }
+                let available = state.live.as_ref().map_or(0, Share::available);
+                if state.live.as_ref().is_some_and(|live| live.usable(now, at))
+                    && available >= units
+                {
+                    // Another round's grant got there first.
+                    return Ok(());
+                }
+                let need = units - std::cmp::min(available, units);
+                // Before there is a rate, enough for a few more rounds like this one.
+                let want = std::cmp::max(
+                    need.saturating_mul(COLD_START_ROUNDS),
+                    state.rate_based_want(),
+                );
+                let share_id = state
+                    .live
+                    .as_ref()
+                    .map_or_else(Uuid::new_v4, |live| live.id);
+                (share_id, need, want)
+            };
+            let sent_at = Instant::now();
+            let grant = storage
+                .by(
+                    deadline,
+                    storage.grant_share(ShareRequest {
+                        share_id,
+                        holder: self.holder,
+                        budget_id: &account.budget,
+                        need,
+                        want,
+                        lease: self.lease,
+                    }),
+                )
+                .await?;
+            let answered = Answered {
+                share_id,
+                sent_at,
+                received_at: Instant::now(),
+                need,
+            };
+            if account.granted(&grant, answered, self.lease, self.margin) {
+                metrics::count(Counter::ShareGrants, 1);
+                return Ok(());
+            }
+            // Storage closed the share (its lease ran out, or its period is over): a new
+            // one, once.
+        }
+        Ok(())
+    }
+
+    /// Renews the leases of shares in use, and gives back the units of idle ones and of
+    /// those whose period is over. Run by the escrow's task every [`TICK`].
+    ///
+    /// An idle account gives back everything its share holds beyond what it charged. When,
+    /// besides, no round holds units of it and nothing of the store is pending
+    /// (`quiescent`), it gives back all but what storage counted as used, and takes that as
+    /// what it charged: units charged by a round whose caller went away mid-write, and
+    /// whose write never landed, come back too.
+    async fn upkeep<S: Storage>(
+        &self,
+        storage: &TimeBounded<S>,
+        at: DateTime<Utc>,
+        quiescent: bool,
+    ) {
+        for account in self.accounts() {
+            let Ok(_one) = account.refill.try_lock() else {
+                continue;
+            };
+            let (share, action) = {
+                let mut state = account.lock();
+                let now = Instant::now();
+                let Some(live) = state.live.clone() else {
+                    continue;
+                };
+                let idle = state
+                    .last_charge
+                    .is_none_or(|last| now.duration_since(last) >= IDLE_RETURN);
+                if live.period_end.is_some_and(|end| at >= end) {
+                    state.retire();
+                    (live, Upkeep::Release)
+                } else if idle && quiescent && state.holds == 0 && !state.settled {
+                    // No round may take the units on their way back.
+                    if let Some(live) = state.live.as_mut() {
+                        live.granted = live.charged;
+                    }
+                    (live, Upkeep::Resync)
+                } else if idle && live.available() > 0 {
+                    // No round may take the units on their way back.
+                    if let Some(live) = state.live.as_mut() {
+                        live.granted = live.charged;
+                    }
+                    (live, Upkeep::Release)
+                } else if !idle && live.usable_until.saturating_duration_since(now) < self.lease / 2
+                {
+                    (live, Upkeep::Renew)
+                } else {
+                    continue;
+                }
+            };
+            let deadline = Instant::now() + storage.after();
+            match action {
+                Upkeep::Resync => {
+                    let released = storage
+                        .by(deadline, storage.release_share(share.id, 0, false))
+                        .await;
+                    match released {
+                        // The share now holds exactly what storage counted as used.
+                        Ok(returned) => account.resynced(share.id, share.granted, returned),
+                        Err(err) => {
+                            tracing::debug!(budget_id = %account.budget, error = %error_chain(&err),
+                            "giving back a share's idle units failed")
+                        }
+                    }
+                }
+                Upkeep::Release => {
+                    let released = storage
+                        .by(
+                            deadline,
+                            storage.release_share(share.id, share.charged, false),
+                        )
+                        .await;
+                    if let Err(err) = released {
+                        // They stay granted in storage, unused here until the next grant
+                        // of this account reads the share's total again.
+                        tracing::debug!(budget_id = %account.budget, error = %error_chain(&err),
+                            "giving back a share's idle units failed");
+                    }
+                }
+                Upkeep::Renew => {
+                    let sent_at = Instant::now();
+                    let grant = storage
+                        .by(
+                            deadline,
+                            storage.grant_share(ShareRequest {
+                                share_id: share.id,
+                                holder: self.holder,
+                                budget_id: &account.budget,
+                                need: 0,
+                                want: 0,
+                                lease: self.lease,
+                            }),
+                        )
+                        .await;
+                    match grant {
+                        Ok(grant) => {
+                            let answered = Answered {
+                                share_id: share.id,
+                                sent_at,
+                                received_at: Instant::now(),
+                                need: 0,
+                            };
+                            account.granted(&grant, answered, self.lease, self.margin);
+                        }
+                        Err(err) => {
+                            tracing::debug!(budget_id = %account.budget, error = %error_chain(&err), "renewing a share's lease failed; trying again")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives back every share's unspent units, closing the shares when `close` (nothing of
+    /// this process is pending, so nothing more will be charged to them). What storage
+    /// does not answer in time is reclaimed after the lease.
+    pub(super) async fn release_all<S: Storage>(&self, storage: &TimeBounded<S>, close: bool) {
+        for account in self.accounts() {
+            let _one = account.refill.lock().await;
+            let live = account.lock().live.take();
+            let Some(share) = live else { continue };
+            let deadline = Instant::now() + storage.after();
+            if let Err(err) = storage
+                .by(
+                    deadline,
+                    storage.release_share(share.id, share.charged, close),
+                )
+                .await
+            {
+                tracing::warn!(budget_id = %account.budget, error = %error_chain(&err),
+                    "a share's units were not given back; they return when its lease runs out");
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Upkeep {
+    /// Give back all but what storage counted as used.
+    Resync,
+    /// Give back what is not charged.
+    Release,
+    Renew,
+}
+
+impl Account {
+    fn lock(&self) -> MutexGuard<'_, AccountState> {
+        lock(&self.state)
+    }
+
+    /// A hold of `units` from the live share if it has them (or, with `partial`, of what it
+    /// has), charged to it at once so that no other round takes them.
+    fn take(account: &Arc<Account>, units: u64, at: DateTime<Utc>, partial: bool) -> Option<Hold> {
+        let mut state = account.lock();
+        let now = Instant::now();
+        let exhausted = state.exhausted.clone();
+        let Some(live) = state.live.as_mut().filter(|live| live.usable(now, at)) else {
+            drop(state);
+            return partial.then(|| {
+                let mut hold = Hold::empty(account);
+                hold.short = exhausted.map(Shortfall::Exhausted);
+                hold
+            });
+        };
+        let held = std::cmp::min(units, live.available());
+        if held < units && !partial {
+            return None;
+        }
+        live.charged += held;
+        let share = live.id;
+        state.note_charge(held, now);
+        state.holds += 1;
+        state.settled &= held == 0;
+        Some(Hold {
+            account: Arc::clone(account),
+            share: Some(share),
+            held,
+            spent: 0,
+            short: (held < units)
+                .then(|| exhausted.map(Shortfall::Exhausted))
+                .flatten(),
+        })
+    }
+
+    /// A release of everything beyond `used` gave back `returned` of the `granted` the
+    /// share held: it now holds `used`, all of it charged.
+    fn resynced(&self, share: Uuid, granted: u64, returned: u64) {
+        let mut state = self.lock();
+        if let Some(live) = state.live.as_mut().filter(|live| live.id == share) {
+            live.granted = granted.saturating_sub(returned);
+            live.charged = live.granted;
+            state.settled = true;
+        }
+    }
+
+    fn refund(&self, share: Uuid, units: u64) {
+        let mut state = self.lock();
+        if let Some(live) = state.live.as_mut().filter(|live| live.id == share) {
+            live.charged = live.charged.saturating_sub(units);
+        }
+    }
+
+    /// Takes in a grant's answer; `false` if storage had closed the share (it is retired,
+    /// and the caller asks again on a new share).
+    fn granted(
+        &self,
+        grant: &ShareGrant,
+        answered: Answered,
+        lease: Duration,
+        margin: Duration,
+    ) -> bool {
+        let Answered {
+            share_id,
+            sent_at,
+            received_at,
+            need,
+        } = answered;
+        let mut state = self.lock();
+        if !grant.share_open {
+            if state.live.as_ref().is_some_and(|live| live.id == share_id) {
+                state.retire_now();
+            }
+            return false;
+        }
+        let charged = state
+            .live
+            .as_ref()
+            .filter(|live| live.id == share_id)
+            .map_or(0, |live| live.charged);
+        if state.live.as_ref().is_some_and(|live| live.id != share_id) {
+            state.retire();
+        }
+        state.live = Some(Share {
+            id: share_id,
+            granted: grant.granted,
+            charged,
+            usable_until: (sent_at + lease).checked_sub(margin).unwrap_or(sent_at),
+            dead_after: received_at + lease,
+            period_end: grant.period_end,
+        });
+        state.settled = false;
+        state.exhausted = if grant.added < need {
+            grant.tightest.clone().or_else(|| Some(self.budget.clone()))
+        } else {
+            None
+        };
+        true
+    }
+}
+
+/// When a grant for a share was asked and answered, and what it needed.
+#[derive(Debug, Clone, Copy)]
+struct Answered {
+    share_id: Uuid,
+    sent_at: Instant,
+    received_at: Instant,
+    need: u64,
+}
+
+impl AccountState {
+    /// The live share stops taking calls; calls charged to it may land until its lease
+    /// runs out.
+    fn retire(&mut self) {
+        if let Some(live) = self.live.take() {
+            self.retired.push((live.id, live.dead_after));
+        }
+        let now = Instant::now();
+        self.retired
+            .retain(|(_, dead_after)| *dead_after + LEASE > now);
+    }
+
+    /// Storage closed the live share: calls charged to it can no longer land.
+    fn retire_now(&mut self) {
+        if let Some(live) = self.live.take() {
+            self.retired.push((live.id, Instant::now()));
+        }
+    }
+
+    fn note_charge(&mut self, units: u64, now: Instant) {
+        let start = *self.window_start.get_or_insert(now);
+        if now.duration_since(start) >= RATE_WINDOW {
+            self.last_window = self.recent;
+            self.recent = 0;
+            self.window_start = Some(now);
+        }
+        self.recent += units;
+        self.last_charge = Some(now);
+    }
+
+    /// Units for about two windows of the recent rate.
+    fn rate_based_want(&self) -> u64 {
+        std::cmp::max(self.recent, self.last_window).saturating_mul(2)
+    }
+}
+
+impl Hold {
+    /// A hold of nothing (it counts as no hold of its account).
+    fn empty(account: &Arc<Account>) -> Self {
+        Hold {
+            account: Arc::clone(account),
+            share: None,
+            held: 0,
+            spent: 0,
+            short: None,
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let Some(share) = self.share else { return };
+        let mut state = self.account.lock();
+        state.holds = state.holds.saturating_sub(1);
+        if let Some(live) = state.live.as_mut().filter(|live| live.id == share) {
+            live.charged = live.charged.saturating_sub(self.held - self.spent);
+        }
+    }
+}
+
+/// A std mutex whose holder never panics while holding it (map and counter operations).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The escrow's task: renews and gives back every [`TICK`], holding the store only while
+/// it works, so dropping the store ends it.
+async fn run<S: Storage>(store: Weak<Inner<S>>, parking: Parking) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(TICK) => {}
+            () = parking.closed() => return,
+        }
+        let Some(inner) = store.upgrade() else { return };
+        let storage = Arc::clone(inner.storage());
+        let at = inner.now();
+        let quiescent = inner.pending_len() == 0;
+        tokio::select! {
+            biased;
+            () = parking.closed() => return,
+            () = inner.escrow().upkeep(&storage, at, quiescent) => {}
+        }
+    }
+}
