@@ -15,7 +15,12 @@
 //! * per session, the limited tool (`write_file`, [`WRITE_FILE_LIMIT`] calls of its own):
 //!   `ok <= counted <= min(limit, ok + write_through)` for its calls alone, and the audit
 //!   trail counts exactly what the row does, so the processes together are granted at
-//!   most the limit, and exactly it unless a write of one of those calls failed.
+//!   most the limit, and exactly it unless a write of one of those calls failed;
+//! * the shared budgets: the sessions draw on a three-level tree ([`BUDGETS`]) whose root
+//!   runs out during the run, at a cost per tool ([`cost_of`]); no level's use passes its
+//!   limit, the units of the `Ok` calls are at most what the root used and that at most
+//!   those plus the units of the calls answered `StorageWriteThrough`, and every share's
+//!   use is the sum of the costs its events record.
 //!
 //! `scripts/test` runs it for 20 s: `cargo run --example soak -- --duration 20`.
 //! Options: `--duration SECS`, `--processes N`, `--tasks N` (per process), `--sessions N`.
@@ -25,6 +30,7 @@ use std::error::Error;
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arbiter_session::budget::{BudgetId, BudgetTerms};
 use arbiter_session::{CreateSessionRequest, PgStorage, SessionError, SessionStore, migrate};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
@@ -33,6 +39,29 @@ use uuid::Uuid;
 /// The tool every session limits, and its limit.
 const WRITE_FILE: &str = "write_file";
 const WRITE_FILE_LIMIT: u64 = 3;
+
+/// The shared budgets, root first, and their limits: the sessions draw, half each, on the
+/// two leaves. The root runs out about half way through a 20 s run.
+const BUDGETS: [(&str, Option<&str>, u64); 5] = [
+    ("soak", None, 9_000),
+    ("soak/a", Some("soak"), 6_000),
+    ("soak/a/agents", Some("soak/a"), 1_000_000),
+    ("soak/b", Some("soak"), 6_000),
+    ("soak/b/agents", Some("soak/b"), 1_000_000),
+];
+
+/// What a call of `tools` costs in the shared budget: `write` 2, `write_file` 3, any other
+/// tool 1 (the sessions' `tool_costs`).
+fn cost_of(tools: &[&str]) -> u64 {
+    tools
+        .iter()
+        .map(|tool| match *tool {
+            "write" => 2,
+            WRITE_FILE => 3,
+            _ => 1,
+        })
+        .sum()
+}
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -92,6 +121,9 @@ struct SessionTally {
     /// The same two counts for calls of the limited tool alone.
     write_file_ok: u64,
     write_file_write_through: u64,
+    /// The same two in units of the shared budget.
+    ok_units: u64,
+    write_through_units: u64,
 }
 
 impl WorkerReport {
@@ -105,6 +137,8 @@ impl WorkerReport {
             sum.write_through += t.write_through;
             sum.write_file_ok += t.write_file_ok;
             sum.write_file_write_through += t.write_file_write_through;
+            sum.ok_units += t.ok_units;
+            sum.write_through_units += t.write_through_units;
             sum.last_ok_started_ms = std::cmp::max(sum.last_ok_started_ms, t.last_ok_started_ms);
         }
         for (reason, n) in other.denials {
@@ -134,6 +168,7 @@ impl Dice {
 fn denial_reason(err: &SessionError) -> &'static str {
     match err {
         SessionError::BudgetExceeded { .. } => "budget",
+        SessionError::SharedBudgetExceeded { .. } => "shared_budget",
         SessionError::RateLimited { .. } => "rate",
         SessionError::ToolNotAuthorized { .. } => "tool",
         SessionError::AlreadyClosed(_) => "closed",
@@ -169,35 +204,35 @@ async fn worker(
             while Instant::now() < deadline {
                 let id = ids[dice.roll(ids.len())];
                 let started = now_ms();
-                let (outcome, calls, write_files) = match dice.roll(20) {
-                    0 => (store.use_session(id, "delete_everything", None).await, 1, 0),
-                    1 | 2 => (
-                        store.use_session_batch(id, &["read", "write"], None).await,
-                        2,
-                        0,
-                    ),
-                    3 => (store.use_session(id, WRITE_FILE, None).await, 1, 1),
-                    4 => (
-                        store
-                            .use_session_batch(id, &["read", WRITE_FILE], None)
-                            .await,
-                        2,
-                        1,
-                    ),
-                    _ => (store.use_session(id, "read", None).await, 1, 0),
+                let tools: &[&str] = match dice.roll(20) {
+                    0 => &["delete_everything"],
+                    1 | 2 => &["read", "write"],
+                    3 => &[WRITE_FILE],
+                    4 => &["read", WRITE_FILE],
+                    _ => &["read"],
                 };
+                let outcome = if tools.len() == 1 {
+                    store.use_session(id, tools[0], None).await
+                } else {
+                    store.use_session_batch(id, tools, None).await
+                };
+                let calls = tools.len() as u64;
+                let write_files = tools.iter().filter(|tool| **tool == WRITE_FILE).count() as u64;
+                let units = cost_of(tools);
                 report.operations += 1;
                 let tally = report.sessions.entry(id).or_default();
                 match outcome {
                     Ok(_) => {
                         tally.ok += calls;
                         tally.write_file_ok += write_files;
+                        tally.ok_units += units;
                         tally.last_ok_started_ms = std::cmp::max(tally.last_ok_started_ms, started);
                     }
                     Err(err) => {
                         if matches!(err, SessionError::StorageWriteThrough { .. }) {
                             tally.write_through += calls;
                             tally.write_file_write_through += write_files;
+                            tally.write_through_units += units;
                         }
                         *report
                             .denials
@@ -304,6 +339,11 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
     let store = SessionStore::new(storage);
     let started = Instant::now();
 
+    for (id, parent, limit) in BUDGETS {
+        let mut terms = BudgetTerms::new(limit);
+        terms.parent_id = parent.map(BudgetId::new).transpose()?;
+        store.put_budget(&BudgetId::new(id)?, &terms).await?;
+    }
     let mut dice = Dice(now_ms() | 1);
     let mut ids = Vec::new();
     for n in 0..options.sessions {
@@ -314,7 +354,14 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
             budget,
             chrono::Duration::hours(1),
         )
-        .with_tool_limit(WRITE_FILE, WRITE_FILE_LIMIT);
+        .with_tool_limit(WRITE_FILE, WRITE_FILE_LIMIT)
+        .with_budget(BudgetId::new(if n % 2 == 0 {
+            "soak/a/agents"
+        } else {
+            "soak/b/agents"
+        })?)
+        .with_tool_cost("write", cost_of(&["write"]))
+        .with_tool_cost(WRITE_FILE, cost_of(&[WRITE_FILE]));
         // A third of the sessions are rate limited, so windows are exercised too.
         if n % 3 == 0 {
             req.rate_limit_per_minute = Some(50);
@@ -375,8 +422,11 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
         ));
     }
     let (mut ok_calls, mut counted, mut write_files) = (0, 0, 0);
+    let (mut ok_units, mut write_through_units) = (0, 0);
     for id in &ids {
         let t = total.sessions.get(id).copied().unwrap_or_default();
+        ok_units += t.ok_units;
+        write_through_units += t.write_through_units;
         let row = stored(&pool, *id).await?;
         let (calls, budget) = (row.calls_made as u64, row.call_budget as u64);
         ok_calls += t.ok;
@@ -428,6 +478,30 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
         }
     }
 
+    // The shared budgets: never past a limit, every Ok charged, the trail explains it all.
+    let mut used_root = 0;
+    for (id, _, limit) in BUDGETS {
+        let usage = store
+            .budget(&BudgetId::new(id)?)
+            .await?
+            .ok_or(format!("budget {id} is gone"))?;
+        if usage.used > limit {
+            failures.push(format!("budget {id}: used {} of its {limit}", usage.used));
+        }
+        if id == "soak" {
+            used_root = usage.used;
+        }
+    }
+    if ok_units > used_root || used_root > ok_units + write_through_units {
+        failures.push(format!(
+            "the root budget used {used_root} units; Ok calls cost {ok_units}, write-through ones {write_through_units}"
+        ));
+    }
+    let charges = arbiter_session::operator::budgets::verify_charges(&pool).await?;
+    for mismatch in &charges.mismatched {
+        failures.push(format!("shared budget: {mismatch}"));
+    }
+
     // Four processes writing the same sessions while connections die: every chain intact.
     let chains = arbiter_session::operator::chain::verify_all_audit_chains(&pool).await?;
     for link in &chains.broken {
@@ -443,6 +517,7 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
     println!(
         "soak: {} processes x {} tasks, {} sessions, {:.1} s: {} operations, {} calls ok, {} write-through, \
          {} {WRITE_FILE} calls counted (at most {WRITE_FILE_LIMIT} a session); \
+         shared budget: {used_root} of {} units used, {ok_units} by Ok calls, {} shares; \
          denials {}; faults: {} closes, {} connection kills; {} chained events verified; {}",
         options.processes,
         options.tasks,
@@ -452,6 +527,8 @@ async fn parent(url: &str, options: &Options, args: &[String]) -> Result<bool, B
         ok_calls,
         counted,
         write_files,
+        BUDGETS[0].2,
+        charges.shares,
         if denials.is_empty() {
             "none".to_owned()
         } else {

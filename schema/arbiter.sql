@@ -132,7 +132,8 @@ BEGIN
         IF NOT FOUND THEN
             RAISE EXCEPTION 'share % is closed, expired or unknown', charge.share_id
                 USING ERRCODE = 'check_violation', CONSTRAINT = 'budget_shares_live',
-                      TABLE = 'budget_shares', SCHEMA = 'arbiter';
+                      TABLE = 'budget_shares', SCHEMA = 'arbiter',
+                      DETAIL = charge.share_id::text;
         END IF;
         charged := charged + 1;
     END LOOP;
@@ -211,7 +212,8 @@ BEGIN
         RETURN;
     END IF;
     adding := CASE WHEN least_room < need THEN 0
-                   ELSE least(least_room, greatest(need, least(want, (least_room + 1) / 2)))
+                   ELSE least(least_room,
+                              greatest(need, least(want, least_room / 2 + least_room % 2)))
               END;
     IF NOT exists_already AND adding = 0 THEN
         RETURN QUERY SELECT true, 0::bigint, 0::bigint, 0::bigint, least_room, tight, ends,
@@ -300,19 +302,33 @@ CREATE FUNCTION arbiter.budget_put(budget text, new_parent text, new_limit bigin
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
     AS $$
+DECLARE
+    old arbiter.budgets;
+    open_share uuid;
 BEGIN
-    -- Taken before the update, so two creates of one id are not both inserts.
+    -- Taken before the update, so two creates of one id are not both inserts; it also
+    -- keeps every grant and release of every tree out until this commits.
     PERFORM pg_advisory_xact_lock(arbiter.budget_tree_lock_key());
+    SELECT * INTO old FROM arbiter.budgets b WHERE b.budget_id = budget FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO arbiter.budgets (budget_id, parent_id, unit_limit, period, time_zone, unit)
+        VALUES (budget, new_parent, new_limit, new_period, new_time_zone, new_unit);
+        RETURN true;
+    END IF;
     UPDATE arbiter.budgets b
        SET parent_id = new_parent, unit_limit = new_limit, period = new_period,
            time_zone = new_time_zone, unit = new_unit
      WHERE b.budget_id = budget;
-    IF FOUND THEN
-        RETURN false;
+    IF new_limit < old.unit_limit OR new_parent IS DISTINCT FROM old.parent_id THEN
+        FOR open_share IN
+            SELECT s.share_id FROM arbiter.budget_shares s
+             WHERE s.closed_at IS NULL AND budget = ANY (s.chain)
+             ORDER BY s.share_id
+        LOOP
+            PERFORM arbiter.budget_share_shrink(open_share, 0, true);
+        END LOOP;
     END IF;
-    INSERT INTO arbiter.budgets (budget_id, parent_id, unit_limit, period, time_zone, unit)
-    VALUES (budget, new_parent, new_limit, new_period, new_time_zone, new_unit);
-    RETURN true;
+    RETURN false;
 END
 $$;
 

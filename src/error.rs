@@ -159,6 +159,14 @@ pub enum StorageError {
         /// The deadline that passed.
         after: std::time::Duration,
     },
+    /// A write charged a share of a shared budget that is closed or whose lease ran out
+    /// (`arbiter.budget_charge`): nothing was written. The units it counted on may have
+    /// gone back to the budget; the store decides the write's calls again on a new share.
+    #[error("share {share_id} of a shared budget is no longer live")]
+    ShareClosed {
+        /// The share.
+        share_id: Uuid,
+    },
     /// The storage does not keep what the operation needs (shared budgets in
     /// [`MemoryStorage`](crate::MemoryStorage)).
     #[error("this storage does not support {0}")]
@@ -178,6 +186,15 @@ impl StorageError {
 
 impl From<sqlx::Error> for StorageError {
     fn from(err: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &err
+            && db.constraint() == Some("budget_shares_live")
+            && let Some(share_id) = db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .and_then(|pg| pg.detail())
+                .and_then(|detail| detail.parse().ok())
+        {
+            return StorageError::ShareClosed { share_id };
+        }
         if let sqlx::Error::Database(db) = &err
             && let Some(name) = db.constraint()
         {

@@ -3,7 +3,7 @@
 //! the escrow functions (migration `20261206000005_shared_budgets.sql`): grants never take
 //! any level of a tree past its limit, whoever races; a tree's units all get spent; an
 //! expired share comes back exactly and cannot be spent after; a release keeps what is
-//! spent or in flight; a lowered limit grants nothing more.
+//! spent or in flight; a lowered limit closes the shares and grants within it.
 
 mod common;
 
@@ -252,10 +252,11 @@ async fn a_release_keeps_what_is_spent_or_in_flight(pool: PgPool) {
     assert_allocation_is_the_sum_of_grants(&pool).await;
 }
 
-/// Lowering a limit below what is allocated grants nothing more in the period; raising it
-/// grants again. Nothing already granted or spent is lost.
+/// Lowering a limit closes the shares holding units of the budget (what they used stays
+/// used, the rest comes back) and grants only within the new limit; raising it grants
+/// again. Nothing spent is lost.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
-async fn a_lowered_limit_grants_nothing_more(pool: PgPool) {
+async fn a_lowered_limit_closes_shares_and_grants_within_it(pool: PgPool) {
     let store = SessionStore::postgres(pool.clone());
     put(&store, "root", 10, None).await;
     put(&store, "leaf", 10, Some("root")).await;
@@ -267,12 +268,40 @@ async fn a_lowered_limit_grants_nothing_more(pool: PgPool) {
             .added,
         5
     );
+    spend(&pool, share, 2).await.expect("within the share");
     put(&store, "root", 3, None).await;
-    let other = grant(&pool, Uuid::new_v4(), Uuid::new_v4(), "leaf", (1, 1), long).await;
-    assert_eq!((other.added, other.room), (0, 0));
+    spend(&pool, share, 1)
+        .await
+        .expect_err("the share is closed: it holds what it used");
+    assert_eq!(usage(&pool, "root").await, (2, 2));
+    let (other, other_holder) = (Uuid::new_v4(), Uuid::new_v4());
+    let granted = grant(&pool, other, other_holder, "leaf", (1, 10), long).await;
+    assert_eq!((granted.added, granted.room), (1, 1));
+    let none = grant(&pool, other, other_holder, "leaf", (1, 1), long).await;
+    assert_eq!((none.added, none.room), (0, 0));
     put(&store, "root", 8, None).await;
-    let more = grant(&pool, share, holder, "leaf", (1, 10), long).await;
-    assert_eq!((more.added, more.granted, more.room), (2, 7, 3));
+    let more = grant(&pool, other, other_holder, "leaf", (1, 10), long).await;
+    assert_eq!((more.added, more.granted, more.room), (3, 4, 5));
+    assert_allocation_is_the_sum_of_grants(&pool).await;
+}
+
+/// A limit as large as a bigint grants without overflowing.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn the_largest_limit_grants(pool: PgPool) {
+    let store = SessionStore::postgres(pool.clone());
+    put(&store, "root", i64::MAX.unsigned_abs(), None).await;
+    put(&store, "leaf", i64::MAX.unsigned_abs(), Some("root")).await;
+    let granted = grant(
+        &pool,
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        "leaf",
+        (1, i64::MAX),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(granted.room, i64::MAX);
+    assert_eq!(granted.added, i64::MAX / 2 + 1);
     assert_allocation_is_the_sum_of_grants(&pool).await;
 }
 

@@ -794,4 +794,19 @@ async fn cli_sets_lists_and_reports_budgets(pool: PgPool) {
         &cli(&url, &["budgets", "show", "nobody"]),
         "budget nobody not found",
     );
+
+    // The share's used was written by hand, without the events that would explain it.
+    let out = cli(&url, &["verify"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "MISMATCH share {share}: used 3, its events cost 0"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("1 shares of shared budgets do not match the costs of their events\n"),
+        "{text}"
+    );
 }

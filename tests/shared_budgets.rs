@@ -412,3 +412,40 @@ async fn a_call_charged_to_a_share_that_died_is_dropped_at_reconcile(pool: PgPoo
         .expect("verify");
     assert!(verdict.is_intact(), "{verdict:?}");
 }
+
+/// Lowering a limit takes effect for the next decisions: the shares holding units of the
+/// budget are closed, a store still counting on one finds out at its next write and decides
+/// that call again on a new share granted under the new limit (an answer of the budget, not
+/// a storage error), and no more than the new limit is ever used. Raising a limit closes
+/// nothing.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn a_lowered_limit_takes_effect_for_the_next_call(pool: PgPool) {
+    let admin = SessionStore::postgres(pool.clone());
+    put(&admin, "root", 1_000, None).await;
+    put(&admin, "team", 100, Some("root")).await;
+    let store = process(&pool, 4, Duration::from_secs(10)).await;
+    let (session, agent) = session_on(&store, "team", &["search"], 100, &[]).await;
+    let call = || store.use_session(session, "search", Some(agent));
+    call().await.expect("a unit of a share of several");
+    // Raising the root's limit leaves the share as it is.
+    put(&admin, "root", 2_000, None).await;
+    call().await.expect("the same share");
+    let open: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM arbiter.budget_shares WHERE closed_at IS NULL"#
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(open, 1);
+    put(&admin, "team", 4, Some("root")).await;
+    call().await.expect("decided again on a new share");
+    call().await.expect("the last unit");
+    match call().await {
+        Err(SessionError::SharedBudgetExceeded { budget_id, .. }) => assert_eq!(budget_id, "team"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(used(&admin, "team").await, 4);
+    assert_eq!(store.stats().pending, 0);
+    assert!(store.shutdown(Duration::from_secs(5)).await.is_clean());
+    assert_the_trail_explains_every_unit(&pool).await;
+}

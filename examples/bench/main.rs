@@ -7,8 +7,10 @@
 //! same size; every other figure goes through a `SessionStore`.
 //!
 //! The harness (`sample`, `measure`, `compare`, `Bench`) comes first; then one function
-//! per figure or group of figures, called in order by `main`.
+//! per figure or group of figures, called in order by `main`. The shared budgets' figures
+//! are in `budgets.rs`, the history's in `history.rs`.
 
+mod budgets;
 mod history;
 
 use std::collections::BTreeMap;
@@ -778,6 +780,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     };
 
     distinct_sessions(&mut bench).await?;
+    let (left_at_first_denial, left_when_idle) = budgets::shared_budgets(&mut bench).await?;
     hot_session(&mut bench).await?;
     unknown_ids(&mut bench).await?;
     let creator = store(&bench.storage);
@@ -811,6 +814,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "ratio_http_64": bench.ratio("http_use_64", "inprocess_use_64"),
         "ratio_unknown_ids_64": bench.ratio("use_live_beside_unknown_64", "use_live_64"),
         "ratio_history_64": bench.ratio("use_history_64", "use_empty_64"),
+        "ratio_budget_64": bench.ratio("use_budget_64", "use_unbudgeted_64"),
+        "ratio_naive_budget_64": bench.ratio("naive_budget_64", "limit_budget_64"),
+        "budget_left_at_first_denial": left_at_first_denial,
+        "budget_left_when_idle": left_when_idle,
         "history": history,
     });
     println!("{summary}");

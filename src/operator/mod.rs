@@ -1,5 +1,6 @@
 //! The operator's side: what people run beside the gateways, against the same database.
-//! [`chain`] verifies the audit trail's hash chain, [`checkpoint`] keeps its heads outside
+//! [`chain`] verifies the audit trail's hash chain, [`budgets`] checks the shared budgets'
+//! accounting against it, [`checkpoint`] keeps its heads outside
 //! the database and proves later that no chain was rewritten, [`retention`] purges what has
 //! ended, [`export`] streams the trail out as JSON Lines or CSV,
 //! [`partitions`] keeps the audit trail's daily partitions, [`rollup`] keeps the daily
@@ -8,6 +9,7 @@
 
 pub(crate) use crate::storage::unhurried;
 
+pub mod budgets;
 pub mod chain;
 pub mod checkpoint;
 pub mod export;

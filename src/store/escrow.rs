@@ -30,6 +30,7 @@
 //! when its lease runs out ([`LEASE`]), at the next grant of the budget's tree.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -56,6 +57,9 @@ const TICK: Duration = Duration::from_millis(250);
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 /// Before an account has a recent use, a grant asks for this many times its need.
 const COLD_START_ROUNDS: u64 = 8;
+/// Grants one round asks for at most before it takes what is left: other rounds may take
+/// what a grant added first.
+const REFILLS_PER_ROUND: usize = 4;
 
 /// This store's shares, one account per budget its sessions drew on.
 #[derive(Debug)]
@@ -75,6 +79,9 @@ struct Account {
     budget: BudgetId,
     /// One grant or release of this account at a time.
     refill: tokio::sync::Mutex<()>,
+    /// Units the rounds waiting for a grant of this account need: a grant asks for them
+    /// all, so that a burst of rounds costs one grant, not one each.
+    waiting: AtomicU64,
     state: Mutex<AccountState>,
 }
 
@@ -88,6 +95,8 @@ struct AccountState {
     /// The level that had no room when the last grant found less than it needed; cleared
     /// by a grant that did not.
     exhausted: Option<BudgetId>,
+    /// When that grant was asked for, and the room it found.
+    exhausted_asked_at: Option<(Instant, u64)>,
     /// Units charged since `window_start`, for sizing the next grant.
     recent: u64,
     window_start: Option<Instant>,
@@ -189,6 +198,7 @@ impl Escrow {
             Arc::new(Account {
                 budget: budget.clone(),
                 refill: tokio::sync::Mutex::new(()),
+                waiting: AtomicU64::new(0),
                 state: Mutex::default(),
             })
         }))
@@ -211,14 +221,34 @@ impl Escrow {
         deadline: Instant,
     ) -> Hold {
         self.task.start(|parking| Some(run(store.clone(), parking)));
+        let began = Instant::now();
         let account = self.account(budget);
-        if let Some(hold) = Account::take(&account, units, at, false) {
-            return hold;
+        // Other rounds may take what a grant added before this one does: ask again while
+        // storage still had room (a few times: each grant is sized to the recent rate).
+        let mut short = Some(Shortfall::Unavailable(format!(
+            "other calls took the units of {REFILLS_PER_ROUND} grants first"
+        )));
+        for _ in 0..REFILLS_PER_ROUND {
+            if let Some(hold) = Account::take(&account, units, at, false) {
+                return hold;
+            }
+            account.waiting.fetch_add(units, Ordering::Relaxed);
+            let refilled = self
+                .refill(storage, &account, units, at, began, deadline)
+                .await;
+            account.waiting.fetch_sub(units, Ordering::Relaxed);
+            match refilled {
+                Ok(Refill::Room) => {}
+                Ok(Refill::Exhausted) => {
+                    short = None;
+                    break;
+                }
+                Err(err) => {
+                    short = Some(Shortfall::Unavailable(error_chain(&err)));
+                    break;
+                }
+            }
         }
-        let short = match self.refill(storage, &account, units, at, deadline).await {
-            Ok(()) => None,
-            Err(err) => Some(Shortfall::Unavailable(error_chain(&err))),
-        };
         let mut hold =
             Account::take(&account, units, at, true).unwrap_or_else(|| Hold::empty(&account));
         if hold.held < units {
@@ -234,6 +264,23 @@ impl Escrow {
             (&event.budget_id, event.share_id, event.cost)
         {
             self.account(budget).refund(share, cost);
+        }
+    }
+
+    /// Storage refused a write charging `share`: it is closed. Its calls not written are
+    /// dropped at reconcile, and the next round of its budget takes a new share.
+    pub(super) fn mark_dead(&self, share: Uuid) {
+        let now = Instant::now();
+        for account in self.accounts() {
+            let mut state = account.lock();
+            if state.live.as_ref().is_some_and(|live| live.id == share) {
+                state.retire_now();
+            }
+            for (id, dead_after) in &mut state.retired {
+                if *id == share {
+                    *dead_after = now;
+                }
+            }
         }
     }
 
@@ -256,18 +303,38 @@ impl Escrow {
     }
 
     /// Grants the account enough for `units` more, if storage has room: one grant at a
-    /// time per account; a share storage closed is replaced by a new one.
+    /// time per account; a share storage closed is replaced by a new one. A round that
+    /// `began` before a grant that found no room was asked for takes that answer.
     async fn refill<S: Storage>(
         &self,
         storage: &TimeBounded<S>,
         account: &Account,
         units: u64,
         at: DateTime<Utc>,
+        began: Instant,
         deadline: Instant,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Refill, StorageError> {
         let _one = tokio::time::timeout_at(deadline, account.refill.lock())
             .await
             .map_err(|_| storage.timed_out())?;
+        // A grant asked for after this round began found less room than this round needs:
+        // its answer is this round's too, so a flood of calls on a spent budget costs one
+        // grant at a time.
+        {
+            let state = account.lock();
+            let available = state
+                .live
+                .as_ref()
+                .filter(|live| live.usable(Instant::now(), at))
+                .map_or(0, Share::available);
+            let need = units - std::cmp::min(available, units);
+            if state
+                .exhausted_asked_at
+                .is_some_and(|(asked, room)| asked >= began && need > room)
+            {
+                return Ok(Refill::Exhausted);
+            }
+        }
         for _ in 0..2 {
             let (share_id, need, want) = {
                 let mut state = account.lock();
@@ -283,13 +350,16 @@ impl Escrow {
                     && available >= units
                 {
                     // Another round's grant got there first.
-                    return Ok(());
+                    return Ok(Refill::Room);
                 }
                 let need = units - std::cmp::min(available, units);
                 // Before there is a rate, enough for a few more rounds like this one.
                 let want = std::cmp::max(
-                    need.saturating_mul(COLD_START_ROUNDS),
-                    state.rate_based_want(),
+                    std::cmp::max(
+                        need.saturating_mul(COLD_START_ROUNDS),
+                        state.rate_based_want(),
+                    ),
+                    account.waiting.load(Ordering::Relaxed).saturating_mul(2),
                 );
                 let share_id = state
                     .live
@@ -319,12 +389,16 @@ impl Escrow {
             };
             if account.granted(&grant, answered, self.lease, self.margin) {
                 metrics::count(Counter::ShareGrants, 1);
-                return Ok(());
+                return Ok(if grant.added < need {
+                    Refill::Exhausted
+                } else {
+                    Refill::Room
+                });
             }
             // Storage closed the share (its lease ran out, or its period is over): a new
             // one, once.
         }
-        Ok(())
+        Ok(Refill::Room)
     }
 
     /// Renews the leases of shares in use, and gives back the units of idle ones and of
@@ -462,6 +536,15 @@ impl Escrow {
     }
 }
 
+/// What a refill found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refill {
+    /// Storage had room for the round (it may have gone to other rounds since).
+    Room,
+    /// Storage had less room than the round needs at some level.
+    Exhausted,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Upkeep {
     /// Give back all but what storage counted as used.
@@ -567,10 +650,14 @@ impl Account {
             period_end: grant.period_end,
         });
         state.settled = false;
-        state.exhausted = if grant.added < need {
-            grant.tightest.clone().or_else(|| Some(self.budget.clone()))
+        (state.exhausted, state.exhausted_asked_at) = if grant.added < need {
+            let tightest = grant
+                .tightest
+                .clone()
+                .unwrap_or_else(|| self.budget.clone());
+            (Some(tightest), Some((sent_at, grant.room)))
         } else {
-            None
+            (None, None)
         };
         true
     }

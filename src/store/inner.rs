@@ -489,22 +489,44 @@ impl<S: Storage> Inner<S> {
         now: DateTime<Utc>,
         deadline: Instant,
     ) -> Vec<Answer> {
-        let mut hold = match Round::cost(&state.current, mutations) {
-            Some((budget, units)) => Some(
-                self.escrow
-                    .hold(&self.me, &self.storage, &budget, units, now, deadline)
-                    .await,
-            ),
-            None => None,
-        };
-        // Dropping the hold, here or where the caller went away, gives back what the
-        // round did not spend.
-        self.decide_and_write(id, slot, state, mutations, now, deadline, hold.as_mut())
-            .await
+        let mut first = true;
+        loop {
+            let mut hold = match Round::cost(&state.current, mutations, now) {
+                Some((budget, units)) => Some(
+                    self.escrow
+                        .hold(&self.me, &self.storage, &budget, units, now, deadline)
+                        .await,
+                ),
+                None => None,
+            };
+            // Dropping the hold, here or where the caller went away, gives back what the
+            // round did not spend.
+            let written = self
+                .decide_and_write(
+                    id,
+                    slot,
+                    state,
+                    mutations,
+                    now,
+                    deadline,
+                    hold.as_mut(),
+                    first,
+                )
+                .await;
+            match written {
+                Some(answers) => return answers,
+                // A share the round charged was closed: nothing was written. Once more,
+                // on a new share.
+                None => first = false,
+            }
+        }
     }
 
     /// [`Self::mutate_locked`] once the round's shared-budget units are held: the calls
     /// spend from `hold`, and what they did not spend goes back when it is dropped.
+    /// `None` when the write was refused because a share it charged is closed (a limit was
+    /// lowered, or the lease ran out) and `retry` allows deciding the round again: that
+    /// share is marked dead and nothing changed.
     #[expect(
         clippy::too_many_arguments,
         reason = "the round, its lock and its hold"
@@ -518,7 +540,8 @@ impl<S: Storage> Inner<S> {
         now: DateTime<Utc>,
         deadline: Instant,
         mut hold: Option<&mut Hold>,
-    ) -> Vec<Answer> {
+        retry: bool,
+    ) -> Option<Vec<Answer>> {
         let round = Round::decide(
             &state.current,
             mutations,
@@ -527,7 +550,7 @@ impl<S: Storage> Inner<S> {
             hold.as_deref_mut(),
         );
         let Some(next) = round.next() else {
-            return round.answers();
+            return Some(round.answers());
         };
         // Calls charged to a dead share cannot land: merge into the fresh row, which drops
         // them, rather than write and be refused.
@@ -544,10 +567,11 @@ impl<S: Storage> Inner<S> {
                 .await;
             match written {
                 Ok(UpdateOutcome::Applied(version)) => {
-                    return self.applied(id, slot, state, round, version);
+                    return Some(self.applied(id, slot, state, round, version));
                 }
                 Ok(UpdateOutcome::Conflict) => self.counters.conflict(),
-                Err(err) => return self.write_failed(id, slot, state, round, &err),
+                Err(err) if retry && self.share_closed(&err) => return None,
+                Err(err) => return Some(self.write_failed(id, slot, state, round, &err)),
             }
         }
         if let Some(hold) = hold.as_deref_mut() {
@@ -583,7 +607,12 @@ impl<S: Storage> Inner<S> {
             // The locked read showed that everything unwritten had landed after all.
             self.unpin(id, slot, state);
         }
-        match (locked, decided) {
+        Some(match (locked, decided) {
+            (Err(err), Some(round))
+                if retry && round.next().is_some() && self.share_closed(&err) =>
+            {
+                return None;
+            }
             (Ok(LockedUpdate::Missing), _) => {
                 self.forget(id, slot, state).await;
                 mutations
@@ -612,6 +641,17 @@ impl<S: Storage> Inner<S> {
                     })
                 })
                 .collect(),
+        })
+    }
+
+    /// Whether `err` is a write refused because a share it charged is closed; if so, that
+    /// share is marked dead (its calls that are not written are dropped at reconcile).
+    fn share_closed(&self, err: &StorageError) -> bool {
+        if let StorageError::ShareClosed { share_id } = err {
+            self.escrow.mark_dead(*share_id);
+            true
+        } else {
+            false
         }
     }
 
@@ -651,6 +691,7 @@ impl<S: Storage> Inner<S> {
         mut round: Round,
         err: &StorageError,
     ) -> Vec<Answer> {
+        self.share_closed(err);
         let (next, events) = round.take_changes();
         if let Some(next) = next {
             state.current = next;

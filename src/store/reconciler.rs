@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::inner::Inner;
 use super::slot::Slot;
 use super::worker::{Parking, Worker};
-use crate::error::error_chain;
+use crate::error::{StorageError, error_chain};
 use crate::metrics::{self, Counter};
 use crate::storage::{LockWait, LockedUpdate, Storage, UpdateOutcome};
 
@@ -191,6 +191,12 @@ impl Reconciler {
             Err(err) if err.is_transient() => {
                 tracing::debug!(session_id = %id, error = %error_chain(&err), "reconcile: storage unavailable");
                 Written::Unavailable
+            }
+            Err(StorageError::ShareClosed { share_id }) => {
+                // Its calls charged to that share are dropped by the next pass's merge.
+                store.escrow().mark_dead(share_id);
+                tracing::info!(session_id = %id, %share_id, "reconcile: a shared budget's share was closed; dropping its unwritten calls next pass");
+                Written::Retry
             }
             Err(err) => {
                 tracing::warn!(session_id = %id, error = %error_chain(&err), "reconcile: write refused; will retry");

@@ -33,18 +33,29 @@ pub(super) struct Round {
 }
 
 impl Round {
-    /// What the calls of `mutations` on `session` may cost its shared budget at most (each
-    /// as if allowed): what a round's hold must hold. `None` for a session without one.
+    /// What the calls of `mutations` on `session` at `now` may cost its shared budget at
+    /// most: what a round's hold must hold. A call an earlier check is sure to deny (the
+    /// session is not live, its budget is spent, a tool is not allowed, another agent
+    /// presents it) costs nothing here, so that calls the session refuses anyway never ask
+    /// storage for units. `None` for a session without a shared budget.
     pub(super) fn cost(
         session: &TaskSession,
         mutations: &[Mutation<'_>],
+        now: DateTime<Utc>,
     ) -> Option<(BudgetId, u64)> {
         let budget = session.budget_id.clone()?;
+        let open = session.is_live(now) && session.calls_remaining() > 0;
         let units = mutations
             .iter()
             .filter_map(|mutation| match mutation {
-                Mutation::Use { tools, cost, .. } => session.cost_of(tools, *cost),
-                Mutation::Close | Mutation::Expire => None,
+                Mutation::Use { tools, cost, agent }
+                    if open
+                        && agent.is_none_or(|agent| agent == session.agent_id)
+                        && tools.iter().all(|tool| session.is_tool_authorized(tool)) =>
+                {
+                    session.cost_of(tools, *cost)
+                }
+                Mutation::Use { .. } | Mutation::Close | Mutation::Expire => None,
             })
             .fold(0, u64::saturating_add);
         Some((budget, units))

@@ -1,9 +1,11 @@
 //! `arbiter-session verify`: the audit hash chains, of one session or of all, and against a
-//! checkpoint.
+//! checkpoint; with all of them, the shared budgets' charges against the trail
+//! (`operator::budgets`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use arbiter_session::operator::budgets::{self, ChargeSummary};
 use arbiter_session::operator::chain::{self, ChainSummary, SessionChain};
 use arbiter_session::operator::checkpoint::{self, CheckpointVerdict};
 use sqlx::PgPool;
@@ -44,7 +46,15 @@ pub(crate) async fn run(pool: &PgPool, args: VerifyArgs) -> Result<ExitCode, Fai
         VerifyArgs {
             session: None,
             against: None,
-        } => Ok(print_summary(&chain::verify_all_audit_chains(pool).await?)),
+        } => {
+            let chains = print_summary(&chain::verify_all_audit_chains(pool).await?);
+            let charges = print_charges(&budgets::verify_charges(pool).await?);
+            Ok(if chains == ExitCode::SUCCESS {
+                charges
+            } else {
+                chains
+            })
+        }
     }
 }
 
@@ -105,6 +115,28 @@ fn print_session_verdict(verdict: &SessionChain) -> ExitCode {
             println!("ok: session {} has no chained events", verdict.session_id);
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// The shared budgets' line, printed only where budgets were used.
+fn print_charges(summary: &ChargeSummary) -> ExitCode {
+    for mismatch in &summary.mismatched {
+        println!("MISMATCH {mismatch}");
+    }
+    if summary.is_exact() {
+        if summary.shares > 0 {
+            println!(
+                "ok: {} shares of shared budgets, {} units used, each the sum of its events' costs",
+                summary.shares, summary.units
+            );
+        }
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "{} shares of shared budgets do not match the costs of their events",
+            summary.mismatched.len()
+        );
+        ExitCode::from(EXIT_TAMPERED)
     }
 }
 
