@@ -1,7 +1,8 @@
 //! `arbiter-session serve` as a process: the real binary on a free loopback port, against a
 //! fresh database. What only a process shows is here: it refuses to start with bad tokens
 //! or an unauthenticated public address, SIGTERM makes a pending session durable before
-//! the process exits, and the shutdown is bounded whatever the clients hold open. The
+//! the process exits, the shutdown is bounded whatever the clients hold open, and three
+//! processes spend a shared budget tree exactly while one of them is killed. The
 //! routes themselves are tested in-process, in `tests/server.rs`.
 
 mod common;
@@ -360,4 +361,183 @@ async fn serve_shutdown_is_bounded_whatever_the_clients_do(pool: PgPool) {
         "the call pending at SIGTERM is durable"
     );
     drop(held);
+}
+
+/// Issue 30's acceptance: three `serve` processes on one database, 48 clients spending
+/// one budget tree (root 300 units, two branches of 200) until every call is denied, one
+/// process killed with SIGKILL mid-run. The 200s answered never pass the root's limit;
+/// the killed process's unspent share comes back after its lease and is spent, so the root
+/// ends with exactly its limit used (the calls the killed process was answering when it
+/// died may have been counted without their 200 arriving); `GET` shows it; every share's
+/// use is what its events cost.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn three_processes_spend_a_budget_tree_exactly_and_a_killed_ones_share_returns(pool: PgPool) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let url = common::database_url(&pool).await;
+    let lease = ["--share-lease-secs", "2", "--pool-size", "8"];
+    let services = Arc::new(vec![
+        start(&url, &lease).await,
+        start(&url, &lease).await,
+        start(&url, &lease).await,
+    ]);
+    let admin = &services[0];
+    for (id, body) in [
+        ("root", json!({ "limit": 300 })),
+        ("root/a", json!({ "limit": 200, "parent_id": "root" })),
+        (
+            "root/a/agents",
+            json!({ "limit": 100000, "parent_id": "root/a" }),
+        ),
+        ("root/b", json!({ "limit": 200, "parent_id": "root" })),
+        (
+            "root/b/agents",
+            json!({ "limit": 100000, "parent_id": "root/b" }),
+        ),
+    ] {
+        let answer = json_of(
+            admin
+                .send(
+                    Method::PUT,
+                    &format!("/v1/budgets/{id}"),
+                    Some(ADMIN),
+                    Some(body),
+                )
+                .await,
+        )
+        .await;
+        assert_eq!(answer.0, StatusCode::CREATED, "{}", answer.1);
+    }
+    let killed = Arc::new(AtomicBool::new(false));
+    let (ok, lost) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = Vec::new();
+    for n in 0..48 {
+        let agent = Uuid::new_v4();
+        let budget = if n % 2 == 0 {
+            "root/a/agents"
+        } else {
+            "root/b/agents"
+        };
+        let session = create(
+            admin,
+            json!({ "agent_id": agent, "authorized_tools": ["search"], "call_budget": 1000,
+                "time_limit_secs": 600, "budget_id": budget }),
+        )
+        .await;
+        let (services, killed, ok, lost) = (
+            Arc::clone(&services),
+            Arc::clone(&killed),
+            Arc::clone(&ok),
+            Arc::clone(&lost),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut denied_since: Option<tokio::time::Instant> = None;
+            let path = format!("/v1/sessions/{session}/use");
+            loop {
+                // The killed process's clients move to the first one.
+                let on = if n % 3 == 2 && killed.load(Ordering::SeqCst) {
+                    0
+                } else {
+                    n % 3
+                };
+                let service = &services[on];
+                let sent = service
+                    .client
+                    .post(format!("{}{path}", service.base))
+                    .bearer_auth(GATEWAY)
+                    .json(&json!({ "tool": "search", "agent_id": agent }))
+                    .send()
+                    .await;
+                let Ok(response) = sent else {
+                    assert_eq!(on, 2, "only the killed process stops answering");
+                    lost.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                };
+                let (status, body) = json_of(response).await;
+                match status {
+                    StatusCode::OK => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                        denied_since = None;
+                    }
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        assert_eq!(body["error"], "budget_exceeded", "{body}");
+                        let since = *denied_since.get_or_insert_with(tokio::time::Instant::now);
+                        // The lease (2 s), the reclaim, and idle shares' return (1 s).
+                        if since.elapsed() > Duration::from_secs(5) {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => panic!("{other}: {body}"),
+                }
+            }
+        }));
+    }
+    // Kill the third process once about a third of the units are spent.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while ok.load(Ordering::SeqCst) < 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the clients made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed_at = tokio::time::Instant::now();
+    {
+        // SIGKILL: no shutdown, no release; its share lapses with its lease.
+        let pid = rustix::process::Pid::from_child(&services[2].child);
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("SIGKILL");
+    }
+    killed.store(true, Ordering::SeqCst);
+    for client in clients {
+        client.await.expect("the client ran");
+    }
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(30),
+        "the killed process's units came back and were spent within the bound"
+    );
+    let root = json_of(
+        admin
+            .send(Method::GET, "/v1/budgets/root", Some(GATEWAY), None)
+            .await,
+    )
+    .await;
+    assert_eq!(root.0, StatusCode::OK, "{}", root.1);
+    assert_eq!(root.1["used"], 300, "{}", root.1);
+    assert_eq!(root.1["remaining"], 0, "{}", root.1);
+    let (ok, lost) = (ok.load(Ordering::SeqCst), lost.load(Ordering::SeqCst));
+    assert!(
+        ok <= 300 && 300 <= ok + lost,
+        "200s {ok}, unanswered {lost}"
+    );
+    for branch in ["root/a", "root/b"] {
+        let used = json_of(
+            admin
+                .send(
+                    Method::GET,
+                    &format!("/v1/budgets/{branch}"),
+                    Some(ADMIN),
+                    None,
+                )
+                .await,
+        )
+        .await;
+        let used = used.1["used"].as_u64().expect("used");
+        assert!(used <= 200, "{branch} used {used}");
+    }
+    // The killed process's share was taken back by another's grant once its lease ran out.
+    let reclaimed: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM arbiter.budget_shares
+            WHERE closed_at IS NOT NULL AND lease_until < closed_at"#
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert!(reclaimed >= 1, "no share was reclaimed");
+    let charges = arbiter_session::operator::budgets::verify_charges(&pool)
+        .await
+        .expect("verify the charges");
+    assert!(charges.is_exact(), "{charges:?}");
+    assert_eq!(charges.units, 300);
 }

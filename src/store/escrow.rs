@@ -220,9 +220,14 @@ impl Escrow {
         at: DateTime<Utc>,
         deadline: Instant,
     ) -> Hold {
+        let account = self.account(budget);
+        if units == 0 {
+            // Nothing to pay for (free calls, or calls the session refuses anyway): no
+            // storage, whatever an agent sends.
+            return Hold::empty(&account);
+        }
         self.task.start(|parking| Some(run(store.clone(), parking)));
         let began = Instant::now();
-        let account = self.account(budget);
         // Other rounds may take what a grant added before this one does: ask again while
         // storage still had room (a few times: each grant is sized to the recent rate).
         let mut short = Some(Shortfall::Unavailable(format!(
@@ -232,11 +237,11 @@ impl Escrow {
             if let Some(hold) = Account::take(&account, units, at, false) {
                 return hold;
             }
-            account.waiting.fetch_add(units, Ordering::Relaxed);
-            let refilled = self
-                .refill(storage, &account, units, at, began, deadline)
-                .await;
-            account.waiting.fetch_sub(units, Ordering::Relaxed);
+            let refilled = {
+                let _waiting = Waiting::add(&account, units);
+                self.refill(storage, &account, units, at, began, deadline)
+                    .await
+            };
             match refilled {
                 Ok(Refill::Room) => {}
                 Ok(Refill::Exhausted) => {
@@ -533,6 +538,28 @@ impl Escrow {
                     "a share's units were not given back; they return when its lease runs out");
             }
         }
+    }
+}
+
+/// A round's units counted in its account's `waiting` while it waits for a grant, and
+/// taken out when it stops, answered or cancelled.
+struct Waiting<'a> {
+    account: &'a Account,
+    units: u64,
+}
+
+impl<'a> Waiting<'a> {
+    fn add(account: &'a Account, units: u64) -> Self {
+        account.waiting.fetch_add(units, Ordering::Relaxed);
+        Waiting { account, units }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.account
+            .waiting
+            .fetch_sub(self.units, Ordering::Relaxed);
     }
 }
 

@@ -56,6 +56,11 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "ARBITER_COLD_LOADS", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     cold_loads: u64,
+    /// How long this process's share of a shared budget stays its own without a renewal,
+    /// in seconds: the units a process that died held come back this long after.
+    #[arg(long, env = "ARBITER_SHARE_LEASE_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    share_lease_secs: u64,
     /// Most sessions kept in the cache.
     #[arg(long, env = "ARBITER_CACHE_CAPACITY", default_value_t = 100_000)]
     cache_capacity: u64,
@@ -161,6 +166,7 @@ pub(crate) async fn run(database_url: &str, args: ServeArgs) -> Result<(), Failu
         .cache_capacity(args.cache_capacity)
         .storage_timeout(storage_timeout)
         .cold_loads(usize::try_from(args.cold_loads).unwrap_or(1))
+        .share_lease(Duration::from_secs(args.share_lease_secs))
         .maintenance_interval((!args.no_upkeep).then_some(Duration::from_secs(60)))
         .build();
     if args.no_upkeep {
