@@ -24,6 +24,11 @@
 //! never counts more, every `Ok` call of it is counted, none is counted that was not
 //! attempted, and the audit trail counts exactly what the row does.
 //!
+//! And every session draws on one shared budget two levels deep whose root allows
+//! [`SHARED_LIMIT`] units (a call of `w` costs [`WRITE_COST`], of `t` 1): the root never
+//! uses more, every `Ok` call's units are used, none that was not attempted, and every
+//! share's use is what its events cost.
+//!
 //! The default run is short (`ARBITER_PROPTEST_CASES`, default 12, raises it); each case
 //! uses fresh sessions in one database made for the test and dropped afterwards.
 
@@ -32,6 +37,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
+use arbiter_session::budget::{BudgetId, BudgetTerms};
 use arbiter_session::testing::{FaultyStorage, ManualClock};
 use arbiter_session::{PgStorage, SessionError, SessionStatus, SessionStore, TaskSession};
 use chrono::{DateTime, Duration, Utc};
@@ -50,6 +56,9 @@ const RATE_WINDOW_SECS: i64 = 30;
 /// The limited tool, and its limit inside the budget.
 const WRITE: &str = "w";
 const WRITE_LIMIT: u64 = 2;
+/// The shared budget's root limit, in units, and what a call of the limited tool costs.
+const SHARED_LIMIT: u64 = 10;
+const WRITE_COST: u64 = 2;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -127,6 +136,9 @@ struct Promised {
     /// The same two counts for the limited tool's calls alone.
     ok_writes: u64,
     uncertain_writes: u64,
+    /// The same two counts in units of the shared budget.
+    ok_units: u64,
+    uncertain_units: u64,
     closed_acked: bool,
     saw_terminal: bool,
     /// A close was answered `StorageWriteThrough`: it stays pending until storage has it.
@@ -140,20 +152,24 @@ impl Promised {
         writes: u64,
         result: &Result<TaskSession, SessionError>,
     ) -> Result<(), TestCaseError> {
+        let units = calls + writes * (WRITE_COST - 1);
         match result {
             Ok(_) => {
                 self.ok += calls;
                 self.ok_writes += writes;
+                self.ok_units += units;
             }
             Err(SessionError::StorageWriteThrough { .. }) => {
                 self.uncertain += calls;
                 self.uncertain_writes += writes;
+                self.uncertain_units += units;
             }
             // Closed is a status; `Expired` may only mean the time limit passed.
             Err(SessionError::AlreadyClosed(_)) => self.saw_terminal = true,
             Err(
                 SessionError::Expired(_)
                 | SessionError::BudgetExceeded { .. }
+                | SessionError::SharedBudgetExceeded { .. }
                 | SessionError::RateLimited { .. }
                 | SessionError::StorageRead { .. },
             ) => {}
@@ -198,10 +214,26 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
                 .build()
         })
         .collect();
+    // A budget tree of this case's own: the database is shared by the cases.
+    let admin = SessionStore::postgres(pool.clone());
+    let root = BudgetId::new(format!("model-{}", Uuid::new_v4().simple())).expect("an id");
+    let leaf = BudgetId::new(format!("{root}/sessions")).expect("an id");
+    admin
+        .put_budget(&root, &BudgetTerms::new(SHARED_LIMIT))
+        .await
+        .expect("the root budget");
+    let mut terms = BudgetTerms::new(1_000);
+    terms.parent_id = Some(root.clone());
+    admin
+        .put_budget(&leaf, &terms)
+        .await
+        .expect("the leaf budget");
     let mut ids = Vec::new();
     for _ in 0..SESSIONS {
-        let mut req =
-            request(Uuid::new_v4(), &["t", WRITE], BUDGET).with_tool_limit(WRITE, WRITE_LIMIT);
+        let mut req = request(Uuid::new_v4(), &["t", WRITE], BUDGET)
+            .with_tool_limit(WRITE, WRITE_LIMIT)
+            .with_budget(leaf.clone())
+            .with_tool_cost(WRITE, WRITE_COST);
         req.time_limit = Duration::seconds(60);
         req.rate_limit_per_minute = Some(RATE_LIMIT);
         req.rate_limit_window_secs = RATE_WINDOW_SECS.unsigned_abs();
@@ -305,6 +337,23 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
         prop_assert!(report.is_clean(), "not flushed: {report:?}");
         prop_assert_eq!(store.stats().pending, 0);
     }
+    let root_used = admin
+        .budget(&root)
+        .await
+        .expect("read the root")
+        .expect("the root exists")
+        .used;
+    let ok_units: u64 = promised.iter().map(|p| p.ok_units).sum();
+    let uncertain_units: u64 = promised.iter().map(|p| p.uncertain_units).sum();
+    prop_assert!(root_used <= SHARED_LIMIT, "the root used {root_used}");
+    prop_assert!(
+        ok_units <= root_used && root_used <= ok_units + uncertain_units,
+        "the root used {root_used}; Ok calls cost {ok_units}, uncertain ones {uncertain_units}"
+    );
+    let charges = arbiter_session::operator::budgets::verify_charges(pool)
+        .await
+        .expect("verify the charges");
+    prop_assert!(charges.is_exact(), "{charges:?}");
     for (session, p) in promised.iter().enumerate() {
         let id = ids[session];
         let stored = row(pool, id).await;
