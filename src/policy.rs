@@ -258,37 +258,35 @@ fn merge_one(
     event: &mut AuditEvent,
     admit: &mut impl FnMut(&AuditEvent) -> bool,
 ) -> bool {
-    {
-        match event.kind {
-            EventKind::CallAllowed | EventKind::BatchAllowed => {
-                if merged.status != SessionStatus::Active || !admit(event) {
-                    return false;
-                }
-                // At most `limits::MAX_TOOLS` tools per event.
-                let calls = event.tools.len() as u64;
-                let (Some(calls_made), Ok(tool_limits), Some((window_started_at, window_calls))) = (
-                    calls_after(merged, calls),
-                    tool_limits_after(merged, event.tools.iter().map(String::as_str)),
-                    window_after(merged, calls, event.occurred_at),
-                ) else {
-                    return false;
-                };
-                merged.calls_made = calls_made;
-                merged.tool_limits = tool_limits;
-                merged.rate_window_started_at = Some(window_started_at);
-                merged.rate_window_calls = window_calls;
+    match event.kind {
+        EventKind::CallAllowed | EventKind::BatchAllowed => {
+            if merged.status != SessionStatus::Active || !admit(event) {
+                return false;
             }
-            EventKind::Closed | EventKind::Expired if merged.status == SessionStatus::Active => {
-                merged.status = event.status;
-            }
-            _ => {}
+            // At most `limits::MAX_TOOLS` tools per event.
+            let calls = event.tools.len() as u64;
+            let (Some(calls_made), Ok(tool_limits), Some((window_started_at, window_calls))) = (
+                calls_after(merged, calls),
+                tool_limits_after(merged, event.tools.iter().map(String::as_str)),
+                window_after(merged, calls, event.occurred_at),
+            ) else {
+                return false;
+            };
+            merged.calls_made = calls_made;
+            merged.tool_limits = tool_limits;
+            merged.rate_window_started_at = Some(window_started_at);
+            merged.rate_window_calls = window_calls;
         }
-        event.calls_made = merged.calls_made;
-        event.rate_window_calls = merged.rate_window_calls;
-        event.status = merged.status;
-        event.tool_calls = crate::audit::tool_calls_of(event.kind, &event.tools, merged);
-        true
+        EventKind::Closed | EventKind::Expired if merged.status == SessionStatus::Active => {
+            merged.status = event.status;
+        }
+        _ => {}
     }
+    event.calls_made = merged.calls_made;
+    event.rate_window_calls = merged.rate_window_calls;
+    event.status = merged.status;
+    event.tool_calls = crate::audit::tool_calls_of(event.kind, &event.tools, merged);
+    true
 }
 
 /// The rate window a call at `now` falls in, and the calls already counted in it.
@@ -556,6 +554,28 @@ mod tests {
         let (merged, _) = merge_unwritten(&merged, &mut unwritten, |_| true);
         assert_eq!(merged.rate_window_started_at, Some(next));
         assert_eq!((merged.calls_made, merged.rate_window_calls), (6, 1));
+    }
+
+    #[test]
+    fn merge_drops_what_admit_refuses_and_returns_every_dropped_event() {
+        let (s, now) = session(&["a"], 3, None);
+        let mut calls: Vec<AuditEvent> = (0..5).map(|_| call_at(&s, now)).collect();
+        let refused = calls[1].key;
+        let (merged, dropped) = merge_unwritten(&s, &mut calls, |event| event.key != refused);
+        // The second is refused by `admit`, the fifth by the budget (3 calls).
+        assert_eq!(merged.calls_made, 3);
+        assert_eq!(calls.len(), 3);
+        assert!(calls.iter().all(|event| event.key != refused));
+        assert_eq!(
+            calls
+                .iter()
+                .map(|event| event.calls_made)
+                .collect::<Vec<_>>(),
+            [1, 2, 3],
+            "the kept events are renumbered"
+        );
+        assert_eq!(dropped.len(), 1 + 1);
+        assert_eq!(dropped[0].key, refused);
     }
 
     /// A session of `budget` calls over `write`, `read` and `search`, where `write` may be

@@ -43,8 +43,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::denial_log::DenialLog;
-use super::escrow::Escrow;
-use super::escrow::Hold;
+use super::escrow::{Escrow, Hold};
 use super::group_commit::GroupCommit;
 use super::listener::Listener;
 use super::maintenance::Maintenance;
