@@ -410,10 +410,10 @@ impl Escrow {
     /// those whose period is over. Run by the escrow's task every [`TICK`].
     ///
     /// An idle account gives back everything its share holds beyond what it charged. When,
-    /// besides, no round holds units of it and nothing of the store is pending
-    /// (`quiescent`), it gives back all but what storage counted as used, and takes that as
-    /// what it charged: units charged by a round whose caller went away mid-write, and
-    /// whose write never landed, come back too.
+    /// besides, it has been idle for a lease, no round holds units of it and nothing of
+    /// the store is pending (`quiescent`), it gives back all but what storage counted as
+    /// used, and takes that as what it charged: units charged by a round whose caller went
+    /// away mid-write, and whose write never landed, come back too.
     async fn upkeep<S: Storage>(
         &self,
         storage: &TimeBounded<S>,
@@ -430,13 +430,19 @@ impl Escrow {
                 let Some(live) = state.live.clone() else {
                     continue;
                 };
-                let idle = state
-                    .last_charge
-                    .is_none_or(|last| now.duration_since(last) >= IDLE_RETURN);
+                let idle_for = |long: Duration| {
+                    state
+                        .last_charge
+                        .is_none_or(|last| now.duration_since(last) >= long)
+                };
+                let idle = idle_for(IDLE_RETURN);
+                // Longer than any write decided before can still be in flight: a resync
+                // while one is would make storage refuse its charge.
+                let long_idle = idle_for(self.lease);
                 if live.period_end.is_some_and(|end| at >= end) {
                     state.retire();
                     (live, Upkeep::Release)
-                } else if idle && quiescent && state.holds == 0 && !state.settled {
+                } else if long_idle && quiescent && state.holds == 0 && !state.settled {
                     // No round may take the units on their way back.
                     if let Some(live) = state.live.as_mut() {
                         live.granted = live.charged;
