@@ -11,15 +11,17 @@
 --
 -- Invariants, for every budget B and every period P of it:
 --   * allocated(B, P) is the sum of granted over the shares whose chain holds (B, P); a
---     closed share's granted equals its used. Only budget_grant and budget_share_release
---     change either, each under the locks below, in the same transaction.
+--     closed share's granted equals its used. Only budget_grant, budget_share_release and
+--     budget_put (closing shares when a limit is lowered) change either, each under the
+--     locks below, in the same transaction.
 --   * budget_grant never takes allocated(B, P) past B's limit, so the units spent (the sum
 --     of used, at most the sum of granted) never pass the limit either.
 --   * used <= granted on every share (a CHECK), whoever writes it.
 --
 -- Locks, in this order: the budget tree's advisory lock (budget_tree_lock_key): shared by a
--- grant or a release, exclusive by a change of a budget's terms; then the rows of arbiter.budgets of the
--- share's chain, root first (FOR NO KEY UPDATE); then period rows and share rows. Every
+-- grant or a release, exclusive by a change of a budget's terms; then the rows of
+-- arbiter.budgets of the share's chain, root first (FOR NO KEY UPDATE); then period rows
+-- and share rows. Every
 -- grant and release of one tree takes its root's row first, so they run one at a time per
 -- tree; a call never takes any of these locks.
 
@@ -144,7 +146,13 @@ CREATE TRIGGER budgets_kept_truncate
     FOR EACH STATEMENT EXECUTE FUNCTION arbiter.budgets_refuse_delete();
 
 -- Creates `budget` with these terms, or replaces the terms of the existing one; true when
--- it created it. The checks of arbiter.budgets and budgets_check_terms apply.
+-- it created it. The checks of arbiter.budgets and budgets_check_terms apply. New terms
+-- take effect for the next decisions, not only for the next grants: when a limit is
+-- lowered or a budget moves to another parent, every open share holding units of it is
+-- closed, returning what it did not use. A process still holding such a share finds out
+-- at its next write that charges it (arbiter.budget_charge refuses a closed share) and
+-- decides that round again on a new share, granted under the new terms. Raising a limit
+-- closes nothing: the shares' units stay within it.
 CREATE FUNCTION arbiter.budget_put(budget text, new_parent text, new_limit bigint,
                                    new_period text, new_time_zone text, new_unit text)
 RETURNS boolean
@@ -152,19 +160,33 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, arbiter, pg_temp
 AS $$
+DECLARE
+    old arbiter.budgets;
+    open_share uuid;
 BEGIN
-    -- Taken before the update, so two creates of one id are not both inserts.
+    -- Taken before the update, so two creates of one id are not both inserts; it also
+    -- keeps every grant and release of every tree out until this commits.
     PERFORM pg_advisory_xact_lock(arbiter.budget_tree_lock_key());
+    SELECT * INTO old FROM arbiter.budgets b WHERE b.budget_id = budget FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO arbiter.budgets (budget_id, parent_id, unit_limit, period, time_zone, unit)
+        VALUES (budget, new_parent, new_limit, new_period, new_time_zone, new_unit);
+        RETURN true;
+    END IF;
     UPDATE arbiter.budgets b
        SET parent_id = new_parent, unit_limit = new_limit, period = new_period,
            time_zone = new_time_zone, unit = new_unit
      WHERE b.budget_id = budget;
-    IF FOUND THEN
-        RETURN false;
+    IF new_limit < old.unit_limit OR new_parent IS DISTINCT FROM old.parent_id THEN
+        FOR open_share IN
+            SELECT s.share_id FROM arbiter.budget_shares s
+             WHERE s.closed_at IS NULL AND budget = ANY (s.chain)
+             ORDER BY s.share_id
+        LOOP
+            PERFORM arbiter.budget_share_shrink(open_share, 0, true);
+        END LOOP;
     END IF;
-    INSERT INTO arbiter.budgets (budget_id, parent_id, unit_limit, period, time_zone, unit)
-    VALUES (budget, new_parent, new_limit, new_period, new_time_zone, new_unit);
-    RETURN true;
+    RETURN false;
 END
 $$;
 
@@ -363,7 +385,8 @@ BEGIN
         RETURN;
     END IF;
     adding := CASE WHEN least_room < need THEN 0
-                   ELSE least(least_room, greatest(need, least(want, (least_room + 1) / 2)))
+                   ELSE least(least_room,
+                              greatest(need, least(want, least_room / 2 + least_room % 2)))
               END;
     IF NOT exists_already AND adding = 0 THEN
         RETURN QUERY SELECT true, 0::bigint, 0::bigint, 0::bigint, least_room, tight, ends,

@@ -75,8 +75,9 @@ COMMENT ON COLUMN arbiter.session_events.budget_id IS
 -- Adds `units` to each of `shares` (distinct), in share order so that two statements
 -- charging the same shares lock them in the same order. A share that is closed, whose
 -- lease ran out, or that does not exist refuses the whole statement
--- (budget_shares_live): its units may have gone back to the budget. Called once by each
--- statement that writes allowed calls (storage/postgres/sql/update.sql, update_batch.sql).
+-- (budget_shares_live, the share in the DETAIL): its units may have gone back to the
+-- budget. Called once by each statement that writes allowed calls
+-- (storage/postgres/sql/update.sql, update_batch.sql).
 CREATE FUNCTION arbiter.budget_charge(shares uuid[], units bigint[]) RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -97,7 +98,8 @@ BEGIN
         IF NOT FOUND THEN
             RAISE EXCEPTION 'share % is closed, expired or unknown', charge.share_id
                 USING ERRCODE = 'check_violation', CONSTRAINT = 'budget_shares_live',
-                      TABLE = 'budget_shares', SCHEMA = 'arbiter';
+                      TABLE = 'budget_shares', SCHEMA = 'arbiter',
+                      DETAIL = charge.share_id::text;
         END IF;
         charged := charged + 1;
     END LOOP;

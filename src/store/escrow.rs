@@ -194,6 +194,9 @@ impl Escrow {
 
     fn account(&self, budget: &BudgetId) -> Arc<Account> {
         let mut accounts = lock(&self.accounts);
+        if let Some(account) = accounts.get(budget) {
+            return Arc::clone(account);
+        }
         Arc::clone(accounts.entry(budget.clone()).or_insert_with(|| {
             Arc::new(Account {
                 budget: budget.clone(),

@@ -101,27 +101,14 @@ pub(super) async fn usage(
     pool: &PgPool,
     id: Option<&BudgetId>,
 ) -> Result<Vec<BudgetUsage>, StorageError> {
-    let rows = sqlx::query_file!(
+    let rows = sqlx::query_file_as!(
+        Row,
         "src/storage/postgres/sql/budget_usage.sql",
         id.map(BudgetId::as_str)
     )
     .fetch_all(pool)
     .await?;
-    rows.into_iter()
-        .map(|row| {
-            decode(Row {
-                budget_id: row.budget_id,
-                parent_id: row.parent_id,
-                unit_limit: row.unit_limit,
-                period: row.period,
-                time_zone: row.time_zone,
-                unit: row.unit,
-                period_start: row.period_start,
-                period_end: row.period_end,
-                used: row.used,
-            })
-        })
-        .collect()
+    rows.into_iter().map(decode).collect()
 }
 
 /// A row of `budget_usage.sql`.
