@@ -143,6 +143,46 @@ $$;
 
 
 --
+-- Name: budget_charge(uuid[], bigint[], bigint[], bigint[]); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budget_charge(shares uuid[], units bigint[], credits bigint[], overruns bigint[]) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+DECLARE
+    charge record;
+    charged integer := 0;
+BEGIN
+    FOR charge IN
+        SELECT c.share_id, c.units, c.credits, c.overruns
+          FROM unnest(shares, units, credits, overruns) AS c(share_id, units, credits, overruns)
+         ORDER BY c.share_id
+    LOOP
+        IF charge.units < 0 OR charge.credits < 0 OR charge.overruns < 0 THEN
+            RAISE EXCEPTION 'a charge of share % is negative', charge.share_id
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        UPDATE arbiter.budget_shares s
+           SET used = s.used + charge.units,
+               credited = s.credited + charge.credits,
+               overrun = s.overrun + charge.overruns
+         WHERE s.share_id = charge.share_id
+           AND (charge.units = 0 OR (s.closed_at IS NULL AND s.lease_until > now()));
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'share % is closed, expired or unknown', charge.share_id
+                USING ERRCODE = 'check_violation', CONSTRAINT = 'budget_shares_live',
+                      TABLE = 'budget_shares', SCHEMA = 'arbiter',
+                      DETAIL = charge.share_id::text;
+        END IF;
+        charged := charged + 1;
+    END LOOP;
+    RETURN charged;
+END
+$$;
+
+
+--
 -- Name: budget_grant(uuid, uuid, text, bigint, bigint, interval); Type: FUNCTION; Schema: arbiter; Owner: -
 --
 
@@ -178,6 +218,14 @@ BEGIN
          ORDER BY b.share_id
     LOOP
         PERFORM arbiter.budget_share_shrink(stale, 0, true);
+    END LOOP;
+    FOR stale IN
+        SELECT b.share_id FROM arbiter.budget_shares b
+         WHERE (b.credited <> b.credited_counted OR b.overrun <> b.overrun_counted)
+           AND b.chain[cardinality(b.chain)] = lineage[cardinality(lineage)]
+         ORDER BY b.share_id
+    LOOP
+        PERFORM arbiter.budget_share_count_settlements(stale);
     END LOOP;
     FOR level IN
         SELECT c.ord, c.budget_id, b.unit_limit, bounds.period_start, bounds.period_end
@@ -329,6 +377,35 @@ BEGIN
         END LOOP;
     END IF;
     RETURN false;
+END
+$$;
+
+
+--
+-- Name: budget_share_count_settlements(uuid); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.budget_share_count_settlements(share uuid) RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'arbiter', 'pg_temp'
+    AS $$
+DECLARE
+    s arbiter.budget_shares;
+    change bigint;
+BEGIN
+    SELECT * INTO s FROM arbiter.budget_shares b WHERE b.share_id = share FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    change := (s.overrun - s.overrun_counted) - (s.credited - s.credited_counted);
+    UPDATE arbiter.budget_periods p
+       SET allocated = p.allocated + change
+      FROM unnest(s.chain, s.period_starts) AS c(budget_id, period_start)
+     WHERE p.budget_id = c.budget_id AND p.period_start = c.period_start;
+    UPDATE arbiter.budget_shares b
+       SET credited_counted = s.credited, overrun_counted = s.overrun
+     WHERE b.share_id = share;
+    RETURN change;
 END
 $$;
 
@@ -2058,8 +2135,8 @@ CREATE TABLE arbiter.session_events (
     share_id uuid,
     budget_id text,
     CONSTRAINT session_events_chained CHECK (((hash IS NOT NULL) AND (prev_hash IS NOT NULL))),
-    CONSTRAINT session_events_cost_not_negative CHECK ((cost >= 0)),
-    CONSTRAINT session_events_kind_known CHECK ((kind = ANY (ARRAY['created'::text, 'call_allowed'::text, 'batch_allowed'::text, 'closed'::text, 'expired'::text, 'reconciled'::text, 'denied'::text]))),
+    CONSTRAINT session_events_cost_not_negative CHECK (((cost >= 0) OR (kind = 'settled'::text))),
+    CONSTRAINT session_events_kind_known CHECK ((kind = ANY (ARRAY['created'::text, 'call_allowed'::text, 'batch_allowed'::text, 'closed'::text, 'expired'::text, 'reconciled'::text, 'denied'::text, 'settled'::text]))),
     CONSTRAINT session_events_reason_iff_denied CHECK (((kind = 'denied'::text) = (reason IS NOT NULL))),
     CONSTRAINT session_events_reason_known CHECK ((reason = ANY (ARRAY['agent_mismatch'::text, 'closed'::text, 'expired'::text, 'budget'::text, 'tool_budget'::text, 'tool'::text, 'rate'::text, 'write_through'::text, 'invalid'::text, 'shared_budget'::text]))),
     CONSTRAINT session_events_tool_calls_paired CHECK ((((limited_tools IS NULL) AND (tool_calls IS NULL)) OR ((cardinality(limited_tools) > 0) AND (cardinality(limited_tools) = cardinality(tool_calls)) AND (array_position(limited_tools, NULL::text) IS NULL) AND (array_position(tool_calls, NULL::bigint) IS NULL)))),
@@ -2128,7 +2205,7 @@ COMMENT ON COLUMN arbiter.session_events.tool_count IS 'Denials: how many tools 
 -- Name: COLUMN session_events.cost; Type: COMMENT; Schema: arbiter; Owner: -
 --
 
-COMMENT ON COLUMN arbiter.session_events.cost IS 'Allowed calls of a session with a shared budget: the units the call cost, charged to share_id. NULL otherwise.';
+COMMENT ON COLUMN arbiter.session_events.cost IS 'Allowed calls of a session with a shared budget: the units the call cost (a reservation''s estimate), charged to share_id. Settlements (kind settled): the actual cost less the estimate. NULL otherwise.';
 
 
 --
@@ -2246,6 +2323,31 @@ COMMENT ON TABLE arbiter.budget_periods IS 'One row per budget and period with s
 
 
 --
+-- Name: budget_reservations; Type: TABLE; Schema: arbiter; Owner: -
+--
+
+CREATE TABLE arbiter.budget_reservations (
+    reservation_id uuid NOT NULL,
+    session_id uuid NOT NULL,
+    budget_id text NOT NULL,
+    share_id uuid NOT NULL,
+    estimate bigint NOT NULL,
+    reserved_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    settled_at timestamp with time zone,
+    charged bigint,
+    CONSTRAINT budget_reservations_amounts CHECK (((estimate > 0) AND (charged >= 0) AND (expires_at > reserved_at) AND ((settled_at IS NULL) = (charged IS NULL))))
+);
+
+
+--
+-- Name: TABLE budget_reservations; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON TABLE arbiter.budget_reservations IS 'Every reservation of a shared budget: the estimate charged to share_id when it was made (the event whose event_key is reservation_id), and, once settled, the actual cost charged (charged). Open until settled_at, or until expires_at, when it lapses at its estimate.';
+
+
+--
 -- Name: budget_shares; Type: TABLE; Schema: arbiter; Owner: -
 --
 
@@ -2261,7 +2363,12 @@ CREATE TABLE arbiter.budget_shares (
     lease_until timestamp with time zone NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     closed_at timestamp with time zone,
+    credited bigint DEFAULT 0 NOT NULL,
+    overrun bigint DEFAULT 0 NOT NULL,
+    credited_counted bigint DEFAULT 0 NOT NULL,
+    overrun_counted bigint DEFAULT 0 NOT NULL,
     CONSTRAINT budget_shares_chain_matches CHECK ((((cardinality(chain) >= 1) AND (cardinality(chain) <= 8)) AND (cardinality(chain) = cardinality(period_starts)) AND (chain[1] = budget_id))),
+    CONSTRAINT budget_shares_settlements CHECK (((0 <= credited_counted) AND (credited_counted <= credited) AND (credited <= used) AND (0 <= overrun_counted) AND (overrun_counted <= overrun))),
     CONSTRAINT budget_shares_used_within_granted CHECK (((0 <= used) AND (used <= granted)))
 );
 
@@ -2271,6 +2378,20 @@ CREATE TABLE arbiter.budget_shares (
 --
 
 COMMENT ON TABLE arbiter.budget_shares IS 'Units of a budget held by one process (holder: its store instance id) for one period of each budget of chain (the budget drawn on, then its ancestors, with period_starts at the same positions): granted by arbiter.budget_grant, used as the holder spends them. For calls decided before valid_until (the first end among those periods; NULL: never). The holder renews lease_until; once it has passed, any grant of the tree closes the share, returning granted - used.';
+
+
+--
+-- Name: COLUMN budget_shares.credited; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON COLUMN arbiter.budget_shares.credited IS 'Units of estimates charged to the share that settlements released (their events'' negative costs); not spendable by the holder, given back to the budget by the next grant of its tree (credited_counted).';
+
+
+--
+-- Name: COLUMN budget_shares.overrun; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON COLUMN arbiter.budget_shares.overrun IS 'Units settlements charged above the estimates charged to the share (their events'' positive costs), past what it was granted; counted into the budget by the next grant of its tree (overrun_counted).';
 
 
 --
@@ -2311,23 +2432,34 @@ CREATE VIEW arbiter.budget_usage AS
     p.period_end,
     b.unit_limit,
     b.unit,
-    (COALESCE(u.used, (0)::numeric))::bigint AS used,
-    p.allocated
-   FROM ((arbiter.budget_periods p
+    ((COALESCE(u.used, (0)::numeric) - COALESCE(r.reserved, (0)::numeric)))::bigint AS used,
+    p.allocated,
+    (COALESCE(r.reserved, (0)::numeric))::bigint AS reserved,
+    (COALESCE(u.overrun, (0)::numeric))::bigint AS overrun
+   FROM (((arbiter.budget_periods p
      JOIN arbiter.budgets b USING (budget_id))
      LEFT JOIN ( SELECT c.budget_id,
             c.period_start,
-            sum(s.used) AS used
+            sum(((s.used - s.credited) + s.overrun)) AS used,
+            sum(s.overrun) AS overrun
            FROM arbiter.budget_shares s,
             LATERAL UNNEST(s.chain, s.period_starts) c(budget_id, period_start)
-          GROUP BY c.budget_id, c.period_start) u ON (((u.budget_id = p.budget_id) AND (u.period_start = p.period_start))));
+          GROUP BY c.budget_id, c.period_start) u ON (((u.budget_id = p.budget_id) AND (u.period_start = p.period_start))))
+     LEFT JOIN ( SELECT c.budget_id,
+            c.period_start,
+            sum(o.estimate) AS reserved
+           FROM (arbiter.budget_reservations o
+             JOIN arbiter.budget_shares s USING (share_id)),
+            LATERAL UNNEST(s.chain, s.period_starts) c(budget_id, period_start)
+          WHERE ((o.settled_at IS NULL) AND (o.expires_at > now()))
+          GROUP BY c.budget_id, c.period_start) r ON (((r.budget_id = p.budget_id) AND (r.period_start = p.period_start))));
 
 
 --
 -- Name: VIEW budget_usage; Type: COMMENT; Schema: arbiter; Owner: -
 --
 
-COMMENT ON VIEW arbiter.budget_usage IS 'Per budget and period with shares: used (units spent, counting each descendant''s) and allocated (units granted to processes, spent or not), with the budget''s current limit and unit.';
+COMMENT ON VIEW arbiter.budget_usage IS 'Per budget and period with shares: used (units charged, counting each descendant''s, net of what settlements released, open reservations aside), allocated (units granted to processes, spent or not), reserved (the estimates of open reservations) and overrun (units settlements charged above their estimates, part of used), with the budget''s current limit and unit.';
 
 
 --
@@ -2547,8 +2679,8 @@ CREATE TABLE arbiter.session_events_default (
     share_id uuid,
     budget_id text,
     CONSTRAINT session_events_chained CHECK (((hash IS NOT NULL) AND (prev_hash IS NOT NULL))),
-    CONSTRAINT session_events_cost_not_negative CHECK ((cost >= 0)),
-    CONSTRAINT session_events_kind_known CHECK ((kind = ANY (ARRAY['created'::text, 'call_allowed'::text, 'batch_allowed'::text, 'closed'::text, 'expired'::text, 'reconciled'::text, 'denied'::text]))),
+    CONSTRAINT session_events_cost_not_negative CHECK (((cost >= 0) OR (kind = 'settled'::text))),
+    CONSTRAINT session_events_kind_known CHECK ((kind = ANY (ARRAY['created'::text, 'call_allowed'::text, 'batch_allowed'::text, 'closed'::text, 'expired'::text, 'reconciled'::text, 'denied'::text, 'settled'::text]))),
     CONSTRAINT session_events_reason_iff_denied CHECK (((kind = 'denied'::text) = (reason IS NOT NULL))),
     CONSTRAINT session_events_reason_known CHECK ((reason = ANY (ARRAY['agent_mismatch'::text, 'closed'::text, 'expired'::text, 'budget'::text, 'tool_budget'::text, 'tool'::text, 'rate'::text, 'write_through'::text, 'invalid'::text, 'shared_budget'::text]))),
     CONSTRAINT session_events_tool_calls_paired CHECK ((((limited_tools IS NULL) AND (tool_calls IS NULL)) OR ((cardinality(limited_tools) > 0) AND (cardinality(limited_tools) = cardinality(tool_calls)) AND (array_position(limited_tools, NULL::text) IS NULL) AND (array_position(tool_calls, NULL::bigint) IS NULL)))),
@@ -2651,6 +2783,8 @@ CREATE TABLE arbiter.sessions (
     budget_id text,
     cost_tools text[] DEFAULT '{}'::text[] NOT NULL,
     tool_costs bigint[] DEFAULT '{}'::bigint[] NOT NULL,
+    reservation_ids uuid[] DEFAULT '{}'::uuid[] NOT NULL,
+    reservations_until timestamp with time zone[] DEFAULT '{}'::timestamp with time zone[] NOT NULL,
     CONSTRAINT sessions_budget_positive CHECK ((call_budget >= 1)),
     CONSTRAINT sessions_calls_nonnegative CHECK ((calls_made >= 0)),
     CONSTRAINT sessions_calls_within_budget CHECK ((calls_made <= call_budget)),
@@ -2658,6 +2792,7 @@ CREATE TABLE arbiter.sessions (
     CONSTRAINT sessions_rate_calls_bounded CHECK (((rate_window_calls >= 0) AND ((rate_limit IS NULL) OR (rate_window_calls <= rate_limit)))),
     CONSTRAINT sessions_rate_limit_positive CHECK (((rate_limit IS NULL) OR (rate_limit >= 1))),
     CONSTRAINT sessions_rate_window_positive CHECK ((rate_window_secs >= 1)),
+    CONSTRAINT sessions_reservations_paired CHECK (((cardinality(reservation_ids) = cardinality(reservations_until)) AND (cardinality(reservation_ids) <= 64) AND (array_position(reservation_ids, NULL::uuid) IS NULL) AND (array_position(reservations_until, NULL::timestamp with time zone) IS NULL))),
     CONSTRAINT sessions_sensitivity_known CHECK ((data_sensitivity_ceiling = ANY (ARRAY['public'::text, 'internal'::text, 'confidential'::text, 'restricted'::text]))),
     CONSTRAINT sessions_status_known CHECK ((status = ANY (ARRAY['active'::text, 'closed'::text, 'expired'::text]))),
     CONSTRAINT sessions_tool_calls_within_limits CHECK ((((cardinality(tool_limits) = 0) AND (cardinality(tool_calls) = 0)) OR arbiter.tool_calls_within_limits(tool_limits, tool_calls, calls_made))),
@@ -2692,6 +2827,13 @@ COMMENT ON COLUMN arbiter.sessions.budget_id IS 'The shared budget the session''
 --
 
 COMMENT ON COLUMN arbiter.sessions.cost_tools IS 'Tools whose calls cost other than 1 unit of the shared budget, sorted by name; tool_costs holds, at the same positions, what each costs.';
+
+
+--
+-- Name: COLUMN sessions.reservation_ids; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON COLUMN arbiter.sessions.reservation_ids IS 'The session''s open reservations (arbiter.budget_reservations), oldest first; reservations_until holds, at the same positions, when each lapses (settled at its estimate).';
 
 
 --
@@ -2831,6 +2973,14 @@ ALTER TABLE ONLY arbiter.budget_periods
 
 
 --
+-- Name: budget_reservations budget_reservations_pkey; Type: CONSTRAINT; Schema: arbiter; Owner: -
+--
+
+ALTER TABLE ONLY arbiter.budget_reservations
+    ADD CONSTRAINT budget_reservations_pkey PRIMARY KEY (reservation_id);
+
+
+--
 -- Name: budget_shares budget_shares_pkey; Type: CONSTRAINT; Schema: arbiter; Owner: -
 --
 
@@ -2967,10 +3117,31 @@ ALTER TABLE ONLY arbiter.tool_today_rollup
 
 
 --
+-- Name: budget_reservations_open; Type: INDEX; Schema: arbiter; Owner: -
+--
+
+CREATE INDEX budget_reservations_open ON arbiter.budget_reservations USING btree (share_id) WHERE (settled_at IS NULL);
+
+
+--
+-- Name: budget_reservations_session; Type: INDEX; Schema: arbiter; Owner: -
+--
+
+CREATE INDEX budget_reservations_session ON arbiter.budget_reservations USING btree (session_id);
+
+
+--
 -- Name: budget_shares_open; Type: INDEX; Schema: arbiter; Owner: -
 --
 
 CREATE INDEX budget_shares_open ON arbiter.budget_shares USING btree ((chain[cardinality(chain)])) WHERE (closed_at IS NULL);
+
+
+--
+-- Name: budget_shares_uncounted; Type: INDEX; Schema: arbiter; Owner: -
+--
+
+CREATE INDEX budget_shares_uncounted ON arbiter.budget_shares USING btree ((chain[cardinality(chain)])) WHERE ((credited <> credited_counted) OR (overrun <> overrun_counted));
 
 
 --
@@ -3196,6 +3367,30 @@ CREATE TRIGGER sessions_version_advance BEFORE UPDATE ON arbiter.sessions FOR EA
 
 ALTER TABLE ONLY arbiter.budget_periods
     ADD CONSTRAINT budget_periods_budget_id_fkey FOREIGN KEY (budget_id) REFERENCES arbiter.budgets(budget_id);
+
+
+--
+-- Name: budget_reservations budget_reservations_budget_id_fkey; Type: FK CONSTRAINT; Schema: arbiter; Owner: -
+--
+
+ALTER TABLE ONLY arbiter.budget_reservations
+    ADD CONSTRAINT budget_reservations_budget_id_fkey FOREIGN KEY (budget_id) REFERENCES arbiter.budgets(budget_id);
+
+
+--
+-- Name: budget_reservations budget_reservations_session_id_fkey; Type: FK CONSTRAINT; Schema: arbiter; Owner: -
+--
+
+ALTER TABLE ONLY arbiter.budget_reservations
+    ADD CONSTRAINT budget_reservations_session_id_fkey FOREIGN KEY (session_id) REFERENCES arbiter.sessions(session_id) ON DELETE CASCADE;
+
+
+--
+-- Name: budget_reservations budget_reservations_share_id_fkey; Type: FK CONSTRAINT; Schema: arbiter; Owner: -
+--
+
+ALTER TABLE ONLY arbiter.budget_reservations
+    ADD CONSTRAINT budget_reservations_share_id_fkey FOREIGN KEY (share_id) REFERENCES arbiter.budget_shares(share_id);
 
 
 --

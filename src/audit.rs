@@ -30,6 +30,9 @@ pub enum EventKind {
     Reconciled,
     /// A call was denied (see [`AuditEvent::reason`]). Changes no state.
     Denied,
+    /// A reservation was settled: [`AuditEvent::cost`] is its actual cost less its
+    /// estimate (negative when units were released).
+    Settled,
 }
 
 impl EventKind {
@@ -43,6 +46,7 @@ impl EventKind {
             EventKind::Expired => "expired",
             EventKind::Reconciled => "reconciled",
             EventKind::Denied => "denied",
+            EventKind::Settled => "settled",
         }
     }
 }
@@ -128,7 +132,9 @@ impl DenialReason {
             SessionError::SharedBudgetExceeded { .. } => DenialReason::SharedBudget,
             SessionError::NotFound(_)
             | SessionError::StorageRead { .. }
-            | SessionError::TooManySessions { .. } => return None,
+            | SessionError::TooManySessions { .. }
+            | SessionError::ReservationNotFound(_)
+            | SessionError::ReservationSettled(_) => return None,
         })
     }
 }
@@ -163,16 +169,41 @@ pub struct AuditEvent {
     /// tool of the session (it records the whole merged state); empty otherwise. Part of
     /// the event's hash in PostgreSQL.
     pub tool_calls: Vec<ToolCalls>,
-    /// An allowed call of a session with a shared budget: the units it cost. `None`
+    /// An allowed call of a session with a shared budget: the units it cost (a
+    /// reservation's estimate); a settlement: the actual cost less the estimate. `None`
     /// otherwise. Part of the event's hash.
-    pub cost: Option<u64>,
-    /// The share of the shared budget the cost was charged to (the writing process's).
-    /// Part of the event's hash.
+    pub cost: Option<i64>,
+    /// The share of the shared budget the cost was charged to (the writing process's; for
+    /// a settlement, the share its reservation's estimate was charged to). Part of the
+    /// event's hash.
     pub share_id: Option<Uuid>,
     /// An allowed call: the session's shared budget; a denial for
     /// [`DenialReason::SharedBudget`]: the budget that had no room. Part of the event's
     /// hash.
     pub budget_id: Option<BudgetId>,
+    /// A reservation this event makes or settles. Kept in `arbiter.budget_reservations`,
+    /// written with the event; not part of its row or its hash (a reservation's id is the
+    /// key of the event that made it).
+    pub reservation: Option<ReservationChange>,
+}
+
+/// What an event does to a reservation ([`AuditEvent::reservation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReservationChange {
+    /// The call reserves its cost (the estimate) until `expires_at`; the reservation's id
+    /// is the event's key.
+    Made {
+        /// When it lapses, settled at its estimate.
+        expires_at: DateTime<Utc>,
+    },
+    /// The reservation `reservation_id` is settled at `charged`.
+    Settled {
+        /// The reservation.
+        reservation_id: Uuid,
+        /// Its actual cost.
+        charged: u64,
+    },
 }
 
 /// A tool with a limit of its own and its calls after an event ([`AuditEvent::tool_calls`]).
@@ -239,7 +270,14 @@ impl AuditEvent {
             cost: None,
             share_id: None,
             budget_id: None,
+            reservation: None,
         }
+    }
+
+    /// The share this event's call was charged to, if any: a settlement names the share of
+    /// its reservation but takes no units of it, so it is not charged to it.
+    pub fn charged_share(&self) -> Option<Uuid> {
+        self.share_id.filter(|_| self.kind != EventKind::Settled)
     }
 
     /// The event recording that a call of `tools` was denied for `reason`, with the

@@ -219,10 +219,14 @@ pub struct BudgetUsage {
     /// When it ends; `None` for [`Period::None`].
     pub period_end: Option<DateTime<Utc>>,
     /// Units spent in the current period, by the sessions drawing on this budget and on
-    /// every budget below it.
+    /// every budget below it: allowed calls' costs, and settled or lapsed reservations'
+    /// actual costs.
     pub used: u64,
-    /// Units held by reservations not yet settled.
+    /// Units held by reservations not yet settled (their estimates).
     pub reserved: u64,
+    /// Units of [`Self::used`] that settlements charged above their estimates: they may
+    /// take the budget past its limit.
+    pub overrun: u64,
 }
 
 impl BudgetUsage {
@@ -312,6 +316,7 @@ mod tests {
             period_end: None,
             used: 8,
             reserved: 5,
+            overrun: 0,
         };
         assert_eq!(usage.remaining(), 0);
     }

@@ -129,6 +129,15 @@ pub enum SessionError {
         /// The budget that had no room.
         budget_id: String,
     },
+
+    /// No reservation has this id.
+    #[error("reservation not found")]
+    ReservationNotFound(Uuid),
+
+    /// The reservation was settled already, or lapsed (settled at its estimate). Nothing
+    /// was charged.
+    #[error("reservation already settled")]
+    ReservationSettled(Uuid),
 }
 
 /// A storage failure, typed so that callers (the store, the reconciler) decide from the

@@ -39,6 +39,8 @@ pub mod limits {
     /// `tool_costs`: a batch of [`MAX_TOOLS`] tools at this cost each still fits in a
     /// `bigint`.
     pub const MAX_COST: u64 = 1_000_000_000_000;
+    /// Most reservations a session holds open at once: each is a line of its row.
+    pub const MAX_OPEN_RESERVATIONS: usize = 32;
 }
 
 /// Lifecycle of a session. Moves only from `Active` to `Closed` or `Expired`, never back.
@@ -373,6 +375,45 @@ pub struct ToolCost {
     pub cost: u64,
 }
 
+/// A reservation of a session's shared budget that is not settled yet: its estimate is
+/// charged, and [`SessionStore::settle`](crate::SessionStore::settle) charges the actual
+/// cost instead. It lapses at `expires_at`, settled at its estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenReservation {
+    /// The reservation's id (the key of the event that made it).
+    pub reservation_id: Uuid,
+    /// When it lapses.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A reservation made ([`SessionStore::reserve`](crate::SessionStore::reserve)).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Reservation {
+    /// The id to settle it by.
+    pub reservation_id: Uuid,
+    /// The units it holds (charged until settled).
+    pub estimate: u64,
+    /// When it lapses, settled at its estimate.
+    pub expires_at: DateTime<Utc>,
+    /// The session after the call that made it.
+    pub session: TaskSession,
+}
+
+/// A reservation settled ([`SessionStore::settle`](crate::SessionStore::settle)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Settlement {
+    /// The reservation.
+    pub reservation_id: Uuid,
+    /// The units charged in all: the actual cost.
+    pub charged: u64,
+    /// Units of the estimate given back (the estimate less the actual cost, or 0).
+    pub released: u64,
+    /// Units charged above the estimate (the actual cost less the estimate, or 0).
+    pub overrun: u64,
+}
+
 /// A tool with a call limit of its own inside a session, and its calls so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolLimit {
@@ -447,6 +488,9 @@ pub struct TaskSession {
     pub budget_id: Option<BudgetId>,
     /// The tools whose call costs other than 1 unit of the shared budget, sorted by name.
     pub tool_costs: Arc<[ToolCost]>,
+    /// The reservations not yet settled, oldest first; some may have lapsed (see
+    /// [`Self::open_reservation`]).
+    pub reservations: Arc<[OpenReservation]>,
 }
 
 impl TaskSession {
@@ -495,7 +539,20 @@ impl TaskSession {
                     cost,
                 })
                 .collect(),
+            reservations: Arc::from([]),
         }
+    }
+
+    /// The reservation `reservation_id` if it is open at `now`: made, not settled, and not
+    /// lapsed.
+    pub fn open_reservation(
+        &self,
+        reservation_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Option<&OpenReservation> {
+        self.reservations
+            .iter()
+            .find(|open| open.reservation_id == reservation_id && now < open.expires_at)
     }
 
     /// What a call of `tools` costs in the session's shared budget: `explicit` when given,

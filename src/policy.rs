@@ -9,7 +9,10 @@
 //! only its mismatch is recorded. A denied call consumes nothing: the input session is never
 //! modified, and a denial returns no new state. A batch is all-or-nothing: every tool is
 //! checked, and the budget, each limited tool (counting its repeats in the batch) and the
-//! rate window must have room for the whole batch.
+//! rate window must have room for the whole batch. A reservation is a call, checked the
+//! same way, then against the session's open reservations (at most
+//! [`limits::MAX_OPEN_RESERVATIONS`]). A settlement is checked against nothing but the
+//! reservation being open: the work was done, whatever became of the session since.
 //!
 //! A tool's limit is reported as [`SessionError::BudgetExceeded`] with the tool's limit
 //! and calls. Its limit is always below the session's budget: a tool's calls are some of
@@ -26,27 +29,49 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound as _, Utc};
 use uuid::Uuid;
 
-use crate::audit::{AuditEvent, EventKind};
+use crate::audit::{AuditEvent, EventKind, ReservationChange};
 use crate::error::SessionError;
-use crate::model::{SessionStatus, TaskSession, ToolLimit, limits};
+use crate::model::{OpenReservation, SessionStatus, TaskSession, ToolLimit, limits};
 
 /// A state change the store can be asked for.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Mutation<'a> {
     /// Count one call per tool, all or nothing; `cost`, when given, is what the call costs
-    /// in the session's shared budget (else its tools' costs).
+    /// in the session's shared budget (else its tools' costs). With `reserve`, the call
+    /// reserves its cost: it stays charged until settled or lapsed.
     Use {
         tools: &'a [&'a str],
         agent: Option<Uuid>,
         cost: Option<u64>,
+        reserve: Option<Reserve>,
     },
+    /// Settle a reservation of the session at its actual cost.
+    Settle(Settle),
     /// Close the session.
     Close,
     /// Mark the session expired if its time limit has passed (from `expire_due`).
     Expire,
+}
+
+/// The reservation a call makes: its id, and how long it stays open.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reserve {
+    pub(crate) reservation_id: Uuid,
+    pub(crate) ttl: Duration,
+}
+
+/// A reservation to settle, as it was made, and its actual cost.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settle {
+    pub(crate) reservation_id: Uuid,
+    /// The cost it reserved, charged when it was made.
+    pub(crate) estimate: u64,
+    /// The share the estimate was charged to.
+    pub(crate) share_id: Uuid,
+    pub(crate) actual: u64,
 }
 
 /// The outcome of deciding a mutation that is allowed.
@@ -69,14 +94,38 @@ pub(crate) fn decide(
     now: DateTime<Utc>,
 ) -> Result<Decision, SessionError> {
     match mutation {
-        Mutation::Use { tools, agent, .. } => decide_use(session, tools, agent, now).map(|next| {
+        Mutation::Use {
+            tools,
+            agent,
+            reserve,
+            ..
+        } => {
+            let mut next = decide_use(session, tools, agent, now)?;
+            if let Some(reserve) = reserve {
+                next.reservations = reserved(session, reserve, now)?;
+            }
             let kind = if tools.len() == 1 {
                 EventKind::CallAllowed
             } else {
                 EventKind::BatchAllowed
             };
-            Decision::Apply(next, kind)
-        }),
+            Ok(Decision::Apply(next, kind))
+        }
+        Mutation::Settle(settle) => {
+            if session
+                .open_reservation(settle.reservation_id, now)
+                .is_none()
+            {
+                return Err(SessionError::ReservationSettled(settle.reservation_id));
+            }
+            Ok(Decision::Apply(
+                TaskSession {
+                    reservations: without(session, settle.reservation_id, now),
+                    ..session.clone()
+                },
+                EventKind::Settled,
+            ))
+        }
         Mutation::Close => match session.status {
             SessionStatus::Closed => Err(SessionError::AlreadyClosed(session.session_id)),
             SessionStatus::Expired => Err(SessionError::Expired(session.session_id)),
@@ -96,6 +145,53 @@ pub(crate) fn decide(
             },
         ),
     }
+}
+
+/// The session's open reservations after `reserve` at `now` (lapsed ones dropped), if it
+/// may hold one more.
+fn reserved(
+    session: &TaskSession,
+    reserve: Reserve,
+    now: DateTime<Utc>,
+) -> Result<Arc<[OpenReservation]>, SessionError> {
+    if session.budget_id.is_none() {
+        return Err(SessionError::InvalidRequest {
+            reason: "only a session with a shared budget can reserve".to_owned(),
+        });
+    }
+    let mut open = without(session, reserve.reservation_id, now).to_vec();
+    if open.len() >= limits::MAX_OPEN_RESERVATIONS {
+        return Err(SessionError::InvalidRequest {
+            reason: format!(
+                "a session holds at most {} open reservations",
+                limits::MAX_OPEN_RESERVATIONS
+            ),
+        });
+    }
+    // PostgreSQL keeps microseconds: a reloaded session equals the cached one.
+    let expires_at = now
+        .checked_add_signed(reserve.ttl)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        .trunc_subsecs(6);
+    open.push(OpenReservation {
+        reservation_id: reserve.reservation_id,
+        expires_at,
+    });
+    Ok(open.into())
+}
+
+/// The session's reservations open at `now`, but `reservation_id`.
+fn without(
+    session: &TaskSession,
+    reservation_id: Uuid,
+    now: DateTime<Utc>,
+) -> Arc<[OpenReservation]> {
+    session
+        .reservations
+        .iter()
+        .filter(|open| open.reservation_id != reservation_id && now < open.expires_at)
+        .copied()
+        .collect()
 }
 
 fn with_status(session: &TaskSession, status: SessionStatus) -> TaskSession {
@@ -232,6 +328,9 @@ fn window_after(
 /// still be active; a call that does not fit is dropped with its event. Every unwritten
 /// call was answered `StorageWriteThrough` (denied), so dropping one never takes back a
 /// call that got `Ok`, and a closed session never gains a call, even in the audit trail.
+/// A reservation is open in the merged state only if the call that made it is kept; an
+/// unwritten settlement applies only to a reservation still open in storage, so a
+/// reservation is settled at most once, whichever stores settle it.
 pub(crate) fn merge_unwritten(
     fresh: &TaskSession,
     unwritten: &mut Vec<AuditEvent>,
@@ -272,10 +371,36 @@ fn merge_one(
             ) else {
                 return false;
             };
+            if let Some(ReservationChange::Made { expires_at }) = event.reservation {
+                let at = event.occurred_at;
+                let mut open = without(merged, event.key, at).to_vec();
+                if open.len() >= limits::MAX_OPEN_RESERVATIONS {
+                    return false;
+                }
+                open.push(OpenReservation {
+                    reservation_id: event.key,
+                    expires_at,
+                });
+                merged.reservations = open.into();
+            }
             merged.calls_made = calls_made;
             merged.tool_limits = tool_limits;
             merged.rate_window_started_at = Some(window_started_at);
             merged.rate_window_calls = window_calls;
+        }
+        EventKind::Settled => {
+            // Settled meanwhile by another store, or lapsed: this settlement did not
+            // happen (it was answered `StorageWriteThrough`).
+            let Some(ReservationChange::Settled { reservation_id, .. }) = event.reservation else {
+                return false;
+            };
+            if merged
+                .open_reservation(reservation_id, event.occurred_at)
+                .is_none()
+            {
+                return false;
+            }
+            merged.reservations = without(merged, reservation_id, event.occurred_at);
         }
         EventKind::Closed | EventKind::Expired if merged.status == SessionStatus::Active => {
             merged.status = event.status;
@@ -343,6 +468,7 @@ mod tests {
                 tools,
                 agent,
                 cost: None,
+                reserve: None,
             },
             now,
         )? {
@@ -731,5 +857,130 @@ mod tests {
             })
             .collect();
         assert_eq!(counted, [vec![("write".to_owned(), 2)], vec![]]);
+    }
+
+    fn with_budget(s: &TaskSession) -> TaskSession {
+        TaskSession {
+            budget_id: Some(crate::budget::BudgetId::new("team").expect("valid")),
+            ..s.clone()
+        }
+    }
+
+    fn reserve(s: &TaskSession, id: Uuid, now: DateTime<Utc>) -> Result<TaskSession, SessionError> {
+        let mutation = Mutation::Use {
+            tools: &["a"],
+            agent: None,
+            cost: Some(5),
+            reserve: Some(Reserve {
+                reservation_id: id,
+                ttl: Duration::minutes(10),
+            }),
+        };
+        match decide(s, mutation, now)? {
+            Decision::Apply(next, EventKind::CallAllowed) => Ok(next),
+            other => panic!("a reservation is a call: {other:?}"),
+        }
+    }
+
+    fn settle(s: &TaskSession, id: Uuid, now: DateTime<Utc>) -> Result<TaskSession, SessionError> {
+        let mutation = Mutation::Settle(Settle {
+            reservation_id: id,
+            estimate: 5,
+            share_id: Uuid::nil(),
+            actual: 2,
+        });
+        match decide(s, mutation, now)? {
+            Decision::Apply(next, EventKind::Settled) => Ok(next),
+            other => panic!("a settlement is recorded: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reservation_is_a_call_settled_once_until_it_lapses() {
+        let (s, now) = session(&["a"], 5, None);
+        let id = Uuid::new_v4();
+        assert!(
+            matches!(
+                reserve(&s, id, now),
+                Err(SessionError::InvalidRequest { .. })
+            ),
+            "no shared budget, no reservation"
+        );
+        let s = with_budget(&s);
+        let reserved = reserve(&s, id, now).expect("reserved");
+        assert_eq!(reserved.calls_made, 1);
+        assert_eq!(
+            reserved.open_reservation(id, now).map(|r| r.expires_at),
+            Some(now + Duration::minutes(10))
+        );
+        // Settled whatever became of the session, once.
+        let closed = with_status(&reserved, SessionStatus::Closed);
+        let settled = settle(&closed, id, now).expect("settled");
+        assert!(settled.reservations.is_empty());
+        assert_eq!(settled.calls_made, 1, "a settlement is not a call");
+        assert!(matches!(
+            settle(&settled, id, now),
+            Err(SessionError::ReservationSettled(r)) if r == id
+        ));
+        // Lapsed: settled at its estimate already.
+        let later = now + Duration::minutes(10);
+        assert!(matches!(
+            settle(&reserved, id, later),
+            Err(SessionError::ReservationSettled(_))
+        ));
+    }
+
+    #[test]
+    fn a_session_holds_a_bounded_number_of_open_reservations() {
+        let (s, now) = session(&["a"], 100, None);
+        let mut s = with_budget(&s);
+        s.expires_at = now + Duration::hours(1);
+        for _ in 0..limits::MAX_OPEN_RESERVATIONS {
+            s = reserve(&s, Uuid::new_v4(), now).expect("room");
+        }
+        assert!(matches!(
+            reserve(&s, Uuid::new_v4(), now),
+            Err(SessionError::InvalidRequest { .. })
+        ));
+        // Lapsed ones make room again.
+        let later = now + Duration::minutes(10);
+        let s = reserve(&s, Uuid::new_v4(), later).expect("the others lapsed");
+        assert_eq!(s.reservations.len(), 1);
+    }
+
+    #[test]
+    fn merge_settles_a_reservation_at_most_once() {
+        let (s, now) = session(&["a"], 10, None);
+        let s = with_budget(&s);
+        let id = Uuid::new_v4();
+        let stored = reserve(&s, id, now).expect("reserved");
+        let settled = settle(&stored, id, now).expect("settled");
+        let mut event = AuditEvent::new(EventKind::Settled, Vec::new(), &settled, now, Uuid::nil());
+        event.reservation = Some(ReservationChange::Settled {
+            reservation_id: id,
+            charged: 2,
+        });
+        // Still open in storage: the unwritten settlement applies.
+        let mut unwritten = vec![event.clone()];
+        let (merged, dropped) = merge_unwritten(&stored, &mut unwritten, |_| true);
+        assert!(dropped.is_empty() && merged.reservations.is_empty());
+        // Settled by another store meanwhile: it is dropped.
+        let mut unwritten = vec![event];
+        let (merged, dropped) = merge_unwritten(&settled, &mut unwritten, |_| true);
+        assert_eq!((dropped.len(), unwritten.len()), (1, 0));
+        assert_eq!(merged, settled);
+        // An unwritten reservation is open after the merge only if its call is kept.
+        let mut made = call_at(&stored, now);
+        made.key = id;
+        made.reservation = Some(ReservationChange::Made {
+            expires_at: now + Duration::minutes(10),
+        });
+        let mut unwritten = vec![made.clone()];
+        let (merged, _) = merge_unwritten(&s, &mut unwritten, |_| true);
+        assert!(merged.open_reservation(id, now).is_some());
+        let mut unwritten = vec![made];
+        let (merged, dropped) = merge_unwritten(&s, &mut unwritten, |_| false);
+        assert_eq!(dropped.len(), 1);
+        assert!(merged.reservations.is_empty());
     }
 }

@@ -94,13 +94,15 @@ async fn usage(pool: &PgPool, budget: &str) -> (i64, i64) {
     (row.used, row.allocated)
 }
 
-/// Every period row's allocation is the sum of its shares' grants.
+/// Every period row's allocation is the sum of its shares' grants (less the releases and
+/// plus the overruns of settlements a grant has counted).
 async fn assert_allocation_is_the_sum_of_grants(pool: &PgPool) {
     let off = sqlx::query!(
         r#"SELECT p.budget_id AS "budget_id!", p.allocated AS "allocated!",
                   coalesce(sum(s.granted), 0)::bigint AS "granted!"
              FROM arbiter.budget_periods p
-             LEFT JOIN (SELECT s.granted, c.budget_id, c.period_start
+             LEFT JOIN (SELECT s.granted - s.credited_counted + s.overrun_counted AS granted,
+                               c.budget_id, c.period_start
                           FROM arbiter.budget_shares s,
                                unnest(s.chain, s.period_starts) AS c(budget_id, period_start)) s
                     ON s.budget_id = p.budget_id AND s.period_start = p.period_start

@@ -765,9 +765,9 @@ async fn cli_sets_lists_and_reports_budgets(pool: PgPool) {
     assert_eq!(
         stdout(&out),
         format!(
-            "budget_id,period_start,period_end,limit,unit,used,used_pct,allocated\r\n\
-             team,{start},{end},10,calls,3,30.0,3\r\n\
-             team/a,1970-01-01 00:00:00,,4,tokens,3,75.0,3\r\n"
+            "budget_id,period_start,period_end,limit,unit,used,used_pct,allocated,reserved,overrun\r\n\
+             team,{start},{end},10,calls,3,30.0,3,0,0\r\n\
+             team/a,1970-01-01 00:00:00,,4,tokens,3,75.0,3,0,0\r\n"
         )
     );
 

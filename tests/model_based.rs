@@ -27,7 +27,10 @@
 //! And every session draws on one shared budget two levels deep whose root allows
 //! [`SHARED_LIMIT`] units (a call of `w` costs [`WRITE_COST`], of `t` 1): the root never
 //! uses more, every `Ok` call's units are used, none that was not attempted, and every
-//! share's use is what its events cost.
+//! share's use is what its events cost. Calls reserve units and reservations are settled,
+//! by either store, at less or more than their estimates: each is settled at most once,
+//! the root charges what the answers promised (an `Ok` settlement's actual cost, else the
+//! estimate or an uncertain settlement's), and never past its limit but for overruns.
 //!
 //! The default run is short (`ARBITER_PROPTEST_CASES`, default 12, raises it); each case
 //! uses fresh sessions in one database made for the test and dropped afterwards.
@@ -39,7 +42,9 @@ use std::time::Duration as StdDuration;
 
 use arbiter_session::budget::{BudgetId, BudgetTerms};
 use arbiter_session::testing::{FaultyStorage, ManualClock};
-use arbiter_session::{PgStorage, SessionError, SessionStatus, SessionStore, TaskSession};
+use arbiter_session::{
+    PgStorage, SessionError, SessionStatus, SessionStore, Settlement, TaskSession,
+};
 use chrono::{DateTime, Duration, Utc};
 use common::{audited_calls, request, row};
 use proptest::prelude::*;
@@ -93,6 +98,18 @@ enum Op {
     Advance {
         secs: i64,
     },
+    /// A call of `t` reserving `estimate` units.
+    Reserve {
+        store: usize,
+        session: usize,
+        estimate: u64,
+    },
+    /// Settles the reservation `pick` (modulo those made) at `actual` units.
+    Settle {
+        store: usize,
+        pick: usize,
+        actual: u64,
+    },
     /// A call's write hangs; the change feed resets; a second mutation of the session
     /// follows (a close or a call); then the writes fail or go through.
     ResetMidWrite {
@@ -122,6 +139,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => store.clone().prop_map(|store| Op::FailAllWrites { store }),
         2 => store.clone().prop_map(|store| Op::Heal { store }),
         1 => (0..40i64).prop_map(|secs| Op::Advance { secs }),
+        2 => (store.clone(), session.clone(), 1..=3u64)
+            .prop_map(|(store, session, estimate)| Op::Reserve { store, session, estimate }),
+        2 => (store.clone(), 0..8usize, 0..=5u64)
+            .prop_map(|(store, pick, actual)| Op::Settle { store, pick, actual }),
         1 => (store, session, any::<bool>(), any::<bool>()).prop_map(
             |(store, session, close, fail)| Op::ResetMidWrite { store, session, close, fail }
         ),
@@ -195,6 +216,50 @@ impl Promised {
     }
 }
 
+/// What the answers promised about one reservation that was made (answered `Ok`).
+#[derive(Debug, Clone)]
+struct Reserved {
+    id: Uuid,
+    estimate: u64,
+    /// What it may end up charged: its estimate until a settlement is answered `Ok`, or
+    /// any of the settlements answered `StorageWriteThrough`.
+    possible: Vec<u64>,
+    /// A settlement was answered `Ok`.
+    settled: bool,
+}
+
+impl Reserved {
+    fn settle(
+        &mut self,
+        actual: u64,
+        result: &Result<Settlement, SessionError>,
+    ) -> Result<(), TestCaseError> {
+        match result {
+            Ok(settlement) => {
+                prop_assert!(!self.settled, "settled twice: {self:?}");
+                prop_assert_eq!(
+                    (settlement.charged, settlement.released, settlement.overrun),
+                    (
+                        actual,
+                        self.estimate.saturating_sub(actual),
+                        actual.saturating_sub(self.estimate)
+                    )
+                );
+                self.settled = true;
+                self.possible = vec![actual];
+            }
+            Err(SessionError::StorageWriteThrough { .. }) => {
+                prop_assert!(!self.settled, "settled twice: {self:?}");
+                self.possible.push(actual);
+            }
+            // Settled before (maybe by an uncertain settlement), or lapsed at its estimate.
+            Err(SessionError::ReservationSettled(_) | SessionError::StorageRead { .. }) => {}
+            Err(other) => prop_assert!(false, "unexpected {other:?}"),
+        }
+        Ok(())
+    }
+}
+
 type Store = SessionStore<FaultyStorage<PgStorage>>;
 
 async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
@@ -244,6 +309,7 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
         common::wait_listening(store).await;
     }
     let mut promised = vec![Promised::default(); SESSIONS];
+    let mut reserved: Vec<Reserved> = Vec::new();
 
     for op in ops {
         match *op {
@@ -259,6 +325,53 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
                     .use_session_batch(ids[session], &tools, None)
                     .await;
                 promised[session].used(calls as u64, writes as u64, &result)?;
+            }
+            Op::Reserve {
+                store,
+                session,
+                estimate,
+            } => {
+                let result = stores[store]
+                    .reserve(ids[session], "t", None, estimate)
+                    .await;
+                let p = &mut promised[session];
+                match result {
+                    Ok(reservation) => {
+                        p.ok += 1;
+                        reserved.push(Reserved {
+                            id: reservation.reservation_id,
+                            estimate,
+                            possible: vec![estimate],
+                            settled: false,
+                        });
+                    }
+                    Err(SessionError::StorageWriteThrough { .. }) => {
+                        p.uncertain += 1;
+                        p.uncertain_units += estimate;
+                    }
+                    Err(SessionError::AlreadyClosed(_)) => p.saw_terminal = true,
+                    Err(
+                        SessionError::Expired(_)
+                        | SessionError::BudgetExceeded { .. }
+                        | SessionError::SharedBudgetExceeded { .. }
+                        | SessionError::RateLimited { .. }
+                        | SessionError::StorageRead { .. }
+                        | SessionError::InvalidRequest { .. },
+                    ) => {}
+                    Err(other) => prop_assert!(false, "unexpected {other:?}"),
+                }
+            }
+            Op::Settle {
+                store,
+                pick,
+                actual,
+            } => {
+                if reserved.is_empty() {
+                    continue;
+                }
+                let index = pick % reserved.len();
+                let result = stores[store].settle(reserved[index].id, actual).await;
+                reserved[index].settle(actual, &result)?;
             }
             Op::Close { store, session } => {
                 let result = stores[store].close(ids[session]).await;
@@ -337,18 +450,34 @@ async fn run_case(pool: &PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
         prop_assert!(report.is_clean(), "not flushed: {report:?}");
         prop_assert_eq!(store.stats().pending, 0);
     }
-    let root_used = admin
+    let usage = admin
         .budget(&root)
         .await
         .expect("read the root")
-        .expect("the root exists")
-        .used;
-    let ok_units: u64 = promised.iter().map(|p| p.ok_units).sum();
-    let uncertain_units: u64 = promised.iter().map(|p| p.uncertain_units).sum();
-    prop_assert!(root_used <= SHARED_LIMIT, "the root used {root_used}");
+        .expect("the root exists");
+    // Open reservations are charged too, at their estimates.
+    let charged = usage.used + usage.reserved;
+    let low: u64 = promised.iter().map(|p| p.ok_units).sum::<u64>()
+        + reserved
+            .iter()
+            .filter_map(|r| r.possible.iter().min())
+            .sum::<u64>();
+    let high: u64 = promised
+        .iter()
+        .map(|p| p.ok_units + p.uncertain_units)
+        .sum::<u64>()
+        + reserved
+            .iter()
+            .filter_map(|r| r.possible.iter().max())
+            .sum::<u64>();
     prop_assert!(
-        ok_units <= root_used && root_used <= ok_units + uncertain_units,
-        "the root used {root_used}; Ok calls cost {ok_units}, uncertain ones {uncertain_units}"
+        charged - usage.overrun <= SHARED_LIMIT,
+        "the root charged {charged}, {} of it overruns",
+        usage.overrun
+    );
+    prop_assert!(
+        low <= charged && charged <= high,
+        "the root charged {charged}; the answers promised {low}..={high}: {reserved:?}"
     );
     let charges = arbiter_session::operator::budgets::verify_charges(pool)
         .await

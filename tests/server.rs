@@ -750,6 +750,148 @@ async fn sessions_spend_a_shared_budget_over_http(pool: PgPool) {
     assert_eq!(session.body["calls_made"], 6, "{}", session.body);
 }
 
+/// Reservations over HTTP: reserve answers like `/use` with the reservation, the budget
+/// shows it held, settle answers what it charged, released and overran, once; bad input is
+/// 400 and an unknown reservation 404.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn reservations_over_http(pool: PgPool) {
+    let service = service(&common::database_url(&pool).await).await;
+    let put = service
+        .put(
+            "/v1/budgets/acme",
+            ADMIN,
+            json!({ "limit": 100, "unit": "tokens" }),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::CREATED, "{}", put.body);
+    let agent = Uuid::new_v4();
+    let id = create(
+        &service,
+        json!({ "agent_id": agent, "authorized_tools": ["chat"], "call_budget": 10,
+            "time_limit_secs": 600, "budget_id": "acme" }),
+    )
+    .await;
+    let reserve = format!("/v1/sessions/{id}/reserve");
+    for bad in [
+        json!({ "tool": "chat", "agent_id": agent }),
+        json!({ "tool": "chat", "agent_id": agent, "cost": -1 }),
+        json!({ "tool": "chat", "agent_id": agent, "cost": 0 }),
+        json!({ "tool": "chat", "agent_id": agent, "cost": 1_000_000_000_001_u64 }),
+        json!({ "tool": "chat", "agent_id": agent, "cost": 1, "extra": true }),
+    ] {
+        assert_error(
+            &service.post(&reserve, GATEWAY, bad).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        );
+    }
+    assert_error(
+        &service
+            .post(
+                &reserve,
+                ADMIN,
+                json!({ "tool": "chat", "agent_id": agent, "cost": 1 }),
+            )
+            .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let reserved = service
+        .post(
+            &reserve,
+            GATEWAY,
+            json!({ "tool": "chat", "agent_id": agent, "cost": 60 }),
+        )
+        .await;
+    assert_eq!(reserved.status, StatusCode::OK, "{}", reserved.body);
+    assert_eq!(
+        (&reserved.body["calls_made"], &reserved.body["estimate"]),
+        (&json!(1), &json!(60)),
+        "{}",
+        reserved.body
+    );
+    let acme = service.get("/v1/budgets/acme", GATEWAY).await;
+    assert_eq!(
+        (
+            &acme.body["used"],
+            &acme.body["reserved"],
+            &acme.body["remaining"]
+        ),
+        (&json!(0), &json!(60), &json!(40)),
+        "{}",
+        acme.body
+    );
+    // More than what is left is denied like a call.
+    assert_error(
+        &service
+            .post(
+                &reserve,
+                GATEWAY,
+                json!({ "tool": "chat", "agent_id": agent, "cost": 41 }),
+            )
+            .await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "budget_exceeded",
+    );
+    let settle = format!(
+        "/v1/reservations/{}/settle",
+        reserved.body["reservation_id"].as_str().expect("an id")
+    );
+    for bad in [json!({}), json!({ "cost": 1.5 }), json!({ "cost": -3 })] {
+        assert_error(
+            &service.post(&settle, GATEWAY, bad).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        );
+    }
+    let settled = service.post(&settle, GATEWAY, json!({ "cost": 75 })).await;
+    assert_eq!(settled.status, StatusCode::OK, "{}", settled.body);
+    assert_eq!(
+        settled.body,
+        json!({ "reservation_id": reserved.body["reservation_id"], "charged": 75,
+            "released": 0, "overrun": 15 })
+    );
+    assert_error(
+        &service.post(&settle, GATEWAY, json!({ "cost": 75 })).await,
+        StatusCode::CONFLICT,
+        "reservation_settled",
+    );
+    assert_error(
+        &service
+            .post(
+                &format!("/v1/reservations/{}/settle", Uuid::new_v4()),
+                GATEWAY,
+                json!({ "cost": 1 }),
+            )
+            .await,
+        StatusCode::NOT_FOUND,
+        "reservation_not_found",
+    );
+    assert_error(
+        &service
+            .post(
+                "/v1/reservations/nope/settle",
+                GATEWAY,
+                json!({ "cost": 1 }),
+            )
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    let acme = service.get("/v1/budgets/acme", GATEWAY).await;
+    assert_eq!(
+        (
+            &acme.body["used"],
+            &acme.body["reserved"],
+            &acme.body["overrun"],
+            &acme.body["remaining"]
+        ),
+        (&json!(75), &json!(0), &json!(15), &json!(25)),
+        "{}",
+        acme.body
+    );
+}
+
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn ext_authz_metrics_and_openapi(pool: PgPool) {
     // This test's own recorder: sqlx::test runs it on one thread, store tasks included, so
@@ -1209,6 +1351,22 @@ async fn run_as_gateway_role(pool: PgPool, role: &str) {
     assert_eq!(charge.status, StatusCode::OK, "{}", charge.body);
     let budget = service.get("/v1/budgets/team", GATEWAY).await;
     assert_eq!(budget.body["used"], 3, "{}", budget.body);
+    let reserved = service
+        .post(
+            &format!("/v1/sessions/{charged}/reserve"),
+            GATEWAY,
+            json!({ "tool": "search", "agent_id": spender, "cost": 4 }),
+        )
+        .await;
+    assert_eq!(reserved.status, StatusCode::OK, "{}", reserved.body);
+    let settle = format!(
+        "/v1/reservations/{}/settle",
+        reserved.body["reservation_id"].as_str().expect("an id")
+    );
+    let settled = service.post(&settle, GATEWAY, json!({ "cost": 1 })).await;
+    assert_eq!(settled.status, StatusCode::OK, "{}", settled.body);
+    let budget = service.get("/v1/budgets/team", GATEWAY).await;
+    assert_eq!(budget.body["used"], 4, "{}", budget.body);
 
     let agent = Uuid::new_v4();
     let id = create(

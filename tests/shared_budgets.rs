@@ -74,14 +74,15 @@ async fn used(store: &SessionStore, budget: &str) -> u64 {
 /// charged to it, and no event names a share that does not exist.
 async fn assert_the_trail_explains_every_unit(pool: &PgPool) {
     let off = sqlx::query!(
-        r#"SELECT coalesce(s.share_id, e.share_id) AS "share_id", s.used AS "used?",
+        r#"SELECT coalesce(s.share_id, e.share_id) AS "share_id",
+                  s.used - s.credited + s.overrun AS "used?",
                   e.costs AS "costs?"
              FROM arbiter.budget_shares s
              FULL JOIN (SELECT share_id, sum(cost)::bigint AS costs
                           FROM arbiter.session_events
                          WHERE share_id IS NOT NULL GROUP BY share_id) e
                ON e.share_id = s.share_id
-            WHERE s.used IS DISTINCT FROM coalesce(e.costs, 0)"#
+            WHERE s.used - s.credited + s.overrun IS DISTINCT FROM coalesce(e.costs, 0)"#
     )
     .fetch_all(pool)
     .await

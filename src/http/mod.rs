@@ -15,7 +15,8 @@ use crate::error::SessionError;
 ///
 /// 404 not found, 408 expired, 429 budget (the session's or a shared one) / rate / too many
 /// sessions, 403 tool or agent,
-/// 410 closed, 503 storage, 400 invalid request.
+/// 410 closed, 503 storage, 400 invalid request, 404 unknown reservation, 409 reservation
+/// already settled.
 pub fn status_code_for_error(err: &SessionError) -> u16 {
     match err {
         SessionError::NotFound(_) => 404,
@@ -28,6 +29,8 @@ pub fn status_code_for_error(err: &SessionError) -> u16 {
         SessionError::AlreadyClosed(_) => 410,
         SessionError::StorageWriteThrough { .. } | SessionError::StorageRead { .. } => 503,
         SessionError::InvalidRequest { .. } => 400,
+        SessionError::ReservationNotFound(_) => 404,
+        SessionError::ReservationSettled(_) => 409,
     }
 }
 
@@ -49,6 +52,8 @@ pub fn error_code(err: &SessionError) -> &'static str {
         SessionError::TooManySessions { .. } => "too_many_sessions",
         SessionError::StorageRead { .. } => "storage_read",
         SessionError::InvalidRequest { .. } => "invalid_request",
+        SessionError::ReservationNotFound(_) => "reservation_not_found",
+        SessionError::ReservationSettled(_) => "reservation_settled",
     }
 }
 

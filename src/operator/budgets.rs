@@ -1,7 +1,9 @@
 //! The shared budgets' accounting checked against the audit trail: every unit a share of a
-//! budget counts as used is the cost of an allowed call whose event names that share, and
-//! every such cost is counted, exactly once (migration `20261206000006_session_budgets.sql`
-//! adds both in the statement that writes the call). `arbiter-session verify` runs it.
+//! budget counts as used is the cost of an allowed call whose event names that share, or
+//! of a settlement of a reservation charged to it, and every such cost is counted, exactly
+//! once (migrations `20261206000006_session_budgets.sql` and
+//! `20261206000007_budget_reservations.sql` add both in the statement that writes the
+//! event). `arbiter-session verify` runs it.
 
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -34,7 +36,8 @@ impl ChargeSummary {
 pub struct ShareMismatch {
     /// The share.
     pub share_id: Uuid,
-    /// Its `used`; `None` when no such share is stored (events name it all the same).
+    /// The units charged to it (`used - credited + overrun`); `None` when no such share is
+    /// stored (events name it all the same).
     pub used: Option<i64>,
     /// The sum of the costs of the events naming it.
     pub costs: i64,

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::budget::{BudgetId, BudgetTerms, BudgetUsage};
 use crate::http::{error_code, status_code_for_error};
+use crate::model::{Reservation, Settlement};
 use crate::{SessionError, TaskSession};
 
 /// Every error body.
@@ -305,6 +306,80 @@ impl From<&TaskSession> for UseAnswer {
     }
 }
 
+/// `POST /v1/sessions/{id}/reserve`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReserveBody {
+    /// The tool the agent is about to call.
+    pub(crate) tool: String,
+    /// The agent presenting the session.
+    pub(crate) agent_id: Uuid,
+    /// The estimated cost, in the session's shared budget's units: charged now, and
+    /// replaced by the actual cost when settled.
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
+    pub(crate) cost: u64,
+}
+
+/// The answer to a reservation: as `/use`, with the reservation.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ReserveAnswer {
+    pub(crate) calls_made: u64,
+    pub(crate) calls_remaining: u64,
+    /// `active`, `closed` or `expired`.
+    pub(crate) status: &'static str,
+    /// The id to settle it by (`POST /v1/reservations/{reservation_id}/settle`).
+    pub(crate) reservation_id: Uuid,
+    /// The units it holds.
+    pub(crate) estimate: u64,
+    /// When it lapses, settled at its estimate.
+    pub(crate) expires_at: DateTime<Utc>,
+}
+
+impl From<&Reservation> for ReserveAnswer {
+    fn from(r: &Reservation) -> Self {
+        ReserveAnswer {
+            calls_made: r.session.calls_made,
+            calls_remaining: r.session.calls_remaining(),
+            status: r.session.status.as_str(),
+            reservation_id: r.reservation_id,
+            estimate: r.estimate,
+            expires_at: r.expires_at,
+        }
+    }
+}
+
+/// `POST /v1/reservations/{reservation_id}/settle`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SettleBody {
+    /// The actual cost, in the budget's units.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
+    pub(crate) cost: u64,
+}
+
+/// A settled reservation.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SettleAnswer {
+    pub(crate) reservation_id: Uuid,
+    /// Units charged in all: the actual cost.
+    pub(crate) charged: u64,
+    /// Units of the estimate given back to the budget.
+    pub(crate) released: u64,
+    /// Units charged above the estimate (they may take the budget past its limit).
+    pub(crate) overrun: u64,
+}
+
+impl From<&Settlement> for SettleAnswer {
+    fn from(s: &Settlement) -> Self {
+        SettleAnswer {
+            reservation_id: s.reservation_id,
+            charged: s.charged,
+            released: s.released,
+            overrun: s.overrun,
+        }
+    }
+}
+
 /// `GET /v1/agents/{agent_id}/live-sessions`.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct LiveCount {
@@ -384,6 +459,8 @@ pub(crate) struct BudgetView {
     pub(crate) used: u64,
     /// Units held by reservations not yet settled.
     pub(crate) reserved: u64,
+    /// Units of `used` that settlements charged above their estimates.
+    pub(crate) overrun: u64,
     /// `limit - used - reserved`, or 0.
     pub(crate) remaining: u64,
 }
@@ -401,6 +478,7 @@ impl From<&BudgetUsage> for BudgetView {
             period_end: b.period_end,
             used: b.used,
             reserved: b.reserved,
+            overrun: b.overrun,
             remaining: b.remaining(),
         }
     }

@@ -113,6 +113,11 @@ impl Server {
             .route("/v1/sessions/{id}", get(routes::get_session))
             .route("/v1/sessions/{id}/use", post(routes::use_session))
             .route("/v1/sessions/{id}/use-batch", post(routes::use_batch))
+            .route("/v1/sessions/{id}/reserve", post(routes::reserve))
+            .route(
+                "/v1/reservations/{reservation_id}/settle",
+                post(routes::settle),
+            )
             .route("/v1/sessions/{id}/close", post(routes::close))
             .route(
                 "/v1/agents/{agent_id}/live-sessions",

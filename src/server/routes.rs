@@ -23,7 +23,8 @@ use crate::{CreateSessionRequest, SessionError, TaskSession};
 use super::AppState;
 use super::api::{
     ApiError, Body, BudgetBody, BudgetList, BudgetView, Closed, CreateBody, ErrorBody, Health,
-    LiveCount, SessionView, ToolLimitView, UseAnswer, UseBatchBody, UseBody,
+    LiveCount, ReserveAnswer, ReserveBody, SessionView, SettleAnswer, SettleBody, ToolLimitView,
+    UseAnswer, UseBatchBody, UseBody,
 };
 use super::auth::{Caller, Role};
 use super::readiness::Ready;
@@ -47,6 +48,8 @@ pub(crate) const REMAINING_HEADER: &str = "x-arbiter-calls-remaining";
         get_session,
         use_session,
         use_batch,
+        reserve,
+        settle,
         close,
         live_sessions,
         close_all,
@@ -65,6 +68,10 @@ pub(crate) const REMAINING_HEADER: &str = "x-arbiter-calls-remaining";
         UseBody,
         UseBatchBody,
         UseAnswer,
+        ReserveBody,
+        ReserveAnswer,
+        SettleBody,
+        SettleAnswer,
         LiveCount,
         Closed,
         BudgetBody,
@@ -260,6 +267,49 @@ pub(crate) async fn use_batch(
         Ok(session) => Ok(Json(UseAnswer::from(&session))),
         Err(err) => Err(denied(&state, id, err).await),
     }
+}
+
+/// Reserves an estimated cost of the session's shared budget for one call of a tool, whose
+/// actual cost is known only afterwards (gateway): decided like `/use` with that cost, and
+/// held until settled, or until the reservation lapses (settled at its estimate).
+#[utoipa::path(post, path = "/v1/sessions/{id}/reserve", params(("id" = Uuid, Path)),
+    request_body = ReserveBody,
+    responses((status = 200, body = ReserveAnswer), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn reserve(
+    State(state): State<AppState>,
+    caller: Caller,
+    Id(id): Id,
+    Body(body): Body<ReserveBody>,
+) -> Result<Json<ReserveAnswer>, ApiError> {
+    caller.require(&[Role::Gateway])?;
+    match state
+        .store
+        .reserve(id, &body.tool, Some(body.agent_id), body.cost)
+        .await
+    {
+        Ok(reservation) => Ok(Json(ReserveAnswer::from(&reservation))),
+        Err(err) => Err(denied(&state, id, err).await),
+    }
+}
+
+/// Settles a reservation at its actual cost, once (gateway): the rest of the estimate goes
+/// back to the budget; a cost above the estimate is charged in full as an overrun. A second
+/// settlement, or one after the reservation lapsed, is 409.
+#[utoipa::path(post, path = "/v1/reservations/{reservation_id}/settle",
+    params(("reservation_id" = Uuid, Path)),
+    request_body = SettleBody,
+    responses((status = 200, body = SettleAnswer), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn settle(
+    State(state): State<AppState>,
+    caller: Caller,
+    Id(id): Id,
+    Body(body): Body<SettleBody>,
+) -> Result<Json<SettleAnswer>, ApiError> {
+    caller.require(&[Role::Gateway])?;
+    let settled = state.store.settle(id, body.cost).await?;
+    Ok(Json(SettleAnswer::from(&settled)))
 }
 
 /// Closes a session (admin, gateway).

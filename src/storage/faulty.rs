@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::{
     CapOutcome, Change, ChangeFeed, LockWait, LockedUpdate, ShareGrant, ShareRequest, Storage,
-    UpdateOutcome, Version, Versioned,
+    StoredReservation, UpdateOutcome, Version, Versioned,
 };
 use crate::audit::{AuditEvent, Denial};
 use crate::error::StorageError;
@@ -436,6 +436,14 @@ impl<S: Storage> Storage for FaultyStorage<S> {
 
     async fn grant_share(&self, request: ShareRequest<'_>) -> Result<ShareGrant, StorageError> {
         self.write(self.inner.grant_share(request)).await
+    }
+
+    async fn reservation(
+        &self,
+        reservation_id: Uuid,
+    ) -> Result<Option<StoredReservation>, StorageError> {
+        self.check_read()?;
+        self.inner.reservation(reservation_id).await
     }
 
     async fn release_share(

@@ -110,6 +110,24 @@ pub enum CapOutcome {
     },
 }
 
+/// A reservation of a shared budget as storage keeps it ([`Storage::reservation`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoredReservation {
+    /// The reservation (the key of the event that made it).
+    pub reservation_id: Uuid,
+    /// The session that made it.
+    pub session_id: Uuid,
+    /// The share its estimate was charged to.
+    pub share_id: Uuid,
+    /// The cost it reserved.
+    pub estimate: u64,
+    /// When it lapses, settled at its estimate.
+    pub expires_at: DateTime<Utc>,
+    /// The actual cost it was settled at, once settled.
+    pub charged: Option<u64>,
+}
+
 /// A process asking for units of a shared budget ([`Storage::grant_share`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ShareRequest<'a> {
@@ -315,6 +333,16 @@ pub trait Storage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, StorageError>> + Send {
         let _ = (share_id, keep, close);
         async { Ok(0) }
+    }
+
+    /// The reservation `reservation_id`, if one was made. The default knows none: a
+    /// storage without budgets has no reservations.
+    fn reservation(
+        &self,
+        reservation_id: Uuid,
+    ) -> impl Future<Output = Result<Option<StoredReservation>, StorageError>> + Send {
+        let _ = reservation_id;
+        async { Ok(None) }
     }
 
     /// Ids of up to `limit` active sessions whose `expires_at <= now`, earliest first.

@@ -28,6 +28,7 @@ const NEGATIVE_CAPACITY: u64 = 10_000;
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
 const COLD_LOADS: usize = 1;
+const RESERVATION_TTL: Duration = Duration::from_secs(10 * 60);
 
 /// Builds a [`SessionStore`]. Obtained from [`SessionStore::builder`].
 #[derive(Debug)]
@@ -48,6 +49,7 @@ pub struct SessionStoreBuilder<S> {
     maintenance_interval: Option<Duration>,
     cold_loads: usize,
     share_lease: Duration,
+    reservation_ttl: Duration,
 }
 
 impl<S: Storage> SessionStoreBuilder<S> {
@@ -68,6 +70,7 @@ impl<S: Storage> SessionStoreBuilder<S> {
             maintenance_interval: Some(MAINTENANCE_INTERVAL),
             cold_loads: COLD_LOADS,
             share_lease: escrow::LEASE,
+            reservation_ttl: RESERVATION_TTL,
         }
     }
 
@@ -77,6 +80,15 @@ impl<S: Storage> SessionStoreBuilder<S> {
     /// next grant of the budget's tree. Shorter leases mean more renewals.
     pub fn share_lease(mut self, lease: Duration) -> Self {
         self.share_lease = std::cmp::max(lease, Duration::from_millis(100));
+        self
+    }
+
+    /// How long a reservation stays open (default 10 minutes): one not settled by then
+    /// lapses, settled at its estimate, and settling it afterwards is
+    /// [`SessionError::ReservationSettled`](crate::SessionError::ReservationSettled).
+    /// Between 1 s and 24 h.
+    pub fn reservation_ttl(mut self, ttl: Duration) -> Self {
+        self.reservation_ttl = ttl.clamp(Duration::from_secs(1), Duration::from_secs(24 * 60 * 60));
         self
     }
 
@@ -222,6 +234,11 @@ impl<S: Storage> SessionStoreBuilder<S> {
             denial_buffer: (self.denial_buffer, self.denial_buffer_bytes),
             escrow: Escrow::new(self.instance_id, self.share_lease, self.storage_timeout),
         });
-        SessionStore { inner }
+        SessionStore {
+            inner,
+            // At most 24 h (clamped by `reservation_ttl`).
+            reservation_ttl: chrono::Duration::from_std(self.reservation_ttl)
+                .unwrap_or(chrono::Duration::minutes(10)),
+        }
     }
 }

@@ -27,7 +27,10 @@
 //! and storage grants at most half of what is left, so the last units are spread among the
 //! processes that ask. A share's unspent units go back when it has been idle for
 //! [`IDLE_RETURN`], when its period ends and at shutdown; a process that died returns them
-//! when its lease runs out ([`LEASE`]), at the next grant of the budget's tree.
+//! when its lease runs out ([`LEASE`]), at the next grant of the budget's tree. What a
+//! settlement releases of a reservation's estimate goes back at the next grant of the tree
+//! too, whichever process makes it (migration `20261206000007_budget_reservations.sql`): a
+//! settlement takes nothing from a hold and never needs a live share.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -269,9 +272,10 @@ impl Escrow {
     /// the live one.
     pub(super) fn refund(&self, event: &crate::audit::AuditEvent) {
         if let (Some(budget), Some(share), Some(cost)) =
-            (&event.budget_id, event.share_id, event.cost)
+            (&event.budget_id, event.charged_share(), event.cost)
         {
-            self.account(budget).refund(share, cost);
+            self.account(budget)
+                .refund(share, u64::try_from(cost).unwrap_or(0));
         }
     }
 

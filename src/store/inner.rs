@@ -219,7 +219,7 @@ impl<S: Storage> Inner<S> {
     pub(super) fn holds_dead_charges(&self, state: &SlotState) -> bool {
         state.unwritten.iter().any(|event| {
             event
-                .share_id
+                .charged_share()
                 .is_some_and(|share| self.escrow.is_dead(share))
         })
     }
@@ -229,7 +229,7 @@ impl<S: Storage> Inner<S> {
     pub(super) fn rebase(&self, state: &mut SlotState, fresh: Versioned, landed: usize) -> usize {
         let dropped = state.rebase(fresh, landed, |event| {
             event
-                .share_id
+                .charged_share()
                 .is_none_or(|share| !self.escrow.is_dead(share))
         });
         for event in &dropped {
@@ -664,8 +664,11 @@ impl<S: Storage> Inner<S> {
         version: i64,
     ) -> Vec<Answer> {
         for event in round.events() {
-            if let (Some(budget), Some(cost)) = (&event.budget_id, event.cost) {
-                crate::metrics::charged(budget, cost);
+            // Units charged: calls' costs and overruns (a release takes nothing back).
+            if let (Some(budget), Some(cost)) = (&event.budget_id, event.cost)
+                && let Ok(units) = u64::try_from(cost)
+            {
+                crate::metrics::charged(budget, units);
             }
         }
         if let (Some(next), _) = round.take_changes() {

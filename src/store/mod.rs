@@ -63,8 +63,8 @@ use self::inner::{Inner, read_failed};
 use crate::budget::{self, BudgetId, BudgetTerms, BudgetUsage, BudgetWrite};
 use crate::error::{SessionError, StorageError};
 use crate::metrics::{self, Gauge, UseTimer};
-use crate::model::{CreateSessionRequest, TaskSession};
-use crate::policy::Mutation;
+use crate::model::{CreateSessionRequest, Reservation, Settlement, TaskSession};
+use crate::policy::{Mutation, Reserve, Settle};
 use crate::storage::{CapOutcome, PgStorage, Storage};
 
 /// Sessions `expire_due` asks storage for at a time.
@@ -101,12 +101,15 @@ impl ShutdownReport {
 #[derive(Debug)]
 pub struct SessionStore<S: Storage = PgStorage> {
     inner: Arc<Inner<S>>,
+    /// How long a reservation stays open before it lapses at its estimate.
+    reservation_ttl: chrono::Duration,
 }
 
 impl<S: Storage> Clone for SessionStore<S> {
     fn clone(&self) -> Self {
         SessionStore {
             inner: Arc::clone(&self.inner),
+            reservation_ttl: self.reservation_ttl,
         }
     }
 }
@@ -326,11 +329,137 @@ impl<S: Storage> SessionStore<S> {
         let timer = UseTimer::start();
         let result = self
             .inner
-            .mutate(session_id, Mutation::Use { tools, agent, cost })
+            .mutate(
+                session_id,
+                Mutation::Use {
+                    tools,
+                    agent,
+                    cost,
+                    reserve: None,
+                },
+            )
             .await
             .map(|m| m.session);
         timer.answered(&result);
         result
+    }
+
+    /// Reserves `estimate` units of the session's shared budget for a call of `tool` whose
+    /// cost is known only afterwards (tokens): decided exactly like
+    /// [`Self::use_session_with_cost`] with that cost, which is charged at once, and held
+    /// until [`Self::settle`] charges the actual cost instead, or until the reservation
+    /// lapses (after [`SessionStoreBuilder::reservation_ttl`]), settled at its estimate.
+    ///
+    /// # Errors
+    /// As [`Self::use_session_with_cost`]; [`SessionError::InvalidRequest`] when `estimate`
+    /// is 0, when the session draws on no shared budget, or when it already holds
+    /// [`limits::MAX_OPEN_RESERVATIONS`](crate::model::limits::MAX_OPEN_RESERVATIONS) open
+    /// reservations.
+    pub async fn reserve(
+        &self,
+        session_id: Uuid,
+        tool: &str,
+        agent: Option<Uuid>,
+        estimate: u64,
+    ) -> Result<Reservation, SessionError> {
+        // A reservation of nothing would hold no share to settle an overrun against.
+        if estimate == 0 || estimate > crate::model::limits::MAX_COST {
+            return Err(SessionError::InvalidRequest {
+                reason: format!(
+                    "a reservation's cost must be 1..={}",
+                    crate::model::limits::MAX_COST
+                ),
+            });
+        }
+        let reservation_id = Uuid::new_v4();
+        let timer = UseTimer::start();
+        let result = self
+            .inner
+            .mutate(
+                session_id,
+                Mutation::Use {
+                    tools: &[tool],
+                    agent,
+                    cost: Some(estimate),
+                    reserve: Some(Reserve {
+                        reservation_id,
+                        ttl: self.reservation_ttl,
+                    }),
+                },
+            )
+            .await
+            .map(|m| m.session);
+        timer.answered(&result);
+        let session = result?;
+        let expires_at = session
+            .reservations
+            .iter()
+            .find(|open| open.reservation_id == reservation_id)
+            .map_or(session.expires_at, |open| open.expires_at);
+        Ok(Reservation {
+            reservation_id,
+            estimate,
+            expires_at,
+            session,
+        })
+    }
+
+    /// Settles a reservation at its `actual` cost, once: what the estimate held beyond it
+    /// goes back to the budget; what `actual` passes the estimate by is charged in full as
+    /// an overrun (the work was done), even past the budget's limit. Whatever became of the
+    /// session since (closed, expired), a reservation still open is settled.
+    ///
+    /// # Errors
+    /// [`SessionError::ReservationNotFound`]; [`SessionError::ReservationSettled`] when it
+    /// was settled already or lapsed; [`SessionError::InvalidRequest`] for an `actual`
+    /// above [`limits::MAX_COST`](crate::model::limits::MAX_COST); a storage error.
+    pub async fn settle(
+        &self,
+        reservation_id: Uuid,
+        actual: u64,
+    ) -> Result<Settlement, SessionError> {
+        if actual > crate::model::limits::MAX_COST {
+            return Err(SessionError::InvalidRequest {
+                reason: format!("cost must be 0..={}", crate::model::limits::MAX_COST),
+            });
+        }
+        let stored = self
+            .inner
+            .storage()
+            .reservation(reservation_id)
+            .await
+            .map_err(|err| read_failed(None, &err))?
+            .ok_or(SessionError::ReservationNotFound(reservation_id))?;
+        if stored.charged.is_some() {
+            return Err(SessionError::ReservationSettled(reservation_id));
+        }
+        // Whether it is still open is the session's row's to say: two settlements of one
+        // reservation are decided one after the other on it.
+        let settle = Mutation::Settle(Settle {
+            reservation_id,
+            estimate: stored.estimate,
+            share_id: stored.share_id,
+            actual,
+        });
+        match self.inner.mutate(stored.session_id, settle).await {
+            Err(SessionError::ReservationSettled(_)) => {
+                // This store's copy of the session may be older than the reservation (made
+                // by another process, whose write changed no status, so no change feed said
+                // so): decide once more on the row as stored.
+                self.inner.invalidate(stored.session_id).await;
+                self.get(stored.session_id).await?;
+                self.inner.mutate(stored.session_id, settle).await?;
+            }
+            settled => {
+                settled?;
+            }
+        }
+        Ok(Settlement {
+            reservation_id,
+            charged: actual,
+            released: stored.estimate.saturating_sub(actual),
+            overrun: actual.saturating_sub(stored.estimate),
+        })
     }
 
     /// Closes the session. Closed is final.

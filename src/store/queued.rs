@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::error::SessionError;
 use crate::model::TaskSession;
-use crate::policy::Mutation;
+use crate::policy::{Mutation, Reserve, Settle};
 
 /// What a mutation did.
 pub(crate) struct Mutated {
@@ -59,7 +59,9 @@ pub(crate) enum OwnedMutation {
         tools: Vec<String>,
         agent: Option<Uuid>,
         cost: Option<u64>,
+        reserve: Option<Reserve>,
     },
+    Settle(Settle),
     Close,
     Expire,
 }
@@ -67,11 +69,18 @@ pub(crate) enum OwnedMutation {
 impl OwnedMutation {
     fn new(mutation: Mutation<'_>) -> Self {
         match mutation {
-            Mutation::Use { tools, agent, cost } => OwnedMutation::Use {
+            Mutation::Use {
+                tools,
+                agent,
+                cost,
+                reserve,
+            } => OwnedMutation::Use {
                 tools: tools.iter().map(|t| (*t).to_owned()).collect(),
                 agent,
                 cost,
+                reserve,
             },
+            Mutation::Settle(settle) => OwnedMutation::Settle(settle),
             Mutation::Close => OwnedMutation::Close,
             Mutation::Expire => OwnedMutation::Expire,
         }
@@ -81,18 +90,25 @@ impl OwnedMutation {
     pub(crate) fn tools(&self) -> Vec<&str> {
         match self {
             OwnedMutation::Use { tools, .. } => tools.iter().map(String::as_str).collect(),
-            OwnedMutation::Close | OwnedMutation::Expire => Vec::new(),
+            OwnedMutation::Settle(_) | OwnedMutation::Close | OwnedMutation::Expire => Vec::new(),
         }
     }
 
     /// The mutation, borrowing `tools` (from [`Self::tools`]).
     pub(crate) fn borrow<'a>(&self, tools: &'a [&'a str]) -> Mutation<'a> {
         match self {
-            OwnedMutation::Use { agent, cost, .. } => Mutation::Use {
+            OwnedMutation::Use {
+                agent,
+                cost,
+                reserve,
+                ..
+            } => Mutation::Use {
                 tools,
                 agent: *agent,
                 cost: *cost,
+                reserve: *reserve,
             },
+            OwnedMutation::Settle(settle) => Mutation::Settle(*settle),
             OwnedMutation::Close => Mutation::Close,
             OwnedMutation::Expire => Mutation::Expire,
         }

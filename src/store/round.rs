@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::escrow::{Hold, Shortfall};
 use super::queued::{Answer, Mutated};
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, ReservationChange};
 use crate::budget::BudgetId;
 use crate::error::SessionError;
 use crate::model::TaskSession;
@@ -48,14 +48,19 @@ impl Round {
         let units = mutations
             .iter()
             .filter_map(|mutation| match mutation {
-                Mutation::Use { tools, cost, agent }
-                    if open
-                        && agent.is_none_or(|agent| agent == session.agent_id)
-                        && tools.iter().all(|tool| session.is_tool_authorized(tool)) =>
+                Mutation::Use {
+                    tools, cost, agent, ..
+                } if open
+                    && agent.is_none_or(|agent| agent == session.agent_id)
+                    && tools.iter().all(|tool| session.is_tool_authorized(tool)) =>
                 {
                     session.cost_of(tools, *cost)
                 }
-                Mutation::Use { .. } | Mutation::Close | Mutation::Expire => None,
+                // A settlement takes no units from the share: what it charges above the
+                // estimate is an overrun, charged whatever the room.
+                Mutation::Use { .. } | Mutation::Settle(_) | Mutation::Close | Mutation::Expire => {
+                    None
+                }
             })
             .fold(0, u64::saturating_add);
         Some((budget, units))
@@ -164,31 +169,70 @@ fn decide_one(
         Decision::Apply(next, kind) => (next, kind),
         Decision::Unchanged => return Ok(None),
     };
-    let (tools, charge) = match mutation {
-        Mutation::Use { tools, cost, .. } => (
+    let mut event = match mutation {
+        Mutation::Use { tools, .. } => AuditEvent::new(
+            kind,
             tools.iter().map(|t| (*t).to_owned()).collect(),
-            current.cost_of(tools, cost),
+            &next,
+            now,
+            instance_id,
         ),
-        Mutation::Close | Mutation::Expire => (Vec::new(), None),
+        Mutation::Settle(_) | Mutation::Close | Mutation::Expire => {
+            AuditEvent::new(kind, Vec::new(), &next, now, instance_id)
+        }
     };
-    let mut event = AuditEvent::new(kind, tools, &next, now, instance_id);
-    if let (Some(cost), Some(budget)) = (charge, &current.budget_id) {
-        let spent = match hold {
-            Some(hold) => hold.spend(cost),
-            None => Err(Shortfall::Exhausted(budget.clone())),
-        };
-        event.share_id = spent.map_err(|short| match short {
-            Shortfall::Exhausted(tightest) => SessionError::SharedBudgetExceeded {
-                session_id: current.session_id,
-                budget_id: tightest.to_string(),
-            },
-            Shortfall::Unavailable(detail) => SessionError::StorageRead {
-                session_id: Some(current.session_id),
-                detail,
-            },
-        })?;
-        event.cost = Some(cost);
-        event.budget_id = Some(budget.clone());
+    match mutation {
+        Mutation::Use {
+            tools,
+            cost,
+            reserve,
+            ..
+        } => {
+            if let (Some(cost), Some(budget)) = (current.cost_of(tools, cost), &current.budget_id) {
+                let spent = match hold {
+                    Some(hold) => hold.spend(cost),
+                    None => Err(Shortfall::Exhausted(budget.clone())),
+                };
+                event.share_id = spent.map_err(|short| match short {
+                    Shortfall::Exhausted(tightest) => SessionError::SharedBudgetExceeded {
+                        session_id: current.session_id,
+                        budget_id: tightest.to_string(),
+                    },
+                    Shortfall::Unavailable(detail) => SessionError::StorageRead {
+                        session_id: Some(current.session_id),
+                        detail,
+                    },
+                })?;
+                // At most `limits::MAX_COST` per call.
+                event.cost = Some(i64::try_from(cost).unwrap_or(i64::MAX));
+                event.budget_id = Some(budget.clone());
+            }
+            if let Some(reserve) = reserve {
+                // The reservation's id is its event's key: the trail names it.
+                event.key = reserve.reservation_id;
+                let made = next
+                    .reservations
+                    .iter()
+                    .find(|open| open.reservation_id == reserve.reservation_id);
+                if let Some(made) = made {
+                    event.reservation = Some(ReservationChange::Made {
+                        expires_at: made.expires_at,
+                    });
+                }
+            }
+        }
+        Mutation::Settle(settle) => {
+            // Both at most `limits::MAX_COST`.
+            let signed = |units: u64| i64::try_from(units).unwrap_or(i64::MAX);
+            event.cost = Some(signed(settle.actual) - signed(settle.estimate));
+            event.share_id = Some(settle.share_id);
+            event.budget_id.clone_from(&current.budget_id);
+            event.reservation = Some(ReservationChange::Settled {
+                reservation_id: settle.reservation_id,
+                charged: settle.actual,
+            });
+        }
+        Mutation::Close | Mutation::Expire => {}
     }
     Ok(Some((next, event)))
 }

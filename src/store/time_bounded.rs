@@ -26,7 +26,7 @@ use crate::error::StorageError;
 use crate::model::TaskSession;
 use crate::storage::{
     BatchUpdate, CapOutcome, LockWait, LockedUpdate, ShareGrant, ShareRequest, Storage,
-    UpdateOutcome, Version, Versioned,
+    StoredReservation, UpdateOutcome, Version, Versioned,
 };
 
 /// A storage whose every operation is bounded in time: each by `after`, and a call's by
@@ -180,6 +180,13 @@ impl<S: Storage> Storage for TimeBounded<S> {
 
     async fn grant_share(&self, request: ShareRequest<'_>) -> Result<ShareGrant, StorageError> {
         self.run(self.inner.grant_share(request)).await
+    }
+
+    async fn reservation(
+        &self,
+        reservation_id: Uuid,
+    ) -> Result<Option<StoredReservation>, StorageError> {
+        self.run(self.inner.reservation(reservation_id)).await
     }
 
     async fn release_share(

@@ -134,6 +134,8 @@ impl Tabular for BudgetPeriod {
         "used",
         "used_pct",
         "allocated",
+        "reserved",
+        "overrun",
     ];
     fn cells(&self) -> Vec<String> {
         vec![
@@ -145,6 +147,8 @@ impl Tabular for BudgetPeriod {
             self.used.to_string(),
             percent(self.used, self.unit_limit),
             self.allocated.to_string(),
+            self.reserved.to_string(),
+            self.overrun.to_string(),
         ]
     }
 }

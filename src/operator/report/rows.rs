@@ -215,8 +215,12 @@ pub struct BudgetPeriod {
     /// What a unit is.
     pub unit: String,
     /// Units spent in the period, by the budget's sessions and those of every budget below
-    /// it.
+    /// it (settled and lapsed reservations at their actual cost and estimate).
     pub used: i64,
     /// Units granted to processes in the period, spent or not.
     pub allocated: i64,
+    /// Units held by open reservations (their estimates), besides `used`.
+    pub reserved: i64,
+    /// Units of `used` that settlements charged above their estimates.
+    pub overrun: i64,
 }

@@ -12,7 +12,9 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 
 use super::PgStorage;
-use super::rows::{BatchEventJson, EventJson, to_bigint, tool_calls_literal};
+use super::rows::{
+    BatchEventJson, EventJson, reservations_literals, to_bigint, tool_calls_literal,
+};
 use crate::error::StorageError;
 use crate::storage::{BatchUpdate, UpdateOutcome};
 
@@ -77,6 +79,10 @@ async fn distinct(
         .iter()
         .map(|literal| literal.as_deref().unwrap_or("{}"))
         .collect();
+    let (reservation_ids, reservations_until): (Vec<String>, Vec<String>) = batch
+        .iter()
+        .map(|u| reservations_literals(u.session))
+        .unzip();
     let events: Vec<BatchEventJson<'_>> = batch
         .iter()
         .flat_map(|u| {
@@ -102,6 +108,8 @@ async fn distinct(
         &statuses as &[&str],
         Json(&events) as _,
         &tool_calls as &[&str],
+        &reservation_ids,
+        &reservations_until,
     )
     .fetch_all(pool)
     .await?;

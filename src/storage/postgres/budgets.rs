@@ -1,7 +1,8 @@
 //! Budgets in PostgreSQL: their terms written through `arbiter.budget_put` (which takes the
 //! tree's lock; the schema refuses a cycle, a tree too deep, an unknown time zone or
 //! parent) and read with their current period's usage. The escrow functions and their
-//! invariants are in migration `20261206000005_shared_budgets.sql`.
+//! invariants are in migrations `20261206000005_shared_budgets.sql` and
+//! `20261206000007_budget_reservations.sql`.
 
 use std::str::FromStr as _;
 
@@ -10,7 +11,7 @@ use sqlx::PgPool;
 
 use crate::budget::{BudgetId, BudgetTerms, BudgetUsage, BudgetWrite, Period};
 use crate::error::StorageError;
-use crate::storage::{ShareGrant, ShareRequest};
+use crate::storage::{ShareGrant, ShareRequest, StoredReservation};
 
 /// Creates the budget or replaces its terms.
 pub(super) async fn put(
@@ -96,6 +97,37 @@ pub(super) async fn release(
     Ok(u64::try_from(returned).unwrap_or(0))
 }
 
+/// The reservation `reservation_id`, if one was made.
+pub(super) async fn reservation(
+    pool: &PgPool,
+    reservation_id: uuid::Uuid,
+) -> Result<Option<StoredReservation>, StorageError> {
+    let row = sqlx::query!(
+        "SELECT reservation_id, session_id, share_id, estimate, expires_at, charged
+           FROM arbiter.budget_reservations WHERE reservation_id = $1",
+        reservation_id
+    )
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| {
+        let bad = |what: &str| {
+            StorageError::Decode(format!("reservation {}: {what}", row.reservation_id))
+        };
+        Ok(StoredReservation {
+            reservation_id: row.reservation_id,
+            session_id: row.session_id,
+            share_id: row.share_id,
+            estimate: u64::try_from(row.estimate).map_err(|_| bad("estimate"))?,
+            expires_at: row.expires_at,
+            charged: row
+                .charged
+                .map(|charged| u64::try_from(charged).map_err(|_| bad("charged")))
+                .transpose()?,
+        })
+    })
+    .transpose()
+}
+
 /// Every budget with its current period's usage, by id; only `id`'s when given.
 pub(super) async fn usage(
     pool: &PgPool,
@@ -122,6 +154,8 @@ struct Row {
     period_start: DateTime<Utc>,
     period_end: Option<DateTime<Utc>>,
     used: i64,
+    reserved: i64,
+    overrun: i64,
 }
 
 /// A row checked: a value the schema would refuse is a decode error, never a panic.
@@ -145,6 +179,7 @@ fn decode(row: Row) -> Result<BudgetUsage, StorageError> {
         period_start: row.period_start,
         period_end: row.period_end,
         used: u64::try_from(row.used).map_err(|_| bad("used"))?,
-        reserved: 0,
+        reserved: u64::try_from(row.reserved).map_err(|_| bad("reserved"))?,
+        overrun: u64::try_from(row.overrun).map_err(|_| bad("overrun"))?,
     })
 }

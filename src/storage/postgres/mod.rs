@@ -33,7 +33,7 @@ use self::change_feed::{DEFAULT_LISTENER_CHECK, PgChangeFeed};
 use self::rows::{DenialJson, EventJson, SessionRow, to_bigint, tool_calls};
 use super::{
     BatchUpdate, CapOutcome, ChangeFeed, LockWait, LockedUpdate, ShareGrant, ShareRequest, Storage,
-    UpdateOutcome, Version, Versioned,
+    StoredReservation, UpdateOutcome, Version, Versioned,
 };
 use crate::audit::{AuditEvent, Denial};
 use crate::budget::{BudgetId, BudgetTerms, BudgetUsage, BudgetWrite};
@@ -295,6 +295,9 @@ impl PgStorage {
         events: &[AuditEvent],
     ) -> Result<UpdateOutcome, StorageError> {
         let events: Vec<EventJson<'_>> = events.iter().map(EventJson::from).collect();
+        let reservation_ids: Vec<Uuid> = s.reservations.iter().map(|r| r.reservation_id).collect();
+        let reservations_until: Vec<DateTime<Utc>> =
+            s.reservations.iter().map(|r| r.expires_at).collect();
         let version = sqlx::query_file_scalar!(
             "src/storage/postgres/sql/update.sql",
             s.session_id,
@@ -305,6 +308,8 @@ impl PgStorage {
             s.status.as_str(),
             Json(&events) as _,
             &tool_calls(s),
+            &reservation_ids,
+            &reservations_until,
         )
         .fetch_optional(executor)
         .await?;
@@ -538,5 +543,12 @@ impl Storage for PgStorage {
         close: bool,
     ) -> Result<u64, StorageError> {
         budgets::release(&self.pool, share_id, keep, close).await
+    }
+
+    async fn reservation(
+        &self,
+        reservation_id: Uuid,
+    ) -> Result<Option<StoredReservation>, StorageError> {
+        budgets::reservation(&self.pool, reservation_id).await
     }
 }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::audit::{AuditEvent, Denial, DenialReason};
+use crate::audit::{AuditEvent, Denial, DenialReason, ReservationChange};
 use crate::budget::BudgetId;
 use crate::error::StorageError;
-use crate::model::{TaskSession, ToolCost, ToolLimit};
+use crate::model::{OpenReservation, TaskSession, ToolCost, ToolLimit};
 use crate::storage::Versioned;
 
 /// A `sessions` row as the load statements select it.
@@ -38,6 +38,8 @@ pub(super) struct SessionRow {
     pub(super) budget_id: Option<String>,
     pub(super) cost_tools: Vec<String>,
     pub(super) tool_costs: Vec<i64>,
+    pub(super) reservation_ids: Vec<Uuid>,
+    pub(super) reservations_until: Vec<DateTime<Utc>>,
 }
 
 impl TryFrom<SessionRow> for Versioned {
@@ -53,6 +55,22 @@ impl TryFrom<SessionRow> for Versioned {
         };
         let tool_limits = tool_limits(id, row.limited_tools, row.tool_limits, row.tool_calls)?;
         let tool_costs = tool_costs(id, row.cost_tools, row.tool_costs)?;
+        if row.reservation_ids.len() != row.reservations_until.len() {
+            return Err(StorageError::Decode(format!(
+                "session {id}: {} reservations and {} lapse instants",
+                row.reservation_ids.len(),
+                row.reservations_until.len()
+            )));
+        }
+        let reservations = row
+            .reservation_ids
+            .into_iter()
+            .zip(row.reservations_until)
+            .map(|(reservation_id, expires_at)| OpenReservation {
+                reservation_id,
+                expires_at,
+            })
+            .collect();
         let budget_id = row
             .budget_id
             .map(BudgetId::new)
@@ -88,6 +106,7 @@ impl TryFrom<SessionRow> for Versioned {
             tool_limits,
             budget_id,
             tool_costs,
+            reservations,
         };
         Ok(Versioned {
             session,
@@ -198,6 +217,31 @@ pub(super) fn tool_calls_literal(session: &TaskSession) -> Option<String> {
     Some(format!("{{{}}}", counts.join(",")))
 }
 
+/// The session's open reservations as two array literals (ids, lapse instants), for the
+/// batch statement: an array of arrays must be rectangular.
+pub(super) fn reservations_literals(session: &TaskSession) -> (String, String) {
+    let ids: Vec<String> = session
+        .reservations
+        .iter()
+        .map(|open| open.reservation_id.to_string())
+        .collect();
+    let until: Vec<String> = session
+        .reservations
+        .iter()
+        .map(|open| {
+            format!(
+                "\"{}\"",
+                open.expires_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            )
+        })
+        .collect();
+    (
+        format!("{{{}}}", ids.join(",")),
+        format!("{{{}}}", until.join(",")),
+    )
+}
+
 /// An event as encoded for `jsonb_to_recordset` (the update statements).
 #[derive(serde::Serialize)]
 pub(super) struct EventJson<'a> {
@@ -222,6 +266,14 @@ pub(super) struct EventJson<'a> {
     share_id: Option<Uuid>,
     #[serde(skip_serializing_if = "Option::is_none")]
     budget_id: Option<&'a str>,
+    /// `AuditEvent::reservation`: when the reservation the event makes lapses, or the
+    /// reservation it settles and the actual cost; left out when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reserved_until: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    settles: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    settled_at_cost: Option<i64>,
 }
 
 impl<'a> From<&'a AuditEvent> for EventJson<'a> {
@@ -245,9 +297,21 @@ impl<'a> From<&'a AuditEvent> for EventJson<'a> {
                     .map(|count| to_bigint(count.calls))
                     .collect()
             }),
-            cost: event.cost.map(to_bigint),
+            cost: event.cost,
             share_id: event.share_id,
             budget_id: event.budget_id.as_ref().map(BudgetId::as_str),
+            reserved_until: match event.reservation {
+                Some(ReservationChange::Made { expires_at }) => Some(expires_at),
+                _ => None,
+            },
+            settles: match event.reservation {
+                Some(ReservationChange::Settled { reservation_id, .. }) => Some(reservation_id),
+                _ => None,
+            },
+            settled_at_cost: match event.reservation {
+                Some(ReservationChange::Settled { charged, .. }) => Some(to_bigint(charged)),
+                _ => None,
+            },
         }
     }
 }

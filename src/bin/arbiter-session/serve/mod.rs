@@ -61,6 +61,11 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "ARBITER_SHARE_LEASE_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     share_lease_secs: u64,
+    /// How long a reservation stays open, in seconds: one not settled by then is settled
+    /// at its estimate.
+    #[arg(long, env = "ARBITER_RESERVATION_TTL_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    reservation_ttl_secs: u64,
     /// Most sessions kept in the cache.
     #[arg(long, env = "ARBITER_CACHE_CAPACITY", default_value_t = 100_000)]
     cache_capacity: u64,
@@ -167,6 +172,7 @@ pub(crate) async fn run(database_url: &str, args: ServeArgs) -> Result<(), Failu
         .storage_timeout(storage_timeout)
         .cold_loads(usize::try_from(args.cold_loads).unwrap_or(1))
         .share_lease(Duration::from_secs(args.share_lease_secs))
+        .reservation_ttl(Duration::from_secs(args.reservation_ttl_secs))
         .maintenance_interval((!args.no_upkeep).then_some(Duration::from_secs(60)))
         .build();
     if args.no_upkeep {
