@@ -21,6 +21,13 @@
 -- A reservation not settled within its time to live is settled at its estimate: it lapses,
 -- with nothing to count, and settling it afterwards is refused like a second settlement.
 --
+-- Grants share the last units fairly: each share records what its holder last asked for
+-- (wanted, about two seconds of its use; 0 once it gave back its idle units), and a grant
+-- gives at most the asker's part of what is left, in proportion to what it wants beside
+-- what the tree's other live shares want, and no more than an equal part. So near the end
+-- every holder runs out at about the same time, none holding units long after another was
+-- refused (a process holds one share per lane of its group commit, so several ask).
+--
 -- Invariants added to those of migration 20261206000005, for every budget B and period P:
 --   * allocated(B, P) is the sum, over the shares whose chain holds (B, P), of granted -
 --     credited_counted + overrun_counted; credited <= used on every share.
@@ -68,6 +75,7 @@ ALTER TABLE arbiter.budget_shares
     ADD COLUMN overrun          bigint NOT NULL DEFAULT 0,
     ADD COLUMN credited_counted bigint NOT NULL DEFAULT 0,
     ADD COLUMN overrun_counted  bigint NOT NULL DEFAULT 0,
+    ADD COLUMN wanted           bigint NOT NULL DEFAULT 0,
     ADD CONSTRAINT budget_shares_settlements
         CHECK (0 <= credited_counted AND credited_counted <= credited AND credited <= used
                AND 0 <= overrun_counted AND overrun_counted <= overrun);
@@ -76,6 +84,9 @@ COMMENT ON COLUMN arbiter.budget_shares.credited IS
     'Units of estimates charged to the share that settlements released (their events'' negative costs); not spendable by the holder, given back to the budget by the next grant of its tree (credited_counted).';
 COMMENT ON COLUMN arbiter.budget_shares.overrun IS
     'Units settlements charged above the estimates charged to the share (their events'' positive costs), past what it was granted; counted into the budget by the next grant of its tree (overrun_counted).';
+
+COMMENT ON COLUMN arbiter.budget_shares.wanted IS
+    'The units the holder last asked for (about two seconds of its use), 0 once it gave back its idle units: the last units of a tree are granted in proportion to what its open shares want.';
 
 -- The shares whose settlements a grant has yet to count: few, and read under the tree's lock.
 CREATE INDEX budget_shares_uncounted ON arbiter.budget_shares ((chain[cardinality(chain)]))
@@ -162,8 +173,44 @@ $$;
 REVOKE EXECUTE ON FUNCTION arbiter.budget_charge(uuid[], bigint[], bigint[], bigint[])
     FROM PUBLIC;
 
+-- budget_share_shrink of migration 20261206000005: a share giving back its idle units (or
+-- closing) no longer wants any, so the tree's next grants do not save units for it.
+CREATE OR REPLACE FUNCTION arbiter.budget_share_shrink(share uuid, keep bigint, close boolean)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, arbiter, pg_temp
+AS $$
+DECLARE
+    s arbiter.budget_shares;
+    returned bigint;
+BEGIN
+    SELECT * INTO s FROM arbiter.budget_shares b
+     WHERE b.share_id = share AND b.closed_at IS NULL FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    returned := s.granted - CASE WHEN close THEN s.used ELSE greatest(s.used, keep) END;
+    IF returned < 0 THEN
+        returned := 0;
+    END IF;
+    UPDATE arbiter.budget_periods p
+       SET allocated = p.allocated - returned
+      FROM unnest(s.chain, s.period_starts) AS c(budget_id, period_start)
+     WHERE p.budget_id = c.budget_id AND p.period_start = c.period_start;
+    UPDATE arbiter.budget_shares b
+       SET granted = b.granted - returned,
+           closed_at = CASE WHEN close THEN now() END,
+           wanted = 0
+     WHERE b.share_id = share;
+    RETURN returned;
+END
+$$;
+
 -- budget_grant of migration 20261206000005, counting the tree's settlements (after closing
--- its stale shares, before reading any level's room).
+-- its stale shares, before reading any level's room), and granting at most the asker's
+-- part of what is left, in proportion to what it wants beside what the tree's other live
+-- shares want (wanted): so when the last units are shared, every holder runs out at about
+-- the same time, and none holds units long after another was refused.
 CREATE OR REPLACE FUNCTION arbiter.budget_grant(share uuid, holder uuid, budget text, need bigint,
                                      want bigint, lease interval)
 RETURNS TABLE (share_open boolean, added bigint, granted bigint, used bigint, room bigint,
@@ -184,6 +231,9 @@ DECLARE
     existing arbiter.budget_shares;
     exists_already boolean;
     adding bigint;
+    others_want bigint;
+    others bigint;
+    fair bigint;
     stale uuid;
     result arbiter.budget_shares;
 BEGIN
@@ -241,9 +291,19 @@ BEGIN
                             tight, existing.valid_until, existing.lease_until;
         RETURN;
     END IF;
+    -- What the tree's other live shares want: the last units go to each in proportion.
+    SELECT coalesce(sum(b.wanted), 0), count(*) FILTER (WHERE b.wanted > 0)
+      INTO others_want, others
+      FROM arbiter.budget_shares b
+     WHERE b.closed_at IS NULL AND b.lease_until >= now() AND b.share_id <> share
+       AND b.chain[cardinality(b.chain)] = lineage[cardinality(lineage)];
+    fair := CASE WHEN want = 0 THEN 0
+                 ELSE least(ceil(least_room::numeric * want / (want + others_want)),
+                            ceil(least_room::numeric / (1 + others)))::bigint END;
     adding := CASE WHEN least_room < need THEN 0
                    ELSE least(least_room,
-                              greatest(need, least(want, least_room / 2 + least_room % 2)))
+                              greatest(need, least(want, least_room / 2 + least_room % 2,
+                                                   fair)))
               END;
     IF NOT exists_already AND adding = 0 THEN
         RETURN QUERY SELECT true, 0::bigint, 0::bigint, 0::bigint, least_room, tight, ends,
@@ -256,10 +316,11 @@ BEGIN
      WHERE p.budget_id = c.budget_id AND p.period_start = c.period_start;
     INSERT INTO arbiter.budget_shares AS b
            (share_id, budget_id, holder, chain, period_starts, valid_until, granted,
-            lease_until)
-    VALUES (share, budget, holder, lineage, starts, ends, adding, now() + lease)
+            lease_until, wanted)
+    VALUES (share, budget, holder, lineage, starts, ends, adding, now() + lease, want)
     ON CONFLICT (share_id) DO UPDATE
-       SET granted = b.granted + EXCLUDED.granted, lease_until = EXCLUDED.lease_until
+       SET granted = b.granted + EXCLUDED.granted, lease_until = EXCLUDED.lease_until,
+           wanted = CASE WHEN EXCLUDED.wanted > 0 THEN EXCLUDED.wanted ELSE b.wanted END
     RETURNING b.* INTO result;
     RETURN QUERY SELECT true, adding, result.granted, result.used, least_room, tight,
                         result.valid_until, result.lease_until;

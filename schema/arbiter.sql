@@ -202,6 +202,9 @@ DECLARE
     existing arbiter.budget_shares;
     exists_already boolean;
     adding bigint;
+    others_want bigint;
+    others bigint;
+    fair bigint;
     stale uuid;
     result arbiter.budget_shares;
 BEGIN
@@ -259,9 +262,19 @@ BEGIN
                             tight, existing.valid_until, existing.lease_until;
         RETURN;
     END IF;
+    -- What the tree's other live shares want: the last units go to each in proportion.
+    SELECT coalesce(sum(b.wanted), 0), count(*) FILTER (WHERE b.wanted > 0)
+      INTO others_want, others
+      FROM arbiter.budget_shares b
+     WHERE b.closed_at IS NULL AND b.lease_until >= now() AND b.share_id <> share
+       AND b.chain[cardinality(b.chain)] = lineage[cardinality(lineage)];
+    fair := CASE WHEN want = 0 THEN 0
+                 ELSE least(ceil(least_room::numeric * want / (want + others_want)),
+                            ceil(least_room::numeric / (1 + others)))::bigint END;
     adding := CASE WHEN least_room < need THEN 0
                    ELSE least(least_room,
-                              greatest(need, least(want, least_room / 2 + least_room % 2)))
+                              greatest(need, least(want, least_room / 2 + least_room % 2,
+                                                   fair)))
               END;
     IF NOT exists_already AND adding = 0 THEN
         RETURN QUERY SELECT true, 0::bigint, 0::bigint, 0::bigint, least_room, tight, ends,
@@ -274,10 +287,11 @@ BEGIN
      WHERE p.budget_id = c.budget_id AND p.period_start = c.period_start;
     INSERT INTO arbiter.budget_shares AS b
            (share_id, budget_id, holder, chain, period_starts, valid_until, granted,
-            lease_until)
-    VALUES (share, budget, holder, lineage, starts, ends, adding, now() + lease)
+            lease_until, wanted)
+    VALUES (share, budget, holder, lineage, starts, ends, adding, now() + lease, want)
     ON CONFLICT (share_id) DO UPDATE
-       SET granted = b.granted + EXCLUDED.granted, lease_until = EXCLUDED.lease_until
+       SET granted = b.granted + EXCLUDED.granted, lease_until = EXCLUDED.lease_until,
+           wanted = CASE WHEN EXCLUDED.wanted > 0 THEN EXCLUDED.wanted ELSE b.wanted END
     RETURNING b.* INTO result;
     RETURN QUERY SELECT true, adding, result.granted, result.used, least_room, tight,
                         result.valid_until, result.lease_until;
@@ -459,7 +473,8 @@ BEGIN
      WHERE p.budget_id = c.budget_id AND p.period_start = c.period_start;
     UPDATE arbiter.budget_shares b
        SET granted = b.granted - returned,
-           closed_at = CASE WHEN close THEN now() END
+           closed_at = CASE WHEN close THEN now() END,
+           wanted = 0
      WHERE b.share_id = share;
     RETURN returned;
 END
@@ -2367,6 +2382,7 @@ CREATE TABLE arbiter.budget_shares (
     overrun bigint DEFAULT 0 NOT NULL,
     credited_counted bigint DEFAULT 0 NOT NULL,
     overrun_counted bigint DEFAULT 0 NOT NULL,
+    wanted bigint DEFAULT 0 NOT NULL,
     CONSTRAINT budget_shares_chain_matches CHECK ((((cardinality(chain) >= 1) AND (cardinality(chain) <= 8)) AND (cardinality(chain) = cardinality(period_starts)) AND (chain[1] = budget_id))),
     CONSTRAINT budget_shares_settlements CHECK (((0 <= credited_counted) AND (credited_counted <= credited) AND (credited <= used) AND (0 <= overrun_counted) AND (overrun_counted <= overrun))),
     CONSTRAINT budget_shares_used_within_granted CHECK (((0 <= used) AND (used <= granted)))
@@ -2392,6 +2408,13 @@ COMMENT ON COLUMN arbiter.budget_shares.credited IS 'Units of estimates charged 
 --
 
 COMMENT ON COLUMN arbiter.budget_shares.overrun IS 'Units settlements charged above the estimates charged to the share (their events'' positive costs), past what it was granted; counted into the budget by the next grant of its tree (overrun_counted).';
+
+
+--
+-- Name: COLUMN budget_shares.wanted; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON COLUMN arbiter.budget_shares.wanted IS 'The units the holder last asked for (about two seconds of its use), 0 once it gave back its idle units: the last units of a tree are granted in proportion to what its open shares want.';
 
 
 --

@@ -428,16 +428,16 @@ async fn a_lowered_limit_takes_effect_for_the_next_call(pool: PgPool) {
     let (session, agent) = session_on(&store, "team", &["search"], 100, &[]).await;
     let call = || store.use_session(session, "search", Some(agent));
     call().await.expect("a unit of a share of several");
-    // Raising the root's limit leaves the share as it is.
+    // Raising the root's limit leaves the shares as they are.
     put(&admin, "root", 2_000, None).await;
-    call().await.expect("the same share");
-    let open: i64 = sqlx::query_scalar!(
-        r#"SELECT count(*) AS "n!" FROM arbiter.budget_shares WHERE closed_at IS NULL"#
+    call().await.expect("a unit of a share");
+    let closed: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM arbiter.budget_shares WHERE closed_at IS NOT NULL"#
     )
     .fetch_one(&pool)
     .await
     .expect("count");
-    assert_eq!(open, 1);
+    assert_eq!(closed, 0);
     put(&admin, "team", 4, Some("root")).await;
     call().await.expect("decided again on a new share");
     call().await.expect("the last unit");

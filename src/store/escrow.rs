@@ -6,7 +6,10 @@
 //! level of the budget's chain), decides calls against that share in memory, and writes
 //! each allowed call's cost to its own share's row in the statement that writes the call
 //! (`arbiter.budget_charge`). So no call of a busy budget waits for another process's, and
-//! no call writes a row another process writes.
+//! no call writes a row another process writes. A process holds one share of a budget per
+//! lane of its group commit, and a session's calls are charged to its lane's share and
+//! written on that lane (`group_commit`), so the process's own statements in flight never
+//! update one row either, and neither waits for the other's commit.
 //!
 //! # Invariant: a process never spends a unit it was not granted
 //! A round of one session takes a hold of its calls' costs from the live share before it
@@ -22,10 +25,13 @@
 //!
 //! # Invariant: no unit stranded
 //! A call is denied by a shared budget only after a grant, asked for after the call's
-//! round began, found fewer units than it needed at some level: every unit not spent is
-//! then held by a process or a reservation. A share is sized to its process's recent use,
-//! and storage grants at most half of what is left, so the last units are spread among the
-//! processes that ask. A share's unspent units go back when it has been idle for
+//! round began, found fewer units than it needed at some level, and no share of this
+//! process could pay for it, alone or once the other lanes' shares gave their units back
+//! and storage was asked again: every unit not spent is then held by another process or a
+//! reservation. A share is sized to its lane's recent use, and storage grants at most half
+//! of what is left, and no more than the asker's part of it (in proportion to what the
+//! tree's live shares want, and no more than an equal part), so the last units are spread
+//! among the shares that ask, and they run out together. A share's unspent units go back when it has been idle for
 //! [`IDLE_RETURN`], when its period ends and at shutdown; a process that died returns them
 //! when its lease runs out ([`LEASE`]), at the next grant of the budget's tree. What a
 //! settlement releases of a reservation's estimate goes back at the next grant of the tree
@@ -41,6 +47,7 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::group_commit::LANES;
 use super::inner::Inner;
 use super::time_bounded::TimeBounded;
 use super::worker::{Parking, Worker};
@@ -64,7 +71,7 @@ const COLD_START_ROUNDS: u64 = 8;
 /// what a grant added first.
 const REFILLS_PER_ROUND: usize = 4;
 
-/// This store's shares, one account per budget its sessions drew on.
+/// This store's shares: per budget its sessions drew on, one account per lane.
 #[derive(Debug)]
 pub(super) struct Escrow {
     holder: Uuid,
@@ -72,14 +79,16 @@ pub(super) struct Escrow {
     /// A share is used for new calls only until this long before its lease may have run
     /// out: a write decided then still lands before the lease does.
     margin: Duration,
-    accounts: Mutex<HashMap<BudgetId, Arc<Account>>>,
+    /// Per budget, one account per lane of the group commit.
+    accounts: Mutex<HashMap<BudgetId, Arc<[Arc<Account>]>>>,
     task: Worker,
 }
 
-/// One budget's shares in this process.
+/// One budget's shares in this process for the calls of one lane of the group commit.
 #[derive(Debug)]
 struct Account {
     budget: BudgetId,
+    lane: usize,
     /// One grant or release of this account at a time.
     refill: tokio::sync::Mutex<()>,
     /// Units the rounds waiting for a grant of this account need: a grant asks for them
@@ -160,6 +169,12 @@ pub(crate) enum Shortfall {
 }
 
 impl Hold {
+    /// The group commit's lane of the share the hold's units come from; `None` when it
+    /// holds none (its round charges nothing).
+    pub(crate) fn lane(&self) -> Option<usize> {
+        self.share.map(|_| self.account.lane)
+    }
+
     /// Spends `cost` units for one call: the share they were charged to, or why they could
     /// not be.
     pub(crate) fn spend(&mut self, cost: u64) -> Result<Option<Uuid>, Shortfall> {
@@ -195,38 +210,49 @@ impl Escrow {
         }
     }
 
-    fn account(&self, budget: &BudgetId) -> Arc<Account> {
+    /// The accounts of `budget`, one per lane.
+    fn budget_accounts(&self, budget: &BudgetId) -> Arc<[Arc<Account>]> {
         let mut accounts = lock(&self.accounts);
-        if let Some(account) = accounts.get(budget) {
-            return Arc::clone(account);
+        if let Some(lanes) = accounts.get(budget) {
+            return Arc::clone(lanes);
         }
-        Arc::clone(accounts.entry(budget.clone()).or_insert_with(|| {
-            Arc::new(Account {
-                budget: budget.clone(),
-                refill: tokio::sync::Mutex::new(()),
-                waiting: AtomicU64::new(0),
-                state: Mutex::default(),
+        let lanes: Arc<[Arc<Account>]> = (0..LANES)
+            .map(|lane| {
+                Arc::new(Account {
+                    budget: budget.clone(),
+                    lane,
+                    refill: tokio::sync::Mutex::new(()),
+                    waiting: AtomicU64::new(0),
+                    state: Mutex::default(),
+                })
             })
-        }))
+            .collect();
+        accounts.insert(budget.clone(), Arc::clone(&lanes));
+        lanes
     }
 
     fn accounts(&self) -> Vec<Arc<Account>> {
-        lock(&self.accounts).values().cloned().collect()
+        lock(&self.accounts)
+            .values()
+            .flat_map(|lanes| lanes.iter().cloned())
+            .collect()
     }
 
-    /// Holds `units` of `budget` for a round decided at `at`, granting more from storage
-    /// first (by `deadline`) if the live share has fewer. Fewer units (maybe none) when
-    /// storage has no room for the rest, or did not answer.
+    /// Holds `units` of `budget` for a round of `lane` decided at `at`, granting more from
+    /// storage first (by `deadline`) if the lane's live share has fewer, and taking them from
+    /// another lane's share if storage has no more. Fewer units (maybe none) when no share
+    /// of this process and no room in storage has them, or storage did not answer.
     pub(super) async fn hold<S: Storage>(
         &self,
         store: &Weak<Inner<S>>,
         storage: &TimeBounded<S>,
-        budget: &BudgetId,
+        (budget, lane): (&BudgetId, usize),
         units: u64,
         at: DateTime<Utc>,
         deadline: Instant,
     ) -> Hold {
-        let account = self.account(budget);
+        let lanes = self.budget_accounts(budget);
+        let account = Arc::clone(&lanes[lane % LANES]);
         if units == 0 {
             // Nothing to pay for (free calls, or calls the session refuses anyway): no
             // storage, whatever an agent sends.
@@ -260,12 +286,78 @@ impl Escrow {
                 }
             }
         }
+        // What this process holds for another lane pays for the round rather than a
+        // denial: a call is refused only when no share of this process has its cost.
+        let others = || lanes.iter().filter(|other| other.lane != account.lane);
+        if let Some(hold) = others().find_map(|other| Account::take(other, units, at, false)) {
+            return hold;
+        }
+        // Spread over the lanes' shares, the units may still pay for it together: give the
+        // other lanes' back, and ask storage once more (this happens only as the budget
+        // runs out).
+        // The level that had no room, as the last grant found it: a grant after the give
+        // back forgets it, and other rounds may take what it added.
+        let tightest = account.lock().exhausted.clone();
+        if short.is_none() {
+            let mut gave_back = false;
+            for other in others() {
+                gave_back |= self.give_back(storage, other, deadline).await;
+            }
+            if gave_back {
+                let _waiting = Waiting::add(&account, units);
+                if let Err(err) = self
+                    .refill(storage, &account, units, at, Instant::now(), deadline)
+                    .await
+                {
+                    short = Some(Shortfall::Unavailable(error_chain(&err)));
+                }
+            }
+        }
         let mut hold =
             Account::take(&account, units, at, true).unwrap_or_else(|| Hold::empty(&account));
         if hold.held < units {
-            hold.short = short.or(hold.short.take());
+            hold.short = short
+                .or(hold.short.take())
+                .or(tightest.map(Shortfall::Exhausted));
         }
         hold
+    }
+
+    /// Gives back to storage the units `account`'s live share holds and has not charged;
+    /// whether there were any. Those storage does not take back (it did not answer) stay
+    /// granted there until the account's next grant reads its share again.
+    async fn give_back<S: Storage>(
+        &self,
+        storage: &TimeBounded<S>,
+        account: &Account,
+        deadline: Instant,
+    ) -> bool {
+        let Ok(_one) = tokio::time::timeout_at(deadline, account.refill.lock()).await else {
+            return false;
+        };
+        let share = {
+            let mut state = account.lock();
+            match state.live.as_mut() {
+                Some(live) if live.available() > 0 => {
+                    // No round may take the units on their way back.
+                    live.granted = live.charged;
+                    live.clone()
+                }
+                _ => return false,
+            }
+        };
+        if let Err(err) = storage
+            .by(
+                deadline,
+                storage.release_share(share.id, share.charged, false),
+            )
+            .await
+        {
+            tracing::debug!(budget_id = %account.budget, error = %error_chain(&err),
+                "giving back a lane's units failed");
+            return false;
+        }
+        true
     }
 
     /// Gives back the units of an unwritten call the merge dropped, if its share is still
@@ -274,8 +366,9 @@ impl Escrow {
         if let (Some(budget), Some(share), Some(cost)) =
             (&event.budget_id, event.charged_share(), event.cost)
         {
-            self.account(budget)
-                .refund(share, u64::try_from(cost).unwrap_or(0));
+            for account in self.budget_accounts(budget).iter() {
+                account.refund(share, u64::try_from(cost).unwrap_or(0));
+            }
         }
     }
 

@@ -2,13 +2,19 @@
 //! one statement and one commit ([`Storage::update_many`]).
 //!
 //! # Invariant: no timer, no Ok before the commit
-//! A write that finds nothing waiting and a lane free goes out at once, on its caller's
-//! task. Writes that arrive while all [`LANES`] are taken wait, and form the next batch,
-//! which the sender task sends as soon as a lane frees. So an idle store pays no batching
-//! delay, and a busy one sends as many calls per commit as arrived during the previous
-//! commit. Each write keeps its own version check and outcome; a failed statement fails
-//! every write in it (each caller then goes to the pending set). A caller learns its
-//! outcome only after the statement returned.
+//! Each of the [`LANES`] lanes has one statement in flight at most, and its own list of
+//! waiting writes. A write that finds its lane free and nothing waiting on it goes out at
+//! once, on its caller's task. Writes that arrive while their lane is taken wait, and form
+//! its next batch, which the lane's sender task sends as soon as the lane frees. So an idle
+//! store pays no batching delay, and a busy one sends as many calls per commit as arrived
+//! during the previous commit. Each write keeps its own version check and outcome; a failed
+//! statement fails every write in it (each caller then goes to the pending set). A caller
+//! learns its outcome only after the statement returned.
+//!
+//! A write charging a shared budget goes on the lane of the share it charges: the store
+//! holds one share of each budget per lane (see `escrow`), so two statements in flight
+//! never update one share's row, and neither waits for the other's commit. Other writes go
+//! on a free lane, or the one with the fewest waiting.
 //!
 //! # Isolation
 //! A batch statement never waits for a row lock: PostgreSQL's batch skips rows another
@@ -51,7 +57,7 @@ const MAX_BATCH: usize = 128;
 /// 8,600 calls/s where 8 lanes managed 7,100 (`scripts/bench --quick`); measured again
 /// once the audit trigger had become cheap, 3 lanes were slower than 2 at both 16 and 64
 /// writers (three alternating runs each).
-const LANES: usize = 2;
+pub(super) const LANES: usize = 2;
 
 /// An event that occurred this long before its write, or this close before a UTC
 /// midnight, is late (see the module documentation): half PostgreSQL's five seconds
@@ -78,27 +84,84 @@ struct Write {
     reply: oneshot::Sender<WriteOutcome>,
 }
 
-/// The writes waiting for the next batch, the lanes, and the task that sends batches.
+/// The lanes: each has the writes waiting for its next batch, one statement in flight at
+/// most, and the task that sends its batches.
 pub(super) struct GroupCommit<S> {
     storage: Arc<TimeBounded<S>>,
+    lanes: [Lane; LANES],
+}
+
+struct Lane {
     waiting: Mutex<Vec<Write>>,
-    lanes: Arc<Semaphore>,
+    /// One permit: the lane's statement in flight.
+    free: Arc<Semaphore>,
     sender: Worker,
 }
 
 impl<S> std::fmt::Debug for GroupCommit<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GroupCommit")
-            .field("waiting", &self.waiting().len())
-            .field("free_lanes", &self.lanes.available_permits())
+            .field(
+                "waiting",
+                &self
+                    .lanes
+                    .iter()
+                    .map(|lane| lane.waiting().len())
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "free_lanes",
+                &self
+                    .lanes
+                    .iter()
+                    .filter(|lane| lane.free.available_permits() > 0)
+                    .count(),
+            )
             .finish_non_exhaustive()
     }
 }
 
-impl<S> GroupCommit<S> {
+impl Lane {
+    fn new() -> Self {
+        Lane {
+            waiting: Mutex::default(),
+            free: Arc::new(Semaphore::new(1)),
+            sender: Worker::default(),
+        }
+    }
+
     fn waiting(&self) -> MutexGuard<'_, Vec<Write>> {
         // Nothing panics under this lock, so a poisoned list is still consistent.
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next batch, oldest first. Writes whose caller stopped waiting (its deadline
+    /// passed, or it was cancelled) are dropped unsent: the caller already treats the write
+    /// as failed with an unknown outcome, so not sending it is one of the outcomes it
+    /// expects, and the cheapest.
+    fn take_batch(&self) -> Vec<Write> {
+        let mut waiting = self.waiting();
+        waiting.retain(|write| !write.reply.is_closed());
+        let n = std::cmp::min(waiting.len(), MAX_BATCH);
+        waiting.drain(..n).collect()
+    }
+}
+
+impl<S> GroupCommit<S> {
+    /// The lane for a write that charges no share: a free one with nothing waiting, else
+    /// the one with the fewest waiting.
+    fn any_lane(&self) -> usize {
+        let mut best = (usize::MAX, 0);
+        for (index, lane) in self.lanes.iter().enumerate() {
+            let waiting = lane.waiting().len();
+            if waiting == 0 && lane.free.available_permits() > 0 {
+                return index;
+            }
+            if waiting < best.0 {
+                best = (waiting, index);
+            }
+        }
+        best.1
     }
 }
 
@@ -106,16 +169,15 @@ impl<S: Storage> GroupCommit<S> {
     pub(super) fn new(storage: Arc<TimeBounded<S>>) -> Arc<Self> {
         Arc::new(GroupCommit {
             storage,
-            waiting: Mutex::default(),
-            lanes: Arc::new(Semaphore::new(LANES)),
-            sender: Worker::default(),
+            lanes: std::array::from_fn(|_| Lane::new()),
         })
     }
 
     /// Writes `session` (naming `expected`) with `events` at `now` in the next group
-    /// commit, or on its own if an event is late; gives up at the caller's `deadline`
-    /// (waiting for a lane included). Only a write that waits for a batch is copied (it
-    /// outlives its caller's borrow there).
+    /// commit of `lane` (any lane when `None`; see the module documentation), or on its own
+    /// if an event is late; gives up at the caller's `deadline` (waiting for the lane
+    /// included). Only a write that waits for a batch is copied (it outlives its caller's
+    /// borrow there).
     pub(super) async fn write(
         self: &Arc<Self>,
         session: &TaskSession,
@@ -123,27 +185,30 @@ impl<S: Storage> GroupCommit<S> {
         events: &[AuditEvent],
         now: DateTime<Utc>,
         deadline: Instant,
+        lane: Option<usize>,
     ) -> WriteOutcome {
         let storage = &self.storage;
         let on_its_own = !storage.batches_writes() || carries_late(events, now);
-        // Nothing waiting and a lane free: go out at once, on this task (no hop), as a
+        let index = lane.map_or_else(|| self.any_lane(), |lane| lane % LANES);
+        let lane = &self.lanes[index];
+        // Nothing waiting and the lane free: go out at once, on this task (no hop), as a
         // plain update: a batch is only ever what the sender takes from the waiting list.
-        let lane = if on_its_own || !self.waiting().is_empty() {
+        let permit = if on_its_own || !lane.waiting().is_empty() {
             None
         } else {
-            self.lanes.try_acquire().ok()
+            lane.free.try_acquire().ok()
         };
-        if on_its_own || lane.is_some() {
+        if on_its_own || permit.is_some() {
             let result = storage
                 .by(deadline, storage.update(session, expected, events))
                 .await
                 .map_err(Arc::new);
-            drop(lane);
+            drop(permit);
             return result;
         }
         let (reply, outcome) = oneshot::channel();
         let was_empty = {
-            let mut waiting = self.waiting();
+            let mut waiting = lane.waiting();
             let was_empty = waiting.is_empty();
             waiting.push(Write {
                 session: session.clone(),
@@ -157,7 +222,7 @@ impl<S: Storage> GroupCommit<S> {
         // the list non-empty needs to wake it.
         if was_empty {
             let me = Arc::downgrade(self);
-            self.sender.wake(|parking| send_batches(me, parking));
+            lane.sender.wake(|parking| send_batches(me, index, parking));
         }
         // The sender answers every write it takes; it is dropped unanswered only if the
         // runtime shuts down mid-statement, when the outcome is unknown. On a timeout
@@ -169,17 +234,6 @@ impl<S: Storage> GroupCommit<S> {
             ))),
             Err(_) => Err(Arc::new(storage.timed_out())),
         }
-    }
-
-    /// The next batch, oldest first. Writes whose caller stopped waiting (its deadline
-    /// passed, or it was cancelled) are dropped unsent: the caller already treats the write
-    /// as failed with an unknown outcome, so not sending it is one of the outcomes it
-    /// expects, and the cheapest.
-    fn take_batch(&self) -> Vec<Write> {
-        let mut waiting = self.waiting();
-        waiting.retain(|write| !write.reply.is_closed());
-        let n = std::cmp::min(waiting.len(), MAX_BATCH);
-        waiting.drain(..n).collect()
     }
 
     /// Sends one batch and answers each of its writes.
@@ -217,25 +271,26 @@ fn outcomes(result: Result<Vec<UpdateOutcome>, StorageError>, n: usize) -> Vec<W
     (0..n).map(|_| Err(Arc::clone(&err))).collect()
 }
 
-/// The sender task: while woken, takes a lane, then a batch, and sends it on a task of its
-/// own (which frees the lane when the statement returns); parks once nothing waits. Holds
-/// the group commit only while there is work.
-async fn send_batches<S: Storage>(commits: Weak<GroupCommit<S>>, parking: Parking) {
+/// The sender task of lane `index`: while woken, waits for the lane to be free, takes a
+/// batch, and sends it on a task of its own (which frees the lane when the statement
+/// returns); parks once nothing waits. Holds the group commit only while there is work.
+async fn send_batches<S: Storage>(commits: Weak<GroupCommit<S>>, index: usize, parking: Parking) {
     while parking.park().await {
         loop {
             let Some(commits) = commits.upgrade() else {
                 return;
             };
-            let Ok(lane) = Arc::clone(&commits.lanes).acquire_owned().await else {
+            let lane = &commits.lanes[index];
+            let Ok(permit) = Arc::clone(&lane.free).acquire_owned().await else {
                 return; // The semaphore is never closed.
             };
-            let batch = commits.take_batch();
+            let batch = lane.take_batch();
             if batch.is_empty() {
                 break;
             }
             tokio::spawn(async move {
                 commits.send(batch).await;
-                drop(lane);
+                drop(permit);
             });
         }
     }

@@ -84,6 +84,8 @@ pub(crate) struct Inner<S> {
     listener: Listener,
     maintenance: Maintenance,
     escrow: Escrow,
+    /// Turns of the lanes (see `next_lane`).
+    next_lane: std::sync::atomic::AtomicUsize,
 }
 
 /// What a store is built from (`SessionStoreBuilder::build`); [`Inner::new`] makes the
@@ -176,6 +178,7 @@ impl<S: Storage> Inner<S> {
             listener: parts.listener,
             maintenance: parts.maintenance,
             escrow: parts.escrow,
+            next_lane: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -212,6 +215,15 @@ impl<S: Storage> Inner<S> {
 
     pub(super) fn escrow(&self) -> &Escrow {
         &self.escrow
+    }
+
+    /// The group commit's lane for the next round charging a shared budget, and so the
+    /// share of this process its calls are charged to (see `escrow`): in turn, so that each
+    /// lane's share is spent at the same rate and runs out with the others.
+    fn next_lane(&self) -> usize {
+        self.next_lane
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % super::group_commit::LANES
     }
 
     /// Whether a write of `state` must first merge its unwritten calls into a fresh row:
@@ -489,11 +501,21 @@ impl<S: Storage> Inner<S> {
         deadline: Instant,
     ) -> Vec<Answer> {
         let mut first = true;
+        // The same lane for the round decided again: its share was found closed, and the
+        // lane's account takes a new one.
+        let lane = self.next_lane();
         loop {
             let mut hold = match Round::cost(&state.current, mutations, now) {
                 Some((budget, units)) => Some(
                     self.escrow
-                        .hold(&self.me, &self.storage, &budget, units, now, deadline)
+                        .hold(
+                            &self.me,
+                            &self.storage,
+                            (&budget, lane),
+                            units,
+                            now,
+                            deadline,
+                        )
                         .await,
                 ),
                 None => None,
@@ -562,6 +584,7 @@ impl<S: Storage> Inner<S> {
                     &state.events_with(round.events()),
                     now,
                     deadline,
+                    hold.as_deref().and_then(Hold::lane),
                 )
                 .await;
             match written {
