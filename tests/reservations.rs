@@ -275,6 +275,69 @@ async fn released_units_are_spent_by_any_process(pool: PgPool) {
     assert_the_trail_explains_every_unit(&pool).await;
 }
 
+/// A settlement after the share its estimate was charged to was closed (its process shut
+/// down) still gives back and charges exactly: the next grant of the tree counts it once,
+/// and every period row's allocation stays the sum of its shares'.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn a_settlement_on_a_closed_share_is_counted_once(pool: PgPool) {
+    let admin = SessionStore::postgres(pool.clone());
+    put(&admin, "team", 20, None).await;
+    let first = process(&pool).await;
+    let (session, agent) = session_on(&first, "team").await;
+    let under = first
+        .reserve(session, "search", Some(agent), 8)
+        .await
+        .expect("reserved");
+    let over = first
+        .reserve(session, "search", Some(agent), 4)
+        .await
+        .expect("reserved");
+    assert!(first.shutdown(Duration::from_secs(5)).await.is_clean());
+    let open: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM arbiter.budget_shares WHERE closed_at IS NULL"#
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(open, 0, "shutdown closes the shares");
+    let second = process(&pool).await;
+    second
+        .settle(under.reservation_id, 2)
+        .await
+        .expect("released 6");
+    second
+        .settle(over.reservation_id, 7)
+        .await
+        .expect("overran by 3");
+    // 2 + 7 charged: 11 left, all of them spent by the second process, none more.
+    let (spender, spender_agent) = session_on(&second, "team").await;
+    let mut allowed = 0;
+    while second
+        .use_session_with_cost(spender, "search", Some(spender_agent), 1)
+        .await
+        .is_ok()
+    {
+        allowed += 1;
+        assert!(allowed <= 11, "more than the settlements left");
+    }
+    assert_eq!(allowed, 11);
+    let budget = usage(&admin, "team").await;
+    assert_eq!((budget.used, budget.reserved, budget.overrun), (20, 0, 3));
+    let off: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM arbiter.budget_periods p
+            WHERE p.allocated <> (
+                  SELECT coalesce(sum(s.granted - s.credited_counted + s.overrun_counted), 0)
+                    FROM arbiter.budget_shares s,
+                         unnest(s.chain, s.period_starts) AS c(budget_id, period_start)
+                   WHERE c.budget_id = p.budget_id AND c.period_start = p.period_start)"#
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the check runs");
+    assert_eq!(off, 0, "allocation is the sum of the shares'");
+    assert_the_trail_explains_every_unit(&pool).await;
+}
+
 /// Two processes settling the same reservations at once: each is settled exactly once.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn two_processes_settle_each_reservation_once(pool: PgPool) {

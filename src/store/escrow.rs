@@ -7,9 +7,9 @@
 //! each allowed call's cost to its own share's row in the statement that writes the call
 //! (`arbiter.budget_charge`). So no call of a busy budget waits for another process's, and
 //! no call writes a row another process writes. A process holds one share of a budget per
-//! lane of its group commit, and a session's calls are charged to its lane's share and
-//! written on that lane (`group_commit`), so the process's own statements in flight never
-//! update one row either, and neither waits for the other's commit.
+//! lane of its group commit: a round takes the lanes in turn, its calls are charged to its
+//! lane's share and written on that lane (`group_commit`), so the process's own statements
+//! in flight never update one row either, and neither waits for the other's commit.
 //!
 //! # Invariant: a process never spends a unit it was not granted
 //! A round of one session takes a hold of its calls' costs from the live share before it
@@ -31,12 +31,13 @@
 //! reservation. A share is sized to its lane's recent use, and storage grants at most half
 //! of what is left, and no more than the asker's part of it (in proportion to what the
 //! tree's live shares want, and no more than an equal part), so the last units are spread
-//! among the shares that ask, and they run out together. A share's unspent units go back when it has been idle for
-//! [`IDLE_RETURN`], when its period ends and at shutdown; a process that died returns them
-//! when its lease runs out ([`LEASE`]), at the next grant of the budget's tree. What a
-//! settlement releases of a reservation's estimate goes back at the next grant of the tree
-//! too, whichever process makes it (migration `20261206000007_budget_reservations.sql`): a
-//! settlement takes nothing from a hold and never needs a live share.
+//! among the shares that ask, and they run out together. A share's unspent units go back
+//! when it has been idle for [`IDLE_RETURN`], when its period ends and at shutdown; a
+//! process that died returns them when its lease runs out ([`LEASE`]), at the next grant
+//! of the budget's tree. What a settlement releases of a reservation's estimate goes back
+//! at the next grant of the tree too, whichever process makes it (migration
+//! `20261206000007_budget_reservations.sql`): a settlement takes nothing from a hold and
+//! never needs a live share.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
