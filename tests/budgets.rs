@@ -12,19 +12,10 @@ use std::time::Duration;
 use arbiter_session::SessionStore;
 use arbiter_session::budget::{BudgetId, BudgetTerms, Period};
 use chrono::{DateTime, Utc};
+use common::put_budget as put;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
-
-/// Creates (or replaces) `id` with `limit` and `parent` through the store.
-async fn put(store: &SessionStore, id: &str, limit: u64, parent: Option<&str>) {
-    let mut terms = BudgetTerms::new(limit);
-    terms.parent_id = parent.map(|p| BudgetId::new(p).expect("a valid parent id"));
-    store
-        .put_budget(&BudgetId::new(id).expect("a valid id"), &terms)
-        .await
-        .expect("the budget is written");
-}
 
 /// A grant's answer.
 #[derive(Debug)]

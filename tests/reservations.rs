@@ -7,26 +7,14 @@ mod common;
 
 use std::time::Duration;
 
-use arbiter_session::budget::{BudgetId, BudgetTerms, BudgetUsage};
+use arbiter_session::budget::BudgetUsage;
 use arbiter_session::model::limits::MAX_OPEN_RESERVATIONS;
 use arbiter_session::operator::budgets::verify_charges;
 use arbiter_session::{PgStorage, SessionError, SessionStore};
+use common::{budget_id as id, put_budget as put};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
-
-fn id(budget: &str) -> BudgetId {
-    BudgetId::new(budget).expect("a valid budget id")
-}
-
-async fn put(store: &SessionStore, budget: &str, limit: u64, parent: Option<&str>) {
-    let mut terms = BudgetTerms::new(limit);
-    terms.parent_id = parent.map(id);
-    store
-        .put_budget(&id(budget), &terms)
-        .await
-        .expect("the budget is written");
-}
 
 /// A store with its own pool, as another gateway process has.
 async fn process(pool: &PgPool) -> SessionStore {

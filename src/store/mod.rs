@@ -326,18 +326,29 @@ impl<S: Storage> SessionStore<S> {
                 reason: format!("cost must be 0..={}", crate::model::limits::MAX_COST),
             });
         }
+        self.timed_use(
+            session_id,
+            Mutation::Use {
+                tools,
+                agent,
+                cost,
+                reserve: None,
+            },
+        )
+        .await
+    }
+
+    /// Makes `use_mutation` (a call, or a reservation) on `session_id`, timed for the
+    /// metrics.
+    async fn timed_use(
+        &self,
+        session_id: Uuid,
+        use_mutation: Mutation<'_>,
+    ) -> Result<TaskSession, SessionError> {
         let timer = UseTimer::start();
         let result = self
             .inner
-            .mutate(
-                session_id,
-                Mutation::Use {
-                    tools,
-                    agent,
-                    cost,
-                    reserve: None,
-                },
-            )
+            .mutate(session_id, use_mutation)
             .await
             .map(|m| m.session);
         timer.answered(&result);
@@ -372,25 +383,16 @@ impl<S: Storage> SessionStore<S> {
             });
         }
         let reservation_id = Uuid::new_v4();
-        let timer = UseTimer::start();
-        let result = self
-            .inner
-            .mutate(
-                session_id,
-                Mutation::Use {
-                    tools: &[tool],
-                    agent,
-                    cost: Some(estimate),
-                    reserve: Some(Reserve {
-                        reservation_id,
-                        ttl: self.reservation_ttl,
-                    }),
-                },
-            )
-            .await
-            .map(|m| m.session);
-        timer.answered(&result);
-        let session = result?;
+        let reserve = Mutation::Use {
+            tools: &[tool],
+            agent,
+            cost: Some(estimate),
+            reserve: Some(Reserve {
+                reservation_id,
+                ttl: self.reservation_ttl,
+            }),
+        };
+        let session = self.timed_use(session_id, reserve).await?;
         let expires_at = session
             .reservations
             .iter()

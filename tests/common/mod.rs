@@ -31,6 +31,21 @@ pub async fn until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 /// A request for `agent` with the given tools and budget, ten minutes long.
+/// A budget id the test spells correctly.
+pub fn budget_id(budget: &str) -> arbiter_session::budget::BudgetId {
+    arbiter_session::budget::BudgetId::new(budget).expect("a valid budget id")
+}
+
+/// Creates (or replaces) `budget` with `limit` and `parent` through the store.
+pub async fn put_budget(store: &SessionStore, budget: &str, limit: u64, parent: Option<&str>) {
+    let mut terms = arbiter_session::budget::BudgetTerms::new(limit);
+    terms.parent_id = parent.map(budget_id);
+    store
+        .put_budget(&budget_id(budget), &terms)
+        .await
+        .expect("the budget is written");
+}
+
 pub fn request(agent: Uuid, tools: &[&str], budget: u64) -> CreateSessionRequest {
     CreateSessionRequest::new(agent, tools.iter().copied(), budget, Duration::minutes(10))
 }
