@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use arbiter_session::budget::BudgetUsage;
 use arbiter_session::model::limits::MAX_OPEN_RESERVATIONS;
-use arbiter_session::operator::budgets::verify_charges;
 use arbiter_session::{PgStorage, SessionError, SessionStore};
-use common::{budget_id as id, put_budget as put};
+use common::{assert_the_trail_explains_every_unit, budget_id as id, put_budget as put};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
@@ -40,12 +39,6 @@ async fn usage(store: &SessionStore, budget: &str) -> BudgetUsage {
         .await
         .expect("read")
         .expect("the budget exists")
-}
-
-/// Every share's units are the sum of the costs of the events naming it (`verify`).
-async fn assert_the_trail_explains_every_unit(pool: &PgPool) {
-    let charges = verify_charges(pool).await.expect("the check runs");
-    assert!(charges.is_exact(), "{:?}", charges.mismatched);
 }
 
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use arbiter_session::testing::FaultyStorage;
 use arbiter_session::{PgStorage, SessionError, SessionStore};
-use common::{budget_id as id, put_budget as put};
+use common::{assert_the_trail_explains_every_unit, budget_id as id, put_budget as put};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
@@ -55,30 +55,6 @@ async fn used(store: &SessionStore, budget: &str) -> u64 {
         .expect("read")
         .expect("the budget exists")
         .used
-}
-
-/// The trail explains every unit: each share's used is the sum of the costs of the events
-/// charged to it, and no event names a share that does not exist.
-async fn assert_the_trail_explains_every_unit(pool: &PgPool) {
-    let off = sqlx::query!(
-        r#"SELECT coalesce(s.share_id, e.share_id) AS "share_id",
-                  s.used - s.credited + s.overrun AS "used?",
-                  e.costs AS "costs?"
-             FROM arbiter.budget_shares s
-             FULL JOIN (SELECT share_id, sum(cost)::bigint AS costs
-                          FROM arbiter.session_events
-                         WHERE share_id IS NOT NULL GROUP BY share_id) e
-               ON e.share_id = s.share_id
-            WHERE s.used - s.credited + s.overrun IS DISTINCT FROM coalesce(e.costs, 0)"#
-    )
-    .fetch_all(pool)
-    .await
-    .expect("the check runs");
-    let off: Vec<_> = off
-        .into_iter()
-        .map(|row| (row.share_id, row.used, row.costs))
-        .collect();
-    assert!(off.is_empty(), "share, used, costs in the trail: {off:?}");
 }
 
 /// Three stores, 48 tasks, a tree whose root allows 240 units and whose branch `team`

@@ -338,11 +338,10 @@ impl Escrow {
         };
         let share = {
             let mut state = account.lock();
-            match state.live.as_mut() {
+            match state.live.clone() {
                 Some(live) if live.available() > 0 => {
-                    // No round may take the units on their way back.
-                    live.granted = live.charged;
-                    live.clone()
+                    state.keep_only_charged();
+                    live
                 }
                 _ => return false,
             }
@@ -544,16 +543,10 @@ impl Escrow {
                     state.retire();
                     (live, Upkeep::Release)
                 } else if long_idle && quiescent && state.holds == 0 && !state.settled {
-                    // No round may take the units on their way back.
-                    if let Some(live) = state.live.as_mut() {
-                        live.granted = live.charged;
-                    }
+                    state.keep_only_charged();
                     (live, Upkeep::Resync)
                 } else if idle && live.available() > 0 {
-                    // No round may take the units on their way back.
-                    if let Some(live) = state.live.as_mut() {
-                        live.granted = live.charged;
-                    }
+                    state.keep_only_charged();
                     (live, Upkeep::Release)
                 } else if !idle && live.usable_until.saturating_duration_since(now) < self.lease / 2
                 {
@@ -807,6 +800,14 @@ struct Answered {
 }
 
 impl AccountState {
+    /// The live share's unspent units are on their way back to storage: no round may take
+    /// them meanwhile.
+    fn keep_only_charged(&mut self) {
+        if let Some(live) = self.live.as_mut() {
+            live.granted = live.charged;
+        }
+    }
+
     /// The live share stops taking calls; calls charged to it may land until its lease
     /// runs out.
     fn retire(&mut self) {

@@ -46,6 +46,16 @@ pub async fn put_budget(store: &SessionStore, budget: &str, limit: u64, parent: 
         .expect("the budget is written");
 }
 
+/// The trail explains every unit: each share's units are the sum of the costs of the events
+/// naming it, and no event names a share that does not exist (`arbiter-session verify`'s
+/// check).
+pub async fn assert_the_trail_explains_every_unit(pool: &PgPool) {
+    let charges = arbiter_session::operator::budgets::verify_charges(pool)
+        .await
+        .expect("the check runs");
+    assert!(charges.is_exact(), "{:?}", charges.mismatched);
+}
+
 pub fn request(agent: Uuid, tools: &[&str], budget: u64) -> CreateSessionRequest {
     CreateSessionRequest::new(agent, tools.iter().copied(), budget, Duration::minutes(10))
 }
