@@ -57,8 +57,8 @@ pub use sqlx;
 
 pub use error::SessionError;
 pub use model::{
-    CreateSessionRequest, DataSensitivity, OpenReservation, Reservation, SessionStatus, Settlement,
-    TaskSession, ToolCost, ToolLimit,
+    CreateSessionRequest, DataSensitivity, OpenReservation, Reservation, SessionStatus,
+    SessionSummary, Settlement, TaskSession, ToolCost, ToolLimit,
 };
 pub use storage::{MemoryStorage, PgStorage, Storage};
 pub use store::{ReconcileReport, SessionStore, SessionStoreBuilder, ShutdownReport, StoreStats};

@@ -414,6 +414,50 @@ pub struct Settlement {
     pub overrun: u64,
 }
 
+/// What a session came to, from its row and its audit trail
+/// ([`SessionStore::summary`](crate::SessionStore::summary)): what a close answers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionSummary {
+    /// Calls made.
+    pub calls_made: u64,
+    /// Calls allowed.
+    pub call_budget: u64,
+    /// How long the session ran: until now, or until its time limit if that came first.
+    pub time_used: Duration,
+    /// How long it could run.
+    pub time_limit: Duration,
+    /// Denied attempts recorded in the trail, by reason (`budget`, `tool`, `rate`,
+    /// `shared_budget`, …; see [`DenialReason`](crate::audit::DenialReason)).
+    pub denials: BTreeMap<String, u64>,
+    /// Units charged to the session's shared budget (0 without one): allowed calls' and
+    /// reservations' costs, with what settlements released or added.
+    pub budget_units: u64,
+}
+
+impl SessionSummary {
+    /// Calls made as a percentage of the budget, to one decimal (0 for a budget of 0).
+    pub fn budget_used_percent(&self) -> f64 {
+        percent(self.calls_made, self.call_budget)
+    }
+
+    /// Time used as a percentage of the time limit, to one decimal.
+    pub fn time_used_percent(&self) -> f64 {
+        let used = u64::try_from(self.time_used.num_milliseconds()).unwrap_or(0);
+        let limit = u64::try_from(self.time_limit.num_milliseconds()).unwrap_or(0);
+        percent(used, limit)
+    }
+}
+
+/// `part` of `whole` in percent, rounded to one decimal; 0 when `whole` is 0.
+// `as f64` loses precision past 2^53 only, far beyond any budget or time limit.
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        return 0.0;
+    }
+    (part as f64 * 1000.0 / whole as f64).round() / 10.0
+}
+
 /// A tool with a call limit of its own inside a session, and its calls so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolLimit {

@@ -24,6 +24,8 @@ const GATEWAY: &str = "gateway-token-for-tests";
 struct Service {
     child: Child,
     base: String,
+    /// The gRPC `ext_authz` address, with `--grpc-listen`.
+    grpc: Option<String>,
     client: Client,
     log: tempfile_path::TempPath,
 }
@@ -74,15 +76,30 @@ async fn start(url: &str, args: &[&str]) -> Service {
         .spawn()
         .expect("the binary starts");
     let stdout = child.stdout.take().expect("stdout piped");
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("the address line");
-        line
+    // The gRPC address comes on the line after the HTTP one.
+    let lines = if args.contains(&"--grpc-listen") {
+        2
+    } else {
+        1
+    };
+    let (line, grpc_line) = tokio::task::spawn_blocking(move || {
+        let mut stdout = BufReader::new(stdout);
+        let mut read = || {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("an address line");
+            line
+        };
+        let line = read();
+        let grpc_line = (lines == 2).then(read);
+        (line, grpc_line)
     })
     .await
     .expect("read the address line");
+    let grpc = grpc_line.and_then(|line| {
+        line.trim()
+            .strip_prefix("arbiter-session: gRPC ext_authz on ")
+            .map(|address| format!("http://{address}"))
+    });
     let address = line
         .trim()
         .strip_prefix("arbiter-session: listening on ")
@@ -94,6 +111,7 @@ async fn start(url: &str, args: &[&str]) -> Service {
     Service {
         child,
         base: format!("http://{address}"),
+        grpc,
         client: Client::new(),
         log,
     }
@@ -213,6 +231,84 @@ async fn serve_sigterm_makes_a_pending_session_durable(pool: PgPool) {
     );
 }
 
+/// `--grpc-listen` serves Envoy's gRPC `ext_authz` beside HTTP, to tonic's generated
+/// client over a real socket: a session created over HTTP is allowed, then denied, over
+/// gRPC; and SIGTERM still exits 0.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn serve_answers_envoy_grpc_checks(pool: PgPool) {
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+
+    let service = start(
+        &common::database_url(&pool).await,
+        &["--grpc-listen", "127.0.0.1:0"],
+    )
+    .await;
+    let agent = Uuid::new_v4();
+    let id = create(
+        &service,
+        json!({ "agent_id": agent, "authorized_tools": ["search"],
+        "call_budget": 1, "time_limit_secs": 600 }),
+    )
+    .await;
+    let address = service.grpc.clone().expect("the gRPC address line");
+    let mut client = AuthorizationClient::connect(address)
+        .await
+        .expect("gRPC answers");
+    let check = || {
+        let headers = [
+            ("x-arbiter-session", id.to_string()),
+            ("x-arbiter-agent", agent.to_string()),
+            ("x-arbiter-tool", "search".to_owned()),
+        ];
+        let mut request = tonic::Request::new(CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        headers: headers
+                            .into_iter()
+                            .map(|(name, value)| (name.to_owned(), value))
+                            .collect(),
+                        ..HttpRequest::default()
+                    }),
+                    ..Request::default()
+                }),
+                ..AttributeContext::default()
+            }),
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {GATEWAY}").parse().expect("ASCII"),
+        );
+        request
+    };
+    let allowed = client.check(check()).await.expect("answered").into_inner();
+    assert!(
+        matches!(allowed.http_response, Some(HttpResponse::OkResponse(_))),
+        "{allowed:?}"
+    );
+    let denied = client.check(check()).await.expect("answered").into_inner();
+    let Some(HttpResponse::DeniedResponse(denied)) = denied.http_response else {
+        panic!("not denied: {denied:?}");
+    };
+    assert_eq!(denied.status.map(|s| s.code), Some(429));
+    let body: Value = serde_json::from_str(&denied.body).expect("JSON");
+    assert_eq!(body["error"], "budget_exceeded");
+    assert_eq!(common::row(&pool, id).await.calls_made, 1);
+
+    service.terminate();
+    let (status, service) = tokio::task::spawn_blocking(move || {
+        let mut service = service;
+        let status = service.child.wait().expect("the service exits");
+        (status, service)
+    })
+    .await
+    .expect("wait");
+    assert!(status.success(), "{status:?}\n{}", service.log());
+}
+
 #[test]
 fn serve_refuses_to_start_without_good_tokens_or_with_no_auth_in_public() {
     let run = |args: &[&str], tokens: (Option<&str>, Option<&str>)| {
@@ -243,6 +339,20 @@ fn serve_refuses_to_start_without_good_tokens_or_with_no_auth_in_public() {
         (
             run(&["--listen", "0.0.0.0:0", "--no-auth"], (None, None)),
             "only on a loopback address",
+            ADMIN,
+        ),
+        (
+            run(
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--grpc-listen",
+                    "0.0.0.0:0",
+                    "--no-auth",
+                ],
+                (None, None),
+            ),
+            "only on a loopback address, not 0.0.0.0:0",
             ADMIN,
         ),
         // Security review, defect 7: tokens that are short, or one token for both roles.

@@ -276,10 +276,23 @@ async fn routes_roles_and_errors(pool: PgPool) {
         .post(&use_path, GATEWAY, call("search", agent))
         .await;
     assert_eq!(used.status, StatusCode::OK, "{}", used.body);
+    let seconds = used.body["seconds_remaining"]
+        .as_u64()
+        .expect("seconds left");
+    assert!((595..=600).contains(&seconds), "{seconds}");
     assert_eq!(
         used.body,
-        json!({ "calls_made": 1, "calls_remaining": 2, "status": "active" })
+        json!({ "calls_made": 1, "calls_remaining": 2, "status": "active",
+                "seconds_remaining": seconds, "warnings": [] })
     );
+    // The headers say what the body says.
+    assert_eq!(used.header("x-arbiter-calls-remaining"), Some("2"));
+    assert_eq!(
+        used.header("x-arbiter-seconds-remaining"),
+        Some(seconds.to_string().as_str())
+    );
+    assert_eq!(used.header("x-arbiter-warning"), None);
+    assert_eq!(used.header("x-arbiter-budget-remaining"), None);
     assert_error(
         &service.post(&use_path, GATEWAY, call("rm", agent)).await,
         StatusCode::FORBIDDEN,
@@ -308,6 +321,9 @@ async fn routes_roles_and_errors(pool: PgPool) {
         (used.status, used.body["calls_remaining"].as_u64()),
         (StatusCode::OK, Some(0))
     );
+    // Under a tenth of the calls left: the warning, in the body and the header.
+    assert_eq!(used.body["warnings"], json!(["budget_low"]));
+    assert_eq!(used.header("x-arbiter-warning"), Some("budget_low"));
     let denied = service
         .post(&use_path, GATEWAY, call("search", agent))
         .await;
@@ -326,6 +342,25 @@ async fn routes_roles_and_errors(pool: PgPool) {
     assert_eq!(
         (closed.status, closed.body["status"].as_str()),
         (StatusCode::OK, Some("closed"))
+    );
+    // What the session came to, the denials from its trail.
+    let summary = &closed.body["summary"];
+    let used_secs = summary["time_used_secs"].as_u64().expect("time used");
+    assert!(used_secs <= 5, "{used_secs}");
+    assert_eq!(
+        summary,
+        &json!({
+            "calls_made": 3, "call_budget": 3, "budget_used_percent": 100.0,
+            "time_used_secs": used_secs, "time_limit_secs": 600,
+            "time_used_percent": summary["time_used_percent"],
+            "denials": { "agent_mismatch": 1, "budget": 2, "tool": 1 },
+            "budget_units_charged": 0
+        })
+    );
+    assert!(
+        summary["time_used_percent"]
+            .as_f64()
+            .is_some_and(|p| p < 1.0)
     );
     assert_error(
         &service
@@ -665,13 +700,22 @@ async fn sessions_spend_a_shared_budget_over_http(pool: PgPool) {
     let path = format!("/v1/sessions/{id}/use");
     let batch = format!("/v1/sessions/{id}/use-batch");
     let ok = |answer: Answer| assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
-    ok(service
+    // What is left of the shared budget, read once the call was written: 10 - 3.
+    let first = service
         .post(
             &path,
             GATEWAY,
             json!({ "tool": "write", "agent_id": agent }),
         )
-        .await);
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(
+        (
+            first.header("x-arbiter-budget-remaining"),
+            &first.body["budget_remaining"]
+        ),
+        (Some("7"), &json!(7))
+    );
     ok(service
         .post(
             &path,
@@ -699,6 +743,8 @@ async fn sessions_spend_a_shared_budget_over_http(pool: PgPool) {
             "invalid_request",
         );
     }
+    // A client's own `x-arbiter-*` headers: the check names them for Envoy to drop, but
+    // for those its answer sets itself.
     let check = |cost: &str| {
         service
             .call(Method::POST, "/v1/check/tools")
@@ -707,6 +753,9 @@ async fn sessions_spend_a_shared_budget_over_http(pool: PgPool) {
             .header("x-arbiter-agent", agent.to_string())
             .header("x-arbiter-tool", "search")
             .header("x-arbiter-cost", cost)
+            .header("x-arbiter-calls-remaining", "1000")
+            .header("X-Arbiter-Budget-Remaining", "1000")
+            .header("x-arbiter-trusted", "yes")
             .send()
     };
     for bad in ["-1", "two", "", "1.0", "1000000000001"] {
@@ -716,7 +765,26 @@ async fn sessions_spend_a_shared_budget_over_http(pool: PgPool) {
             "invalid_request",
         );
     }
-    ok(check("2").await);
+    let checked = check("2").await;
+    assert_eq!(checked.status, StatusCode::OK, "{}", checked.body);
+    let mut dropped: Vec<&str> = checked
+        .header("x-envoy-auth-headers-to-remove")
+        .expect("headers to drop")
+        .split(',')
+        .collect();
+    dropped.sort_unstable();
+    assert_eq!(
+        dropped,
+        [
+            "x-arbiter-agent",
+            "x-arbiter-cost",
+            "x-arbiter-session",
+            "x-arbiter-tool",
+            "x-arbiter-trusted"
+        ]
+    );
+    assert_eq!(checked.header("x-arbiter-calls-remaining"), Some("95"));
+    assert!(checked.header("x-arbiter-budget-remaining").is_some());
     // 3 + 2 + 2 + 2 spent: 1 left.
     let denied = service
         .post(
@@ -748,6 +816,33 @@ async fn sessions_spend_a_shared_budget_over_http(pool: PgPool) {
     );
     let session = service.get(&format!("/v1/sessions/{id}"), ADMIN).await;
     assert_eq!(session.body["calls_made"], 6, "{}", session.body);
+    // Once the last read of the budget is a second old, an answer reads it again: nothing
+    // left, so under a tenth, whatever the session's own calls.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let last = check("0").await;
+    assert_eq!(last.status, StatusCode::OK, "{}", last.body);
+    assert_eq!(
+        (
+            last.header("x-arbiter-budget-remaining"),
+            last.header("x-arbiter-warning")
+        ),
+        (Some("0"), Some("budget_low"))
+    );
+    assert_eq!(last.body["warnings"], json!(["budget_low"]));
+    let closed = service
+        .post(&format!("/v1/sessions/{id}/close"), ADMIN, json!({}))
+        .await;
+    assert_eq!(
+        closed.body["summary"]["budget_units_charged"], 10,
+        "{}",
+        closed.body
+    );
+    assert_eq!(
+        closed.body["summary"]["denials"],
+        json!({ "shared_budget": 2 }),
+        "{}",
+        closed.body
+    );
 }
 
 /// Reservations over HTTP: reserve answers like `/use` with the reservation, the budget

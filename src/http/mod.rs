@@ -3,9 +3,11 @@
 //!
 //! The `Display` of a [`SessionError`] is safe to send as the body (see
 //! [`crate::error`]'s opacity invariant); the status says which kind of denial it was.
-//! [`check`] reads what an authorization check asks to decide.
+//! [`check`] reads what an authorization check asks to decide; [`status`] is what an allowed
+//! answer tells the agent of what is left.
 
 pub mod check;
+pub mod status;
 
 use uuid::Uuid;
 

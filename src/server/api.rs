@@ -21,8 +21,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::budget::{BudgetId, BudgetTerms, BudgetUsage};
+use crate::http::status::{Status, Warning};
 use crate::http::{error_code, status_code_for_error};
-use crate::model::{Reservation, Settlement};
+use crate::model::{Reservation, SessionSummary, Settlement};
 use crate::{SessionError, TaskSession};
 
 /// Every error body.
@@ -83,6 +84,19 @@ impl ApiError {
 
     pub(crate) fn no_budget() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such budget")
+    }
+
+    /// The status, the JSON body and the `Retry-After` seconds, as answered over HTTP, for
+    /// a transport that writes them in its own form (gRPC's `DeniedHttpResponse`).
+    pub(crate) fn parts(&self) -> (StatusCode, String, Option<u64>) {
+        // An ErrorBody is a static str and a String: it always serializes.
+        let body = serde_json::to_string(&self.body).unwrap_or_default();
+        (self.status, body, self.retry_after_secs)
+    }
+
+    /// The error's stable code (`budget_exceeded`, `invalid_request`, …).
+    pub(crate) fn code(&self) -> &'static str {
+        self.body.error
     }
 
     /// The error answered for `err`, with `Retry-After` for a full rate window.
@@ -215,6 +229,52 @@ pub(crate) struct SessionView {
     pub(crate) tool_costs: BTreeMap<String, u64>,
 }
 
+/// `POST /v1/sessions/{id}/close`: the session, and what it came to.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CloseAnswer {
+    #[serde(flatten)]
+    pub(crate) session: SessionView,
+    /// What the session came to; absent only if its trail could not be read just then
+    /// (the close itself is done).
+    pub(crate) summary: Option<SummaryView>,
+}
+
+/// What a session came to, from its row and its audit trail.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SummaryView {
+    pub(crate) calls_made: u64,
+    pub(crate) call_budget: u64,
+    /// `calls_made` as a percentage of `call_budget`, to one decimal.
+    pub(crate) budget_used_percent: f64,
+    /// Seconds the session ran (until its close, or its time limit if that came first).
+    pub(crate) time_used_secs: u64,
+    pub(crate) time_limit_secs: u64,
+    /// `time_used_secs` as a percentage of `time_limit_secs`, to one decimal.
+    pub(crate) time_used_percent: f64,
+    /// Denied attempts in the audit trail, by reason (`budget`, `tool`, `tool_budget`,
+    /// `rate`, `agent_mismatch`, `closed`, `expired`, `shared_budget`, `write_through`,
+    /// `invalid`); reasons with none are left out.
+    pub(crate) denials: BTreeMap<String, u64>,
+    /// Units charged to the session's shared budget (0 without one).
+    pub(crate) budget_units_charged: u64,
+}
+
+impl From<&SessionSummary> for SummaryView {
+    fn from(s: &SessionSummary) -> Self {
+        let secs = |d: chrono::Duration| u64::try_from(d.num_seconds()).unwrap_or(0);
+        SummaryView {
+            calls_made: s.calls_made,
+            call_budget: s.call_budget,
+            budget_used_percent: s.budget_used_percent(),
+            time_used_secs: secs(s.time_used),
+            time_limit_secs: secs(s.time_limit),
+            time_used_percent: s.time_used_percent(),
+            denials: s.denials.clone(),
+            budget_units_charged: s.budget_units,
+        }
+    }
+}
+
 /// A tool's own call limit and its calls so far.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ToolLimitView {
@@ -287,21 +347,58 @@ pub(crate) struct UseBatchBody {
     pub(crate) cost: Option<u64>,
 }
 
-/// An allowed use.
+/// An allowed use, with what is left (the same figures as its `x-arbiter-*` headers).
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct UseAnswer {
     pub(crate) calls_made: u64,
+    /// Calls left in the session's budget (`x-arbiter-calls-remaining`).
     pub(crate) calls_remaining: u64,
     /// `active`, `closed` or `expired`.
     pub(crate) status: &'static str,
+    /// Whole seconds before the session expires (`x-arbiter-seconds-remaining`).
+    pub(crate) seconds_remaining: u64,
+    /// Units left in the session's shared budget, at the level of its chain with the
+    /// least left, read at most a second ago (`x-arbiter-budget-remaining`); absent
+    /// without a shared budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) budget_remaining: Option<u64>,
+    /// What runs low: under a tenth of the calls or the shared budget's units
+    /// (`budget_low`), of the time (`time_low`) (`x-arbiter-warning`).
+    pub(crate) warnings: Vec<WarningView>,
 }
 
-impl From<&TaskSession> for UseAnswer {
-    fn from(s: &TaskSession) -> Self {
+impl UseAnswer {
+    pub(crate) fn new(s: &TaskSession, signals: &Status) -> Self {
         UseAnswer {
             calls_made: s.calls_made,
-            calls_remaining: s.calls_remaining(),
+            calls_remaining: signals.calls_remaining,
             status: s.status.as_str(),
+            seconds_remaining: signals.seconds_remaining,
+            budget_remaining: signals.budget.map(|b| b.remaining),
+            warnings: signals
+                .warnings
+                .iter()
+                .copied()
+                .map(WarningView::from)
+                .collect(),
+        }
+    }
+}
+
+/// A warning of an allowed answer.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum WarningView {
+    BudgetLow,
+    TimeLow,
+}
+
+impl From<Warning> for WarningView {
+    fn from(warning: Warning) -> Self {
+        match warning {
+            Warning::TimeLow => WarningView::TimeLow,
+            // `Warning` is non-exhaustive; any later warning is about what is left.
+            _ => WarningView::BudgetLow,
         }
     }
 }
@@ -323,10 +420,8 @@ pub(crate) struct ReserveBody {
 /// The answer to a reservation: as `/use`, with the reservation.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ReserveAnswer {
-    pub(crate) calls_made: u64,
-    pub(crate) calls_remaining: u64,
-    /// `active`, `closed` or `expired`.
-    pub(crate) status: &'static str,
+    #[serde(flatten)]
+    pub(crate) answer: UseAnswer,
     /// The id to settle it by (`POST /v1/reservations/{reservation_id}/settle`).
     pub(crate) reservation_id: Uuid,
     /// The units it holds.
@@ -335,12 +430,10 @@ pub(crate) struct ReserveAnswer {
     pub(crate) expires_at: DateTime<Utc>,
 }
 
-impl From<&Reservation> for ReserveAnswer {
-    fn from(r: &Reservation) -> Self {
+impl ReserveAnswer {
+    pub(crate) fn new(r: &Reservation, signals: &Status) -> Self {
         ReserveAnswer {
-            calls_made: r.session.calls_made,
-            calls_remaining: r.session.calls_remaining(),
-            status: r.session.status.as_str(),
+            answer: UseAnswer::new(&r.session, signals),
             reservation_id: r.reservation_id,
             estimate: r.estimate,
             expires_at: r.expires_at,

@@ -137,6 +137,27 @@ pub(crate) struct Caller {
 }
 
 impl Caller {
+    /// The caller presenting `authorization` (the value of an `Authorization` header or
+    /// gRPC metadata entry, if any); 401 for a missing or wrong token.
+    pub(crate) fn presenting(
+        tokens: &Tokens,
+        authorization: Option<&str>,
+    ) -> Result<Self, ApiError> {
+        if tokens.is_disabled() {
+            return Ok(Caller {
+                roles: tokens.roles(""),
+            });
+        }
+        let presented = authorization
+            .and_then(bearer)
+            .ok_or_else(ApiError::unauthorized)?;
+        let roles = tokens.roles(presented);
+        if roles.is_empty() {
+            return Err(ApiError::unauthorized());
+        }
+        Ok(Caller { roles })
+    }
+
     /// Ok if the caller has one of `allowed`; else 403.
     pub(crate) fn require(self, allowed: &[Role]) -> Result<(), ApiError> {
         if self.roles.iter().any(|role| allowed.contains(role)) {
@@ -156,22 +177,11 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let tokens = Arc::<Tokens>::from_ref(state);
-        if tokens.is_disabled() {
-            return Ok(Caller {
-                roles: tokens.roles(""),
-            });
-        }
-        let presented = parts
+        let authorization = parts
             .headers
             .get(AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(bearer)
-            .ok_or_else(ApiError::unauthorized)?;
-        let roles = tokens.roles(presented);
-        if roles.is_empty() {
-            return Err(ApiError::unauthorized());
-        }
-        Ok(Caller { roles })
+            .and_then(|value| value.to_str().ok());
+        Caller::presenting(&tokens, authorization)
     }
 }
 

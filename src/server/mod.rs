@@ -26,8 +26,11 @@
 mod api;
 mod auth;
 mod connections;
+mod ext_authz;
+mod grpc;
 mod readiness;
 mod routes;
+mod signals;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,15 +40,18 @@ use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{any, get, post};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use auth::{MIN_TOKEN_BYTES, TokenError, Tokens};
 pub use connections::{ConnectionLimits, Drained, serve_connections};
+pub use grpc::{Authorizer, serve_authorization};
 
 use crate::SessionStore;
 use readiness::Readiness;
+use signals::Signals;
 
 /// Most bytes a request body may have.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -70,6 +76,8 @@ struct AppState {
     /// The store's timeout, which bounds every request.
     storage_timeout: Duration,
     readiness: Arc<Readiness>,
+    /// The status signals of allowed answers.
+    signals: Signals,
 }
 
 impl FromRef<AppState> for Arc<Tokens> {
@@ -84,11 +92,12 @@ impl Server {
         let storage_timeout = store.storage_timeout();
         Server {
             state: AppState {
-                store,
                 tokens: Arc::new(tokens),
                 metrics: None,
                 storage_timeout,
                 readiness: Arc::new(Readiness::new(storage_timeout)),
+                signals: Signals::new(store.clone()),
+                store,
             },
         }
     }
@@ -148,6 +157,20 @@ impl Server {
             ))
             .layer(TraceLayer::new_for_http())
             .with_state(state)
+    }
+
+    /// Envoy's gRPC `ext_authz` service (`envoy.service.auth.v3.Authorization`) over the
+    /// same store and tokens as [`Self::router`]: serve it with [`serve_authorization`], or
+    /// add it to a tonic server of a gateway's own.
+    pub fn authorization_service(&self) -> AuthorizationServer<Authorizer> {
+        Authorizer::new(self.state.clone()).into_service()
+    }
+
+    /// How long a request may take before the service answers it as timed out: twice the
+    /// store's storage timeout plus a second (the store answers every call within its
+    /// storage timeout).
+    pub fn request_timeout(&self) -> Duration {
+        routes::request_timeout(self.state.storage_timeout)
     }
 
     /// `/metrics` alone, when the server has a recorder's handle ([`Self::with_metrics`]):

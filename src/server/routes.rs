@@ -7,7 +7,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -15,29 +15,19 @@ use utoipa::OpenApi;
 use uuid::Uuid;
 
 use crate::budget::{BudgetId, BudgetWrite};
-use crate::http::check::{PARTIAL_BODY_HEADER, tools_to_decide};
-use crate::http::{SESSION_HEADER, parse_session_header};
+use crate::http::status::Status;
 use crate::model::DataSensitivity;
 use crate::{CreateSessionRequest, SessionError, TaskSession};
 
 use super::AppState;
 use super::api::{
-    ApiError, Body, BudgetBody, BudgetList, BudgetView, Closed, CreateBody, ErrorBody, Health,
-    LiveCount, ReserveAnswer, ReserveBody, SessionView, SettleAnswer, SettleBody, ToolLimitView,
-    UseAnswer, UseBatchBody, UseBody,
+    ApiError, Body, BudgetBody, BudgetList, BudgetView, CloseAnswer, Closed, CreateBody, ErrorBody,
+    Health, LiveCount, ReserveAnswer, ReserveBody, SessionView, SettleAnswer, SettleBody,
+    SummaryView, ToolLimitView, UseAnswer, UseBatchBody, UseBody, WarningView,
 };
 use super::auth::{Caller, Role};
+use super::ext_authz::{self, Ask, HEADERS_TO_REMOVE};
 use super::readiness::Ready;
-
-/// The header that names the presenting agent.
-pub(crate) const AGENT_HEADER: &str = "x-arbiter-agent";
-/// The header that names the tool, when the body has no `tools/call` (see
-/// `crate::http::check` for how the two are decided).
-pub(crate) const TOOL_HEADER: &str = "x-arbiter-tool";
-/// The header that gives a checked call's cost in its session's shared budget.
-pub(crate) const COST_HEADER: &str = "x-arbiter-cost";
-/// The header an allowed check answers with.
-pub(crate) const REMAINING_HEADER: &str = "x-arbiter-calls-remaining";
 
 /// The OpenAPI document of every route.
 #[derive(OpenApi)]
@@ -68,11 +58,14 @@ pub(crate) const REMAINING_HEADER: &str = "x-arbiter-calls-remaining";
         UseBody,
         UseBatchBody,
         UseAnswer,
+        WarningView,
         ReserveBody,
         ReserveAnswer,
         SettleBody,
         SettleAnswer,
         LiveCount,
+        CloseAnswer,
+        SummaryView,
         Closed,
         BudgetBody,
         BudgetView,
@@ -161,8 +154,31 @@ fn retry_after(session: &TaskSession) -> u64 {
     })
 }
 
+/// An allowed answer: the JSON body `answer` makes of the session's status signals, with
+/// the same signals as `x-arbiter-*` headers.
+async fn allowed<T: serde::Serialize>(
+    state: &AppState,
+    session: &TaskSession,
+    answer: impl FnOnce(&Status) -> T,
+) -> Response {
+    let status = state.signals.of(session).await;
+    let mut response = Json(answer(&status)).into_response();
+    insert_signals(response.headers_mut(), &status);
+    response
+}
+
+/// Sets the headers of `status` on `headers`.
+fn insert_signals(headers: &mut HeaderMap, status: &Status) {
+    for (name, value) in status.headers() {
+        // Digits, commas and lowercase letters: always a valid header value.
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(name, value);
+        }
+    }
+}
+
 /// The error for a denied use, with `Retry-After` when the rate window is full.
-async fn denied(state: &AppState, id: Uuid, err: SessionError) -> ApiError {
+pub(crate) async fn denied(state: &AppState, id: Uuid, err: SessionError) -> ApiError {
     if matches!(err, SessionError::RateLimited { .. }) {
         // From the cache: the use that was just denied loaded the session.
         let secs = state.store.get(id).await.map_or(1, |s| retry_after(&s));
@@ -214,7 +230,7 @@ pub(crate) async fn use_session(
     caller: Caller,
     Id(id): Id,
     Body(body): Body<UseBody>,
-) -> Result<Json<UseAnswer>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(&[Role::Gateway])?;
     let used = match body.cost {
         Some(cost) => {
@@ -231,7 +247,9 @@ pub(crate) async fn use_session(
         }
     };
     match used {
-        Ok(session) => Ok(Json(UseAnswer::from(&session))),
+        Ok(session) => {
+            Ok(allowed(&state, &session, |status| UseAnswer::new(&session, status)).await)
+        }
         Err(err) => Err(denied(&state, id, err).await),
     }
 }
@@ -246,7 +264,7 @@ pub(crate) async fn use_batch(
     caller: Caller,
     Id(id): Id,
     Body(body): Body<UseBatchBody>,
-) -> Result<Json<UseAnswer>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(&[Role::Gateway])?;
     let tools: Vec<&str> = body.tools.iter().map(String::as_str).collect();
     let used = match body.cost {
@@ -264,7 +282,9 @@ pub(crate) async fn use_batch(
         }
     };
     match used {
-        Ok(session) => Ok(Json(UseAnswer::from(&session))),
+        Ok(session) => {
+            Ok(allowed(&state, &session, |status| UseAnswer::new(&session, status)).await)
+        }
         Err(err) => Err(denied(&state, id, err).await),
     }
 }
@@ -281,14 +301,17 @@ pub(crate) async fn reserve(
     caller: Caller,
     Id(id): Id,
     Body(body): Body<ReserveBody>,
-) -> Result<Json<ReserveAnswer>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(&[Role::Gateway])?;
     match state
         .store
         .reserve(id, &body.tool, Some(body.agent_id), body.cost)
         .await
     {
-        Ok(reservation) => Ok(Json(ReserveAnswer::from(&reservation))),
+        Ok(reservation) => Ok(allowed(&state, &reservation.session, |status| {
+            ReserveAnswer::new(&reservation, status)
+        })
+        .await),
         Err(err) => Err(denied(&state, id, err).await),
     }
 }
@@ -312,18 +335,26 @@ pub(crate) async fn settle(
     Ok(Json(SettleAnswer::from(&settled)))
 }
 
-/// Closes a session (admin, gateway).
+/// Closes a session (admin, gateway), and answers what it came to: calls made of the
+/// budget, time used of the limit, denied attempts by reason and the units charged to its
+/// shared budget, from its audit trail.
 #[utoipa::path(post, path = "/v1/sessions/{id}/close", params(("id" = Uuid, Path)),
-    responses((status = 200, body = SessionView), (status = "default", body = ErrorBody)),
+    responses((status = 200, body = CloseAnswer), (status = "default", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn close(
     State(state): State<AppState>,
     caller: Caller,
     Id(id): Id,
-) -> Result<Json<SessionView>, ApiError> {
+) -> Result<Json<CloseAnswer>, ApiError> {
     caller.require(&[Role::Admin, Role::Gateway])?;
     let session = state.store.close(id).await?;
-    Ok(Json(SessionView::from(&session)))
+    // The close is done: a trail that cannot be read just now leaves the summary out
+    // rather than answer the close as failed.
+    let summary = state.store.summary(&session).await.ok();
+    Ok(Json(CloseAnswer {
+        session: SessionView::from(&session),
+        summary: summary.as_ref().map(SummaryView::from),
+    }))
 }
 
 /// Live sessions of an agent, across every process (admin).
@@ -430,40 +461,20 @@ pub(crate) async fn list_budgets(
     }))
 }
 
-/// The call's cost from `x-arbiter-cost`, if sent: a decimal integer, else 400.
-fn header_cost(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(value) = headers.get(COST_HEADER) else {
-        return Ok(None);
-    };
-    value
-        .to_str()
-        .ok()
-        .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|text| text.parse::<u64>().ok())
-        .map(Some)
-        .ok_or_else(|| {
-            ApiError::invalid(format!("the {COST_HEADER} header must be a whole number"))
-        })
-}
-
-fn header_id(headers: &HeaderMap, name: &str) -> Result<Uuid, ApiError> {
-    headers
-        .get(name)
-        .and_then(|value| value.to_str().ok())
-        .and_then(parse_session_header)
-        .ok_or_else(|| ApiError::invalid(format!("the {name} header must be a UUID")))
-}
-
-/// Envoy's HTTP `ext_authz` contract (gateway): allowed is 200 with
-/// `x-arbiter-calls-remaining`; denied is the error's status and body, which Envoy returns
-/// to the client. The calls decided are those of `crate::http::check` (a
-/// JSON-RPC body's `tools/call`s, all or nothing, else `x-arbiter-tool`); a request it
-/// cannot decide is 400 and counts nothing.
+/// Envoy's HTTP `ext_authz` contract (gateway): allowed is 200 with the status signals as
+/// `x-arbiter-*` headers (and the same JSON body as `/use`), and the client's other
+/// `x-arbiter-*` headers named in `x-envoy-auth-headers-to-remove`; denied is the error's
+/// status and body, which Envoy returns to the client. The calls decided are those of
+/// `crate::http::check` (a JSON-RPC body's `tools/call`s, all or nothing, else
+/// `x-arbiter-tool`); a request it cannot decide is 400 and counts nothing.
 #[utoipa::path(post, path = "/v1/check/{rest}", params(("rest" = String, Path),
         ("x-arbiter-session" = Uuid, Header), ("x-arbiter-agent" = Uuid, Header),
         ("x-arbiter-tool" = Option<String>, Header),
         ("x-arbiter-cost" = Option<u64>, Header)),
-    responses((status = 200, headers(("x-arbiter-calls-remaining" = u64))),
+    responses((status = 200, body = UseAnswer, headers(
+            ("x-arbiter-calls-remaining" = u64), ("x-arbiter-seconds-remaining" = u64),
+            ("x-arbiter-budget-remaining" = Option<u64>), ("x-arbiter-warning" = Option<String>),
+            ("x-envoy-auth-headers-to-remove" = Option<String>))),
         (status = "default", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn check(
@@ -475,38 +486,20 @@ pub(crate) async fn check(
     caller.require(&[Role::Gateway])?;
     let body =
         body.map_err(|rejection| super::api::rejected(rejection.status(), rejection.body_text()))?;
-    let id = header_id(&headers, SESSION_HEADER)?;
-    let agent = header_id(&headers, AGENT_HEADER)?;
-    let truncated = headers
-        .get(PARTIAL_BODY_HEADER)
-        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true"));
-    let tools = tools_to_decide(
-        headers.get(TOOL_HEADER).map(HeaderValue::as_bytes),
+    let ask = Ask::new(
+        |name| headers.get(name).map(HeaderValue::as_bytes),
+        headers.keys().map(HeaderName::as_str),
         &body,
-        truncated,
-    )
-    .map_err(|refusal| {
-        tracing::warn!(session_id = %id, %refusal, "check refused before the store");
-        ApiError::invalid(refusal.to_string())
-    })?;
-    let cost = header_cost(&headers)?;
-    let tools: Vec<&str> = tools.iter().map(String::as_str).collect();
-    let used = match cost {
-        Some(cost) => {
-            state
-                .store
-                .use_session_batch_with_cost(id, &tools, Some(agent), cost)
-                .await
-        }
-        None => state.store.use_session_batch(id, &tools, Some(agent)).await,
-    };
-    match used {
-        Ok(session) => {
-            let remaining = HeaderValue::from(session.calls_remaining());
-            Ok(([(REMAINING_HEADER, remaining)], StatusCode::OK).into_response())
-        }
-        Err(err) => Err(denied(&state, id, err).await),
+    );
+    let allowed = ext_authz::decide(&state, &ask).await?;
+    let mut response = Json(UseAnswer::new(&allowed.session, &allowed.status)).into_response();
+    insert_signals(response.headers_mut(), &allowed.status);
+    if !allowed.strip.is_empty()
+        && let Ok(names) = HeaderValue::try_from(allowed.strip.join(","))
+    {
+        response.headers_mut().insert(HEADERS_TO_REMOVE, names);
     }
+    Ok(response)
 }
 
 /// 200 while the process runs.

@@ -62,8 +62,9 @@ pub use stats::StoreStats;
 use self::inner::{Inner, read_failed};
 use crate::budget::{self, BudgetId, BudgetTerms, BudgetUsage, BudgetWrite};
 use crate::error::{SessionError, StorageError};
+use crate::http::status::{BudgetLeft, Status};
 use crate::metrics::{self, Gauge, UseTimer};
-use crate::model::{CreateSessionRequest, Reservation, Settlement, TaskSession};
+use crate::model::{CreateSessionRequest, Reservation, SessionSummary, Settlement, TaskSession};
 use crate::policy::{Mutation, Reserve, Settle};
 use crate::storage::{CapOutcome, PgStorage, Storage};
 
@@ -163,6 +164,66 @@ impl SessionStore<PgStorage> {
         self.read_budgets(None).await
     }
 
+    /// What is left of budget `id` for a call charged to it: the units left at the level
+    /// of its chain (the budget and its ancestors) with the least left, with that level's
+    /// limit. `None` if there is no such budget. Each level is read from storage: this is
+    /// a report, never a decision (calls are decided against this process's shares).
+    ///
+    /// # Errors
+    /// [`SessionError::StorageRead`].
+    pub async fn budget_left(&self, id: &BudgetId) -> Result<Option<BudgetLeft>, SessionError> {
+        let mut tightest: Option<BudgetLeft> = None;
+        let mut level = Some(id.clone());
+        // A chain has at most MAX_DEPTH levels; the bound also ends a cycle the schema
+        // would have refused.
+        for _ in 0..budget::MAX_DEPTH {
+            let Some(id) = level.take() else { break };
+            let Some(usage) = self.budget(&id).await? else {
+                break;
+            };
+            let left = BudgetLeft {
+                remaining: usage.remaining(),
+                limit: usage.terms.limit,
+            };
+            if tightest.is_none_or(|t| left.remaining < t.remaining) {
+                tightest = Some(left);
+            }
+            level = usage.terms.parent_id;
+        }
+        Ok(tightest)
+    }
+
+    /// What `session` came to: its counts and time from `session` (as [`Self::close`] or
+    /// [`Self::get`] answered it), its denials by reason and the units it charged to its
+    /// shared budget from its audit trail. This store's buffered denials are written first,
+    /// so every denial it answered is counted; another process's reach the trail within
+    /// its writer's interval (200 ms).
+    ///
+    /// # Errors
+    /// [`SessionError::StorageRead`].
+    pub async fn summary(&self, session: &TaskSession) -> Result<SessionSummary, SessionError> {
+        self.inner.denials().write_buffered().await;
+        let storage = self.inner.storage();
+        let totals = storage
+            .by(
+                storage.for_call(),
+                storage
+                    .inner()
+                    .trail_totals(session.session_id, session.created_at),
+            )
+            .await
+            .map_err(|err| read_failed(Some(session.session_id), &err))?;
+        let ran_until = std::cmp::min(self.inner.now(), session.expires_at);
+        Ok(SessionSummary {
+            calls_made: session.calls_made,
+            call_budget: session.call_budget,
+            time_used: std::cmp::max(ran_until - session.created_at, chrono::Duration::zero()),
+            time_limit: session.time_limit,
+            denials: totals.denials,
+            budget_units: totals.budget_units,
+        })
+    }
+
     async fn read_budgets(&self, id: Option<&BudgetId>) -> Result<Vec<BudgetUsage>, SessionError> {
         let storage = self.inner.storage();
         storage
@@ -197,6 +258,13 @@ impl<S: Storage> SessionStore<S> {
     /// The id this store writes into audit events.
     pub fn instance_id(&self) -> Uuid {
         self.inner.instance_id()
+    }
+
+    /// The status signals of `session` as of this store's clock (the one that decides
+    /// expiry), with what is left of its shared budget when the caller knows it
+    /// ([`SessionStore::budget_left`]).
+    pub fn status(&self, session: &TaskSession, budget: Option<BudgetLeft>) -> Status {
+        Status::of(session, self.inner.now(), budget)
     }
 
     /// Creates a session.

@@ -17,8 +17,11 @@ mod batch;
 mod budgets;
 mod change_feed;
 mod rows;
+mod trail;
 pub(crate) mod transaction;
 pub(crate) mod upkeep;
+
+pub(crate) use self::trail::TrailTotals;
 
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -201,6 +204,15 @@ impl PgStorage {
         id: Option<&BudgetId>,
     ) -> Result<Vec<BudgetUsage>, StorageError> {
         budgets::usage(&self.pool, id).await
+    }
+
+    /// The totals of session `session_id`'s audit trail (`created_at` names its partition).
+    pub(crate) async fn trail_totals(
+        &self,
+        session_id: Uuid,
+        created_at: DateTime<Utc>,
+    ) -> Result<TrailTotals, StorageError> {
+        trail::totals(&self.pool, session_id, created_at).await
     }
 }
 

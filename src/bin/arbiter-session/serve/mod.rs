@@ -1,5 +1,5 @@
-//! `arbiter-session serve`: the library's store behind HTTP, for gateways not written in
-//! Rust (Envoy's `ext_authz`, MCP proxies, LiteLLM). One process, one store, nothing
+//! `arbiter-session serve`: the library's store behind HTTP and gRPC, for gateways not
+//! written in Rust (Envoy's `ext_authz` over either, MCP proxies, LiteLLM). One process, one store, nothing
 //! re-implemented: every route is one call of `SessionStore`.
 //!
 //! Start-up refuses to serve without both tokens unless `--no-auth` is given on a
@@ -15,7 +15,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use arbiter_session::server::{ConnectionLimits, Server, Tokens, serve_connections};
+use arbiter_session::server::{
+    ConnectionLimits, Server, Tokens, serve_authorization, serve_connections,
+};
 use arbiter_session::{PgStorage, SessionStore};
 use tokio::time::Instant;
 
@@ -28,6 +30,10 @@ pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "ARBITER_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Also serve Envoy's gRPC `ext_authz` (`envoy.service.auth.v3.Authorization`) on this
+    /// address, for gateways only.
+    #[arg(long, env = "ARBITER_GRPC_LISTEN")]
+    grpc_listen: Option<SocketAddr>,
     /// Serve `/metrics` on this address instead of the main one.
     #[arg(long, env = "ARBITER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -124,10 +130,12 @@ fn tokens(args: &ServeArgs) -> Result<Tokens, Failure> {
     let admin = token(args.admin_token_file.as_ref(), "ARBITER_ADMIN_TOKEN")?;
     let gateway = token(args.gateway_token_file.as_ref(), "ARBITER_GATEWAY_TOKEN")?;
     if args.no_auth {
-        if !args.listen.ip().is_loopback() {
+        if let Some(address) = std::iter::once(args.listen)
+            .chain(args.grpc_listen)
+            .find(|address| !address.ip().is_loopback())
+        {
             return Err(Failure(format!(
-                "--no-auth is allowed only on a loopback address, not {}",
-                args.listen
+                "--no-auth is allowed only on a loopback address, not {address}"
             )));
         }
         tracing::warn!(listen = %args.listen, "serving WITHOUT authentication (--no-auth)");
@@ -215,8 +223,37 @@ pub(crate) async fn run(database_url: &str, args: ServeArgs) -> Result<(), Failu
             None
         }
     };
-    // The one line a supervisor (or a test) reads to find the port.
+    let grpc_listener = match args.grpc_listen {
+        Some(grpc_address) => Some(
+            tokio::net::TcpListener::bind(grpc_address)
+                .await
+                .map_err(|err| Failure(format!("cannot listen on {grpc_address}: {err}")))?,
+        ),
+        None => None,
+    };
+    // The one line a supervisor (or a test) reads to find the port; the gRPC address, if
+    // any, on the next.
     println!("arbiter-session: listening on {address}");
+    let grpc_served = match grpc_listener {
+        Some(grpc_listener) => {
+            let grpc_address = grpc_listener.local_addr()?;
+            println!("arbiter-session: gRPC ext_authz on {grpc_address}");
+            tracing::info!(address = %grpc_address, "serving gRPC ext_authz");
+            let serving = serve_authorization(
+                grpc_listener,
+                server.authorization_service(),
+                server.request_timeout(),
+                until_signalled(signalled.clone()),
+                drain_for,
+            );
+            Some(tokio::spawn(async move {
+                if let Err(err) = serving.await {
+                    tracing::error!(error = %err, "gRPC ext_authz stopped serving");
+                }
+            }))
+        }
+        None => None,
+    };
     tracing::info!(%address, "serving");
     let signal = async {
         telemetry::shutdown_signal().await;
@@ -226,6 +263,10 @@ pub(crate) async fn run(database_url: &str, args: ServeArgs) -> Result<(), Failu
     if let Some(metrics_served) = metrics_served {
         // Bounded by the same drain; a panicked task has nothing left to close.
         let _ = metrics_served.await;
+    }
+    if let Some(grpc_served) = grpc_served {
+        // Bounded by the same drain; its error, if any, is logged.
+        let _ = grpc_served.await;
     }
     if drained.cut > 0 {
         tracing::warn!(
