@@ -66,14 +66,21 @@ def main():
     for n in range(1, 5):
         status, body = call("POST", use, GATEWAY, {"tool": "search", "agent_id": agent})
         if status == 200:
-            print(f"call {n}: allow, {body['calls_remaining']} left")
+            warnings = ", ".join(body["warnings"]) or "none"
+            print(f"call {n}: allow, {body['calls_remaining']} left, "
+                  f"{body['seconds_remaining']} s left, warnings: {warnings}")
         else:
             print(f"call {n}: deny {status} {body['error']} ({body['message']})")
             if (n, status, body["error"]) != (4, 429, "budget_exceeded"):
                 sys.exit("the budget should deny the fourth call, and only it")
 
     closed = expect(call("POST", f"/v1/sessions/{session_id}/close", ADMIN), 200, "close")
-    print(f"closed: status {closed['status']}, {closed['calls_made']} calls made")
+    summary = closed["summary"]
+    print(f"closed: status {closed['status']}, {summary['calls_made']} of "
+          f"{summary['call_budget']} calls ({summary['budget_used_percent']} %), "
+          f"denied: {summary['denials']}")
+    if summary["denials"] != {"tool": 1, "budget": 1}:
+        sys.exit(f"the trail should hold one tool and one budget denial: {summary}")
 
 
 if __name__ == "__main__":

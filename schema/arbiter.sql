@@ -2025,6 +2025,24 @@ $$;
 
 
 --
+-- Name: sessions_token_digest_fixed(); Type: FUNCTION; Schema: arbiter; Owner: -
+--
+
+CREATE FUNCTION arbiter.sessions_token_digest_fixed() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog'
+    AS $$
+BEGIN
+    IF NEW.token_digest IS DISTINCT FROM OLD.token_digest THEN
+        RAISE EXCEPTION 'a session''s token digest never changes'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'sessions_token_digest_fixed';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+
+--
 -- Name: sessions_tool_limits_fixed(); Type: FUNCTION; Schema: arbiter; Owner: -
 --
 
@@ -2808,6 +2826,7 @@ CREATE TABLE arbiter.sessions (
     tool_costs bigint[] DEFAULT '{}'::bigint[] NOT NULL,
     reservation_ids uuid[] DEFAULT '{}'::uuid[] NOT NULL,
     reservations_until timestamp with time zone[] DEFAULT '{}'::timestamp with time zone[] NOT NULL,
+    token_digest bytea,
     CONSTRAINT sessions_budget_positive CHECK ((call_budget >= 1)),
     CONSTRAINT sessions_calls_nonnegative CHECK ((calls_made >= 0)),
     CONSTRAINT sessions_calls_within_budget CHECK ((calls_made <= call_budget)),
@@ -2818,6 +2837,7 @@ CREATE TABLE arbiter.sessions (
     CONSTRAINT sessions_reservations_paired CHECK (((cardinality(reservation_ids) = cardinality(reservations_until)) AND (cardinality(reservation_ids) <= 64) AND (array_position(reservation_ids, NULL::uuid) IS NULL) AND (array_position(reservations_until, NULL::timestamp with time zone) IS NULL))),
     CONSTRAINT sessions_sensitivity_known CHECK ((data_sensitivity_ceiling = ANY (ARRAY['public'::text, 'internal'::text, 'confidential'::text, 'restricted'::text]))),
     CONSTRAINT sessions_status_known CHECK ((status = ANY (ARRAY['active'::text, 'closed'::text, 'expired'::text]))),
+    CONSTRAINT sessions_token_digest_sha256 CHECK (((token_digest IS NULL) OR (octet_length(token_digest) = 32))),
     CONSTRAINT sessions_tool_calls_within_limits CHECK ((((cardinality(tool_limits) = 0) AND (cardinality(tool_calls) = 0)) OR arbiter.tool_calls_within_limits(tool_limits, tool_calls, calls_made))),
     CONSTRAINT sessions_tool_costs_named CHECK (((cardinality(cost_tools) = cardinality(tool_costs)) AND (array_position(cost_tools, NULL::text) IS NULL) AND (array_position(tool_costs, NULL::bigint) IS NULL) AND (0 <= ALL (tool_costs)))),
     CONSTRAINT sessions_tool_limits_named CHECK (((cardinality(limited_tools) = cardinality(tool_limits)) AND (array_position(limited_tools, NULL::text) IS NULL)))
@@ -2857,6 +2877,13 @@ COMMENT ON COLUMN arbiter.sessions.cost_tools IS 'Tools whose calls cost other t
 --
 
 COMMENT ON COLUMN arbiter.sessions.reservation_ids IS 'The session''s open reservations (arbiter.budget_reservations), oldest first; reservations_until holds, at the same positions, when each lapses (settled at its estimate).';
+
+
+--
+-- Name: COLUMN sessions.token_digest; Type: COMMENT; Schema: arbiter; Owner: -
+--
+
+COMMENT ON COLUMN arbiter.sessions.token_digest IS 'SHA-256 of the secret of the session''s bearer token (issued once at creation, never stored); NULL: the session has no token.';
 
 
 --
@@ -3368,6 +3395,13 @@ CREATE TRIGGER sessions_retention_only_truncate BEFORE TRUNCATE ON arbiter.sessi
 --
 
 CREATE TRIGGER sessions_status_notify AFTER UPDATE OF status ON arbiter.sessions FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION arbiter.sessions_notify_status();
+
+
+--
+-- Name: sessions sessions_token_digest_fixed; Type: TRIGGER; Schema: arbiter; Owner: -
+--
+
+CREATE TRIGGER sessions_token_digest_fixed BEFORE UPDATE OF token_digest ON arbiter.sessions FOR EACH ROW EXECUTE FUNCTION arbiter.sessions_token_digest_fixed();
 
 
 --

@@ -46,6 +46,7 @@ pub mod operator;
 mod policy;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod session_token;
 pub mod storage;
 mod store;
 #[cfg(feature = "testing")]
@@ -60,6 +61,7 @@ pub use model::{
     CreateSessionRequest, DataSensitivity, OpenReservation, Reservation, SessionStatus,
     SessionSummary, Settlement, TaskSession, ToolCost, ToolLimit,
 };
+pub use session_token::{SessionToken, TokenSecret};
 pub use storage::{MemoryStorage, PgStorage, Storage};
 pub use store::{ReconcileReport, SessionStore, SessionStoreBuilder, ShutdownReport, StoreStats};
 

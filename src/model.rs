@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::budget::BudgetId;
 use crate::error::SessionError;
+use crate::session_token::TokenSecret;
 
 /// The tool or credential entry that authorizes every tool or credential.
 pub const WILDCARD: &str = "*";
@@ -168,6 +169,10 @@ pub struct CreateSessionRequest {
     /// allowed; at most [`limits::MAX_COST`]); a tool without an entry costs 1. Only with
     /// a `budget_id`; each name authorized by `authorized_tools`. Empty by default.
     pub tool_costs: BTreeMap<String, u64>,
+    /// SHA-256 of the secret of the session's bearer token, for the paths where the agent
+    /// presents the session itself (see [`crate::session_token`]); `None` (the default):
+    /// the session has no token. Set it with [`Self::with_token`].
+    pub token_digest: Option<[u8; 32]>,
 }
 
 impl CreateSessionRequest {
@@ -194,7 +199,16 @@ impl CreateSessionRequest {
             tool_limits: BTreeMap::new(),
             budget_id: None,
             tool_costs: BTreeMap::new(),
+            token_digest: None,
         }
+    }
+
+    /// The request with a bearer token whose secret is `secret`: once the session is
+    /// created, [`TokenSecret::token_for`] its id is the token to give the agent.
+    #[must_use]
+    pub fn with_token(mut self, secret: &TokenSecret) -> Self {
+        self.token_digest = Some(secret.digest());
+        self
     }
 
     /// The request with its calls charged to the shared budget `budget` (see
@@ -535,6 +549,9 @@ pub struct TaskSession {
     /// The reservations not yet settled, oldest first; some may have lapsed (see
     /// [`Self::open_reservation`]).
     pub reservations: Arc<[OpenReservation]>,
+    /// SHA-256 of the secret of the session's bearer token; `None`: it has none (see
+    /// [`crate::session_token`]).
+    pub token_digest: Option<[u8; 32]>,
 }
 
 impl TaskSession {
@@ -584,6 +601,7 @@ impl TaskSession {
                 })
                 .collect(),
             reservations: Arc::from([]),
+            token_digest: req.token_digest,
         }
     }
 

@@ -12,6 +12,7 @@
 
 mod budgets;
 mod history;
+mod mcp;
 
 use std::collections::BTreeMap;
 use std::error::Error;
@@ -714,9 +715,15 @@ struct HttpService {
 
 impl HttpService {
     fn start(binary: &str, url: &str) -> Result<Self, Box<dyn Error>> {
+        Self::start_with(binary, url, &[])
+    }
+
+    /// [`Self::start`] with more arguments of `serve`.
+    fn start_with(binary: &str, url: &str, args: &[&str]) -> Result<Self, Box<dyn Error>> {
         use std::io::BufRead as _;
         let mut child = std::process::Command::new(binary)
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
             .env("DATABASE_URL", url)
             .env("ARBITER_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("ARBITER_GATEWAY_TOKEN", GATEWAY_TOKEN)
@@ -788,6 +795,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let denials = cached_answers(&mut bench, &creator).await?;
     // Before the million stored sessions: the same table as the figures above.
     http_service(&mut bench).await?;
+    let mcp_added = mcp::added_latency(&mut bench).await?;
     let ids = many_stored_sessions(&bench).await?;
     let first = *ids.first().ok_or("no stored session")?;
     let startup_ms = startup(&bench, first).await?;
@@ -818,6 +826,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "ratio_naive_budget_64": bench.ratio("naive_budget_64", "limit_budget_64"),
         "budget_left_at_first_denial": left_at_first_denial,
         "budget_left_when_idle": left_when_idle,
+        "mcp_proxy_added_p50_us": mcp_added.map(|added| added.0),
+        "mcp_proxy_added_p99_us": mcp_added.map(|added| added.1),
         "history": history,
     });
     println!("{summary}");

@@ -99,6 +99,33 @@ impl ApiError {
         self.body.error
     }
 
+    /// 413: a body larger than `limit` bytes.
+    pub(crate) fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than {limit} bytes"),
+        )
+    }
+
+    /// 401 on `/mcp`: no session token, or one that authenticates for no session.
+    pub(crate) fn session_token() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid session token is required (Authorization: Bearer <session_token>)",
+        )
+    }
+
+    /// 503 on `/mcp`: the upstream MCP server did not answer.
+    pub(crate) fn upstream_unavailable(message: &'static str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_unavailable",
+            message,
+        )
+    }
+
     /// The error answered for `err`, with `Retry-After` for a full rate window.
     pub(crate) fn session(err: &SessionError, retry_after_secs: Option<u64>) -> Self {
         let status = StatusCode::from_u16(status_code_for_error(err))
@@ -227,6 +254,17 @@ pub(crate) struct SessionView {
     /// What a call of a tool costs in the shared budget, for the tools that cost other
     /// than 1.
     pub(crate) tool_costs: BTreeMap<String, u64>,
+}
+
+/// `POST /v1/sessions`: the session, and its bearer token.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CreatedView {
+    #[serde(flatten)]
+    pub(crate) session: SessionView,
+    /// The session's bearer token, shown this once (only its digest is kept): the agent
+    /// presents it to the MCP proxy (`Authorization: Bearer …` on `/mcp`), which binds it
+    /// to this session and its agent.
+    pub(crate) session_token: String,
 }
 
 /// `POST /v1/sessions/{id}/close`: the session, and what it came to.

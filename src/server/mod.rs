@@ -28,6 +28,7 @@ mod auth;
 mod connections;
 mod ext_authz;
 mod grpc;
+mod mcp;
 mod readiness;
 mod routes;
 mod signals;
@@ -48,6 +49,7 @@ use tower_http::trace::TraceLayer;
 pub use auth::{MIN_TOKEN_BYTES, TokenError, Tokens};
 pub use connections::{ConnectionLimits, Drained, serve_connections};
 pub use grpc::{Authorizer, serve_authorization};
+pub use mcp::{DENIED as MCP_DENIED, MAX_MESSAGE_BYTES, McpUpstream, McpUpstreamError};
 
 use crate::SessionStore;
 use readiness::Readiness;
@@ -78,6 +80,8 @@ struct AppState {
     readiness: Arc<Readiness>,
     /// The status signals of allowed answers.
     signals: Signals,
+    /// The MCP proxy's upstream, when `/mcp` is served.
+    mcp: Option<mcp::Proxy>,
 }
 
 impl FromRef<AppState> for Arc<Tokens> {
@@ -98,6 +102,7 @@ impl Server {
                 readiness: Arc::new(Readiness::new(storage_timeout)),
                 signals: Signals::new(store.clone()),
                 store,
+                mcp: None,
             },
         }
     }
@@ -110,6 +115,17 @@ impl Server {
         self
     }
 
+    /// Serves `/mcp`, the MCP proxy to `upstream` (see [`McpUpstream`]): agents present
+    /// their session's token, every `tools/call` is decided before it is forwarded, and
+    /// tool lists are filtered to the session's allowed tools.
+    ///
+    /// # Errors
+    /// [`McpUpstreamError`] if the upstream's HTTP client cannot be built.
+    pub fn with_mcp_upstream(mut self, upstream: McpUpstream) -> Result<Self, McpUpstreamError> {
+        self.state.mcp = Some(mcp::Proxy::new(upstream)?);
+        Ok(self)
+    }
+
     /// Every route but `/metrics`, with the service's layers: the body limit, the request
     /// timeout (twice the store's storage timeout plus a second), the request counter and
     /// tracing; with [`Tokens::disabled`], only requests whose `Host` is a loopback name
@@ -117,7 +133,7 @@ impl Server {
     pub fn router(&self) -> Router {
         let state = self.state.clone();
         let timeout = routes::request_timeout(state.storage_timeout);
-        Router::new()
+        let router = Router::new()
             .route("/v1/sessions", post(routes::create))
             .route("/v1/sessions/{id}", get(routes::get_session))
             .route("/v1/sessions/{id}/use", post(routes::use_session))
@@ -156,7 +172,23 @@ impl Server {
                 timeout,
             ))
             .layer(TraceLayer::new_for_http())
-            .with_state(state)
+            .with_state(state.clone());
+        if state.mcp.is_none() {
+            return router;
+        }
+        // `/mcp` has bounds of its own (the upstream's timeout, its body limit), not the
+        // request timeout and body limit of the routes above: a tool call may take long.
+        let mcp = Router::new()
+            .route("/mcp", any(mcp::handle))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&state.tokens),
+                auth::loopback_host_only,
+            ))
+            .layer(DefaultBodyLimit::disable())
+            .layer(axum::middleware::from_fn(count_request))
+            .layer(TraceLayer::new_for_http())
+            .with_state(state);
+        router.merge(mcp)
     }
 
     /// Envoy's gRPC `ext_authz` service (`envoy.service.auth.v3.Authorization`) over the

@@ -17,13 +17,14 @@ use uuid::Uuid;
 use crate::budget::{BudgetId, BudgetWrite};
 use crate::http::status::Status;
 use crate::model::DataSensitivity;
-use crate::{CreateSessionRequest, SessionError, TaskSession};
+use crate::{CreateSessionRequest, SessionError, TaskSession, TokenSecret};
 
 use super::AppState;
 use super::api::{
-    ApiError, Body, BudgetBody, BudgetList, BudgetView, CloseAnswer, Closed, CreateBody, ErrorBody,
-    Health, LiveCount, ReserveAnswer, ReserveBody, SessionView, SettleAnswer, SettleBody,
-    SummaryView, ToolLimitView, UseAnswer, UseBatchBody, UseBody, WarningView,
+    ApiError, Body, BudgetBody, BudgetList, BudgetView, CloseAnswer, Closed, CreateBody,
+    CreatedView, ErrorBody, Health, LiveCount, ReserveAnswer, ReserveBody, SessionView,
+    SettleAnswer, SettleBody, SummaryView, ToolLimitView, UseAnswer, UseBatchBody, UseBody,
+    WarningView,
 };
 use super::auth::{Caller, Role};
 use super::ext_authz::{self, Ask, HEADERS_TO_REMOVE};
@@ -53,6 +54,7 @@ use super::readiness::Ready;
     ),
     components(schemas(
         CreateBody,
+        CreatedView,
         SessionView,
         ToolLimitView,
         UseBody,
@@ -168,7 +170,7 @@ async fn allowed<T: serde::Serialize>(
 }
 
 /// Sets the headers of `status` on `headers`.
-fn insert_signals(headers: &mut HeaderMap, status: &Status) {
+pub(crate) fn insert_signals(headers: &mut HeaderMap, status: &Status) {
     for (name, value) in status.headers() {
         // Digits, commas and lowercase letters: always a valid header value.
         if let Ok(value) = HeaderValue::try_from(value) {
@@ -189,21 +191,28 @@ pub(crate) async fn denied(state: &AppState, id: Uuid, err: SessionError) -> Api
 
 /// Creates a session (admin).
 #[utoipa::path(post, path = "/v1/sessions", request_body = CreateBody,
-    responses((status = 201, body = SessionView), (status = "default", body = ErrorBody)),
+    responses((status = 201, body = CreatedView), (status = "default", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Body(body): Body<CreateBody>,
-) -> Result<(StatusCode, Json<SessionView>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedView>), ApiError> {
     caller.require(&[Role::Admin])?;
     let cap = body.max_live_sessions;
-    let req = body.into_request()?;
+    let secret = TokenSecret::generate();
+    let req = body.into_request()?.with_token(&secret);
     let session = match cap {
         Some(max) => state.store.create_if_under_cap(req, max).await?,
         None => state.store.create(req).await?,
     };
-    Ok((StatusCode::CREATED, Json(SessionView::from(&session))))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedView {
+            session: SessionView::from(&session),
+            session_token: secret.token_for(session.session_id).as_str().to_owned(),
+        }),
+    ))
 }
 
 /// One session (admin, gateway).

@@ -64,8 +64,11 @@ use crate::budget::{self, BudgetId, BudgetTerms, BudgetUsage, BudgetWrite};
 use crate::error::{SessionError, StorageError};
 use crate::http::status::{BudgetLeft, Status};
 use crate::metrics::{self, Gauge, UseTimer};
-use crate::model::{CreateSessionRequest, Reservation, SessionSummary, Settlement, TaskSession};
+use crate::model::{
+    CreateSessionRequest, Reservation, SessionStatus, SessionSummary, Settlement, TaskSession,
+};
 use crate::policy::{Mutation, Reserve, Settle};
+use crate::session_token::SessionToken;
 use crate::storage::{CapOutcome, PgStorage, Storage};
 
 /// Sessions `expire_due` asks storage for at a time.
@@ -265,6 +268,42 @@ impl<S: Storage> SessionStore<S> {
     /// ([`SessionStore::budget_left`]).
     pub fn status(&self, session: &TaskSession, budget: Option<BudgetLeft>) -> Status {
         Status::of(session, self.inner.now(), budget)
+    }
+
+    /// The session whose bearer token `token` is (a [`SessionToken`]'s text, as an agent
+    /// presents it), or `None` if it is the token of no session: malformed, of an unknown
+    /// session, of a session without a token, or with a wrong secret (all alike, so a
+    /// caller learns nothing from which). The session is answered whatever its status:
+    /// deciding a call still says whether it is closed or expired.
+    ///
+    /// # Errors
+    /// [`SessionError::StorageRead`] if the session had to be loaded and could not be.
+    pub async fn authenticate(&self, token: &str) -> Result<Option<TaskSession>, SessionError> {
+        let Some(id) = SessionToken::session_of(token) else {
+            return Ok(None);
+        };
+        match self.get(id).await {
+            Ok(session) => Ok(SessionToken::authenticates(token, &session).then_some(session)),
+            Err(SessionError::NotFound(_)) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// `Ok` if `session` may still be used by this store's clock (the one that decides);
+    /// else what a call of it would be answered: [`SessionError::AlreadyClosed`] or
+    /// [`SessionError::Expired`]. For a request that names a session without counting a
+    /// call (a proxy's `tools/list`): a call is decided by the store's own checks.
+    ///
+    /// # Errors
+    /// As above.
+    pub fn ensure_live(&self, session: &TaskSession) -> Result<(), SessionError> {
+        match session.status {
+            SessionStatus::Closed => Err(SessionError::AlreadyClosed(session.session_id)),
+            SessionStatus::Active if session.is_live(self.inner.now()) => Ok(()),
+            SessionStatus::Active | SessionStatus::Expired => {
+                Err(SessionError::Expired(session.session_id))
+            }
+        }
     }
 
     /// Creates a session.

@@ -368,6 +368,7 @@ impl PgStorage {
             s.budget_id.as_ref().map(BudgetId::as_str),
             &cost_tools as &[&str],
             &costs,
+            s.token_digest.as_ref().map(<[u8; 32]>::as_slice),
         )
         .fetch_one(executor)
         .await?;

@@ -40,6 +40,7 @@ pub(super) struct SessionRow {
     pub(super) tool_costs: Vec<i64>,
     pub(super) reservation_ids: Vec<Uuid>,
     pub(super) reservations_until: Vec<DateTime<Utc>>,
+    pub(super) token_digest: Option<Vec<u8>>,
 }
 
 impl TryFrom<SessionRow> for Versioned {
@@ -76,6 +77,11 @@ impl TryFrom<SessionRow> for Versioned {
             .map(BudgetId::new)
             .transpose()
             .map_err(|_| StorageError::Decode(format!("session {id}: budget_id")))?;
+        let token_digest = row
+            .token_digest
+            .map(|digest| <[u8; 32]>::try_from(digest.as_slice()))
+            .transpose()
+            .map_err(|_| StorageError::Decode(format!("session {id}: token_digest")))?;
         let session = TaskSession {
             session_id: row.session_id,
             agent_id: row.agent_id,
@@ -107,6 +113,7 @@ impl TryFrom<SessionRow> for Versioned {
             budget_id,
             tool_costs,
             reservations,
+            token_digest,
         };
         Ok(Versioned {
             session,

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use arbiter_session::server::{
-    ConnectionLimits, Server, Tokens, serve_authorization, serve_connections,
+    ConnectionLimits, McpUpstream, Server, Tokens, serve_authorization, serve_connections,
 };
 use arbiter_session::{PgStorage, SessionStore};
 use tokio::time::Instant;
@@ -34,6 +34,20 @@ pub(crate) struct ServeArgs {
     /// address, for gateways only.
     #[arg(long, env = "ARBITER_GRPC_LISTEN")]
     grpc_listen: Option<SocketAddr>,
+    /// Serve `/mcp`, an MCP proxy (Streamable HTTP) to this upstream MCP endpoint
+    /// (`http://host:port/mcp`): agents present their session's token, each `tools/call`
+    /// is decided before it is forwarded, tool lists are filtered to the allowed tools.
+    #[arg(long, env = "ARBITER_MCP_UPSTREAM")]
+    mcp_upstream: Option<String>,
+    /// Most seconds for each wait on the MCP upstream: to connect, for its answer, and
+    /// between two chunks of a streamed answer.
+    #[arg(long, env = "ARBITER_MCP_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    mcp_timeout_secs: u64,
+    /// Largest request body an MCP client may send, in bytes.
+    #[arg(long, env = "ARBITER_MCP_MAX_BODY_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024))]
+    mcp_max_body_bytes: u64,
     /// Serve `/metrics` on this address instead of the main one.
     #[arg(long, env = "ARBITER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -188,7 +202,17 @@ pub(crate) async fn run(database_url: &str, args: ServeArgs) -> Result<(), Failu
             "upkeep off: run `arbiter-session upkeep` as the schema's owner every minute"
         );
     }
-    let server = Server::new(store.clone(), tokens).with_metrics(metrics);
+    let mut server = Server::new(store.clone(), tokens).with_metrics(metrics);
+    if let Some(url) = &args.mcp_upstream {
+        let upstream = McpUpstream::new(url.as_str())
+            .map_err(|err| Failure(err.to_string()))?
+            .with_timeout(Duration::from_secs(args.mcp_timeout_secs))
+            .with_max_body_bytes(usize::try_from(args.mcp_max_body_bytes).unwrap_or(usize::MAX));
+        server = server
+            .with_mcp_upstream(upstream)
+            .map_err(|err| Failure(err.to_string()))?;
+        tracing::info!(upstream = %url, "serving the MCP proxy at /mcp");
+    }
     let mut app = server.router();
     let metrics_app = server.metrics_router().unwrap_or_default();
 

@@ -4,9 +4,9 @@ WITH inserted AS (
         authorized_credentials, call_budget, calls_made, rate_limit, rate_window_secs,
         rate_window_started_at, rate_window_calls, data_sensitivity_ceiling, status,
         created_at, expires_at, limited_tools, tool_limits, tool_calls, budget_id,
-        cost_tools, tool_costs)
+        cost_tools, tool_costs, token_digest)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $21,
-            $22, $23, $24, $25, $26)
+            $22, $23, $24, $25, $26, $27)
     RETURNING session_id, agent_id, version, created_at
 )
 INSERT INTO arbiter.session_events (
