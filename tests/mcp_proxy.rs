@@ -337,6 +337,22 @@ async fn the_proxy_decides_filters_and_forwards(pool: PgPool) {
     assert_eq!(unreadable.json()["error"]["code"], -32700);
     let large = send(&app, Some(&token), &[], "x".repeat(5000)).await;
     assert_eq!(large.status, StatusCode::PAYLOAD_TOO_LARGE);
+    // A body sent with another method than POST was not decided, so it does not cross.
+    let get = app
+        .clone()
+        .oneshot(
+            Request::get("/mcp")
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::from(call(9, "search").to_string()))
+                .expect("a request"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(
+        get.status(),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "the upstream's answer"
+    );
     assert_eq!(
         received.lock().expect("lock").len(),
         forwarded + 1,

@@ -716,11 +716,12 @@ async fn sessions_spend_a_shared_budget_over_http(pool: PgPool) {
         ),
         (Some("7"), &json!(7))
     );
+    // `2.0` is a whole number to JSON Schema, so to the service too.
     ok(service
         .post(
             &path,
             GATEWAY,
-            json!({ "tool": "search", "agent_id": agent, "cost": 2 }),
+            json!({ "tool": "search", "agent_id": agent, "cost": 2.0 }),
         )
         .await);
     ok(service
@@ -1105,6 +1106,35 @@ async fn ext_authz_metrics_and_openapi(pool: PgPool) {
     assert!(
         doc["components"]["schemas"]["CreateBody"]["properties"]["max_live_sessions"].is_object()
     );
+    // What a client generator and a stateful tester need: the constraints the service
+    // checks, and links from a created session to the routes that take its id.
+    let create = &doc["components"]["schemas"]["CreateBody"]["properties"];
+    assert_eq!(
+        (
+            &create["call_budget"]["minimum"],
+            &create["time_limit_secs"]["maximum"]
+        ),
+        (&json!(1), &json!(86_400))
+    );
+    assert_eq!(
+        create["authorized_tools"]["items"]["pattern"],
+        "^[!-~]{1,64}$"
+    );
+    let links = &doc["paths"]["/v1/sessions"]["post"]["responses"]["201"]["links"];
+    for operation in ["get_session", "use_session", "use_batch", "close"] {
+        assert_eq!(links[operation]["operationId"], operation, "{links}");
+        assert_eq!(
+            links[operation]["parameters"]["id"],
+            "$response.body#/session_id"
+        );
+    }
+    // A header is text or absent, never null.
+    let check = &doc["paths"]["/v1/check/{rest}"]["post"]["parameters"];
+    let cost = check
+        .as_array()
+        .and_then(|parameters| parameters.iter().find(|p| p["name"] == "x-arbiter-cost"))
+        .expect("the cost header");
+    assert_eq!(cost["schema"]["type"], "integer", "{cost}");
 
     let health = service.call(Method::GET, "/healthz").send().await;
     assert_eq!(

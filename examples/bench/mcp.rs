@@ -30,7 +30,21 @@ async fn upstream() -> Result<String, Box<dyn Error>> {
     Ok(format!("http://{address}/mcp"))
 }
 
-/// Records `mcp_direct_8` and `mcp_proxy_8`; returns the proxy's added p50 and p99 in µs.
+/// One MCP request of `message` to `url`, with the session's `token` if any.
+fn request(client: &reqwest::Client, url: &str, token: Option<&str>, message: &str) -> Call {
+    let mut request = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(message.to_owned());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    Box::pin(async move { expect_ok(request.send().await, "an MCP request") })
+}
+
+/// Records `mcp_direct_8`, `mcp_proxy_8` and `mcp_proxy_list_8`; returns the proxy's
+/// added p50 and p99 for a call, in µs.
 pub(super) async fn added_latency(bench: &mut Bench) -> Result<Option<(f64, f64)>, Box<dyn Error>> {
     let Ok(binary) = std::env::var("ARBITER_SERVE_BIN") else {
         eprintln!("(no ARBITER_SERVE_BIN: the MCP proxy figures are skipped)");
@@ -64,32 +78,19 @@ pub(super) async fn added_latency(bench: &mut Bench) -> Result<Option<(f64, f64)
     let call = json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/call",
         "params": { "name": "search", "arguments": { "query": "arbiter" } } })
     .to_string();
-    let send = move |url: String, token: Option<String>| {
+    let list = json!({ "jsonrpc": "2.0", "id": 2, "method": "tools/list" }).to_string();
+    let direct = {
         let (client, call) = (client.clone(), call.clone());
+        move |_: usize| -> Call { request(&client, &upstream, None, &call) }
+    };
+    let through = |message: String| {
+        let (client, tokens) = (client.clone(), Arc::clone(&tokens));
+        let url = format!("{}/mcp", service.base);
         move |task: usize| -> Call {
-            let mut request = client
-                .post(&url)
-                .header("content-type", "application/json")
-                .header("accept", "application/json, text/event-stream")
-                .body(call.clone());
-            if let Some(token) = &token {
-                request = request.bearer_auth(token);
-            }
-            let _ = task;
-            Box::pin(async move { expect_ok(request.send().await, "an MCP call") })
+            request(&client, &url, Some(&tokens[task % tokens.len()]), &message)
         }
     };
-    let direct = send(upstream, None);
-    let proxied = {
-        let base = format!("{}/mcp", service.base);
-        let tokens = Arc::clone(&tokens);
-        let per_task = send.clone();
-        move |task: usize| -> Call {
-            let token = tokens[task % tokens.len()].clone();
-            per_task(base.clone(), Some(token))(task)
-        }
-    };
-    let (direct, proxied) = compare(CLIENTS, bench.options.secs, direct, proxied).await?;
+    let (direct, proxied) = compare(CLIENTS, bench.options.secs, direct, through(call)).await?;
     let added = (
         proxied.p50_us - direct.p50_us,
         proxied.p99_us - direct.p99_us,
@@ -100,6 +101,9 @@ pub(super) async fn added_latency(bench: &mut Bench) -> Result<Option<(f64, f64)
         "mcp proxy adds p50 {:.1} µs, p99 {:.1} µs",
         added.0, added.1
     );
+    bench
+        .run("mcp_proxy_list_8", CLIENTS, through(list))
+        .await?;
     service.stop()?;
     Ok(Some(added))
 }

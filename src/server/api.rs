@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::openapi;
 use crate::budget::{BudgetId, BudgetTerms, BudgetUsage};
 use crate::http::status::{Status, Warning};
 use crate::http::{error_code, status_code_for_error};
@@ -189,6 +190,67 @@ pub(crate) fn rejected(status: StatusCode, detail: String) -> ApiError {
     ApiError::invalid("the request body is not the expected JSON")
 }
 
+/// Whole numbers as JSON may write them: `7`, or `7.0` (JSON Schema's `integer` admits
+/// both, so a client that trusts the schema may send either). Anything with a fraction, a
+/// sign or past `u64` is refused like any other malformed body.
+mod whole {
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    use serde::de::{self, Deserialize, Deserializer, Visitor};
+
+    /// A whole number.
+    struct Whole(u64);
+
+    impl<'de> Deserialize<'de> for Whole {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct WholeVisitor;
+            impl Visitor<'_> for WholeVisitor {
+                type Value = Whole;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a whole number")
+                }
+                fn visit_u64<E: de::Error>(self, value: u64) -> Result<Whole, E> {
+                    Ok(Whole(value))
+                }
+                fn visit_i64<E: de::Error>(self, value: i64) -> Result<Whole, E> {
+                    u64::try_from(value)
+                        .map(Whole)
+                        .map_err(|_| E::custom("a negative number"))
+                }
+                // `as` is exact here: checked first to be whole, not negative and below 2^64.
+                fn visit_f64<E: de::Error>(self, value: f64) -> Result<Whole, E> {
+                    // 2^64, exactly representable.
+                    const END: f64 = 18_446_744_073_709_551_616.0;
+                    if value.fract() == 0.0 && (0.0..END).contains(&value) {
+                        Ok(Whole(value as u64))
+                    } else {
+                        Err(E::custom("not a whole number"))
+                    }
+                }
+            }
+            deserializer.deserialize_any(WholeVisitor)
+        }
+    }
+
+    pub(super) fn one<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+        Whole::deserialize(deserializer).map(|whole| whole.0)
+    }
+
+    pub(super) fn optional<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<u64>, D::Error> {
+        Option::<Whole>::deserialize(deserializer).map(|whole| whole.map(|whole| whole.0))
+    }
+
+    pub(super) fn map<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<String, u64>, D::Error> {
+        BTreeMap::<String, Whole>::deserialize(deserializer)
+            .map(|map| map.into_iter().map(|(key, whole)| (key, whole.0)).collect())
+    }
+}
+
 /// `POST /v1/sessions`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -196,36 +258,53 @@ pub(crate) struct CreateBody {
     /// The agent the session is bound to.
     pub(crate) agent_id: Uuid,
     /// Tools the agent may call; `["*"]` allows every tool.
+    #[schema(schema_with = openapi::authorized_tools)]
     pub(crate) authorized_tools: Vec<String>,
     /// Total calls allowed.
+    #[schema(schema_with = openapi::call_budget)]
+    #[serde(deserialize_with = "whole::one")]
     pub(crate) call_budget: u64,
     /// How long the session lives, in seconds.
+    #[schema(schema_with = openapi::time_limit_secs)]
+    #[serde(deserialize_with = "whole::one")]
     pub(crate) time_limit_secs: u64,
     /// Calls allowed per rate window.
+    #[schema(schema_with = openapi::rate_limit_per_minute)]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub(crate) rate_limit_per_minute: Option<u64>,
     /// Length of the rate window in seconds (default 60).
+    #[schema(schema_with = openapi::rate_window_secs)]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub(crate) rate_limit_window_secs: Option<u64>,
     /// What the agent says it is doing.
+    #[schema(schema_with = openapi::declared_intent)]
     pub(crate) declared_intent: Option<String>,
     /// Who delegated to the agent.
+    #[schema(schema_with = openapi::delegation_chain)]
     pub(crate) delegation_chain: Option<Vec<String>>,
     /// Credentials the agent may use.
+    #[schema(schema_with = openapi::authorized_credentials)]
     pub(crate) authorized_credentials: Option<Vec<String>>,
     /// `public`, `internal`, `confidential` or `restricted`.
+    #[schema(schema_with = openapi::sensitivity)]
     pub(crate) data_sensitivity_ceiling: Option<String>,
     /// Refuse the create (429 `too_many_sessions`) if the agent already has this many live
     /// sessions, decided across every process.
+    #[schema(schema_with = openapi::max_live_sessions)]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub(crate) max_live_sessions: Option<u64>,
     /// Call limits of single tools inside the budget, by tool name (each at least 1, each
     /// tool authorized by `authorized_tools`); none by default.
-    #[serde(default)]
+    #[schema(schema_with = openapi::tool_limits)]
+    #[serde(default, deserialize_with = "whole::map")]
     pub(crate) tool_limits: BTreeMap<String, u64>,
     /// The shared budget the session's calls are charged to (it must exist).
-    #[schema(pattern = "^[A-Za-z0-9._:/-]{1,128}$")]
+    #[schema(schema_with = openapi::session_budget_id)]
     pub(crate) budget_id: Option<String>,
     /// What a call of a tool costs in the shared budget's units, by tool name (0 allowed;
     /// a tool without an entry costs 1); only with `budget_id`.
-    #[serde(default)]
+    #[schema(schema_with = openapi::tool_costs)]
+    #[serde(default, deserialize_with = "whole::map")]
     pub(crate) tool_costs: BTreeMap<String, u64>,
 }
 
@@ -363,11 +442,13 @@ impl From<&TaskSession> for SessionView {
 #[serde(deny_unknown_fields)]
 pub(crate) struct UseBody {
     /// The tool the agent is about to call.
+    #[schema(schema_with = openapi::name)]
     pub(crate) tool: String,
     /// The agent presenting the session.
     pub(crate) agent_id: Uuid,
     /// What the call costs in the session's shared budget, instead of its `tool_costs`.
-    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
+    #[schema(schema_with = openapi::optional_cost)]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub(crate) cost: Option<u64>,
 }
 
@@ -376,12 +457,14 @@ pub(crate) struct UseBody {
 #[serde(deny_unknown_fields)]
 pub(crate) struct UseBatchBody {
     /// The tools, one call each, all or nothing.
+    #[schema(schema_with = openapi::batch_tools)]
     pub(crate) tools: Vec<String>,
     /// The agent presenting the session.
     pub(crate) agent_id: Uuid,
     /// What the whole batch costs in the session's shared budget, instead of the sum of
     /// its tools' costs.
-    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
+    #[schema(schema_with = openapi::optional_cost)]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub(crate) cost: Option<u64>,
 }
 
@@ -446,12 +529,14 @@ impl From<Warning> for WarningView {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReserveBody {
     /// The tool the agent is about to call.
+    #[schema(schema_with = openapi::name)]
     pub(crate) tool: String,
     /// The agent presenting the session.
     pub(crate) agent_id: Uuid,
     /// The estimated cost, in the session's shared budget's units: charged now, and
     /// replaced by the actual cost when settled.
-    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
+    #[schema(schema_with = openapi::estimate)]
+    #[serde(deserialize_with = "whole::one")]
     pub(crate) cost: u64,
 }
 
@@ -484,7 +569,8 @@ impl ReserveAnswer {
 #[serde(deny_unknown_fields)]
 pub(crate) struct SettleBody {
     /// The actual cost, in the budget's units.
-    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
+    #[schema(schema_with = openapi::cost)]
+    #[serde(deserialize_with = "whole::one")]
     pub(crate) cost: u64,
 }
 
@@ -537,18 +623,20 @@ pub(crate) struct Health {
 #[serde(deny_unknown_fields)]
 pub(crate) struct BudgetBody {
     /// Units allowed per period.
-    #[schema(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
+    #[schema(schema_with = openapi::limit)]
+    #[serde(deserialize_with = "whole::one")]
     pub(crate) limit: u64,
     /// `none` (the default: one period that never ends), `day` or `month`.
-    #[schema(value_type = Option<String>, pattern = "^(none|day|month)$")]
+    #[schema(schema_with = openapi::period)]
     pub(crate) period: Option<String>,
     /// The budget charged with this one's charges too.
-    #[schema(pattern = "^[A-Za-z0-9._:/-]{1,128}$")]
+    #[schema(schema_with = openapi::budget_id)]
     pub(crate) parent_id: Option<String>,
     /// What a unit is, for people (default `calls`).
-    #[schema(pattern = "^[A-Za-z0-9_.:/-]{1,32}$")]
+    #[schema(schema_with = openapi::unit)]
     pub(crate) unit: Option<String>,
     /// The IANA time zone whose midnight starts a day or a month (default `UTC`).
+    #[schema(schema_with = openapi::time_zone)]
     pub(crate) time_zone: Option<String>,
 }
 

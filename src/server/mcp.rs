@@ -11,9 +11,12 @@
 //!   first, all or nothing (a batch is one decision), at its `tool_costs`. A denied call
 //!   never reaches the upstream: the client gets a JSON-RPC error for each request of the
 //!   body, whose message is the denial's opaque `Display` and whose `data` holds its code.
-//! * Every JSON-RPC result that lists tools (`result.tools`), in a JSON answer or in any
-//!   event of an SSE stream, is filtered to the session's allowed tools before it is
-//!   passed on, so an agent never sees the others.
+//! * Every JSON-RPC result that lists tools (`result.tools`), in the JSON answer to a
+//!   request for `tools/list` or in any event of an SSE stream (a GET stream may resume a
+//!   POST's), is filtered to the session's allowed tools before it is passed on, so an
+//!   agent never sees the others.
+//! * Only a POST carries messages to the upstream: a body sent with another method was not
+//!   decided, so it does not cross.
 //! * Only the headers MCP needs cross, both ways: never the session token, never a
 //!   client's `x-arbiter-*` header; an allowed answer carries the status signals.
 //!
@@ -206,7 +209,7 @@ async fn proxy(state: &AppState, request: Request) -> Result<Response, Response>
             }
         }
     }
-    let mut response = forward(proxy, &parts.method, &parts.headers, body, session).await?;
+    let mut response = forward(proxy, &parts, body, session).await?;
     if let Some(signals) = &signals {
         insert_signals(response.headers_mut(), signals);
     }
@@ -276,21 +279,23 @@ fn refused_calls(body: &[u8], mut error: Value, retry_after: Option<u64>) -> Res
 /// Sends the request on to the upstream and its answer back, filtered.
 async fn forward(
     proxy: &Proxy,
-    method: &Method,
-    headers: &HeaderMap,
+    request: &axum::http::request::Parts,
     body: Bytes,
     session: TaskSession,
 ) -> Result<Response, Response> {
-    let method = reqwest::Method::from_bytes(method.as_str().as_bytes())
-        .map_err(|_| ApiError::invalid("unsupported method").into_response())?;
-    let mut upstream = proxy.client.request(method, &proxy.upstream.url);
-    for (name, value) in headers {
+    let mut upstream = proxy
+        .client
+        .request(request.method.clone(), &proxy.upstream.url);
+    for (name, value) in &request.headers {
         let name = name.as_str();
         if REQUEST_HEADERS.contains(&name) || name.starts_with(PARAM_HEADER_PREFIX) {
             upstream = upstream.header(name, value.clone());
         }
     }
-    if !body.is_empty() {
+    // Only a POST carries messages (MCP's GET and DELETE have no body): a body sent with
+    // another method was not decided, so it does not cross.
+    let lists_tools = request.method == Method::POST && lists_tools(&body);
+    if request.method == Method::POST {
         upstream = upstream.body(body);
     }
     let answer = tokio::time::timeout(proxy.upstream.timeout, upstream.send())
@@ -321,7 +326,9 @@ async fn forward(
         })
         .unwrap_or_default();
     let body = match content_type.as_str() {
-        "application/json" => {
+        // A JSON answer is read whole only to filter the tool list the request asked for;
+        // any other streams through.
+        "application/json" if lists_tools => {
             let bytes = read_bounded(answer).await?;
             Body::from(filter_message(&bytes, &session).unwrap_or(bytes))
         }
@@ -332,6 +339,17 @@ async fn forward(
     *response.status_mut() = status;
     *response.headers_mut() = response_headers;
     Ok(response)
+}
+
+/// Whether `body` (a JSON-RPC message or batch) asks for `tools/list`.
+fn lists_tools(body: &[u8]) -> bool {
+    let asks =
+        |message: &Value| message.get("method").and_then(Value::as_str) == Some("tools/list");
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(messages)) => messages.iter().any(asks),
+        Ok(message) => asks(&message),
+        Err(_) => false,
+    }
 }
 
 fn upstream_unavailable(message: &'static str) -> Response {

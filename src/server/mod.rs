@@ -29,6 +29,7 @@ mod connections;
 mod ext_authz;
 mod grpc;
 mod mcp;
+mod openapi;
 mod readiness;
 mod routes;
 mod signals;

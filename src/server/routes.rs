@@ -11,7 +11,6 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use metrics_exporter_prometheus::PrometheusHandle;
-use utoipa::OpenApi;
 use uuid::Uuid;
 
 use crate::budget::{BudgetId, BudgetWrite};
@@ -23,74 +22,11 @@ use super::AppState;
 use super::api::{
     ApiError, Body, BudgetBody, BudgetList, BudgetView, CloseAnswer, Closed, CreateBody,
     CreatedView, ErrorBody, Health, LiveCount, ReserveAnswer, ReserveBody, SessionView,
-    SettleAnswer, SettleBody, SummaryView, ToolLimitView, UseAnswer, UseBatchBody, UseBody,
-    WarningView,
+    SettleAnswer, SettleBody, SummaryView, UseAnswer, UseBatchBody, UseBody,
 };
 use super::auth::{Caller, Role};
 use super::ext_authz::{self, Ask, HEADERS_TO_REMOVE};
 use super::readiness::Ready;
-
-/// The OpenAPI document of every route.
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "arbiter-session", description = "Durable task sessions for AI-agent gateways"),
-    paths(
-        create,
-        get_session,
-        use_session,
-        use_batch,
-        reserve,
-        settle,
-        close,
-        live_sessions,
-        close_all,
-        put_budget,
-        get_budget,
-        list_budgets,
-        check,
-        healthz,
-        readyz,
-        metrics
-    ),
-    components(schemas(
-        CreateBody,
-        CreatedView,
-        SessionView,
-        ToolLimitView,
-        UseBody,
-        UseBatchBody,
-        UseAnswer,
-        WarningView,
-        ReserveBody,
-        ReserveAnswer,
-        SettleBody,
-        SettleAnswer,
-        LiveCount,
-        CloseAnswer,
-        SummaryView,
-        Closed,
-        BudgetBody,
-        BudgetView,
-        BudgetList,
-        Health,
-        ErrorBody
-    )),
-    modifiers(&BearerAuth)
-)]
-pub(crate) struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
 
 /// A session or agent id from the path; anything but a UUID is 400 `invalid_request`.
 #[derive(Debug, Clone, Copy)]
@@ -412,7 +348,7 @@ impl<S: Send + Sync> FromRequestParts<S> for BudgetPath {
 }
 
 /// Creates a budget or replaces its terms (admin): 201 when created, 200 when replaced.
-#[utoipa::path(put, path = "/v1/budgets/{budget_id}", params(("budget_id" = String, Path)),
+#[utoipa::path(put, path = "/v1/budgets/{budget_id}", params(("budget_id" = String, Path, pattern = "^[A-Za-z0-9.:/-]{1,128}$")),
     request_body = BudgetBody,
     responses((status = 201, body = BudgetView), (status = 200, body = BudgetView),
         (status = "default", body = ErrorBody)),
@@ -438,7 +374,7 @@ pub(crate) async fn put_budget(
 }
 
 /// A budget and its current period's usage (admin, gateway).
-#[utoipa::path(get, path = "/v1/budgets/{budget_id}", params(("budget_id" = String, Path)),
+#[utoipa::path(get, path = "/v1/budgets/{budget_id}", params(("budget_id" = String, Path, pattern = "^[A-Za-z0-9.:/-]{1,128}$")),
     responses((status = 200, body = BudgetView), (status = "default", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn get_budget(
@@ -476,10 +412,12 @@ pub(crate) async fn list_budgets(
 /// status and body, which Envoy returns to the client. The calls decided are those of
 /// `crate::http::check` (a JSON-RPC body's `tools/call`s, all or nothing, else
 /// `x-arbiter-tool`); a request it cannot decide is 400 and counts nothing.
-#[utoipa::path(post, path = "/v1/check/{rest}", params(("rest" = String, Path),
+#[utoipa::path(method(get, post, put, patch, delete), path = "/v1/check/{rest}",
+    params(("rest" = String, Path),
         ("x-arbiter-session" = Uuid, Header), ("x-arbiter-agent" = Uuid, Header),
-        ("x-arbiter-tool" = Option<String>, Header),
-        ("x-arbiter-cost" = Option<u64>, Header)),
+        ("x-arbiter-tool" = String, Header, pattern = "^[!-~]{1,64}$",
+            description = "The tool; required unless the body holds JSON-RPC tools/call messages"),
+        ("x-arbiter-cost" = Option<u64>, Header, minimum = 0, maximum = 1_000_000_000_000_u64)),
     responses((status = 200, body = UseAnswer, headers(
             ("x-arbiter-calls-remaining" = u64), ("x-arbiter-seconds-remaining" = u64),
             ("x-arbiter-budget-remaining" = Option<u64>), ("x-arbiter-warning" = Option<String>),
@@ -549,8 +487,8 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> String {
 }
 
 /// The OpenAPI 3 document of these routes.
-pub(crate) async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+pub(crate) async fn openapi() -> Json<serde_json::Value> {
+    Json(super::openapi::document())
 }
 
 /// Any other path.
