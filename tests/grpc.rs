@@ -13,7 +13,7 @@ use arbiter_session::server::{Server, Tokens, serve_authorization};
 use arbiter_session::{PgStorage, SessionStore};
 use axum::Router;
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::Request;
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
@@ -221,23 +221,7 @@ impl Both {
 
     /// Creates a session over HTTP.
     async fn create(&self, body: Value) -> Uuid {
-        let response = self
-            .http
-            .clone()
-            .oneshot(
-                Request::post("/v1/sessions")
-                    .header("authorization", format!("Bearer {ADMIN}"))
-                    .header("content-type", "application/json")
-                    .body(Body::from(body.to_string()))
-                    .expect("a request"),
-            )
-            .await
-            .expect("infallible");
-        assert_eq!(response.status(), StatusCode::CREATED);
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .expect("a body");
-        let session: Value = serde_json::from_slice(&bytes).expect("JSON");
+        let session = common::routes::create_session(&self.http, ADMIN, &body).await;
         session["session_id"]
             .as_str()
             .and_then(|id| id.parse().ok())

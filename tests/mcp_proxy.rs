@@ -148,22 +148,7 @@ async fn send(app: &Router, token: Option<&str>, headers: &[(&str, &str)], body:
 
 /// Creates a session over HTTP; its id and token.
 async fn create(app: &Router, body: Value) -> (Uuid, String) {
-    let response = app
-        .clone()
-        .oneshot(
-            Request::post("/v1/sessions")
-                .header("authorization", format!("Bearer {ADMIN}"))
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .expect("a request"),
-        )
-        .await
-        .expect("infallible");
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .expect("a body");
-    let session: Value = serde_json::from_slice(&bytes).expect("JSON");
+    let session = common::routes::create_session(app, ADMIN, &body).await;
     (
         session["session_id"]
             .as_str()
@@ -431,4 +416,116 @@ async fn an_upstream_down_and_a_closed_session(pool: PgPool) {
     let call = send(&app, Some(&token), &[], call(2, "search").to_string()).await;
     assert_eq!(call.status, StatusCode::GONE);
     assert_eq!(common::row(&pool, id).await.calls_made, 0);
+}
+
+/// An upstream whose `/mcp` answers a POST with an SSE stream that sends one event and
+/// then nothing, forever, or (for a request whose id is `slow`) answers nothing at all;
+/// `dropped` is set once a stream it began was dropped (its client went away).
+async fn endless_upstream() -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct Guard(Arc<AtomicBool>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&dropped);
+    let app = Router::new().route(
+        "/mcp",
+        axum::routing::post(move |body: String| {
+            let flag = Arc::clone(&flag);
+            async move {
+                if body.contains("\"slow\"") {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                let guard = Guard(flag);
+                let first = futures_util::stream::once(async {
+                    Ok::<_, std::io::Error>(axum::body::Bytes::from_static(
+                        b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n",
+                    ))
+                });
+                let never = futures_util::stream::unfold(guard, |guard| async move {
+                    std::future::pending::<()>().await;
+                    Some((Ok(axum::body::Bytes::new()), guard))
+                });
+                (
+                    [("content-type", "text/event-stream")],
+                    Body::from_stream(futures_util::StreamExt::chain(first, never)),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let address = listener.local_addr().expect("bound");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}/mcp"), dropped)
+}
+
+/// A client that goes away mid-stream takes the upstream's stream with it; an upstream
+/// that does not answer within the timeout is 503, after the timeout and not much more.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn streams_end_with_their_client_and_a_silent_upstream_times_out(pool: PgPool) {
+    use std::sync::atomic::Ordering;
+
+    let (url, dropped) = endless_upstream().await;
+    let app = proxy(&pool, &url).await;
+    let (_, token) = create(
+        &app,
+        json!({ "agent_id": Uuid::new_v4(), "authorized_tools": ["search"], "call_budget": 5,
+            "time_limit_secs": 600 }),
+    )
+    .await;
+    let request = |id: &str| {
+        Request::post("/mcp")
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({ "jsonrpc": "2.0", "id": id, "method": "tools/list" }).to_string(),
+            ))
+            .expect("a request")
+    };
+    let response = app
+        .clone()
+        .oneshot(request("stream"))
+        .await
+        .expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body().into_data_stream();
+    let first = futures_util::StreamExt::next(&mut body)
+        .await
+        .expect("an event")
+        .expect("bytes");
+    assert!(first.starts_with(b"event: message"), "{first:?}");
+    assert!(!dropped.load(Ordering::SeqCst), "the stream is still open");
+    drop(body);
+    common::until("the upstream's stream is dropped with its client", || {
+        dropped.load(Ordering::SeqCst)
+    })
+    .await;
+
+    // The proxy's timeout is 2 s (`proxy`); the upstream would answer after 30. The bound
+    // here is liveness only: the answer must come, from the timeout.
+    let silent = tokio::time::timeout(
+        Duration::from_secs(10),
+        app.clone().oneshot(request("slow")),
+    )
+    .await
+    .expect("answered before the upstream would have")
+    .expect("infallible");
+    assert_eq!(silent.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let bytes = axum::body::to_bytes(silent.into_body(), 1 << 20)
+        .await
+        .expect("a body");
+    let error: Value = serde_json::from_slice(&bytes).expect("JSON");
+    assert_eq!(
+        (&error["error"], &error["message"]),
+        (
+            &json!("upstream_unavailable"),
+            &json!("the MCP upstream did not answer in time")
+        )
+    );
 }

@@ -302,6 +302,9 @@ async fn forward(
         .await
         .map_err(|_| upstream_unavailable("the MCP upstream did not answer in time"))?
         .map_err(|err| {
+            if err.is_timeout() {
+                return upstream_unavailable("the MCP upstream did not answer in time");
+            }
             tracing::warn!(error = %err, "the MCP upstream cannot be reached");
             upstream_unavailable("the MCP upstream cannot be reached")
         })?;

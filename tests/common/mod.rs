@@ -122,6 +122,8 @@ pub async fn event_kinds(pool: &PgPool, id: Uuid) -> Vec<String> {
 
 pub mod proxy;
 pub mod reports;
+#[cfg(feature = "server")]
+pub mod routes;
 
 /// A proxy in front of the test database's server, and a pool that goes through it.
 /// The pool gives up acquiring after 1 s, so a refused network fails fast.
