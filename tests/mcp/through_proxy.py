@@ -21,9 +21,9 @@ import urllib.error
 import urllib.request
 import uuid
 
+import httpx2
 from mcp import ClientSession, MCPError
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 
 ARBITER = os.environ["ARBITER_URL"]
 ADMIN = os.environ["ARBITER_ADMIN_TOKEN"]
@@ -89,7 +89,7 @@ async def expect_denied(call, code):
 async def main():
     token = create_session()
     headers = {"Authorization": f"Bearer {token}"}
-    async with create_mcp_http_client(headers=headers) as client:
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as client:
         async with streamable_http_client(f"{ARBITER}/mcp", http_client=client) as streams:
             read, write = streams[0], streams[1]
             async with ClientSession(read, write) as session:
