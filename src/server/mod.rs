@@ -1,6 +1,8 @@
-//! The store behind HTTP (feature `server`): the routes of `arbiter-session serve`, as an
-//! axum [`Router`] a Rust gateway can also mount in its own app, and the connection loop
-//! that serves them with bounded timeouts ([`serve_connections`]).
+//! The store behind HTTP and gRPC (feature `server`): the routes of `arbiter-session
+//! serve`, as an axum [`Router`] a Rust gateway can also mount in its own app, the
+//! connection loop that serves them with bounded timeouts ([`serve_connections`]), Envoy's
+//! gRPC `ext_authz` ([`Server::authorization_service`], [`serve_authorization`]) and the
+//! MCP proxy ([`Server::with_mcp_upstream`]).
 //!
 //! One [`Server`] is one store: every route makes one call of [`SessionStore`], nothing is
 //! re-implemented. The routes' roles, wire format and errors are in the README ("Run it as
@@ -20,8 +22,12 @@
 //!
 //! Its invariants are stated where they are kept: one error shape and nothing leaked
 //! (`api`), no token leaks and no timing oracle ([`Tokens`]), the check decides the calls a
-//! body names (`crate::http::check`), readiness costs at most one connection (`readiness`),
-//! and no client holds a connection or the shutdown past its bound ([`serve_connections`]).
+//! body names (`crate::http::check`), one check decision whichever transport
+//! (`ext_authz`), the status signals are the service's and never the client's
+//! (`crate::http::status`), no call reaches the MCP upstream undecided and no tool is seen
+//! unallowed (`mcp`), a request the schema calls valid is never refused as invalid
+//! (`openapi`), readiness costs at most one connection (`readiness`), and no client holds a
+//! connection or the shutdown past its bound ([`serve_connections`]).
 
 mod api;
 mod auth;

@@ -1,5 +1,6 @@
 //! The routes: each handler checks the caller's role, parses, and makes one call of the
-//! store; the OpenAPI document is derived from these handlers and the types of `api`.
+//! store; the OpenAPI document (`openapi`) is derived from these handlers and the types of
+//! `api`.
 
 use std::time::Duration;
 
