@@ -70,6 +70,7 @@ async fn start(url: &str, args: &[&str]) -> Service {
         .env("DATABASE_URL", url)
         .env("ARBITER_ADMIN_TOKEN", ADMIN)
         .env("ARBITER_GATEWAY_TOKEN", GATEWAY)
+        .env_remove("ARBITER_VIEWER_TOKEN")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(File::create(&log.0).expect("log file"))
@@ -318,7 +319,8 @@ fn serve_refuses_to_start_without_good_tokens_or_with_no_auth_in_public() {
             .args(args)
             .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
             .env_remove("ARBITER_ADMIN_TOKEN")
-            .env_remove("ARBITER_GATEWAY_TOKEN");
+            .env_remove("ARBITER_GATEWAY_TOKEN")
+            .env_remove("ARBITER_VIEWER_TOKEN");
         if let Some(admin) = tokens.0 {
             command.env("ARBITER_ADMIN_TOKEN", admin);
         }
@@ -328,6 +330,10 @@ fn serve_refuses_to_start_without_good_tokens_or_with_no_auth_in_public() {
         command.output().expect("the binary runs")
     };
     let local = ["--listen", "127.0.0.1:0"];
+    // A viewer token that is the gateway's.
+    let viewer_file = std::env::temp_dir().join(format!("arbiter-viewer-{}", Uuid::new_v4()));
+    std::fs::write(&viewer_file, GATEWAY).expect("a token file");
+    let viewer_file_arg = viewer_file.to_string_lossy().into_owned();
     let short = "fifteen-bytes!!";
     for (output, expected, secret) in [
         (run(&local, (None, None)), "both tokens are required", ADMIN),
@@ -371,12 +377,26 @@ fn serve_refuses_to_start_without_good_tokens_or_with_no_auth_in_public() {
             "the admin and gateway tokens must differ",
             ADMIN,
         ),
+        (
+            run(
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--viewer-token-file",
+                    &viewer_file_arg,
+                ],
+                (Some(ADMIN), Some(GATEWAY)),
+            ),
+            "the viewer token must differ from the admin and gateway tokens",
+            GATEWAY,
+        ),
     ] {
         let err = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{err}");
         assert!(err.contains(expected), "{err}");
         assert!(!err.contains(secret), "a token never appears in an error");
     }
+    let _ = std::fs::remove_file(&viewer_file);
 }
 
 /// Security review, defect 1: the check decides the tool a JSON-RPC body names, whatever

@@ -906,6 +906,24 @@ async fn reservations_over_http(pool: PgPool) {
         "{}",
         reserved.body
     );
+    // The status signals, as `/use` answers them: 100 - 60 held, 9 calls left.
+    assert_eq!(
+        (
+            &reserved.body["calls_remaining"],
+            &reserved.body["budget_remaining"],
+            &reserved.body["warnings"]
+        ),
+        (&json!(9), &json!(40), &json!([])),
+        "{}",
+        reserved.body
+    );
+    assert_eq!(
+        (
+            reserved.header("x-arbiter-calls-remaining"),
+            reserved.header("x-arbiter-budget-remaining")
+        ),
+        (Some("9"), Some("40"))
+    );
     let acme = service.get("/v1/budgets/acme", GATEWAY).await;
     assert_eq!(
         (
@@ -1726,4 +1744,88 @@ async fn connections_are_bounded_in_time_and_number() {
     assert!(took < Duration::from_secs(1), "{took:?}");
     let drained = served.await.expect("the server task");
     assert_eq!((drained.open, drained.cut), (1, 0), "{drained:?}");
+}
+
+const VIEWER: &str = "viewer-token-for-tests";
+
+/// The viewer token reads sessions, budgets and live counts, and every route that changes
+/// anything answers it 403, with nothing changed.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn a_viewer_reads_and_changes_nothing(pool: PgPool) {
+    let tokens = tokens()
+        .with_viewer(VIEWER)
+        .expect("a distinct viewer token");
+    let service = service_with(&common::database_url(&pool).await, 4, false, tokens).await;
+    let put = service
+        .put("/v1/budgets/acme", ADMIN, json!({ "limit": 10 }))
+        .await;
+    assert_eq!(put.status, StatusCode::CREATED, "{}", put.body);
+    let agent = Uuid::new_v4();
+    let id = create(
+        &service,
+        json!({ "agent_id": agent, "authorized_tools": ["search"], "call_budget": 5,
+            "time_limit_secs": 600, "budget_id": "acme" }),
+    )
+    .await;
+
+    for path in [
+        format!("/v1/sessions/{id}"),
+        "/v1/budgets".to_owned(),
+        "/v1/budgets/acme".to_owned(),
+        format!("/v1/agents/{agent}/live-sessions"),
+    ] {
+        let read = service.get(&path, VIEWER).await;
+        assert_eq!(read.status, StatusCode::OK, "{path}: {}", read.body);
+    }
+
+    let call = json!({ "tool": "search", "agent_id": agent, "cost": 1 });
+    let writes = [
+        (
+            "/v1/sessions".to_owned(),
+            json!({ "agent_id": agent, "authorized_tools": ["search"],
+            "call_budget": 1, "time_limit_secs": 60 }),
+        ),
+        (format!("/v1/sessions/{id}/use"), call.clone()),
+        (
+            format!("/v1/sessions/{id}/use-batch"),
+            json!({ "tools": ["search"], "agent_id": agent }),
+        ),
+        (format!("/v1/sessions/{id}/reserve"), call),
+        (
+            format!("/v1/reservations/{}/settle", Uuid::new_v4()),
+            json!({ "cost": 1 }),
+        ),
+        (format!("/v1/sessions/{id}/close"), json!({})),
+        (format!("/v1/agents/{agent}/close-all"), json!({})),
+    ];
+    for (path, body) in writes {
+        let answer = service.post(&path, VIEWER, body).await;
+        assert_error(&answer, StatusCode::FORBIDDEN, "forbidden");
+    }
+    assert_error(
+        &service
+            .put("/v1/budgets/acme", VIEWER, json!({ "limit": 1_000 }))
+            .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let check = service
+        .call(Method::POST, "/v1/check/tools")
+        .bearer(VIEWER)
+        .header("x-arbiter-session", id.to_string())
+        .header("x-arbiter-agent", agent.to_string())
+        .header("x-arbiter-tool", "search")
+        .send()
+        .await;
+    assert_error(&check, StatusCode::FORBIDDEN, "forbidden");
+
+    // Nothing changed.
+    assert_eq!(sessions_in(&pool).await, 1);
+    let row = common::row(&pool, id).await;
+    assert_eq!((row.calls_made, row.status.as_str()), (0, "active"));
+    let acme = service.get("/v1/budgets/acme", VIEWER).await;
+    assert_eq!(
+        (&acme.body["limit"], &acme.body["used"]),
+        (&json!(10), &json!(0))
+    );
 }

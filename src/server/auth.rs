@@ -1,5 +1,5 @@
-//! Who is calling: `Authorization: Bearer <token>`, matched against the admin and the
-//! gateway token.
+//! Who is calling: `Authorization: Bearer <token>`, matched against the admin, the gateway
+//! and the viewer token. Each token grants one role; the viewer's grants reading only.
 //!
 //! # Invariant: no token leaks, no timing oracle
 //! Tokens are compared as SHA-256 digests, in constant time, so neither a token's length
@@ -27,16 +27,23 @@ pub(crate) enum Role {
     Admin,
     /// Uses and checks sessions on an agent's behalf.
     Gateway,
+    /// Reads sessions, budgets and reports (the operator's console); changes nothing.
+    Viewer,
 }
 
-/// The admin and the gateway token, kept as digests only: the admin's creates sessions and
-/// manages agents, the gateway's uses and checks them.
+/// The admin, the gateway and (optionally) the viewer token, kept as digests only: the
+/// admin's creates sessions and manages agents, the gateway's uses and checks them, the
+/// viewer's reads and changes nothing.
 pub struct Tokens(Guard);
 
 /// What a [`Tokens`] requires of a request.
 enum Guard {
     /// Every request must present one of these.
-    Required { admin: [u8; 32], gateway: [u8; 32] },
+    Required {
+        admin: [u8; 32],
+        gateway: [u8; 32],
+        viewer: Option<[u8; 32]>,
+    },
     /// No token: every caller has every role (loopback `Host` names only).
     Disabled,
 }
@@ -54,6 +61,9 @@ pub enum TokenError {
     /// The two tokens are the same, so a gateway could create sessions.
     #[error("the admin and gateway tokens must differ: a gateway could create sessions")]
     Same,
+    /// The viewer token is the admin's or the gateway's, so a viewer could change things.
+    #[error("the viewer token must differ from the admin and gateway tokens")]
+    ViewerSame,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -90,6 +100,29 @@ impl Tokens {
         Ok(Tokens(Guard::Required {
             admin: digest(admin),
             gateway: digest(gateway),
+            viewer: None,
+        }))
+    }
+
+    /// Also accepts `viewer` (trimmed, at least [`MIN_TOKEN_BYTES`] bytes, unlike the other
+    /// two), which may read sessions, budgets and reports and change nothing. Without
+    /// tokens ([`Self::disabled`]) there is nothing to add.
+    pub fn with_viewer(self, viewer: &str) -> Result<Self, TokenError> {
+        let Guard::Required { admin, gateway, .. } = self.0 else {
+            return Ok(self);
+        };
+        let viewer = viewer.trim();
+        if viewer.len() < MIN_TOKEN_BYTES {
+            return Err(TokenError::TooShort { role: "viewer" });
+        }
+        let viewer = digest(viewer);
+        if same(&viewer, &admin) || same(&viewer, &gateway) {
+            return Err(TokenError::ViewerSame);
+        }
+        Ok(Tokens(Guard::Required {
+            admin,
+            gateway,
+            viewer: Some(viewer),
         }))
     }
 
@@ -107,16 +140,22 @@ impl Tokens {
     /// The roles `presented` (a bearer token) grants; empty for a wrong one.
     fn roles(&self, presented: &str) -> &'static [Role] {
         match &self.0 {
-            Guard::Disabled => &[Role::Admin, Role::Gateway],
-            Guard::Required { admin, gateway } => {
+            Guard::Disabled => &[Role::Admin, Role::Gateway, Role::Viewer],
+            Guard::Required {
+                admin,
+                gateway,
+                viewer,
+            } => {
                 let presented = digest(presented);
-                // Both comparisons always run.
-                let (is_admin, is_gateway) = (same(admin, &presented), same(gateway, &presented));
-                match (is_admin, is_gateway) {
-                    (true, true) => &[Role::Admin, Role::Gateway],
-                    (true, false) => &[Role::Admin],
-                    (false, true) => &[Role::Gateway],
-                    (false, false) => &[],
+                // Every comparison always runs; the tokens are distinct, so one matches.
+                let is_admin = same(admin, &presented);
+                let is_gateway = same(gateway, &presented);
+                let is_viewer = viewer.is_some_and(|viewer| same(&viewer, &presented));
+                match (is_admin, is_gateway, is_viewer) {
+                    (true, _, _) => &[Role::Admin],
+                    (false, true, _) => &[Role::Gateway],
+                    (false, false, true) => &[Role::Viewer],
+                    (false, false, false) => &[],
                 }
             }
         }
@@ -294,5 +333,17 @@ mod tests {
             TokenError::Same
         );
         assert!(Tokens::disabled().is_disabled());
+        let tokens = || Tokens::new("admin-secret-0001", "gateway-secret-01").unwrap();
+        for (viewer, refused) in [
+            ("viewer", TokenError::TooShort { role: "viewer" }),
+            (" admin-secret-0001 ", TokenError::ViewerSame),
+            ("gateway-secret-01", TokenError::ViewerSame),
+        ] {
+            assert_eq!(tokens().with_viewer(viewer).unwrap_err(), refused);
+        }
+        let with_viewer = tokens().with_viewer("viewer-secret-001").unwrap();
+        assert_eq!(with_viewer.roles("viewer-secret-001"), [Role::Viewer]);
+        assert_eq!(with_viewer.roles("admin-secret-0001"), [Role::Admin]);
+        assert!(tokens().roles("viewer-secret-001").is_empty());
     }
 }

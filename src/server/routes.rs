@@ -152,7 +152,7 @@ pub(crate) async fn create(
     ))
 }
 
-/// One session (admin, gateway).
+/// One session (admin, gateway, viewer).
 #[utoipa::path(get, path = "/v1/sessions/{id}", params(("id" = Uuid, Path)),
     responses((status = 200, body = SessionView), (status = "default", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -161,7 +161,7 @@ pub(crate) async fn get_session(
     caller: Caller,
     Id(id): Id,
 ) -> Result<Json<SessionView>, ApiError> {
-    caller.require(&[Role::Admin, Role::Gateway])?;
+    caller.require(&[Role::Admin, Role::Gateway, Role::Viewer])?;
     let session = state.store.get(id).await?;
     Ok(Json(SessionView::from(&session)))
 }
@@ -303,7 +303,7 @@ pub(crate) async fn close(
     }))
 }
 
-/// Live sessions of an agent, across every process (admin).
+/// Live sessions of an agent, across every process (admin, viewer).
 #[utoipa::path(get, path = "/v1/agents/{agent_id}/live-sessions",
     params(("agent_id" = Uuid, Path)),
     responses((status = 200, body = LiveCount), (status = "default", body = ErrorBody)),
@@ -313,7 +313,7 @@ pub(crate) async fn live_sessions(
     caller: Caller,
     Id(agent): Id,
 ) -> Result<Json<LiveCount>, ApiError> {
-    caller.require(&[Role::Admin])?;
+    caller.require(&[Role::Admin, Role::Viewer])?;
     let count = state.store.count_live_for_agent(agent).await?;
     Ok(Json(LiveCount { count }))
 }
@@ -374,7 +374,7 @@ pub(crate) async fn put_budget(
     Ok((status, Json(BudgetView::from(&budget))))
 }
 
-/// A budget and its current period's usage (admin, gateway).
+/// A budget and its current period's usage (admin, gateway, viewer).
 #[utoipa::path(get, path = "/v1/budgets/{budget_id}", params(("budget_id" = String, Path, pattern = "^[A-Za-z0-9.:/-]{1,128}$")),
     responses((status = 200, body = BudgetView), (status = "default", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -383,7 +383,7 @@ pub(crate) async fn get_budget(
     caller: Caller,
     BudgetPath(id): BudgetPath,
 ) -> Result<Json<BudgetView>, ApiError> {
-    caller.require(&[Role::Admin, Role::Gateway])?;
+    caller.require(&[Role::Admin, Role::Gateway, Role::Viewer])?;
     let budget = state
         .store
         .budget(&id)
@@ -392,7 +392,7 @@ pub(crate) async fn get_budget(
     Ok(Json(BudgetView::from(&budget)))
 }
 
-/// Every budget and its current period's usage (admin).
+/// Every budget and its current period's usage (admin, viewer).
 #[utoipa::path(get, path = "/v1/budgets",
     responses((status = 200, body = BudgetList), (status = "default", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -400,7 +400,7 @@ pub(crate) async fn list_budgets(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<BudgetList>, ApiError> {
-    caller.require(&[Role::Admin])?;
+    caller.require(&[Role::Admin, Role::Viewer])?;
     let budgets = state.store.budgets().await?;
     Ok(Json(BudgetList {
         budgets: budgets.iter().map(BudgetView::from).collect(),

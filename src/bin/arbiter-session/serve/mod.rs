@@ -65,6 +65,10 @@ pub(crate) struct ServeArgs {
     /// File holding the gateway token (else `ARBITER_GATEWAY_TOKEN`).
     #[arg(long)]
     gateway_token_file: Option<PathBuf>,
+    /// File holding the viewer token, which reads and changes nothing (else
+    /// `ARBITER_VIEWER_TOKEN`; optional).
+    #[arg(long)]
+    viewer_token_file: Option<PathBuf>,
     /// Serve without tokens: every caller has every role. Loopback addresses only.
     #[arg(long)]
     no_auth: bool,
@@ -155,9 +159,16 @@ fn tokens(args: &ServeArgs) -> Result<Tokens, Failure> {
         tracing::warn!(listen = %args.listen, "serving WITHOUT authentication (--no-auth)");
         return Ok(Tokens::disabled());
     }
+    let viewer = token(args.viewer_token_file.as_ref(), "ARBITER_VIEWER_TOKEN")?;
     match (admin, gateway) {
         (Some(admin), Some(gateway)) => {
-            Tokens::new(&admin, &gateway).map_err(|err| Failure(err.to_string()))
+            let tokens = Tokens::new(&admin, &gateway).map_err(|err| Failure(err.to_string()))?;
+            match viewer {
+                Some(viewer) => tokens
+                    .with_viewer(&viewer)
+                    .map_err(|err| Failure(err.to_string())),
+                None => Ok(tokens),
+            }
         }
         _ => Err(Failure(
             "both tokens are required: set ARBITER_ADMIN_TOKEN and ARBITER_GATEWAY_TOKEN \
