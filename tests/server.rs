@@ -1139,7 +1139,13 @@ async fn ext_authz_metrics_and_openapi(pool: PgPool) {
         "^[!-~]{1,64}$"
     );
     let links = &doc["paths"]["/v1/sessions"]["post"]["responses"]["201"]["links"];
-    for operation in ["get_session", "use_session", "use_batch", "close"] {
+    for operation in [
+        "get_session",
+        "session_events",
+        "use_session",
+        "use_batch",
+        "close",
+    ] {
         assert_eq!(links[operation]["operationId"], operation, "{links}");
         assert_eq!(
             links[operation]["parameters"]["id"],
@@ -1828,4 +1834,94 @@ async fn a_viewer_reads_and_changes_nothing(pool: PgPool) {
         (&acme.body["limit"], &acme.body["used"]),
         (&json!(10), &json!(0))
     );
+}
+
+/// A session's trail over HTTP, for the viewer: in the order things happened, with each
+/// state change's hash and whether the chains verify, in pages that join up; the gateway
+/// may not read it, an unknown session is 404, and a limit out of range is 400.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn a_sessions_trail_in_pages(pool: PgPool) {
+    let tokens = tokens()
+        .with_viewer(VIEWER)
+        .expect("a distinct viewer token");
+    let service = service_with(&common::database_url(&pool).await, 4, false, tokens).await;
+    let agent = Uuid::new_v4();
+    let id = create(
+        &service,
+        json!({ "agent_id": agent, "authorized_tools": ["search"], "call_budget": 3,
+            "time_limit_secs": 600 }),
+    )
+    .await;
+    let call = |tool: &str| json!({ "tool": tool, "agent_id": agent });
+    let use_path = format!("/v1/sessions/{id}/use");
+    for tool in ["search", "search", "rm"] {
+        service.post(&use_path, GATEWAY, call(tool)).await;
+    }
+    // The denial reaches the trail with the close's summary (its writer is flushed).
+    let closed = service
+        .post(&format!("/v1/sessions/{id}/close"), ADMIN, json!({}))
+        .await;
+    assert_eq!(closed.status, StatusCode::OK);
+
+    let events = format!("/v1/sessions/{id}/events");
+    let all = service.get(&events, VIEWER).await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.body);
+    assert_eq!(all.body["chain_intact"], true, "{}", all.body);
+    let kinds: Vec<&str> = all.body["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|event| event["kind"].as_str().expect("a kind"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "call_allowed",
+            "call_allowed",
+            "denied",
+            "closed"
+        ]
+    );
+    assert!(all.body["events"][1]["hash"].is_string());
+    assert!(all.body["events"][3]["reason"] == "tool");
+    assert!(all.body["next_cursor"].is_null());
+
+    // Pages of two join up into the same trail.
+    let mut paged = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(cursor) => format!("{events}?limit=2&cursor={cursor}"),
+            None => format!("{events}?limit=2"),
+        };
+        let page = service.get(&path, ADMIN).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        paged.extend(page.body["events"].as_array().expect("events").clone());
+        match page.body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(&Value::Array(paged), &all.body["events"]);
+
+    assert_error(
+        &service.get(&events, GATEWAY).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_error(
+        &service
+            .get(&format!("/v1/sessions/{}/events", Uuid::new_v4()), VIEWER)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    for bad in ["limit=0", "limit=1001", "cursor=x", "other=1"] {
+        assert_error(
+            &service.get(&format!("{events}?{bad}"), VIEWER).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        );
+    }
 }

@@ -17,7 +17,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::openapi;
@@ -25,6 +25,7 @@ use crate::budget::{BudgetId, BudgetTerms, BudgetUsage};
 use crate::http::status::{Status, Warning};
 use crate::http::{error_code, status_code_for_error};
 use crate::model::{Reservation, SessionSummary, Settlement};
+use crate::operator::report::EventRecord;
 use crate::{SessionError, TaskSession};
 
 /// Every error body.
@@ -593,6 +594,74 @@ impl From<&Settlement> for SettleAnswer {
             charged: s.charged,
             released: s.released,
             overrun: s.overrun,
+        }
+    }
+}
+
+/// `GET /v1/sessions/{id}/events`: which page.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct EventsQuery {
+    /// Most events in the page (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub(crate) limit: Option<u32>,
+    /// Where the page starts: the `next_cursor` of the page before (absent: the first).
+    #[param(pattern = "^[0-9]{1,18}-[0-9]{1,18}$")]
+    pub(crate) cursor: Option<String>,
+}
+
+/// One page of a session's audit trail.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct EventPage {
+    pub(crate) session_id: Uuid,
+    /// Whether both of the session's hash chains (its state changes, its denials) verify,
+    /// over its whole trail.
+    pub(crate) chain_intact: bool,
+    /// The first link that does not verify, when one does not.
+    pub(crate) broken_link: Option<String>,
+    /// The events, in the order they happened.
+    pub(crate) events: Vec<EventView>,
+    /// The cursor of the next page; absent on the last.
+    pub(crate) next_cursor: Option<String>,
+}
+
+/// One audit event.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct EventView {
+    pub(crate) event_id: i64,
+    pub(crate) occurred_at: DateTime<Utc>,
+    /// `created`, `call_allowed`, `batch_allowed`, `settled`, `closed`, `expired`,
+    /// `reconciled` or `denied`.
+    pub(crate) kind: String,
+    /// Why a call was denied (denials only).
+    pub(crate) reason: Option<String>,
+    pub(crate) tools: Vec<String>,
+    /// Calls made after the event.
+    pub(crate) calls_made: i64,
+    /// Status after the event.
+    pub(crate) status: String,
+    /// The session's version after the event (none for denials).
+    pub(crate) session_version: Option<i64>,
+    /// Denials: the agent that presented the session.
+    pub(crate) presented_agent_id: Option<Uuid>,
+    /// The event's link in its hash chain, hex.
+    pub(crate) hash: Option<String>,
+}
+
+impl From<&EventRecord> for EventView {
+    fn from(e: &EventRecord) -> Self {
+        EventView {
+            event_id: e.event_id,
+            occurred_at: e.occurred_at,
+            kind: e.kind.clone(),
+            reason: e.reason.clone(),
+            tools: e.tools.clone(),
+            calls_made: e.calls_made,
+            status: e.status.clone(),
+            session_version: e.session_version,
+            presented_agent_id: e.presented_agent_id,
+            hash: e.hash.clone(),
         }
     }
 }

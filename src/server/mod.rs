@@ -143,6 +143,7 @@ impl Server {
         let router = Router::new()
             .route("/v1/sessions", post(routes::create))
             .route("/v1/sessions/{id}", get(routes::get_session))
+            .route("/v1/sessions/{id}/events", get(routes::session_events))
             .route("/v1/sessions/{id}/use", post(routes::use_session))
             .route("/v1/sessions/{id}/use-batch", post(routes::use_batch))
             .route("/v1/sessions/{id}/reserve", post(routes::reserve))

@@ -20,8 +20,8 @@ use utoipa::openapi::{RefOr, Schema};
 
 use super::api::{
     BudgetBody, BudgetList, BudgetView, CloseAnswer, Closed, CreateBody, CreatedView, ErrorBody,
-    Health, LiveCount, ReserveAnswer, ReserveBody, SessionView, SettleAnswer, SettleBody,
-    SummaryView, ToolLimitView, UseAnswer, UseBatchBody, UseBody, WarningView,
+    EventPage, EventView, Health, LiveCount, ReserveAnswer, ReserveBody, SessionView, SettleAnswer,
+    SettleBody, SummaryView, ToolLimitView, UseAnswer, UseBatchBody, UseBody, WarningView,
 };
 use super::routes;
 use crate::model::limits::{MAX_COST, MAX_COUNT, MAX_RATE_WINDOW_SECS};
@@ -46,18 +46,23 @@ const MAX_INTENT_CHARS: usize = 1024;
 /// 5 names a link's fields in snake case, where OpenAPI has `operationId`.)
 pub(crate) fn document() -> Value {
     let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null);
-    let links: serde_json::Map<String, Value> =
-        ["get_session", "use_session", "use_batch", "close"]
-            .into_iter()
-            .map(|operation| {
-                let link = json!({
-                    "operationId": operation,
-                    "parameters": { "id": "$response.body#/session_id" },
-                    "description": format!("`{operation}` of the created session"),
-                });
-                (operation.to_owned(), link)
-            })
-            .collect();
+    let links: serde_json::Map<String, Value> = [
+        "get_session",
+        "session_events",
+        "use_session",
+        "use_batch",
+        "close",
+    ]
+    .into_iter()
+    .map(|operation| {
+        let link = json!({
+            "operationId": operation,
+            "parameters": { "id": "$response.body#/session_id" },
+            "description": format!("`{operation}` of the created session"),
+        });
+        (operation.to_owned(), link)
+    })
+    .collect();
     if let Some(created) = document.pointer_mut("/paths/~1v1~1sessions/post/responses/201") {
         created["links"] = Value::Object(links);
     }
@@ -105,6 +110,7 @@ fn never_null_parameters(document: &mut Value) {
     paths(
         routes::create,
         routes::get_session,
+        routes::session_events,
         routes::use_session,
         routes::use_batch,
         routes::reserve,
@@ -124,6 +130,8 @@ fn never_null_parameters(document: &mut Value) {
         CreateBody,
         CreatedView,
         SessionView,
+        EventPage,
+        EventView,
         ToolLimitView,
         UseBody,
         UseBatchBody,

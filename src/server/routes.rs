@@ -6,24 +6,27 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::PrometheusHandle;
 use uuid::Uuid;
 
 use crate::budget::{BudgetId, BudgetWrite};
 use crate::http::status::Status;
 use crate::model::DataSensitivity;
+use crate::operator::{chain, report};
 use crate::{CreateSessionRequest, SessionError, TaskSession, TokenSecret};
 
 use super::AppState;
 use super::api::{
     ApiError, Body, BudgetBody, BudgetList, BudgetView, CloseAnswer, Closed, CreateBody,
-    CreatedView, ErrorBody, Health, LiveCount, ReserveAnswer, ReserveBody, SessionView,
-    SettleAnswer, SettleBody, SummaryView, UseAnswer, UseBatchBody, UseBody,
+    CreatedView, ErrorBody, EventPage, EventView, EventsQuery, Health, LiveCount, ReserveAnswer,
+    ReserveBody, SessionView, SettleAnswer, SettleBody, SummaryView, UseAnswer, UseBatchBody,
+    UseBody,
 };
 use super::auth::{Caller, Role};
 use super::ext_authz::{self, Ask, HEADERS_TO_REMOVE};
@@ -301,6 +304,76 @@ pub(crate) async fn close(
         session: SessionView::from(&session),
         summary: summary.as_ref().map(SummaryView::from),
     }))
+}
+
+/// Events in a page of a session's trail, by default and at most.
+const EVENTS_PAGE: u32 = 100;
+const MAX_EVENTS_PAGE: u32 = 1000;
+
+/// One page of a session's audit trail, in the order things happened, each event with its
+/// link in the hash chain, and whether the session's chains verify (admin, viewer).
+#[utoipa::path(get, path = "/v1/sessions/{id}/events", params(("id" = Uuid, Path), EventsQuery),
+    responses((status = 200, body = EventPage), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn session_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Id(id): Id,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<EventPage>, ApiError> {
+    caller.require(&[Role::Admin, Role::Viewer])?;
+    let Ok(Query(query)) = query else {
+        return Err(ApiError::invalid(
+            "the query may hold limit (1 to 1000) and cursor only",
+        ));
+    };
+    let limit = query.limit.unwrap_or(EVENTS_PAGE);
+    if !(1..=MAX_EVENTS_PAGE).contains(&limit) {
+        return Err(ApiError::invalid("limit must be 1 to 1000"));
+    }
+    let after = query.cursor.as_deref().map(parse_cursor).transpose()?;
+    // An unknown session is 404, as on every route that names one.
+    state.store.get(id).await?;
+    let pool = state.store.storage().pool();
+    let read = async {
+        let page = report::session_events_page(pool, id, after, i64::from(limit) + 1).await?;
+        let chain = chain::verify_audit_chain(pool, id).await?;
+        Ok::<_, crate::error::StorageError>((page, chain))
+    };
+    let failed = |detail: String| {
+        ApiError::from(SessionError::StorageRead {
+            session_id: Some(id),
+            detail,
+        })
+    };
+    let (mut page, chain) = tokio::time::timeout(state.storage_timeout, read)
+        .await
+        .map_err(|_| failed("the trail was not read in time".to_owned()))?
+        .map_err(|err| failed(crate::error::error_chain(&err)))?;
+    let next_cursor = if page.len() > limit as usize {
+        page.truncate(limit as usize);
+        page.last()
+            .map(|last| format!("{}-{}", last.occurred_at.timestamp_micros(), last.event_id))
+    } else {
+        None
+    };
+    Ok(Json(EventPage {
+        session_id: id,
+        chain_intact: chain.is_intact(),
+        broken_link: chain.broken.as_ref().map(ToString::to_string),
+        events: page.iter().map(EventView::from).collect(),
+        next_cursor,
+    }))
+}
+
+/// The position a cursor names: `<occurred_at in µs since the epoch>-<event_id>`.
+fn parse_cursor(cursor: &str) -> Result<(DateTime<Utc>, i64), ApiError> {
+    let bad = || ApiError::invalid("the cursor is not one a page answered");
+    let (micros, event) = cursor.split_once('-').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let event: i64 = event.parse().map_err(|_| bad())?;
+    let at = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?;
+    Ok((at, event))
 }
 
 /// Live sessions of an agent, across every process (admin, viewer).

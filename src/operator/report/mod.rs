@@ -9,8 +9,8 @@ mod render;
 mod rows;
 
 pub use reads::{
-    ReportFilter, agent_activity, budget_periods, denials, session, session_events, tool_usage,
-    utilization,
+    ReportFilter, agent_activity, budget_periods, denials, session, session_events,
+    session_events_page, tool_usage, utilization,
 };
 pub(crate) use render::csv_field;
 pub use render::{Format, Tabular, render};

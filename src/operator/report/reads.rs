@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -204,6 +204,33 @@ pub async fn session_events(
         EventRecord,
         "src/operator/report/sql/session_events.sql",
         session_id
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// At most `limit` events of session `session_id` after the position `after` (an event's
+/// `occurred_at` and `event_id`; the start for `None`), in the order of
+/// [`session_events`]: one page of its audit trail.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn session_events_page(
+    pool: &PgPool,
+    session_id: Uuid,
+    after: Option<(DateTime<Utc>, i64)>,
+    limit: i64,
+) -> Result<Vec<EventRecord>, StorageError> {
+    // No event is older than the epoch.
+    let (at, id) = after.unwrap_or((DateTime::<Utc>::UNIX_EPOCH, i64::MIN));
+    let rows = sqlx::query_file_as!(
+        EventRecord,
+        "src/operator/report/sql/session_events_page.sql",
+        session_id,
+        at,
+        id,
+        limit
     )
     .fetch_all(pool)
     .await?;
