@@ -1925,3 +1925,105 @@ async fn a_sessions_trail_in_pages(pool: PgPool) {
         );
     }
 }
+
+/// The sessions over HTTP, for the viewer: newest first, narrowed by agent, status, budget
+/// and creation instant, in pages that join up; the gateway may not list them.
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn sessions_listed_in_pages(pool: PgPool) {
+    let tokens = tokens()
+        .with_viewer(VIEWER)
+        .expect("a distinct viewer token");
+    let service = service_with(&common::database_url(&pool).await, 4, false, tokens).await;
+    let put = service
+        .put("/v1/budgets/acme", ADMIN, json!({ "limit": 10 }))
+        .await;
+    assert_eq!(put.status, StatusCode::CREATED);
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut created = Vec::new();
+    for (agent, budget) in [
+        (first, false),
+        (first, true),
+        (second, false),
+        (first, false),
+    ] {
+        let mut body = json!({ "agent_id": agent, "authorized_tools": ["search"],
+            "call_budget": 5, "time_limit_secs": 600 });
+        if budget {
+            body["budget_id"] = json!("acme");
+        }
+        created.push(create(&service, body).await);
+    }
+    let closed = service
+        .post(
+            &format!("/v1/sessions/{}/close", created[3]),
+            ADMIN,
+            json!({}),
+        )
+        .await;
+    assert_eq!(closed.status, StatusCode::OK);
+
+    let ids = |answer: &Answer| -> Vec<Uuid> {
+        answer.body["sessions"]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .map(|s| {
+                s["session_id"]
+                    .as_str()
+                    .expect("an id")
+                    .parse()
+                    .expect("a UUID")
+            })
+            .collect()
+    };
+    let newest_first: Vec<Uuid> = created.iter().rev().copied().collect();
+    let all = service.get("/v1/sessions", VIEWER).await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.body);
+    assert_eq!(ids(&all), newest_first);
+
+    let mine = service
+        .get(
+            &format!("/v1/sessions?agent_id={first}&status=active"),
+            VIEWER,
+        )
+        .await;
+    assert_eq!(ids(&mine), [created[1], created[0]]);
+    let charged = service.get("/v1/sessions?budget_id=acme", ADMIN).await;
+    assert_eq!(ids(&charged), [created[1]]);
+    let later = service
+        .get("/v1/sessions?created_since=2999-01-01T00:00:00Z", VIEWER)
+        .await;
+    assert_eq!(ids(&later), Vec::<Uuid>::new());
+
+    let mut paged = Vec::new();
+    let mut path = "/v1/sessions?limit=3".to_owned();
+    loop {
+        let page = service.get(&path, VIEWER).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        paged.extend(ids(&page));
+        match page.body["next_cursor"].as_str() {
+            Some(next) => path = format!("/v1/sessions?limit=3&cursor={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, newest_first);
+
+    assert_error(
+        &service.get("/v1/sessions", GATEWAY).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    for bad in [
+        "limit=0",
+        "status=gone",
+        "cursor=1-x",
+        "budget_id=a_b",
+        "other=1",
+    ] {
+        assert_error(
+            &service.get(&format!("/v1/sessions?{bad}"), VIEWER).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        );
+    }
+}

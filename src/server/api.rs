@@ -25,7 +25,7 @@ use crate::budget::{BudgetId, BudgetTerms, BudgetUsage};
 use crate::http::status::{Status, Warning};
 use crate::http::{error_code, status_code_for_error};
 use crate::model::{Reservation, SessionSummary, Settlement};
-use crate::operator::report::EventRecord;
+use crate::operator::report::{EventRecord, SessionLine};
 use crate::{SessionError, TaskSession};
 
 /// Every error body.
@@ -594,6 +594,85 @@ impl From<&Settlement> for SettleAnswer {
             charged: s.charged,
             released: s.released,
             overrun: s.overrun,
+        }
+    }
+}
+
+/// `GET /v1/sessions`: which sessions, and which page.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct SessionsQuery {
+    /// Only this agent's sessions.
+    pub(crate) agent_id: Option<Uuid>,
+    /// Only sessions with this stored status.
+    #[param(inline, value_type = Option<StatusFilter>)]
+    pub(crate) status: Option<StatusFilter>,
+    /// Only sessions charged to this shared budget.
+    #[param(pattern = "^[A-Za-z0-9.:/-]{1,128}$")]
+    pub(crate) budget_id: Option<String>,
+    /// Only sessions created at or after this instant (RFC 3339).
+    pub(crate) created_since: Option<DateTime<Utc>>,
+    /// Most sessions in the page (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub(crate) limit: Option<u32>,
+    /// Where the page starts: the `next_cursor` of the page before (absent: the newest).
+    #[param(pattern = "^[0-9]{1,18}-[0-9a-f]{32}$")]
+    pub(crate) cursor: Option<String>,
+}
+
+/// A stored status to list sessions by.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum StatusFilter {
+    Active,
+    Closed,
+    Expired,
+}
+
+impl StatusFilter {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            StatusFilter::Active => "active",
+            StatusFilter::Closed => "closed",
+            StatusFilter::Expired => "expired",
+        }
+    }
+}
+
+/// One page of sessions, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SessionPage {
+    pub(crate) sessions: Vec<SessionLineView>,
+    /// The cursor of the next page; absent on the last.
+    pub(crate) next_cursor: Option<String>,
+}
+
+/// A session in a list.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SessionLineView {
+    pub(crate) session_id: Uuid,
+    pub(crate) agent_id: Uuid,
+    /// `active`, `closed` or `expired`, as stored.
+    pub(crate) status: String,
+    pub(crate) calls_made: i64,
+    pub(crate) call_budget: i64,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) expires_at: DateTime<Utc>,
+    pub(crate) budget_id: Option<String>,
+}
+
+impl From<&SessionLine> for SessionLineView {
+    fn from(s: &SessionLine) -> Self {
+        SessionLineView {
+            session_id: s.session_id,
+            agent_id: s.agent_id,
+            status: s.status.clone(),
+            calls_made: s.calls_made,
+            call_budget: s.call_budget,
+            created_at: s.created_at,
+            expires_at: s.expires_at,
+            budget_id: s.budget_id.clone(),
         }
     }
 }

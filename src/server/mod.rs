@@ -141,7 +141,10 @@ impl Server {
         let state = self.state.clone();
         let timeout = routes::request_timeout(state.storage_timeout);
         let router = Router::new()
-            .route("/v1/sessions", post(routes::create))
+            .route(
+                "/v1/sessions",
+                post(routes::create).get(routes::list_sessions),
+            )
             .route("/v1/sessions/{id}", get(routes::get_session))
             .route("/v1/sessions/{id}/events", get(routes::session_events))
             .route("/v1/sessions/{id}/use", post(routes::use_session))

@@ -20,8 +20,9 @@ use utoipa::openapi::{RefOr, Schema};
 
 use super::api::{
     BudgetBody, BudgetList, BudgetView, CloseAnswer, Closed, CreateBody, CreatedView, ErrorBody,
-    EventPage, EventView, Health, LiveCount, ReserveAnswer, ReserveBody, SessionView, SettleAnswer,
-    SettleBody, SummaryView, ToolLimitView, UseAnswer, UseBatchBody, UseBody, WarningView,
+    EventPage, EventView, Health, LiveCount, ReserveAnswer, ReserveBody, SessionLineView,
+    SessionPage, SessionView, SettleAnswer, SettleBody, StatusFilter, SummaryView, ToolLimitView,
+    UseAnswer, UseBatchBody, UseBody, WarningView,
 };
 use super::routes;
 use crate::model::limits::{MAX_COST, MAX_COUNT, MAX_RATE_WINDOW_SECS};
@@ -109,6 +110,7 @@ fn never_null_parameters(document: &mut Value) {
     info(title = "arbiter-session", description = "Durable task sessions for AI-agent gateways"),
     paths(
         routes::create,
+        routes::list_sessions,
         routes::get_session,
         routes::session_events,
         routes::use_session,
@@ -132,6 +134,9 @@ fn never_null_parameters(document: &mut Value) {
         SessionView,
         EventPage,
         EventView,
+        SessionPage,
+        SessionLineView,
+        StatusFilter,
         ToolLimitView,
         UseBody,
         UseBatchBody,

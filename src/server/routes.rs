@@ -25,8 +25,8 @@ use super::AppState;
 use super::api::{
     ApiError, Body, BudgetBody, BudgetList, BudgetView, CloseAnswer, Closed, CreateBody,
     CreatedView, ErrorBody, EventPage, EventView, EventsQuery, Health, LiveCount, ReserveAnswer,
-    ReserveBody, SessionView, SettleAnswer, SettleBody, SummaryView, UseAnswer, UseBatchBody,
-    UseBody,
+    ReserveBody, SessionLineView, SessionPage, SessionView, SessionsQuery, SettleAnswer,
+    SettleBody, SummaryView, UseAnswer, UseBatchBody, UseBody,
 };
 use super::auth::{Caller, Role};
 use super::ext_authz::{self, Ask, HEADERS_TO_REMOVE};
@@ -304,6 +304,86 @@ pub(crate) async fn close(
         session: SessionView::from(&session),
         summary: summary.as_ref().map(SummaryView::from),
     }))
+}
+
+/// Sessions in a page, by default and at most.
+const SESSIONS_PAGE: u32 = 100;
+const MAX_SESSIONS_PAGE: u32 = 1000;
+
+/// One page of the sessions, newest first, narrowed by agent, stored status, shared budget
+/// and creation instant (admin, viewer).
+#[utoipa::path(get, path = "/v1/sessions", params(SessionsQuery),
+    responses((status = 200, body = SessionPage), (status = "default", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn list_sessions(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<SessionsQuery>, QueryRejection>,
+) -> Result<Json<SessionPage>, ApiError> {
+    caller.require(&[Role::Admin, Role::Viewer])?;
+    let Ok(Query(query)) = query else {
+        return Err(ApiError::invalid(
+            "the query may hold agent_id, status, budget_id, created_since, limit and cursor",
+        ));
+    };
+    let limit = query.limit.unwrap_or(SESSIONS_PAGE);
+    if !(1..=MAX_SESSIONS_PAGE).contains(&limit) {
+        return Err(ApiError::invalid("limit must be 1 to 1000"));
+    }
+    let budget_id = query.budget_id.map(BudgetId::new).transpose()?;
+    let before = query
+        .cursor
+        .as_deref()
+        .map(parse_session_cursor)
+        .transpose()?;
+    let filter = report::SessionsFilter {
+        agent: query.agent_id,
+        status: query.status.map(|status| status.as_str().to_owned()),
+        budget_id: budget_id.map(|id| id.as_str().to_owned()),
+        created_since: query.created_since,
+    };
+    let pool = state.store.storage().pool();
+    let mut page = tokio::time::timeout(
+        state.storage_timeout,
+        report::sessions_page(pool, &filter, before, i64::from(limit) + 1),
+    )
+    .await
+    .map_err(|_| read_failed("the sessions were not read in time".to_owned()))?
+    .map_err(|err| read_failed(crate::error::error_chain(&err)))?;
+    let next_cursor = if page.len() > limit as usize {
+        page.truncate(limit as usize);
+        page.last().map(|last| {
+            format!(
+                "{}-{}",
+                last.created_at.timestamp_micros(),
+                last.session_id.simple()
+            )
+        })
+    } else {
+        None
+    };
+    Ok(Json(SessionPage {
+        sessions: page.iter().map(SessionLineView::from).collect(),
+        next_cursor,
+    }))
+}
+
+/// The error of a read of the operator's views that failed.
+fn read_failed(detail: String) -> ApiError {
+    ApiError::from(SessionError::StorageRead {
+        session_id: None,
+        detail,
+    })
+}
+
+/// The position a sessions cursor names: `<created_at in µs since the epoch>-<session id>`.
+fn parse_session_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
+    let bad = || ApiError::invalid("the cursor is not one a page answered");
+    let (micros, id) = cursor.split_once('-').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let id = Uuid::try_parse(id).map_err(|_| bad())?;
+    let at = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?;
+    Ok((at, id))
 }
 
 /// Events in a page of a session's trail, by default and at most.

@@ -9,11 +9,12 @@ mod render;
 mod rows;
 
 pub use reads::{
-    ReportFilter, agent_activity, budget_periods, denials, session, session_events,
-    session_events_page, tool_usage, utilization,
+    ReportFilter, SessionsFilter, agent_activity, budget_periods, denials, session, session_events,
+    session_events_page, sessions_page, tool_usage, utilization,
 };
 pub(crate) use render::csv_field;
 pub use render::{Format, Tabular, render};
 pub use rows::{
-    AgentDay, BudgetPeriod, DenialDay, EventRecord, SessionRecord, ToolDay, ToolUse, Utilization,
+    AgentDay, BudgetPeriod, DenialDay, EventRecord, SessionLine, SessionRecord, ToolDay, ToolUse,
+    Utilization,
 };

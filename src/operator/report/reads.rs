@@ -8,7 +8,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::rows::{
-    AgentDay, BudgetPeriod, DenialDay, EventRecord, SessionRecord, ToolDay, ToolUse, Utilization,
+    AgentDay, BudgetPeriod, DenialDay, EventRecord, SessionLine, SessionRecord, ToolDay, ToolUse,
+    Utilization,
 };
 use crate::error::StorageError;
 
@@ -228,6 +229,53 @@ pub async fn session_events_page(
         EventRecord,
         "src/operator/report/sql/session_events_page.sql",
         session_id,
+        at,
+        id,
+        limit
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// Which sessions [`sessions_page`] lists: every one by default, narrowed by each field
+/// that is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionsFilter {
+    /// Only this agent's.
+    pub agent: Option<Uuid>,
+    /// Only those with this stored status (`active`, `closed`, `expired`).
+    pub status: Option<String>,
+    /// Only those charged to this shared budget.
+    pub budget_id: Option<String>,
+    /// Only those created at or after this instant.
+    pub created_since: Option<DateTime<Utc>>,
+}
+
+/// At most `limit` sessions that `filter` admits, newest first, created before the
+/// position `before` (a session's `created_at` and id; the newest for `None`): one page.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn sessions_page(
+    pool: &PgPool,
+    filter: &SessionsFilter,
+    before: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<SessionLine>, StorageError> {
+    // No session is created after the year 9999.
+    let (at, id) = before.unwrap_or((
+        DateTime::<Utc>::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
+        Uuid::max(),
+    ));
+    let rows = sqlx::query_file_as!(
+        SessionLine,
+        "src/operator/report/sql/sessions_page.sql",
+        filter.agent,
+        filter.status.as_deref(),
+        filter.budget_id.as_deref(),
+        filter.created_since,
         at,
         id,
         limit

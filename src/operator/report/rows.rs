@@ -224,3 +224,26 @@ pub struct BudgetPeriod {
     /// Units of `used` that settlements charged above their estimates.
     pub overrun: i64,
 }
+
+/// One session in a list of them (`sessions_page`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct SessionLine {
+    /// The session.
+    pub session_id: Uuid,
+    /// Its agent.
+    pub agent_id: Uuid,
+    /// Its stored status: `active`, `closed` or `expired` (an active session past
+    /// `expires_at` is expired once the store marks it).
+    pub status: String,
+    /// Calls made.
+    pub calls_made: i64,
+    /// Calls allowed.
+    pub call_budget: i64,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When its time limit runs out.
+    pub expires_at: DateTime<Utc>,
+    /// The shared budget its calls are charged to.
+    pub budget_id: Option<String>,
+}
