@@ -509,7 +509,8 @@ async fn grpc_rate_and_closed_denials_match_http(pool: PgPool) {
 }
 
 /// The gateway token arrives as metadata: none or a wrong one fails the RPC as
-/// unauthenticated, the admin's as not permitted; nothing is decided for either.
+/// unauthenticated, the admin's as not permitted; a request past the size bound fails too;
+/// nothing is decided for any of them.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn grpc_checks_need_the_gateway_token(pool: PgPool) {
     let both = both(&pool).await;
@@ -535,5 +536,13 @@ async fn grpc_checks_need_the_gateway_token(pool: PgPool) {
         0,
         "nothing was decided"
     );
+    // A request past 256 KiB is refused by the transport, decided by nobody.
+    let huge = call.clone().body(" ".repeat(300 * 1024));
+    let status = both
+        .grpc(Some(GATEWAY), &huge)
+        .await
+        .expect_err("too large");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(common::row(&pool, id).await.calls_made, 0);
     ok_of(&both.grpc(Some(GATEWAY), &call).await.expect("answered"));
 }

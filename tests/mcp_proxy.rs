@@ -26,26 +26,32 @@ const GATEWAY: &str = "gateway-token-for-tests";
 /// What the upstream received: each request's headers and body.
 type Received = Arc<Mutex<Vec<(HeaderMap, Value)>>>;
 
-/// An upstream MCP endpoint that records every request and answers tools/list with three
-/// tools (as SSE when the request's id is a string starting `sse`), tools/call with the
-/// tool's name, anything else with an empty result; it names its session in
-/// `mcp-session-id`.
+/// An upstream MCP endpoint that records every request (of any method) and answers a POST's
+/// tools/list with three tools (as SSE when the request's id is a string starting `sse`),
+/// tools/call with the tool's name, anything else with an empty result, and any other
+/// method 405; it names its session in `mcp-session-id`.
 async fn upstream() -> (String, Received) {
     let received: Received = Arc::default();
     let recorded = Arc::clone(&received);
     let app = Router::new().route(
         "/mcp",
-        axum::routing::post(move |headers: HeaderMap, body: String| {
-            let recorded = Arc::clone(&recorded);
-            async move {
-                let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                recorded
-                    .lock()
-                    .expect("not poisoned")
-                    .push((headers, message.clone()));
-                answer(&message)
-            }
-        }),
+        axum::routing::any(
+            move |method: axum::http::Method, headers: HeaderMap, body: String| {
+                let recorded = Arc::clone(&recorded);
+                async move {
+                    let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    recorded
+                        .lock()
+                        .expect("not poisoned")
+                        .push((headers, message.clone()));
+                    if method == axum::http::Method::POST {
+                        answer(&message)
+                    } else {
+                        StatusCode::METHOD_NOT_ALLOWED.into_response()
+                    }
+                }
+            },
+        ),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -322,6 +328,11 @@ async fn the_proxy_decides_filters_and_forwards(pool: PgPool) {
     assert_eq!(unreadable.json()["error"]["code"], -32700);
     let large = send(&app, Some(&token), &[], "x".repeat(5000)).await;
     assert_eq!(large.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        received.lock().expect("lock").len(),
+        forwarded + 1,
+        "of all these, only the allowed batch reached the upstream"
+    );
     // A body sent with another method than POST was not decided, so it does not cross.
     let get = app
         .clone()
@@ -338,11 +349,15 @@ async fn the_proxy_decides_filters_and_forwards(pool: PgPool) {
         StatusCode::METHOD_NOT_ALLOWED,
         "the upstream's answer"
     );
-    assert_eq!(
-        received.lock().expect("lock").len(),
-        forwarded + 1,
-        "of all these, only the allowed batch reached the upstream"
-    );
+    {
+        let received = received.lock().expect("lock");
+        assert_eq!(received.len(), forwarded + 2, "the GET itself crossed");
+        assert_eq!(
+            received.last().map(|(_, body)| body),
+            Some(&Value::Null),
+            "without its body"
+        );
+    }
     assert_eq!(common::row(&pool, id).await.calls_made, 3);
 
     // Only the digest of the token's secret is stored, and it never changes.

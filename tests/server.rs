@@ -1138,6 +1138,8 @@ async fn ext_authz_metrics_and_openapi(pool: PgPool) {
         create["authorized_tools"]["items"]["pattern"],
         "^[!-~]{1,64}$"
     );
+    // The alphabet `BudgetId` takes: no `_`.
+    assert_eq!(create["budget_id"]["pattern"], "^[A-Za-z0-9.:/-]{1,128}$");
     let links = &doc["paths"]["/v1/sessions"]["post"]["responses"]["201"]["links"];
     for operation in [
         "get_session",
@@ -1754,14 +1756,19 @@ async fn connections_are_bounded_in_time_and_number() {
 
 const VIEWER: &str = "viewer-token-for-tests";
 
+/// [`service_with`] the test's tokens and [`VIEWER`], 4 connections, no upkeep.
+async fn service_with_viewer(pool: &PgPool) -> Service {
+    let tokens = tokens()
+        .with_viewer(VIEWER)
+        .expect("a distinct viewer token");
+    service_with(&common::database_url(pool).await, 4, false, tokens).await
+}
+
 /// The viewer token reads sessions, budgets and live counts, and every route that changes
 /// anything answers it 403, with nothing changed.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn a_viewer_reads_and_changes_nothing(pool: PgPool) {
-    let tokens = tokens()
-        .with_viewer(VIEWER)
-        .expect("a distinct viewer token");
-    let service = service_with(&common::database_url(&pool).await, 4, false, tokens).await;
+    let service = service_with_viewer(&pool).await;
     let put = service
         .put("/v1/budgets/acme", ADMIN, json!({ "limit": 10 }))
         .await;
@@ -1841,10 +1848,7 @@ async fn a_viewer_reads_and_changes_nothing(pool: PgPool) {
 /// may not read it, an unknown session is 404, and a limit out of range is 400.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn a_sessions_trail_in_pages(pool: PgPool) {
-    let tokens = tokens()
-        .with_viewer(VIEWER)
-        .expect("a distinct viewer token");
-    let service = service_with(&common::database_url(&pool).await, 4, false, tokens).await;
+    let service = service_with_viewer(&pool).await;
     let agent = Uuid::new_v4();
     let id = create(
         &service,
@@ -1930,10 +1934,7 @@ async fn a_sessions_trail_in_pages(pool: PgPool) {
 /// and creation instant, in pages that join up; the gateway may not list them.
 #[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
 async fn sessions_listed_in_pages(pool: PgPool) {
-    let tokens = tokens()
-        .with_viewer(VIEWER)
-        .expect("a distinct viewer token");
-    let service = service_with(&common::database_url(&pool).await, 4, false, tokens).await;
+    let service = service_with_viewer(&pool).await;
     let put = service
         .put("/v1/budgets/acme", ADMIN, json!({ "limit": 10 }))
         .await;

@@ -24,9 +24,6 @@ pub const BUDGET_REMAINING_HEADER: &str = "x-arbiter-budget-remaining";
 /// `budget_low` and/or `time_low`, comma-separated; absent when neither runs low.
 pub const WARNING_HEADER: &str = "x-arbiter-warning";
 
-/// What is left is "low" under this share of its total: a tenth.
-const LOW_PER_TEN: u64 = 1;
-
 /// Whether a header name (any case) is one of this service's, which a client may not pass
 /// on to an upstream.
 pub fn is_arbiter_header(name: &str) -> bool {
@@ -123,7 +120,7 @@ impl Status {
 /// Whether `left` is under a tenth of `total` (never, for a total of 0: nothing to run
 /// low on).
 fn is_low(left: u64, total: u64) -> bool {
-    total > 0 && u128::from(left) * 10 < u128::from(total) * u128::from(LOW_PER_TEN)
+    total > 0 && u128::from(left) * 10 < u128::from(total)
 }
 
 #[cfg(test)]

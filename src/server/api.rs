@@ -518,9 +518,8 @@ pub(crate) enum WarningView {
 impl From<Warning> for WarningView {
     fn from(warning: Warning) -> Self {
         match warning {
+            Warning::BudgetLow => WarningView::BudgetLow,
             Warning::TimeLow => WarningView::TimeLow,
-            // `Warning` is non-exhaustive; any later warning is about what is left.
-            _ => WarningView::BudgetLow,
         }
     }
 }
@@ -643,38 +642,9 @@ impl StatusFilter {
 /// One page of sessions, newest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct SessionPage {
-    pub(crate) sessions: Vec<SessionLineView>,
+    pub(crate) sessions: Vec<SessionLine>,
     /// The cursor of the next page; absent on the last.
     pub(crate) next_cursor: Option<String>,
-}
-
-/// A session in a list.
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct SessionLineView {
-    pub(crate) session_id: Uuid,
-    pub(crate) agent_id: Uuid,
-    /// `active`, `closed` or `expired`, as stored.
-    pub(crate) status: String,
-    pub(crate) calls_made: i64,
-    pub(crate) call_budget: i64,
-    pub(crate) created_at: DateTime<Utc>,
-    pub(crate) expires_at: DateTime<Utc>,
-    pub(crate) budget_id: Option<String>,
-}
-
-impl From<&SessionLine> for SessionLineView {
-    fn from(s: &SessionLine) -> Self {
-        SessionLineView {
-            session_id: s.session_id,
-            agent_id: s.agent_id,
-            status: s.status.clone(),
-            calls_made: s.calls_made,
-            call_budget: s.call_budget,
-            created_at: s.created_at,
-            expires_at: s.expires_at,
-            budget_id: s.budget_id.clone(),
-        }
-    }
 }
 
 /// `GET /v1/sessions/{id}/events`: which page.

@@ -523,6 +523,19 @@ mod tests {
     const LIST: &str = r#"{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"search"},{"name":"delete"},{"name":"write_file"},{"title":"no name"}]}}"#;
 
     #[test]
+    fn an_upstream_is_a_plain_http_url() {
+        assert!(McpUpstream::new("http://127.0.0.1:3001/mcp").is_ok());
+        for bad in [
+            "https://mcp.example.com/mcp",
+            "http://",
+            "http:///mcp",
+            "127.0.0.1/mcp",
+        ] {
+            assert!(McpUpstream::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn tool_lists_are_filtered_and_other_messages_pass() {
         let session = session();
         let filtered = filter_message(LIST.as_bytes(), &session).expect("filtered");

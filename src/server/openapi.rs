@@ -20,12 +20,13 @@ use utoipa::openapi::{RefOr, Schema};
 
 use super::api::{
     BudgetBody, BudgetList, BudgetView, CloseAnswer, Closed, CreateBody, CreatedView, ErrorBody,
-    EventPage, EventView, Health, LiveCount, ReserveAnswer, ReserveBody, SessionLineView,
-    SessionPage, SessionView, SettleAnswer, SettleBody, StatusFilter, SummaryView, ToolLimitView,
-    UseAnswer, UseBatchBody, UseBody, WarningView,
+    EventPage, EventView, Health, LiveCount, ReserveAnswer, ReserveBody, SessionPage, SessionView,
+    SettleAnswer, SettleBody, StatusFilter, SummaryView, ToolLimitView, UseAnswer, UseBatchBody,
+    UseBody, WarningView,
 };
 use super::routes;
 use crate::model::limits::{MAX_COST, MAX_COUNT, MAX_RATE_WINDOW_SECS};
+use crate::operator::report::SessionLine;
 
 /// The pattern of a tool, credential or delegation entry in the schema.
 pub(crate) const NAME_PATTERN: &str = "^[!-~]{1,64}$";
@@ -135,7 +136,7 @@ fn never_null_parameters(document: &mut Value) {
         EventPage,
         EventView,
         SessionPage,
-        SessionLineView,
+        SessionLine,
         StatusFilter,
         ToolLimitView,
         UseBody,

@@ -25,8 +25,8 @@ use super::AppState;
 use super::api::{
     ApiError, Body, BudgetBody, BudgetList, BudgetView, CloseAnswer, Closed, CreateBody,
     CreatedView, ErrorBody, EventPage, EventView, EventsQuery, Health, LiveCount, ReserveAnswer,
-    ReserveBody, SessionLineView, SessionPage, SessionView, SessionsQuery, SettleAnswer,
-    SettleBody, SummaryView, UseAnswer, UseBatchBody, UseBody,
+    ReserveBody, SessionPage, SessionView, SessionsQuery, SettleAnswer, SettleBody, SummaryView,
+    UseAnswer, UseBatchBody, UseBody,
 };
 use super::auth::{Caller, Role};
 use super::ext_authz::{self, Ask, HEADERS_TO_REMOVE};
@@ -306,9 +306,44 @@ pub(crate) async fn close(
     }))
 }
 
-/// Sessions in a page, by default and at most.
-const SESSIONS_PAGE: u32 = 100;
-const MAX_SESSIONS_PAGE: u32 = 1000;
+/// Rows in a page of a listing (sessions, a trail), by default and at most.
+const PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+/// The rows a page asks for: `limit`, by default [`PAGE`], 1 to [`MAX_PAGE`].
+fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    let limit = limit.unwrap_or(PAGE);
+    if (1..=MAX_PAGE).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::invalid("limit must be 1 to 1000"))
+    }
+}
+
+/// Reads the operator's views with `read`, within the store's storage timeout; a failure is
+/// `storage_read` (503), about `session_id` if it names one.
+async fn read_views<T>(
+    state: &AppState,
+    session_id: Option<Uuid>,
+    read: impl Future<Output = Result<T, crate::error::StorageError>>,
+) -> Result<T, ApiError> {
+    let failed = |detail: String| ApiError::from(SessionError::StorageRead { session_id, detail });
+    tokio::time::timeout(state.storage_timeout, read)
+        .await
+        .map_err(|_| failed("the operator's views were not read in time".to_owned()))?
+        .map_err(|err| failed(crate::error::error_chain(&err)))
+}
+
+/// `rows`, read with one row more than `limit`, cut to `limit`; the cursor of the next page
+/// (`cursor_of` its last row) if there is one.
+fn next_page<T>(rows: &mut Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> String) -> Option<String> {
+    let limit = limit as usize;
+    if rows.len() <= limit {
+        return None;
+    }
+    rows.truncate(limit);
+    rows.last().map(cursor_of)
+}
 
 /// One page of the sessions, newest first, narrowed by agent, stored status, shared budget
 /// and creation instant (admin, viewer).
@@ -326,10 +361,7 @@ pub(crate) async fn list_sessions(
             "the query may hold agent_id, status, budget_id, created_since, limit and cursor",
         ));
     };
-    let limit = query.limit.unwrap_or(SESSIONS_PAGE);
-    if !(1..=MAX_SESSIONS_PAGE).contains(&limit) {
-        return Err(ApiError::invalid("limit must be 1 to 1000"));
-    }
+    let limit = page_limit(query.limit)?;
     let budget_id = query.budget_id.map(BudgetId::new).transpose()?;
     let before = query
         .cursor
@@ -343,37 +375,19 @@ pub(crate) async fn list_sessions(
         created_since: query.created_since,
     };
     let pool = state.store.storage().pool();
-    let mut page = tokio::time::timeout(
-        state.storage_timeout,
-        report::sessions_page(pool, &filter, before, i64::from(limit) + 1),
-    )
-    .await
-    .map_err(|_| read_failed("the sessions were not read in time".to_owned()))?
-    .map_err(|err| read_failed(crate::error::error_chain(&err)))?;
-    let next_cursor = if page.len() > limit as usize {
-        page.truncate(limit as usize);
-        page.last().map(|last| {
-            format!(
-                "{}-{}",
-                last.created_at.timestamp_micros(),
-                last.session_id.simple()
-            )
-        })
-    } else {
-        None
-    };
+    let read = report::sessions_page(pool, &filter, before, i64::from(limit) + 1);
+    let mut page = read_views(&state, None, read).await?;
+    let next_cursor = next_page(&mut page, limit, |last| {
+        format!(
+            "{}-{}",
+            last.created_at.timestamp_micros(),
+            last.session_id.simple()
+        )
+    });
     Ok(Json(SessionPage {
-        sessions: page.iter().map(SessionLineView::from).collect(),
+        sessions: page,
         next_cursor,
     }))
-}
-
-/// The error of a read of the operator's views that failed.
-fn read_failed(detail: String) -> ApiError {
-    ApiError::from(SessionError::StorageRead {
-        session_id: None,
-        detail,
-    })
 }
 
 /// The position a sessions cursor names: `<created_at in µs since the epoch>-<session id>`.
@@ -385,10 +399,6 @@ fn parse_session_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError>
     let at = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?;
     Ok((at, id))
 }
-
-/// Events in a page of a session's trail, by default and at most.
-const EVENTS_PAGE: u32 = 100;
-const MAX_EVENTS_PAGE: u32 = 1000;
 
 /// One page of a session's audit trail, in the order things happened, each event with its
 /// link in the hash chain, and whether the session's chains verify (admin, viewer).
@@ -407,10 +417,7 @@ pub(crate) async fn session_events(
             "the query may hold limit (1 to 1000) and cursor only",
         ));
     };
-    let limit = query.limit.unwrap_or(EVENTS_PAGE);
-    if !(1..=MAX_EVENTS_PAGE).contains(&limit) {
-        return Err(ApiError::invalid("limit must be 1 to 1000"));
-    }
+    let limit = page_limit(query.limit)?;
     let after = query.cursor.as_deref().map(parse_cursor).transpose()?;
     // An unknown session is 404, as on every route that names one.
     state.store.get(id).await?;
@@ -420,23 +427,10 @@ pub(crate) async fn session_events(
         let chain = chain::verify_audit_chain(pool, id).await?;
         Ok::<_, crate::error::StorageError>((page, chain))
     };
-    let failed = |detail: String| {
-        ApiError::from(SessionError::StorageRead {
-            session_id: Some(id),
-            detail,
-        })
-    };
-    let (mut page, chain) = tokio::time::timeout(state.storage_timeout, read)
-        .await
-        .map_err(|_| failed("the trail was not read in time".to_owned()))?
-        .map_err(|err| failed(crate::error::error_chain(&err)))?;
-    let next_cursor = if page.len() > limit as usize {
-        page.truncate(limit as usize);
-        page.last()
-            .map(|last| format!("{}-{}", last.occurred_at.timestamp_micros(), last.event_id))
-    } else {
-        None
-    };
+    let (mut page, chain) = read_views(&state, Some(id), read).await?;
+    let next_cursor = next_page(&mut page, limit, |last| {
+        format!("{}-{}", last.occurred_at.timestamp_micros(), last.event_id)
+    });
     Ok(Json(EventPage {
         session_id: id,
         chain_intact: chain.is_intact(),

@@ -225,8 +225,10 @@ pub struct BudgetPeriod {
     pub overrun: i64,
 }
 
-/// One session in a list of them (`sessions_page`).
+/// One session in a list of them (`sessions_page`); `GET /v1/sessions` answers it as it
+/// is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct SessionLine {
     /// The session.
