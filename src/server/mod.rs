@@ -32,11 +32,14 @@
 mod api;
 mod auth;
 mod connections;
+mod console;
+mod cursor;
 mod ext_authz;
 mod grpc;
 mod mcp;
 mod openapi;
 mod readiness;
+mod reports;
 mod routes;
 mod signals;
 
@@ -170,7 +173,14 @@ impl Server {
             .route("/v1/check/{*rest}", any(routes::check))
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))
+            .route("/v1/reports/agents", get(reports::agents))
+            .route("/v1/reports/tools", get(reports::tools))
+            .route("/v1/reports/denials", get(reports::denials))
+            .route("/v1/reports/utilization", get(reports::utilization))
+            .route("/v1/reports/budgets", get(reports::budgets))
+            .route("/v1/overview", get(reports::overview))
             .route("/openapi.json", get(routes::openapi))
+            .merge(console::routes())
             .fallback(routes::no_route)
             .layer(axum::middleware::from_fn_with_state(
                 Arc::clone(&state.tokens),

@@ -24,7 +24,7 @@ use super::api::{
     SettleAnswer, SettleBody, StatusFilter, SummaryView, ToolLimitView, UseAnswer, UseBatchBody,
     UseBody, WarningView,
 };
-use super::routes;
+use super::{reports, routes};
 use crate::model::limits::{MAX_COST, MAX_COUNT, MAX_RATE_WINDOW_SECS};
 use crate::operator::report::SessionLine;
 
@@ -124,6 +124,12 @@ fn never_null_parameters(document: &mut Value) {
         routes::put_budget,
         routes::get_budget,
         routes::list_budgets,
+        reports::agents,
+        reports::tools,
+        reports::denials,
+        reports::utilization,
+        reports::budgets,
+        reports::overview,
         routes::check,
         routes::healthz,
         routes::readyz,

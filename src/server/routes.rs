@@ -11,7 +11,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use metrics_exporter_prometheus::PrometheusHandle;
 use uuid::Uuid;
 
@@ -29,6 +29,7 @@ use super::api::{
     UseAnswer, UseBatchBody, UseBody,
 };
 use super::auth::{Caller, Role};
+use super::cursor;
 use super::ext_authz::{self, Ask, HEADERS_TO_REMOVE};
 use super::readiness::Ready;
 
@@ -311,7 +312,7 @@ const PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
 
 /// The rows a page asks for: `limit`, by default [`PAGE`], 1 to [`MAX_PAGE`].
-fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+pub(super) fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     let limit = limit.unwrap_or(PAGE);
     if (1..=MAX_PAGE).contains(&limit) {
         Ok(limit)
@@ -322,7 +323,7 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
 
 /// Reads the operator's views with `read`, within the store's storage timeout; a failure is
 /// `storage_read` (503), about `session_id` if it names one.
-async fn read_views<T>(
+pub(super) async fn read_views<T>(
     state: &AppState,
     session_id: Option<Uuid>,
     read: impl Future<Output = Result<T, crate::error::StorageError>>,
@@ -336,7 +337,11 @@ async fn read_views<T>(
 
 /// `rows`, read with one row more than `limit`, cut to `limit`; the cursor of the next page
 /// (`cursor_of` its last row) if there is one.
-fn next_page<T>(rows: &mut Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> String) -> Option<String> {
+pub(super) fn next_page<T>(
+    rows: &mut Vec<T>,
+    limit: u32,
+    cursor_of: impl Fn(&T) -> String,
+) -> Option<String> {
     let limit = limit as usize;
     if rows.len() <= limit {
         return None;
@@ -366,7 +371,7 @@ pub(crate) async fn list_sessions(
     let before = query
         .cursor
         .as_deref()
-        .map(parse_session_cursor)
+        .map(cursor::parse_instant_id)
         .transpose()?;
     let filter = report::SessionsFilter {
         agent: query.agent_id,
@@ -378,26 +383,12 @@ pub(crate) async fn list_sessions(
     let read = report::sessions_page(pool, &filter, before, i64::from(limit) + 1);
     let mut page = read_views(&state, None, read).await?;
     let next_cursor = next_page(&mut page, limit, |last| {
-        format!(
-            "{}-{}",
-            last.created_at.timestamp_micros(),
-            last.session_id.simple()
-        )
+        cursor::instant_id(last.created_at, last.session_id)
     });
     Ok(Json(SessionPage {
         sessions: page,
         next_cursor,
     }))
-}
-
-/// The position a sessions cursor names: `<created_at in µs since the epoch>-<session id>`.
-fn parse_session_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
-    let bad = || ApiError::invalid("the cursor is not one a page answered");
-    let (micros, id) = cursor.split_once('-').ok_or_else(bad)?;
-    let micros: i64 = micros.parse().map_err(|_| bad())?;
-    let id = Uuid::try_parse(id).map_err(|_| bad())?;
-    let at = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?;
-    Ok((at, id))
 }
 
 /// One page of a session's audit trail, in the order things happened, each event with its
@@ -418,7 +409,11 @@ pub(crate) async fn session_events(
         ));
     };
     let limit = page_limit(query.limit)?;
-    let after = query.cursor.as_deref().map(parse_cursor).transpose()?;
+    let after = query
+        .cursor
+        .as_deref()
+        .map(cursor::parse_instant_event)
+        .transpose()?;
     // An unknown session is 404, as on every route that names one.
     state.store.get(id).await?;
     let pool = state.store.storage().pool();
@@ -429,7 +424,7 @@ pub(crate) async fn session_events(
     };
     let (mut page, chain) = read_views(&state, Some(id), read).await?;
     let next_cursor = next_page(&mut page, limit, |last| {
-        format!("{}-{}", last.occurred_at.timestamp_micros(), last.event_id)
+        cursor::instant_event(last.occurred_at, last.event_id)
     });
     Ok(Json(EventPage {
         session_id: id,
@@ -438,16 +433,6 @@ pub(crate) async fn session_events(
         events: page.iter().map(EventView::from).collect(),
         next_cursor,
     }))
-}
-
-/// The position a cursor names: `<occurred_at in µs since the epoch>-<event_id>`.
-fn parse_cursor(cursor: &str) -> Result<(DateTime<Utc>, i64), ApiError> {
-    let bad = || ApiError::invalid("the cursor is not one a page answered");
-    let (micros, event) = cursor.split_once('-').ok_or_else(bad)?;
-    let micros: i64 = micros.parse().map_err(|_| bad())?;
-    let event: i64 = event.parse().map_err(|_| bad())?;
-    let at = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?;
-    Ok((at, event))
 }
 
 /// Live sessions of an agent, across every process (admin, viewer).

@@ -52,6 +52,7 @@ mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -261,6 +262,11 @@ impl<S: Storage> SessionStore<S> {
     /// The id this store writes into audit events.
     pub fn instance_id(&self) -> Uuid {
         self.inner.instance_id()
+    }
+
+    /// The time by the store's clock: the instant it would decide a call at now.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.inner.now()
     }
 
     /// The status signals of `session` as of this store's clock (the one that decides

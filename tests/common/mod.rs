@@ -124,6 +124,8 @@ pub mod proxy;
 pub mod reports;
 #[cfg(feature = "server")]
 pub mod routes;
+#[cfg(feature = "server")]
+pub mod service;
 
 /// A proxy in front of the test database's server, and a pool that goes through it.
 /// The pool gives up acquiring after 1 s, so a refused network fails fast.

@@ -19,6 +19,10 @@ pub(crate) struct ReportArgs {
     /// Only from this UTC day on (YYYY-MM-DD); for budgets, the periods that end after it.
     #[arg(long)]
     since: Option<NaiveDate>,
+    /// Only up to this UTC day, that day included (YYYY-MM-DD); for budgets, the periods
+    /// that start before the day after it.
+    #[arg(long)]
+    until: Option<NaiveDate>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     format: OutputFormat,
@@ -43,7 +47,8 @@ enum ReportKind {
 pub(crate) async fn run(pool: &PgPool, args: ReportArgs) -> Result<(), Failure> {
     let filter = ReportFilter::default()
         .with_agent(args.agent)
-        .with_since(args.since);
+        .with_since(args.since)
+        .with_until(args.until);
     let format = Format::from(args.format);
     let text = match args.report {
         ReportKind::Utilization => {

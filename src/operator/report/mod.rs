@@ -9,12 +9,14 @@ mod render;
 mod rows;
 
 pub use reads::{
-    ReportFilter, SessionsFilter, agent_activity, budget_periods, denials, session, session_events,
-    session_events_page, sessions_page, tool_usage, utilization,
+    Page, ReportFilter, SessionsFilter, agent_activity, agent_activity_page, budget_periods,
+    budget_periods_page, calls_by_minute, denials, denials_page, live_sessions, session,
+    session_events, session_events_page, sessions_page, tool_usage, tool_usage_page, utilization,
+    utilization_page,
 };
 pub(crate) use render::csv_field;
 pub use render::{Format, Tabular, render};
 pub use rows::{
-    AgentDay, BudgetPeriod, DenialDay, EventRecord, SessionLine, SessionRecord, ToolDay, ToolUse,
-    Utilization,
+    AgentDay, BudgetPeriod, DenialDay, EventRecord, MinuteCount, SessionLine, SessionRecord,
+    ToolDay, ToolUse, Utilization,
 };

@@ -8,8 +8,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::rows::{
-    AgentDay, BudgetPeriod, DenialDay, EventRecord, SessionLine, SessionRecord, ToolDay, ToolUse,
-    Utilization,
+    AgentDay, BudgetPeriod, DenialDay, EventRecord, MinuteCount, SessionLine, SessionRecord,
+    ToolDay, ToolUse, Utilization,
 };
 use crate::error::StorageError;
 
@@ -22,6 +22,8 @@ pub struct ReportFilter {
     pub agent: Option<Uuid>,
     /// Only from this UTC day on (sessions created, events occurred).
     pub since: Option<NaiveDate>,
+    /// Only up to this UTC day, that day included.
+    pub until: Option<NaiveDate>,
 }
 
 impl ReportFilter {
@@ -37,6 +39,45 @@ impl ReportFilter {
     pub fn with_since(mut self, since: Option<NaiveDate>) -> Self {
         self.since = since;
         self
+    }
+
+    /// Only rows up to this UTC day, that day included, or every day's for `None`.
+    #[must_use]
+    pub fn with_until(mut self, until: Option<NaiveDate>) -> Self {
+        self.until = until;
+        self
+    }
+}
+
+/// One page of a report: at most `limit` rows (every one for `None`) after the row whose
+/// key is `after` (from the first for `None`), in the report's order. Each report names its
+/// key; a key is a position, so a page is the same whichever rows were added before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Page<K> {
+    /// The key of the last row of the page before.
+    pub after: Option<K>,
+    /// Most rows in the page.
+    pub limit: Option<i64>,
+}
+
+impl<K> Page<K> {
+    /// Every row.
+    #[must_use]
+    pub fn all() -> Self {
+        Page {
+            after: None,
+            limit: None,
+        }
+    }
+
+    /// At most `limit` rows after the row whose key is `after`.
+    #[must_use]
+    pub fn after(after: Option<K>, limit: i64) -> Self {
+        Page {
+            after,
+            limit: Some(limit),
+        }
     }
 }
 
@@ -62,7 +103,8 @@ async fn report_transaction(pool: &PgPool) -> Result<Transaction<'static, Postgr
     Ok(tx)
 }
 
-/// Per-session utilization, oldest session first.
+/// Per-session utilization, oldest session first: every session [`utilization_page`]
+/// would list.
 ///
 /// # Errors
 /// The database could not be read.
@@ -70,11 +112,29 @@ pub async fn utilization(
     pool: &PgPool,
     filter: ReportFilter,
 ) -> Result<Vec<Utilization>, StorageError> {
+    utilization_page(pool, filter, Page::all()).await
+}
+
+/// One page of per-session utilization, oldest session first; a row's key is its
+/// `(created_at, session_id)`. `since` and `until` bound the day each session was created.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn utilization_page(
+    pool: &PgPool,
+    filter: ReportFilter,
+    page: Page<(DateTime<Utc>, Uuid)>,
+) -> Result<Vec<Utilization>, StorageError> {
+    let (after_at, after_id) = page.after.unzip();
     let mut tx = report_transaction(pool).await?;
     let rows = sqlx::query_file!(
         "src/operator/report/sql/utilization.sql",
         filter.agent,
-        filter.since
+        filter.since,
+        filter.until,
+        after_at,
+        after_id,
+        page.limit
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -98,7 +158,8 @@ pub async fn utilization(
         .collect())
 }
 
-/// Per-agent activity per day, by day then agent.
+/// Per-agent activity per day, by day then agent: every row [`agent_activity_page`] would
+/// list.
 ///
 /// # Errors
 /// The database could not be read.
@@ -106,12 +167,30 @@ pub async fn agent_activity(
     pool: &PgPool,
     filter: ReportFilter,
 ) -> Result<Vec<AgentDay>, StorageError> {
+    agent_activity_page(pool, filter, Page::all()).await
+}
+
+/// One page of per-agent activity per day, by day then agent; a row's key is its
+/// `(day, agent_id)`.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn agent_activity_page(
+    pool: &PgPool,
+    filter: ReportFilter,
+    page: Page<(NaiveDate, Uuid)>,
+) -> Result<Vec<AgentDay>, StorageError> {
+    let (after_day, after_agent) = page.after.unzip();
     let mut tx = report_transaction(pool).await?;
     let rows = sqlx::query_file_as!(
         AgentDay,
         "src/operator/report/sql/agent_activity.sql",
         filter.agent,
-        filter.since
+        filter.since,
+        filter.until,
+        after_day,
+        after_agent,
+        page.limit
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -119,17 +198,35 @@ pub async fn agent_activity(
     Ok(rows)
 }
 
-/// Calls per tool per day (over every agent, or the filter's), by day then tool.
+/// Calls per tool per day (over every agent, or the filter's), by day then tool: every row
+/// [`tool_usage_page`] would list.
 ///
 /// # Errors
 /// The database could not be read.
 pub async fn tool_usage(pool: &PgPool, filter: ReportFilter) -> Result<Vec<ToolDay>, StorageError> {
+    tool_usage_page(pool, filter, Page::all()).await
+}
+
+/// One page of calls per tool per day, by day then tool; a row's key is its `(day, tool)`.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn tool_usage_page(
+    pool: &PgPool,
+    filter: ReportFilter,
+    page: Page<(NaiveDate, String)>,
+) -> Result<Vec<ToolDay>, StorageError> {
+    let (after_day, after_tool) = page.after.unzip();
     let mut tx = report_transaction(pool).await?;
     let rows = sqlx::query_file_as!(
         ToolDay,
         "src/operator/report/sql/tool_usage.sql",
         filter.agent,
-        filter.since
+        filter.since,
+        filter.until,
+        after_day,
+        after_tool,
+        page.limit
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -137,17 +234,36 @@ pub async fn tool_usage(pool: &PgPool, filter: ReportFilter) -> Result<Vec<ToolD
     Ok(rows)
 }
 
-/// Denials per reason per day (over every agent, or the filter's), by day then reason.
+/// Denials per reason per day (over every agent, or the filter's), by day then reason:
+/// every row [`denials_page`] would list.
 ///
 /// # Errors
 /// The database could not be read.
 pub async fn denials(pool: &PgPool, filter: ReportFilter) -> Result<Vec<DenialDay>, StorageError> {
+    denials_page(pool, filter, Page::all()).await
+}
+
+/// One page of denials per reason per day, by day then reason; a row's key is its
+/// `(day, reason)`.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn denials_page(
+    pool: &PgPool,
+    filter: ReportFilter,
+    page: Page<(NaiveDate, String)>,
+) -> Result<Vec<DenialDay>, StorageError> {
+    let (after_day, after_reason) = page.after.unzip();
     let mut tx = report_transaction(pool).await?;
     let rows = sqlx::query_file_as!(
         DenialDay,
         "src/operator/report/sql/denials.sql",
         filter.agent,
-        filter.since
+        filter.since,
+        filter.until,
+        after_day,
+        after_reason,
+        page.limit
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -155,8 +271,8 @@ pub async fn denials(pool: &PgPool, filter: ReportFilter) -> Result<Vec<DenialDa
     Ok(rows)
 }
 
-/// Each budget's use per period, by budget then period; with `filter.since`, only the
-/// periods that end after that day began (UTC). The agent filter does not apply.
+/// Each budget's use per period, by budget then period: every row [`budget_periods_page`]
+/// would list.
 ///
 /// # Errors
 /// The database could not be read.
@@ -164,10 +280,30 @@ pub async fn budget_periods(
     pool: &PgPool,
     filter: ReportFilter,
 ) -> Result<Vec<BudgetPeriod>, StorageError> {
+    budget_periods_page(pool, filter, Page::all()).await
+}
+
+/// One page of each budget's use per period, by budget then period; a row's key is its
+/// `(budget_id, period_start)`. With `filter.since`, only the periods that end after that
+/// day began (UTC); with `filter.until`, only those that start before the day after it
+/// began. The agent filter does not apply.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn budget_periods_page(
+    pool: &PgPool,
+    filter: ReportFilter,
+    page: Page<(String, DateTime<Utc>)>,
+) -> Result<Vec<BudgetPeriod>, StorageError> {
+    let (after_budget, after_start) = page.after.unzip();
     let rows = sqlx::query_file_as!(
         BudgetPeriod,
         "src/operator/report/sql/budget_periods.sql",
-        filter.since
+        filter.since,
+        filter.until,
+        after_budget,
+        after_start,
+        page.limit
     )
     .fetch_all(pool)
     .await?;
@@ -283,4 +419,36 @@ pub async fn sessions_page(
     .fetch_all(pool)
     .await?;
     Ok(rows)
+}
+
+/// Calls allowed and denied requests per minute since `since`, by minute then outcome: a
+/// row for each minute and outcome that has any.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn calls_by_minute(
+    pool: &PgPool,
+    since: DateTime<Utc>,
+) -> Result<Vec<MinuteCount>, StorageError> {
+    let mut tx = report_transaction(pool).await?;
+    let rows = sqlx::query_file_as!(
+        MinuteCount,
+        "src/operator/report/sql/calls_by_minute.sql",
+        since
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// Sessions live at `now` over every process: active, and not past their time limit.
+///
+/// # Errors
+/// The database could not be read.
+pub async fn live_sessions(pool: &PgPool, now: DateTime<Utc>) -> Result<i64, StorageError> {
+    let row = sqlx::query_file!("src/operator/report/sql/live_sessions.sql", now)
+        .fetch_one(pool)
+        .await?;
+    Ok(row.live)
 }

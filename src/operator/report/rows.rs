@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 /// One row of `arbiter.session_utilization`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct Utilization {
     /// The session.
@@ -40,6 +41,7 @@ pub struct Utilization {
 
 /// A limited tool's use in a session (`tool_use` of `arbiter.session_utilization`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct ToolUse {
     /// Calls of the tool allowed in the session.
@@ -50,6 +52,7 @@ pub struct ToolUse {
 
 /// One row of `arbiter.agent_daily_activity`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct AgentDay {
     /// The agent.
@@ -84,6 +87,7 @@ pub struct AgentDay {
 
 /// One tool's day, summed over the agents of `arbiter.tool_daily_usage`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct ToolDay {
     /// The UTC day.
@@ -102,6 +106,7 @@ pub struct ToolDay {
 
 /// One reason's day, summed over the agents of `arbiter.denials_by_reason`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct DenialDay {
     /// The UTC day.
@@ -202,6 +207,7 @@ pub struct EventRecord {
 
 /// One row of `arbiter.budget_usage`: a budget's use in one of its periods.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct BudgetPeriod {
     /// The budget.
@@ -248,4 +254,16 @@ pub struct SessionLine {
     pub expires_at: DateTime<Utc>,
     /// The shared budget its calls are charged to.
     pub budget_id: Option<String>,
+}
+
+/// Calls allowed, or requests denied for one reason, in one minute (`calls_by_minute`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct MinuteCount {
+    /// The minute's start.
+    pub minute: DateTime<Utc>,
+    /// `allowed`, or the denial's reason (see [`crate::audit::DenialReason`]).
+    pub outcome: String,
+    /// Calls allowed (one per tool of a batch), or requests denied.
+    pub count: i64,
 }
