@@ -330,3 +330,44 @@ async fn the_console_is_served_under_a_strict_policy(pool: PgPool) {
         "{html}"
     );
 }
+
+/// A session past its time limit is listed as expired, and only under `status=expired`,
+/// though no store has marked its row yet (serve marks none: a session's expiry is decided
+/// when it is next used).
+#[sqlx::test(migrator = "arbiter_session::MIGRATOR")]
+async fn a_session_past_its_time_is_listed_expired(pool: PgPool) {
+    let service = service_with_viewer(&pool).await;
+    let agent = Uuid::new_v4();
+    let session = |secs: u64| {
+        json!({ "agent_id": agent, "authorized_tools": ["search"], "call_budget": 5,
+            "time_limit_secs": secs })
+    };
+    let short = create(&service, session(1)).await;
+    let long = create(&service, session(600)).await;
+    let listed = async |query: &str| -> Vec<(Uuid, String)> {
+        let page = service.get(&format!("/v1/sessions?{query}"), VIEWER).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        page.body["sessions"]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .map(|s| {
+                let id = s["session_id"].as_str().and_then(|id| id.parse().ok());
+                let status = s["status"].as_str().unwrap_or_default().to_owned();
+                (id.expect("a session id"), status)
+            })
+            .collect()
+    };
+    let expired = (short, "expired".to_owned());
+    until(
+        Duration::from_secs(10),
+        "the short session is past its time",
+        || async { listed("status=expired").await == [expired.clone()] },
+    )
+    .await;
+    let active = (long, "active".to_owned());
+    assert_eq!(listed("status=active").await, std::slice::from_ref(&active));
+    assert_eq!(listed("").await, [active, expired]);
+    let stored = common::row(&pool, short).await;
+    assert_eq!(stored.status, "active", "nothing marked the row");
+}

@@ -604,7 +604,8 @@ impl From<&Settlement> for SettleAnswer {
 pub(crate) struct SessionsQuery {
     /// Only this agent's sessions.
     pub(crate) agent_id: Option<Uuid>,
-    /// Only sessions with this stored status.
+    /// Only sessions with this status now (`expired`: marked, or active past its time
+    /// limit).
     #[param(inline, value_type = Option<StatusFilter>)]
     pub(crate) status: Option<StatusFilter>,
     /// Only sessions charged to this shared budget.
@@ -620,7 +621,7 @@ pub(crate) struct SessionsQuery {
     pub(crate) cursor: Option<String>,
 }
 
-/// A stored status to list sessions by.
+/// A status to list sessions by.
 #[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum StatusFilter {

@@ -350,7 +350,7 @@ pub(super) fn next_page<T>(
     rows.last().map(cursor_of)
 }
 
-/// One page of the sessions, newest first, narrowed by agent, stored status, shared budget
+/// One page of the sessions, newest first, narrowed by agent, status, shared budget
 /// and creation instant (admin, viewer).
 #[utoipa::path(get, path = "/v1/sessions", params(SessionsQuery),
     responses((status = 200, body = SessionPage), (status = "default", body = ErrorBody)),
@@ -380,7 +380,8 @@ pub(crate) async fn list_sessions(
         created_since: query.created_since,
     };
     let pool = state.store.storage().pool();
-    let read = report::sessions_page(pool, &filter, before, i64::from(limit) + 1);
+    let now = state.store.now();
+    let read = report::sessions_page(pool, &filter, before, i64::from(limit) + 1, now);
     let mut page = read_views(&state, None, read).await?;
     let next_cursor = next_page(&mut page, limit, |last| {
         cursor::instant_id(last.created_at, last.session_id)

@@ -381,7 +381,8 @@ pub async fn session_events_page(
 pub struct SessionsFilter {
     /// Only this agent's.
     pub agent: Option<Uuid>,
-    /// Only those with this stored status (`active`, `closed`, `expired`).
+    /// Only those with this status at the page's instant: `active` (and within its time
+    /// limit), `closed`, or `expired` (marked, or active past its time limit).
     pub status: Option<String>,
     /// Only those charged to this shared budget.
     pub budget_id: Option<String>,
@@ -390,7 +391,8 @@ pub struct SessionsFilter {
 }
 
 /// At most `limit` sessions that `filter` admits, newest first, created before the
-/// position `before` (a session's `created_at` and id; the newest for `None`): one page.
+/// position `before` (a session's `created_at` and id; the newest for `None`): one page,
+/// each session with its status at `now`.
 ///
 /// # Errors
 /// The database could not be read.
@@ -399,6 +401,7 @@ pub async fn sessions_page(
     filter: &SessionsFilter,
     before: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
+    now: DateTime<Utc>,
 ) -> Result<Vec<SessionLine>, StorageError> {
     // No session is created after the year 9999.
     let (at, id) = before.unwrap_or((
@@ -414,7 +417,8 @@ pub async fn sessions_page(
         filter.created_since,
         at,
         id,
-        limit
+        limit,
+        now
     )
     .fetch_all(pool)
     .await?;

@@ -241,8 +241,8 @@ pub struct SessionLine {
     pub session_id: Uuid,
     /// Its agent.
     pub agent_id: Uuid,
-    /// Its stored status: `active`, `closed` or `expired` (an active session past
-    /// `expires_at` is expired once the store marks it).
+    /// Its status at the page's instant: `active`, `closed` or `expired` (marked, or
+    /// active past `expires_at`).
     pub status: String,
     /// Calls made.
     pub calls_made: i64,

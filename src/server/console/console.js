@@ -604,7 +604,9 @@ async function sessionPage(ctx, id) {
   const terms = h('dl', { class: 'terms' }, [
     ['Session', h('span', { class: 'mono', text: x.session_id })],
     ['Agent', h('span', { class: 'mono', text: x.agent_id })],
-    ['Status', statusBadge(x.status)],
+    // The stored status stays active past the time limit until the session is next used;
+    // the sessions list and the reports call it expired, and so does this page.
+    ['Status', statusBadge(x.status === 'active' && Date.parse(x.expires_at) <= Date.now() ? 'expired' : x.status)],
     ['Tools', tools],
     ['Intent', x.declared_intent || '—'],
     ['Sensitivity ceiling', x.data_sensitivity_ceiling || '—'],
