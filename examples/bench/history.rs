@@ -4,7 +4,8 @@
 //! 20 agents, written through the chain trigger so both hash chains are real), then its
 //! first rollup. Then, on the database with history: `use_session` at 64 tasks alternated
 //! with the empty database (`ratio_history_64`), every report for one day and for 30 days,
-//! export and verify in events per second, and the purge of the oldest day.
+//! the console's page loads, export and verify in events per second, and the purge of the
+//! oldest day.
 
 use std::collections::BTreeMap;
 use std::error::Error;
@@ -46,6 +47,9 @@ pub struct HistoryFigures {
     pub rollup_s: f64,
     /// Each report, since yesterday and over 30 days, in milliseconds (best of three).
     pub reports_ms: BTreeMap<String, f64>,
+    /// Each page of the console, its requests' median load in milliseconds
+    /// (`console::page_loads`).
+    pub console_ms: BTreeMap<String, f64>,
     /// `ratio_history_64` of each pair of slices, in the order measured: its spread is the
     /// noise of one slice.
     pub ratio_64_per_pair: Vec<f64>,
@@ -289,6 +293,7 @@ pub async fn history(bench: &mut Bench, events: u64) -> Result<HistoryFigures, B
     .await?;
     eprintln!("reports: {events_today} events of today, {events_raw} of them read raw");
     let reports_ms = reports(&history_pool, today).await?;
+    let console_ms = crate::console::page_loads(&history_storage, &history_db.url).await?;
 
     let day = today - Days::new(2);
     let range = export::ExportRange::new(
@@ -348,6 +353,7 @@ pub async fn history(bench: &mut Bench, events: u64) -> Result<HistoryFigures, B
         load_s,
         rollup_s,
         reports_ms,
+        console_ms,
         ratio_64_per_pair,
         events_today,
         events_raw,

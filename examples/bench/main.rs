@@ -11,6 +11,7 @@
 //! are in `budgets.rs`, the history's in `history.rs`.
 
 mod budgets;
+mod console;
 mod history;
 mod mcp;
 
