@@ -71,11 +71,14 @@ pub async fn page_loads(
     };
     // The oldest session of the history: 100 events.
     let oldest = get("v1/reports/utilization?limit=1".to_owned()).await?;
-    let session = oldest
-        .pointer("/rows/0/session_id")
-        .and_then(Value::as_str)
-        .ok_or("no session in the history")?
-        .to_owned();
+    let field = |name: &str| {
+        oldest
+            .pointer(&format!("/rows/0/{name}"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or("no session in the history")
+    };
+    let (session, agent) = (field("session_id")?, field("agent_id")?);
     let today = Utc::now().date_naive();
     let week = format!("since={}&until={today}", today - Days::new(6));
     let year = format!("since={}&until={today}", today - Days::new(400));
@@ -90,6 +93,15 @@ pub async fn page_loads(
         ),
         ("overview", vec!["v1/overview".into()]),
         ("sessions", vec!["v1/sessions?limit=50".into()]),
+        // Filtered: the live ones (few among 100,000), and one agent's.
+        (
+            "sessions_active",
+            vec!["v1/sessions?status=active&limit=50".into()],
+        ),
+        (
+            "sessions_of_agent",
+            vec![format!("v1/sessions?agent_id={agent}&limit=50")],
+        ),
         ("budgets", vec!["v1/budgets".into()]),
         (
             "budget_history",

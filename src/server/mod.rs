@@ -1,8 +1,8 @@
 //! The store behind HTTP and gRPC (feature `server`): the routes of `arbiter-session
 //! serve`, as an axum [`Router`] a Rust gateway can also mount in its own app, the
 //! connection loop that serves them with bounded timeouts ([`serve_connections`]), Envoy's
-//! gRPC `ext_authz` ([`Server::authorization_service`], [`serve_authorization`]) and the
-//! MCP proxy ([`Server::with_mcp_upstream`]).
+//! gRPC `ext_authz` ([`Server::authorization_service`], [`serve_authorization`]), the
+//! MCP proxy ([`Server::with_mcp_upstream`]) and the operator's console at `/ui/`.
 //!
 //! One [`Server`] is one store: every route makes one call of [`SessionStore`], nothing is
 //! re-implemented. The routes' roles, wire format and errors are in the README ("Run it as
@@ -26,8 +26,10 @@
 //! (`ext_authz`), the status signals are the service's and never the client's
 //! (`crate::http::status`), no call reaches the MCP upstream undecided and no tool is seen
 //! unallowed (`mcp`), a request the schema calls valid is never refused as invalid
-//! (`openapi`), readiness costs at most one connection (`readiness`), and no client holds a
-//! connection or the shutdown past its bound ([`serve_connections`]).
+//! (`openapi`), every cursor a route's pattern admits decodes (`cursor`), the console asks
+//! nothing of any other host (`console`), readiness costs at most one connection
+//! (`readiness`), and no client holds a connection or the shutdown past its bound
+//! ([`serve_connections`]).
 
 mod api;
 mod auth;
