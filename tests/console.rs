@@ -194,6 +194,10 @@ async fn report_routes_refuse_the_gateway_and_bad_queries(pool: PgPool) {
     for name in ["agents", "tools", "denials", "utilization", "budgets"] {
         let path = format!("/v1/reports/{name}");
         assert_eq!(service.get(&path, ADMIN).await.status, StatusCode::OK);
+        // RFC 3339's first and last days.
+        let widest = format!("{path}?since=0000-01-01&until=9999-12-31");
+        let widest = service.get(&widest, VIEWER).await;
+        assert_eq!(widest.status, StatusCode::OK, "{}", widest.body);
         assert_error(
             &service.get(&path, GATEWAY).await,
             StatusCode::FORBIDDEN,
@@ -206,6 +210,9 @@ async fn report_routes_refuse_the_gateway_and_bad_queries(pool: PgPool) {
         );
         for query in [
             "since=2026-13-01",
+            // Days chrono reads with a sign, past PostgreSQL's range.
+            "since=-100000-01-01",
+            "until=%2B100000-01-01",
             "until=yesterday",
             "limit=0",
             "limit=1001",

@@ -15,7 +15,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -619,6 +619,20 @@ pub(crate) struct SessionsQuery {
     /// Where the page starts: the `next_cursor` of the page before (absent: the newest).
     #[param(pattern = "^[0-9]{1,18}-[0-9a-f]{32}$")]
     pub(crate) cursor: Option<String>,
+}
+
+/// `value` if it falls in the years 0000 to 9999 (RFC 3339's, and within PostgreSQL's
+/// range, which a year chrono parses with a sign may pass), else 400 naming `field`.
+pub(crate) fn in_four_digit_years<T: Datelike>(
+    field: &str,
+    value: Option<T>,
+) -> Result<Option<T>, ApiError> {
+    match value {
+        Some(when) if !(0..=9999).contains(&when.year()) => Err(ApiError::invalid(format!(
+            "{field} must fall in the years 0000 to 9999"
+        ))),
+        _ => Ok(value),
+    }
 }
 
 /// A status to list sessions by.

@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::AppState;
-use super::api::{ApiError, BudgetView, ErrorBody};
+use super::api::{ApiError, BudgetView, ErrorBody, in_four_digit_years};
 use super::auth::{Caller, Role};
 use super::cursor;
 use super::routes::{next_page, page_limit, read_views};
@@ -73,8 +73,8 @@ impl Asked {
         Ok(Asked {
             filter: ReportFilter::default()
                 .with_agent(query.agent_id)
-                .with_since(query.since)
-                .with_until(query.until),
+                .with_since(in_four_digit_years("since", query.since)?)
+                .with_until(in_four_digit_years("until", query.until)?),
             limit: page_limit(query.limit)?,
             cursor: query.cursor,
         })

@@ -26,7 +26,7 @@ use super::api::{
     ApiError, Body, BudgetBody, BudgetList, BudgetView, CloseAnswer, Closed, CreateBody,
     CreatedView, ErrorBody, EventPage, EventView, EventsQuery, Health, LiveCount, ReserveAnswer,
     ReserveBody, SessionPage, SessionView, SessionsQuery, SettleAnswer, SettleBody, SummaryView,
-    UseAnswer, UseBatchBody, UseBody,
+    UseAnswer, UseBatchBody, UseBody, in_four_digit_years,
 };
 use super::auth::{Caller, Role};
 use super::cursor;
@@ -377,7 +377,7 @@ pub(crate) async fn list_sessions(
         agent: query.agent_id,
         status: query.status.map(|status| status.as_str().to_owned()),
         budget_id: budget_id.map(|id| id.as_str().to_owned()),
-        created_since: query.created_since,
+        created_since: in_four_digit_years("created_since", query.created_since)?,
     };
     let pool = state.store.storage().pool();
     let now = state.store.now();
