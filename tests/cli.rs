@@ -76,6 +76,25 @@ async fn cli_reports_in_every_format(pool: PgPool) {
          2026-03-02  rm            0       1       1         1\n\
          2026-03-02  search        1       1       1         1\n"
     );
+    // One day: `--until` includes its day.
+    let out = cli(
+        &url,
+        &[
+            "report",
+            "tools",
+            "--since",
+            "2026-03-01",
+            "--until",
+            "2026-03-01",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "day         tool    allowed  denied  agents  sessions\n\
+         2026-03-01  fetch         1       0       1         1\n\
+         2026-03-01  search        2       1       1         1\n"
+    );
 
     let a = AGENT_A.to_string();
     let out = cli(
