@@ -5,9 +5,10 @@
 //! PostgreSQL the scripts find (or on a throwaway one) and prints the console's URL and a
 //! viewer token. It seeds a tenant's budget tree (`acme`, two teams, four agents, per day),
 //! a week of past traffic (so the reports have days to show; it draws on no budget, as a
-//! budget's period is the database's day), then keeps four agents calling tools: mostly allowed, some denied for a tool
-//! their session does not authorize, a tool's own limit, the call budget, the rate window
-//! or the wrong agent. Not for a database that holds anything else: it writes demo rows.
+//! budget's period is the database's day), then keeps four agents calling tools: mostly
+//! allowed, some denied for a tool their session does not authorize, a tool's own limit,
+//! the call budget or the wrong agent. Not for a database that holds anything else: it
+//! writes demo rows.
 
 use std::error::Error;
 use std::sync::Arc;
