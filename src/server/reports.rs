@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -279,9 +279,11 @@ pub(crate) async fn overview(
 ) -> Result<Json<Overview>, ApiError> {
     caller.require(&[Role::Admin, Role::Viewer])?;
     let at = state.store.now();
-    let current = at
-        .duration_trunc(TimeDelta::minutes(1))
-        .map_err(|_| ApiError::invalid("the store's clock is out of range"))?;
+    // The current minute's start: `at` less its seconds and their fraction (a whole minute
+    // is always a valid instant, so the fallback is never taken).
+    let seconds = at.timestamp();
+    let current =
+        DateTime::<Utc>::from_timestamp(seconds - seconds.rem_euclid(60), 0).unwrap_or(at);
     let first = current - TimeDelta::minutes(OVERVIEW_MINUTES - 1);
     let pool = state.store.storage().pool();
     let read = async {
