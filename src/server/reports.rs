@@ -19,6 +19,7 @@ use super::auth::{Caller, Role};
 use super::cursor;
 use super::routes::{next_page, page_limit, read_views};
 use crate::budget::BudgetUsage;
+use crate::error::StorageError;
 use crate::operator::report::{
     self, AgentDay, BudgetPeriod, DenialDay, Page, ReportFilter, ToolDay, Utilization,
 };
@@ -80,9 +81,24 @@ impl Asked {
         })
     }
 
-    /// The page to read: one row more than asked, to tell whether another follows.
-    fn page<K>(&self, after: Option<K>) -> Page<K> {
-        Page::after(after, i64::from(self.limit) + 1)
+    /// One page of a report: the position decoded from the cursor with `parse`, one row
+    /// more than asked read with `read` (to tell whether another page follows), and the
+    /// next page's cursor written by `cursor_of` from the page's last row.
+    async fn answer<K, T, Read>(
+        self,
+        state: &AppState,
+        parse: fn(&str) -> Result<K, ApiError>,
+        read: impl FnOnce(ReportFilter, Page<K>) -> Read,
+        cursor_of: impl Fn(&T) -> String,
+    ) -> Result<Json<ReportPage<T>>, ApiError>
+    where
+        Read: Future<Output = Result<Vec<T>, StorageError>>,
+    {
+        let after = self.cursor.as_deref().map(parse).transpose()?;
+        let page = Page::after(after, i64::from(self.limit) + 1);
+        let mut rows = read_views(state, None, read(self.filter, page)).await?;
+        let next_cursor = next_page(&mut rows, self.limit, cursor_of);
+        Ok(Json(ReportPage { rows, next_cursor }))
     }
 }
 
@@ -100,18 +116,15 @@ pub(crate) async fn agents(
     query: Result<Query<ReportQuery>, QueryRejection>,
 ) -> Result<Json<ReportPage<AgentDay>>, ApiError> {
     let asked = Asked::read(&caller, query)?;
-    let after = asked
-        .cursor
-        .as_deref()
-        .map(cursor::parse_day_id)
-        .transpose()?;
     let pool = state.store.storage().pool();
-    let read = report::agent_activity_page(pool, asked.filter, asked.page(after));
-    let mut rows = read_views(&state, None, read).await?;
-    let next_cursor = next_page(&mut rows, asked.limit, |last| {
-        cursor::day_id(last.day, last.agent_id)
-    });
-    Ok(Json(ReportPage { rows, next_cursor }))
+    asked
+        .answer(
+            &state,
+            cursor::parse_day_id,
+            |filter, page| report::agent_activity_page(pool, filter, page),
+            |last| cursor::day_id(last.day, last.agent_id),
+        )
+        .await
 }
 
 /// Calls per tool per day, by day then tool (admin, viewer): the rows of
@@ -128,18 +141,15 @@ pub(crate) async fn tools(
     query: Result<Query<ReportQuery>, QueryRejection>,
 ) -> Result<Json<ReportPage<ToolDay>>, ApiError> {
     let asked = Asked::read(&caller, query)?;
-    let after = asked
-        .cursor
-        .as_deref()
-        .map(cursor::parse_day_text)
-        .transpose()?;
     let pool = state.store.storage().pool();
-    let read = report::tool_usage_page(pool, asked.filter, asked.page(after));
-    let mut rows = read_views(&state, None, read).await?;
-    let next_cursor = next_page(&mut rows, asked.limit, |last| {
-        cursor::day_text(last.day, &last.tool)
-    });
-    Ok(Json(ReportPage { rows, next_cursor }))
+    asked
+        .answer(
+            &state,
+            cursor::parse_day_text,
+            |filter, page| report::tool_usage_page(pool, filter, page),
+            |last| cursor::day_text(last.day, &last.tool),
+        )
+        .await
 }
 
 /// Denials per reason per day, by day then reason (admin, viewer): the rows of
@@ -156,18 +166,15 @@ pub(crate) async fn denials(
     query: Result<Query<ReportQuery>, QueryRejection>,
 ) -> Result<Json<ReportPage<DenialDay>>, ApiError> {
     let asked = Asked::read(&caller, query)?;
-    let after = asked
-        .cursor
-        .as_deref()
-        .map(cursor::parse_day_text)
-        .transpose()?;
     let pool = state.store.storage().pool();
-    let read = report::denials_page(pool, asked.filter, asked.page(after));
-    let mut rows = read_views(&state, None, read).await?;
-    let next_cursor = next_page(&mut rows, asked.limit, |last| {
-        cursor::day_text(last.day, &last.reason)
-    });
-    Ok(Json(ReportPage { rows, next_cursor }))
+    asked
+        .answer(
+            &state,
+            cursor::parse_day_text,
+            |filter, page| report::denials_page(pool, filter, page),
+            |last| cursor::day_text(last.day, &last.reason),
+        )
+        .await
 }
 
 /// Per-session utilization of the sessions created in the range, oldest first (admin,
@@ -184,18 +191,15 @@ pub(crate) async fn utilization(
     query: Result<Query<ReportQuery>, QueryRejection>,
 ) -> Result<Json<ReportPage<Utilization>>, ApiError> {
     let asked = Asked::read(&caller, query)?;
-    let after = asked
-        .cursor
-        .as_deref()
-        .map(cursor::parse_instant_id)
-        .transpose()?;
     let pool = state.store.storage().pool();
-    let read = report::utilization_page(pool, asked.filter, asked.page(after));
-    let mut rows = read_views(&state, None, read).await?;
-    let next_cursor = next_page(&mut rows, asked.limit, |last| {
-        cursor::instant_id(last.created_at, last.session_id)
-    });
-    Ok(Json(ReportPage { rows, next_cursor }))
+    asked
+        .answer(
+            &state,
+            cursor::parse_instant_id,
+            |filter, page| report::utilization_page(pool, filter, page),
+            |last| cursor::instant_id(last.created_at, last.session_id),
+        )
+        .await
 }
 
 /// Each budget's use per period, by budget then period, of the periods that overlap the
@@ -217,18 +221,15 @@ pub(crate) async fn budgets(
             "the budgets report is not per agent: it takes since, until, limit and cursor",
         ));
     }
-    let after = asked
-        .cursor
-        .as_deref()
-        .map(cursor::parse_text_instant)
-        .transpose()?;
     let pool = state.store.storage().pool();
-    let read = report::budget_periods_page(pool, asked.filter, asked.page(after));
-    let mut rows = read_views(&state, None, read).await?;
-    let next_cursor = next_page(&mut rows, asked.limit, |last| {
-        cursor::text_instant(&last.budget_id, last.period_start)
-    });
-    Ok(Json(ReportPage { rows, next_cursor }))
+    asked
+        .answer(
+            &state,
+            cursor::parse_text_instant,
+            |filter, page| report::budget_periods_page(pool, filter, page),
+            |last| cursor::text_instant(&last.budget_id, last.period_start),
+        )
+        .await
 }
 
 /// Minutes the overview covers.
@@ -289,7 +290,7 @@ pub(crate) async fn overview(
     let read = async {
         let live = report::live_sessions(pool, at).await?;
         let counts = report::calls_by_minute(pool, first).await?;
-        Ok::<_, crate::error::StorageError>((live, counts))
+        Ok::<_, StorageError>((live, counts))
     };
     let (live_sessions, counts) = read_views(&state, None, read).await?;
     let mut minutes: Vec<MinuteView> = (0..OVERVIEW_MINUTES)
