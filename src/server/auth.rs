@@ -104,9 +104,12 @@ impl Tokens {
         }))
     }
 
-    /// Also accepts `viewer` (trimmed, at least [`MIN_TOKEN_BYTES`] bytes, unlike the other
-    /// two), which may read sessions, budgets and reports and change nothing. Without
-    /// tokens ([`Self::disabled`]) there is nothing to add.
+    /// Also accepts `viewer` (trimmed, at least [`MIN_TOKEN_BYTES`] bytes, and distinct from
+    /// the other two), which may read sessions, budgets and reports and change nothing.
+    /// Without tokens ([`Self::disabled`]) there is nothing to add.
+    ///
+    /// # Errors
+    /// [`TokenError::TooShort`] or [`TokenError::ViewerSame`].
     pub fn with_viewer(self, viewer: &str) -> Result<Self, TokenError> {
         let Guard::Required { admin, gateway, .. } = self.0 else {
             return Ok(self);

@@ -34,28 +34,31 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route(
             "/ui",
-            get(|| async { asset(StatusCode::PERMANENT_REDIRECT, None, "") }),
+            get(|| async {
+                under_policy((StatusCode::PERMANENT_REDIRECT, [(header::LOCATION, "ui/")]))
+            }),
         )
         .route(
             "/ui/",
-            get(|| async { page("text/html; charset=utf-8", INDEX) }),
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
         )
         .route(
             "/ui/console.js",
-            get(|| async { page("text/javascript; charset=utf-8", SCRIPT) }),
+            get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
         )
         .route(
             "/ui/console.css",
-            get(|| async { page("text/css; charset=utf-8", STYLE) }),
+            get(|| async { asset("text/css; charset=utf-8", STYLE) }),
         )
 }
 
-fn page(content_type: &'static str, body: &'static str) -> Response {
-    asset(StatusCode::OK, Some(content_type), body)
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    under_policy(([(header::CONTENT_TYPE, content_type)], body))
 }
 
-fn asset(status: StatusCode, content_type: Option<&'static str>, body: &'static str) -> Response {
-    let mut response = (status, body).into_response();
+/// `answer` with the policy and the headers every answer here carries.
+fn under_policy(answer: impl IntoResponse) -> Response {
+    let mut response = answer.into_response();
     let headers = response.headers_mut();
     let fixed: [(HeaderName, &'static str); 5] = [
         (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
@@ -67,14 +70,6 @@ fn asset(status: StatusCode, content_type: Option<&'static str>, body: &'static 
     ];
     for (name, value) in fixed {
         headers.insert(name, HeaderValue::from_static(value));
-    }
-    match content_type {
-        Some(content_type) => {
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-        }
-        None => {
-            headers.insert(header::LOCATION, HeaderValue::from_static("ui/"));
-        }
     }
     response
 }

@@ -245,6 +245,11 @@ def as_int(text: str) -> int:
 # ------------------------------------------------------------------------------------------
 # The scenario
 
+# A tool name that would run script if a page wrote it as markup (printable ASCII, no
+# space, as the OpenAPI document allows): the console must show it as text.
+HOSTILE_TOOL = "<img/src=x/onerror=window.__xss=1>"
+
+
 def seed(api: Api, admin: str, gateway: str) -> list[dict]:
     budget = {"limit": 100, "period": "day", "unit": "calls", "time_zone": "UTC"}
     api("PUT", "/v1/budgets/demo-team", admin, budget)
@@ -253,7 +258,7 @@ def seed(api: Api, admin: str, gateway: str) -> list[dict]:
     for i in range(3):
         agent = str(uuid.uuid4())
         _, body = api("POST", "/v1/sessions", admin, {
-            "agent_id": agent, "authorized_tools": ["search", "write_file"], "call_budget": 20,
+            "agent_id": agent, "authorized_tools": ["search", "write_file", HOSTILE_TOOL], "call_budget": 20,
             "time_limit_secs": 3600, "declared_intent": "console test",
             "tool_limits": {"write_file": 2}, "budget_id": "demo-team/alice"})
         sid = body["session_id"]
@@ -338,6 +343,11 @@ def run(args, wd: WebDriver, shots: Path) -> None:
     if kinds[0] != "created" or kinds.count("call_allowed") < chosen["calls"]:
         raise Failure(f"timeline kinds {kinds}: expected created then {chosen['calls']} call_allowed")
     step(f"session {chosen['id']}: chain verified, {len(rows)} events ({', '.join(kinds)})")
+    shown = wd.js("return document.body.textContent.includes(arguments[0])", HOSTILE_TOOL)
+    ran = wd.js("return window.__xss !== undefined || document.querySelector('#view img') !== null")
+    if not shown or ran:
+        raise Failure(f"the tool {HOSTILE_TOOL!r} was not shown as text (shown: {shown}, ran: {ran})")
+    step("a tool named as markup is shown as text")
     wd.screenshot(shots / "session.png")
 
     nav(wd, "budgets")
